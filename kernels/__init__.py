@@ -1,0 +1,1 @@
+"""Triton kernels for wsm_optim, installed as ``wsm_optim.kernels``."""

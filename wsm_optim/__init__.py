@@ -1,0 +1,12 @@
+"""wsm_optim: Warmup-Stable and Merge without storing checkpoints.
+
+``WSMOptimizer`` wraps any torch optimizer and keeps the WSM merge of recent
+checkpoints (Tian et al., arXiv 2507.17634, Theorem 3.1) in one fp32
+accumulator per parameter, updated in a single streaming pass per checkpoint.
+"""
+
+from . import schedules
+from .optimizer import DEFAULT_MERGE, MergeSpec, WSMOptimizer
+
+__all__ = ["WSMOptimizer", "MergeSpec", "DEFAULT_MERGE", "schedules"]
+__version__ = "0.1.0"
