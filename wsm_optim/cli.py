@@ -1,0 +1,56 @@
+"""``wsm-optim`` command line (also ``python -m wsm_optim``).
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
+``run(args) -> int``; this file only wires them. Bad input is reported as a
+one-line message with exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, help)
+SUBCOMMANDS = {
+    "demo": ("wsm_optim.demo", "train a small char-level transformer: WSM merges vs WSD vs cosine"),
+    "weights": ("wsm_optim.weights_cli", "print (and plot) the decay / merge weights of a schedule"),
+    "merge": ("wsm_optim.offline", "merge saved checkpoint files with a WSM schedule"),
+}
+
+
+class UsageError(Exception):
+    """Bad user input: printed as ``wsm-optim: error: ...`` with exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wsm-optim", description="Warmup-Stable and Merge: decay-free LR training by checkpoint merging."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:  # a subcommand not built yet
+            if e.name != module:
+                raise
+            continue
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        mod.add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    module = importlib.import_module(args._module)
+    try:
+        return int(module.run(args) or 0)
+    except (UsageError, ValueError, FileNotFoundError) as e:
+        print(f"wsm-optim {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
