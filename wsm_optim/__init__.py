@@ -6,7 +6,7 @@ accumulator per parameter, updated in a single streaming pass per checkpoint.
 """
 
 from . import schedules
-from .optimizer import DEFAULT_MERGE, MergeSpec, WSMOptimizer
+from .optimizer import DEFAULT_MERGE, MergeSpec, NonFiniteMergeError, WSMOptimizer
 
-__all__ = ["WSMOptimizer", "MergeSpec", "DEFAULT_MERGE", "schedules"]
+__all__ = ["WSMOptimizer", "MergeSpec", "NonFiniteMergeError", "DEFAULT_MERGE", "schedules"]
 __version__ = "0.1.0"

@@ -28,14 +28,23 @@ class Target:
     """One merge's share of an update pass over a group.
 
     ``accs``: fp32 accumulators aligned with the group's params.
-    ``coef``: ``c_0`` for an anchor pass, ``c_j`` for a checkpoint pass.
-    ``lasts``: on anchor passes only, buffers that receive the finished
-    window's ``A`` before it is overwritten (``keep_last=True``), else None.
+    ``coef``: ``c_0`` for an anchor pass, ``c_j`` for a checkpoint pass (host
+    float, used by the foreach backend).
+    ``lasts``: buffers that receive the finished window's ``A`` before an
+    anchor overwrites it (``keep_last=True`` and a window has finished), else None.
+    ``name``, ``start``, ``interval``, ``k``, ``table`` (the merge weights
+    ``c_0..c_k``): what the Triton kernel needs to find the coefficient on the
+    device from the device step counter.
     """
 
     accs: list[Tensor]
     coef: float
     lasts: list[Tensor] | None = None
+    name: str = ""
+    start: int = 0
+    interval: int = 1
+    k: int = 1
+    table: Sequence[float] = ()
 
 
 def accumulator_like(p: Tensor) -> Tensor:
@@ -57,7 +66,14 @@ class ForeachBackend:
     name = "foreach"
 
     @staticmethod
-    def anchor(params: Sequence[Tensor], targets: Sequence[Target]) -> None:
+    def anchor(params: Sequence[Tensor], targets: Sequence[Target], ok: Tensor | None = None) -> None:
+        """``A <- c_0 * theta`` (after ``last <- A`` when ``lasts`` is given).
+
+        ``ok``: optional int32 device flag (skip mode); when 0 the checkpoint
+        is left out, i.e. ``A <- 0``.
+        """
+        if not params:
+            return
         with torch.no_grad():
             for tg in targets:
                 if tg.lasts is not None:
@@ -65,13 +81,47 @@ class ForeachBackend:
                 # copy_ upcasts exactly; the scale then happens in fp32 (a
                 # bf16 ``mul`` would round c_0 * theta to bf16 first).
                 torch._foreach_copy_(tg.accs, list(params))
-                torch._foreach_mul_(tg.accs, tg.coef)
+                if ok is None:
+                    torch._foreach_mul_(tg.accs, tg.coef)
+                else:
+                    for a in tg.accs:
+                        a.nan_to_num_(0.0, 0.0, 0.0)
+                    torch._foreach_mul_(tg.accs, ok.to(torch.float32) * tg.coef)
 
     @staticmethod
-    def accumulate(params: Sequence[Tensor], targets: Sequence[Target]) -> None:
+    def accumulate(params: Sequence[Tensor], targets: Sequence[Target], ok: Tensor | None = None) -> None:
+        """``A <- A + c_j * theta``; with ``ok == 0`` (skip mode) ``A`` is unchanged."""
+        if not params:
+            return
         with torch.no_grad():
             for tg in targets:
-                torch._foreach_add_(tg.accs, list(params), alpha=tg.coef)
+                if ok is None:
+                    torch._foreach_add_(tg.accs, list(params), alpha=tg.coef)
+                    continue
+                scale = ok.to(torch.float32) * tg.coef
+                for a, p in zip(tg.accs, params):
+                    a.addcmul_(torch.nan_to_num(p.to(a.dtype), 0.0, 0.0, 0.0), scale)
+
+    @staticmethod
+    def all_finite(params: Sequence[Tensor], ok: Tensor) -> None:
+        """Clear the int32 device flag ``ok`` if any value of ``params`` is NaN/inf (no host sync)."""
+        if params:
+            with torch.no_grad():
+                flags = torch.stack([torch.isfinite(p).all() for p in params])
+                ok.mul_(flags.all().to(ok.dtype))
+
+    # The foreach backend takes coefficients from the host: no device counter.
+    def advance(self, devices: Sequence[torch.device]) -> None:
+        pass
+
+    def set_steps(self, steps: int) -> None:
+        pass
+
+    def invalidate(self) -> None:
+        pass
+
+    def bad_steps(self) -> dict[int, int]:
+        return {}
 
     @staticmethod
     def readout(params: Sequence[Tensor], accs: Sequence[Tensor], w_next: float) -> list[Tensor]:

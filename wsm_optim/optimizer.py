@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -20,12 +21,16 @@ from torch import Tensor, nn
 from . import schedules as S
 from .functional import BACKENDS, Target, accumulator_like
 
-__all__ = ["WSMOptimizer", "MergeSpec", "DEFAULT_MERGE"]
+__all__ = ["WSMOptimizer", "MergeSpec", "DEFAULT_MERGE", "NonFiniteMergeError"]
 
 DEFAULT_MERGE = "default"
 _STATE_VERSION = 1
 _ACC = "wsm_acc"
 _LAST = "wsm_last"
+
+
+class NonFiniteMergeError(RuntimeError):
+    """A merge readout holds NaN/inf: a checkpoint of the window was not finite."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,10 @@ class _Track:
     has_last: bool = False
     accs: dict[Tensor, Tensor] = field(default_factory=dict)
     lasts: dict[Tensor, Tensor] = field(default_factory=dict)
+    # skip mode: device scalars, weight and count of checkpoints left out of A
+    skipped_mass: Tensor | None = None
+    skipped_count: Tensor | None = None
+    last_skipped: tuple[Tensor, Tensor] | None = None
 
     @classmethod
     def build(cls, name: str, spec: MergeSpec) -> "_Track":
@@ -93,6 +102,40 @@ class _Track:
     def complete(self) -> bool:
         return self.anchored and self.t == self.spec.k
 
+    def set_position(self, steps: int) -> None:
+        """Counters after ``steps`` counted steps (the closed form the kernel uses on device)."""
+        spec, u = self.spec, steps - self.spec.start
+        if u <= 0:
+            self.anchored, self.t, self.r, self.windows_completed = False, 0, 0, 0
+            self.has_last = False
+            return
+        window_steps = u % spec.window
+        self.anchored = True
+        self.windows_completed = u // spec.window
+        if window_steps == 0:  # a window just finished; the next anchors at the next step()
+            self.t, self.r = spec.k, 0
+        else:
+            self.t, self.r = divmod(window_steps, spec.interval)
+        self.has_last = spec.keep_last and u > spec.window
+
+    def window_bounds(self) -> tuple[int, int, int]:
+        """``(index, first_step, last_step)`` of the current window (steps counted as ``steps``)."""
+        index = max(self.windows_completed - (1 if self.complete else 0), 0)
+        first = self.spec.start + index * self.spec.window
+        return index, first, first + self.spec.window
+
+    def target(self, params: list[Tensor], coef: float, with_last: bool = False) -> Target:
+        return Target(
+            accs=[self.accs[p] for p in params],
+            coef=coef,
+            lasts=[self.lasts[p] for p in params] if with_last else None,
+            name=self.name,
+            start=self.spec.start,
+            interval=self.spec.interval,
+            k=self.spec.k,
+            table=self.c,
+        )
+
     def config(self) -> dict[str, Any]:
         digest = hashlib.sha256(np.ascontiguousarray(self.c).tobytes()).hexdigest()[:16]
         return {
@@ -104,12 +147,17 @@ class _Track:
         }
 
     def counters(self) -> dict[str, Any]:
+        def host(pair):
+            return None if pair is None or pair[0] is None else [float(pair[0]), int(pair[1])]
+
         return {
             "anchored": self.anchored,
             "t": self.t,
             "r": self.r,
             "windows_completed": self.windows_completed,
             "has_last": self.has_last,
+            "skipped": host((self.skipped_mass, self.skipped_count)),
+            "last_skipped": host(self.last_skipped),
         }
 
 
@@ -143,6 +191,21 @@ class WSMOptimizer(torch.optim.Optimizer):
             exclusive with the single-merge arguments; readouts take ``merge=name``.
         model: optional module; readouts then return complete
             ``model.state_dict()``-style dicts (buffers from the live model).
+        nonfinite: ``"raise"`` (default): a NaN/inf that reached a merge makes
+            its readouts raise :class:`NonFiniteMergeError` naming the window
+            and the first bad parameter; nothing is checked per step (a NaN
+            poisons the fp32 accumulator, which readouts check; the Triton
+            kernel also records the step in the same pass). ``"skip"``: each
+            checkpoint is checked first (one more read of the params, on the
+            device, no host sync); a checkpoint with a non-finite value is left
+            out of the merge, readouts renormalize the remaining weights and warn.
+        overlap: CUDA only: run the checkpoint update on a side stream so it
+            overlaps the next forward/backward; it is joined before the next
+            inner step, readout or state_dict.
+        capturable: launch the update every step and let the Triton kernel
+            decide on the device whether a checkpoint is due, so a step can be
+            captured in a CUDA graph. After graph replays call :meth:`sync_steps`
+            before reading the merge. Needs ``backend="triton"``.
 
     Counting: only calls of :meth:`step` count. A step skipped by
     ``torch.amp.GradScaler`` (inf/NaN gradients) never calls it, so it does not count.
@@ -162,6 +225,9 @@ class WSMOptimizer(torch.optim.Optimizer):
         keep_last: bool = False,
         merges: Mapping[str, Mapping[str, Any]] | None = None,
         model: nn.Module | None = None,
+        nonfinite: str = "raise",
+        overlap: bool = False,
+        capturable: bool = False,
     ) -> None:
         if not isinstance(inner, torch.optim.Optimizer):
             raise TypeError(f"inner must be a torch.optim.Optimizer, got {type(inner).__name__}")
@@ -175,7 +241,22 @@ class WSMOptimizer(torch.optim.Optimizer):
         self._tracks: dict[str, _Track] = {}
         for name, spec in self._parse_merges(schedule, window, interval, start, keep_last, merges).items():
             self._tracks[name] = _Track.build(name, spec)
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        self.nonfinite = nonfinite
         self.backend = self._resolve_backend(backend)
+        if capturable and (self._backend_name != "triton" or nonfinite == "skip"):
+            raise ValueError(
+                "capturable=True needs backend='triton' and nonfinite='raise' "
+                f"(got backend={self._backend_name!r}, nonfinite={nonfinite!r})"
+            )
+        self.capturable = capturable
+        self._side_stream = None
+        self._side_done = None
+        if overlap:
+            if not any(p.is_cuda for p in self._params()):
+                raise ValueError("overlap=True needs CUDA parameters (it uses a side CUDA stream)")
+            self._side_stream = torch.cuda.Stream(device=next(p for p in self._params() if p.is_cuda).device)
         self._steps = 0
         self._swapped = False
         self._groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] | None = None
@@ -268,6 +349,7 @@ class WSMOptimizer(torch.optim.Optimizer):
                 if tr.spec.keep_last:
                     tr.lasts[p] = accumulator_like(p)
         self._groups = None
+        self.backend.invalidate()
 
     def _grouped(self) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:
         if self._groups is None:
@@ -304,6 +386,7 @@ class WSMOptimizer(torch.optim.Optimizer):
         self.inner.defaults = value
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self._join()
         self.inner.add_param_group(param_group)
         for p in self._params():
             self._adopt(p)
@@ -335,6 +418,7 @@ class WSMOptimizer(torch.optim.Optimizer):
         """
         if self._swapped:
             raise RuntimeError("step() called inside merged_weights(): the live params are swapped out")
+        self._join()
         self._begin_windows()
         if closure is None:
             loss = self.inner.step()
@@ -342,8 +426,50 @@ class WSMOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = self.inner.step(closure)
         self._steps += 1
-        self._end_step()
+        self.backend.advance(self._devices())
+        if self._side_stream is None:
+            self._end_step()
+        else:
+            current = torch.cuda.current_stream(self._side_stream.device)
+            self._side_stream.wait_stream(current)
+            with torch.cuda.stream(self._side_stream):
+                self._end_step()
+            self._side_done = self._side_stream.record_event()
         return loss
+
+    def _join(self) -> None:
+        """Make the current stream wait for an update still running on the side stream."""
+        if self._side_done is not None:
+            torch.cuda.current_stream(self._side_stream.device).wait_event(self._side_done)
+            self._side_done = None
+
+    def _devices(self) -> list[torch.device]:
+        return list(dict.fromkeys(d for d, _ in self._grouped()))
+
+    def _checkpoint_ok(self) -> dict[torch.device, Tensor] | None:
+        """Skip mode: an int32 flag per device, 1 iff every param is finite (device only)."""
+        if self.nonfinite != "skip":
+            return None
+        groups = self._grouped()
+        devices = self._devices()
+        flags = {d: torch.ones((), dtype=torch.int32, device=d) for d in devices}
+        for (d, _), params in groups.items():
+            self.backend.all_finite(params, flags[d])
+        if len(devices) > 1:  # the checkpoint is bad if any device saw a bad value
+            total = flags[devices[0]].clone()
+            for d in devices[1:]:
+                total.mul_(flags[d].to(devices[0], non_blocking=True))
+            flags = {d: total.to(d, non_blocking=True) for d in devices}
+        return flags
+
+    def _record_skips(self, tr: _Track, coef: float, ok: Tensor, reset: bool) -> None:
+        missed = 1 - ok.to(torch.float32)
+        if reset or tr.skipped_mass is None:
+            tr.skipped_mass = missed * coef
+            tr.skipped_count = missed.clone()
+        else:
+            tr.skipped_mass.add_(missed * coef)
+            tr.skipped_count.add_(missed)
 
     def _begin_windows(self) -> None:
         due = [
@@ -351,23 +477,31 @@ class WSMOptimizer(torch.optim.Optimizer):
             for tr in self._tracks.values()
             if tr.complete or (not tr.anchored and self._steps == tr.spec.start)
         ]
-        if not due:
-            return
-        for params in self._grouped().values():
-            targets = []
-            for tr in due:
-                keep = tr.spec.keep_last and tr.complete
-                targets.append(
-                    Target(
-                        accs=[tr.accs[p] for p in params],
-                        coef=float(tr.c[0]),
-                        lasts=[tr.lasts[p] for p in params] if keep else None,
+        if self.capturable:
+            due_set = {id(t) for t in due}
+            run = list(self._tracks.values())
+        else:
+            due_set, run = None, due
+        ok = None
+        if run:
+            ok = self._checkpoint_ok()
+            for (device, _), params in self._grouped().items():
+                targets = [
+                    tr.target(
+                        params,
+                        float(tr.c[0]),
+                        with_last=tr.spec.keep_last and (tr.complete or self.capturable),
                     )
-                )
-            self.backend.anchor(params, targets)
+                    for tr in run
+                ]
+                self.backend.anchor(params, targets, None if ok is None else ok[device])
         for tr in due:
             if tr.spec.keep_last and tr.complete:
                 tr.has_last = True
+                if tr.skipped_mass is not None:
+                    tr.last_skipped = (tr.skipped_mass.clone(), tr.skipped_count.clone())
+            if ok is not None and (due_set is None or id(tr) in due_set):
+                self._record_skips(tr, float(tr.c[0]), ok[self._devices()[0]], reset=True)
             tr.anchored, tr.t, tr.r = True, 0, 0
 
     def _end_step(self) -> None:
@@ -382,12 +516,35 @@ class WSMOptimizer(torch.optim.Optimizer):
                 due.append((tr, float(tr.c[tr.t])))
                 if tr.t == tr.spec.k:
                     tr.windows_completed += 1
-        if not due:
+        if self.capturable:
+            run = [(tr, 0.0) for tr in self._tracks.values()]
+        else:
+            run = due
+        if not run:
             return
-        for params in self._grouped().values():
+        ok = self._checkpoint_ok()
+        for (device, _), params in self._grouped().items():
             self.backend.accumulate(
-                params, [Target(accs=[tr.accs[p] for p in params], coef=coef) for tr, coef in due]
+                params,
+                [tr.target(params, coef) for tr, coef in run],
+                None if ok is None else ok[device],
             )
+        if ok is not None:
+            for tr, coef in due:
+                self._record_skips(tr, coef, ok[self._devices()[0]], reset=False)
+
+    def sync_steps(self) -> int:
+        """Capturable mode: adopt the device step count after CUDA-graph replays.
+
+        Replays advance the device counter but not the host one that readouts
+        use; this reads it (one host sync) and recomputes every merge's position.
+        """
+        steps = self.backend.read_steps() if hasattr(self.backend, "read_steps") else None
+        if steps is not None and steps != self._steps:
+            self._steps = steps
+            for tr in self._tracks.values():
+                tr.set_position(steps)
+        return self._steps
 
     # ----------------------------------------------------------------- readout
     def _track(self, merge: str | None) -> _Track:
@@ -400,22 +557,74 @@ class WSMOptimizer(torch.optim.Optimizer):
         return self._tracks[merge]
 
     def _merged_fp32(self, tr: _Track, completed: bool) -> dict[Tensor, Tensor]:
-        """Merged values (fp32, new tensors) keyed by param."""
-        out: dict[Tensor, Tensor] = {}
+        """Merged values (fp32, new tensors) keyed by param, checked for NaN/inf."""
+        self._join()
         if completed:
-            if tr.complete:
-                source = tr.accs
-            elif tr.has_last:
-                source = tr.lasts
-            elif not tr.spec.keep_last and tr.windows_completed:
-                raise RuntimeError(
-                    f"merge {tr.name!r}: the last completed window was overwritten when the next "
-                    "window began; construct with keep_last=True to keep it"
-                )
-            else:
-                raise RuntimeError(f"merge {tr.name!r}: no window has completed yet")
-            with torch.no_grad():
-                return {p: source[p].clone() for p in self._params()}
+            out, skipped = self._completed_fp32(tr)
+            window = tr.windows_completed - 1
+        else:
+            out, skipped = self._current_fp32(tr), (tr.skipped_mass, tr.skipped_count)
+            window = tr.window_bounds()[0]
+        if tr.anchored and skipped[0] is not None:
+            self._renormalize(tr, out, skipped, window)
+        self._check_finite(tr, out, window)
+        return out
+
+    def _renormalize(self, tr: _Track, out: dict[Tensor, Tensor], skipped, window: int) -> None:
+        mass, count = float(skipped[0]), int(skipped[1])
+        if count == 0:
+            return
+        if mass >= 1.0 - 1e-12:
+            raise NonFiniteMergeError(
+                f"merge {tr.name!r}, window {window}: every checkpoint with weight was skipped "
+                "(non-finite params); nothing to merge"
+            )
+        warnings.warn(
+            f"merge {tr.name!r}, window {window}: {count} checkpoint(s) with non-finite params were "
+            f"skipped (merge weight {mass:.4g}); the remaining weights are renormalized",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        with torch.no_grad():
+            torch._foreach_div_(list(out.values()), 1.0 - mass)
+
+    def _check_finite(self, tr: _Track, out: dict[Tensor, Tensor], window: int) -> None:
+        if not out:
+            return
+        with torch.no_grad():
+            ok = torch.stack([torch.isfinite(v).all().cpu() for v in out.values()])
+        if bool(ok.all()):
+            return
+        bad = next(p for p, good in zip(out, ok.tolist()) if not good)
+        names = self._param_names() or {}
+        label = repr(names[bad]) if bad in names else f"#{list(out).index(bad)} (shape {tuple(bad.shape)})"
+        step = self.backend.bad_steps().get(id(bad))
+        seen = f"; the kernel last read a non-finite value at step {step}" if step is not None else ""
+        first = tr.spec.start + window * tr.spec.window
+        last = first + tr.spec.window
+        raise NonFiniteMergeError(
+            f"merge {tr.name!r}, window {window} (steps {first}..{last}): the merged value of "
+            f"parameter {label} is NaN/inf{seen}. A checkpoint in this window (or the live params) "
+            "held non-finite values; construct with nonfinite='skip' to leave such checkpoints out"
+        )
+
+    def _completed_fp32(self, tr: _Track):
+        if tr.complete:
+            source, skipped = tr.accs, (tr.skipped_mass, tr.skipped_count)
+        elif tr.has_last:
+            source, skipped = tr.lasts, tr.last_skipped or (None, None)
+        elif not tr.spec.keep_last and tr.windows_completed:
+            raise RuntimeError(
+                f"merge {tr.name!r}: the last completed window was overwritten when the next "
+                "window began; construct with keep_last=True to keep it"
+            )
+        else:
+            raise RuntimeError(f"merge {tr.name!r}: no window has completed yet")
+        with torch.no_grad():
+            return {p: source[p].clone() for p in self._params()}, skipped
+
+    def _current_fp32(self, tr: _Track) -> dict[Tensor, Tensor]:
+        out: dict[Tensor, Tensor] = {}
         for params in self._grouped().values():
             if tr.anchored:
                 vals = self.backend.readout(params, [tr.accs[p] for p in params], float(tr.w_next[tr.t]))
@@ -549,6 +758,7 @@ class WSMOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """Inner state plus, per parameter, ``wsm_acc.<merge>`` / ``wsm_last.<merge>``
         fp32 buffers in its ``state`` entry, and config/counters under ``"wsm"``."""
+        self._join()
         sd = self.inner.state_dict()
         state = dict(sd["state"])
         for pid, p in enumerate(self._params()):
@@ -605,6 +815,7 @@ class WSMOptimizer(torch.optim.Optimizer):
                 inner_state[pid] = plain
         inner_sd = {k: v for k, v in state_dict.items() if k not in ("state", "wsm")}
         inner_sd["state"] = inner_state
+        self._join()
         self.inner.load_state_dict(inner_sd)
         self._groups = None
         params = list(self._params())
@@ -630,4 +841,18 @@ class WSMOptimizer(torch.optim.Optimizer):
                 tr.t, tr.r = int(counters["t"]), int(counters["r"])
                 tr.windows_completed = int(counters["windows_completed"])
                 tr.has_last = bool(keep_saved_last)
+                device = params[0].device if params else torch.device("cpu")
+
+                def dev(pair):
+                    if not pair:
+                        return None
+                    return (
+                        torch.tensor(pair[0], dtype=torch.float32, device=device),
+                        torch.tensor(float(pair[1]), dtype=torch.float32, device=device),
+                    )
+
+                tr.skipped_mass, tr.skipped_count = dev(counters.get("skipped")) or (None, None)
+                tr.last_skipped = dev(counters.get("last_skipped"))
         self._steps = int(wsm["steps"])
+        self.backend.invalidate()
+        self.backend.set_steps(self._steps)
