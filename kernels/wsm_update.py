@@ -22,7 +22,7 @@ CUDA graph:
 is fp32 whatever the parameter dtype.
 
 Non-finite values: every program that reads a NaN/inf parameter value stores
-the step into ``bad_step[tensor]`` (atomic max), read lazily by the host. With
+the step into ``bad_step`` (first: atomic min, last: atomic max), read lazily by the host. With
 ``SKIP`` the launch first reads ``*ok_ptr`` (0 = the checkpoint holds a
 non-finite value somewhere, found by ``nonfinite_check_kernel``) and then
 leaves the accumulators untouched (accumulate) or zeroes them (anchor).
@@ -43,7 +43,7 @@ def wsm_update_kernel(
     coefs,  # *f32: concatenated merge-weight tables
     meta,  # *i64 [N_MERGES * 5]: start, interval, k, table_offset, keep_last
     step_ptr,  # *i64 scalar: counted optimizer steps
-    bad_step,  # *i64 [n_tensors]: last step a non-finite value was read (-1: never)
+    bad_step,  # *i64 [2 * n_tensors]: first / last step a non-finite value was read (-1: never)
     ok_ptr,  # *i32 scalar: 1 if the whole checkpoint is finite (read only with SKIP)
     n_tensors,
     N_MERGES: tl.constexpr,
@@ -64,7 +64,8 @@ def wsm_update_kernel(
 
     n_bad = tl.sum((~(tl.abs(x) < float("inf"))).to(tl.int32), axis=0)
     if n_bad > 0:
-        tl.atomic_max(bad_step + tidx, s)
+        tl.atomic_min(bad_step + tidx, s)
+        tl.atomic_max(bad_step + n_tensors + tidx, s)
     ok = 1
     if SKIP:
         ok = tl.load(ok_ptr)

@@ -110,6 +110,10 @@ class ForeachBackend:
                 flags = torch.stack([torch.isfinite(p).all() for p in params])
                 ok.mul_(flags.all().to(ok.dtype))
 
+    @staticmethod
+    def handles(p: Tensor) -> bool:
+        return True
+
     # The foreach backend takes coefficients from the host: no device counter.
     def advance(self, devices: Sequence[torch.device]) -> None:
         pass
@@ -120,7 +124,7 @@ class ForeachBackend:
     def invalidate(self) -> None:
         pass
 
-    def bad_steps(self) -> dict[int, int]:
+    def bad_steps(self) -> dict[int, tuple[int, int]]:
         return {}
 
     @staticmethod

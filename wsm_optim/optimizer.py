@@ -251,6 +251,7 @@ class WSMOptimizer(torch.optim.Optimizer):
                 f"(got backend={self._backend_name!r}, nonfinite={nonfinite!r})"
             )
         self.capturable = capturable
+        self._check_capturable(self._params())
         self._side_stream = None
         self._side_done = None
         if overlap:
@@ -311,15 +312,22 @@ class WSMOptimizer(torch.optim.Optimizer):
             raise ValueError(f"backend must be one of {valid}, got {backend!r}")
         if backend == "auto":
             backend = "foreach"
-            if any(p.is_cuda for p in self._params()):
+            params = list(self._params())
+            if params and all(p.is_cuda for p in params):
                 try:
                     from . import triton_backend  # noqa: F401
 
                     backend = "triton"
                 except ImportError:
                     pass
-        if backend == "triton" and "triton" not in BACKENDS:
-            from . import triton_backend  # noqa: F401  (registers itself)
+        if backend == "triton":
+            from . import triton_backend
+
+            if not triton_backend.interpreted() and not all(p.is_cuda for p in self._params()):
+                raise ValueError(
+                    "backend='triton' needs CUDA parameters (CPU parameters only under "
+                    "TRITON_INTERPRET=1, Triton's interpreter for testing); use backend='foreach' or 'auto'"
+                )
         self._backend_name = backend
         return BACKENDS[backend]()
 
@@ -387,6 +395,7 @@ class WSMOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self._join()
+        self._check_capturable(param_group["params"] if isinstance(param_group["params"], list) else [param_group["params"]])
         self.inner.add_param_group(param_group)
         for p in self._params():
             self._adopt(p)
@@ -436,6 +445,17 @@ class WSMOptimizer(torch.optim.Optimizer):
                 self._end_step()
             self._side_done = self._side_stream.record_event()
         return loss
+
+    def _check_capturable(self, params) -> None:
+        if not self.capturable:
+            return
+        for p in params:
+            if not self.backend.handles(p):
+                raise ValueError(
+                    f"capturable=True: a parameter of shape {tuple(p.shape)}, dtype {p.dtype}, "
+                    f"strides {p.stride()} is not handled by the Triton kernel (it needs fp32/bf16/fp16 "
+                    "params dense in memory); the foreach fallback cannot run inside a CUDA graph"
+                )
 
     def _join(self) -> None:
         """Make the current stream wait for an update still running on the side stream."""
@@ -598,8 +618,8 @@ class WSMOptimizer(torch.optim.Optimizer):
         bad = next(p for p, good in zip(out, ok.tolist()) if not good)
         names = self._param_names() or {}
         label = repr(names[bad]) if bad in names else f"#{list(out).index(bad)} (shape {tuple(bad.shape)})"
-        step = self.backend.bad_steps().get(id(bad))
-        seen = f"; the kernel last read a non-finite value at step {step}" if step is not None else ""
+        steps = self.backend.bad_steps().get(id(bad))
+        seen = f"; the kernel read non-finite values at steps {steps[0]}..{steps[1]}" if steps else ""
         first = tr.spec.start + window * tr.spec.window
         last = first + tr.spec.window
         raise NonFiniteMergeError(

@@ -74,7 +74,7 @@ class _GroupTables:
     coefs: Tensor
     meta: Tensor
     n_chunks: int
-    bad_step: Tensor  # i64 [n_tensors], -1 = never
+    bad_step: Tensor  # i64 [2, n_tensors]: first / last step a NaN/inf was read
 
 
 class TritonBackend:
@@ -119,12 +119,16 @@ class TritonBackend:
             self.step_counter(d).add_(1)
 
     # ------------------------------------------------------------------ tables
+    @staticmethod
+    def handles(p: Tensor) -> bool:
+        """Whether the kernel updates ``p`` (else the foreach path does)."""
+        return p.dtype in _TL_DTYPES and is_dense(p) and (p.is_cuda or interpreted())
+
     def _split(self, params: Sequence[Tensor]) -> tuple[list[int], list[int]]:
         """Indices of params the kernel handles, and of those left to foreach."""
         fast, slow = [], []
         for i, p in enumerate(params):
-            ok = p.dtype in _TL_DTYPES and is_dense(p) and (p.is_cuda or interpreted())
-            (fast if ok else slow).append(i)
+            (fast if self.handles(p) else slow).append(i)
         return fast, slow
 
     def _build(self, params: list[Tensor], targets: Sequence[Target], key) -> _GroupTables:
@@ -162,8 +166,13 @@ class TritonBackend:
             meta=dev(meta, torch.int64),
             n_chunks=int(per_tensor.sum()),
             bad_step=previous.bad_step
-            if previous is not None and previous.bad_step.numel() == n
-            else torch.full((n,), -1, dtype=torch.int64, device=device),
+            if previous is not None and previous.bad_step.shape[1] == n
+            else torch.stack(
+                [
+                    torch.full((n,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=device),
+                    torch.full((n,), -1, dtype=torch.int64, device=device),
+                ]
+            ),
         )
 
     def _tables_for(self, params: list[Tensor], targets: Sequence[Target]) -> _GroupTables:
@@ -253,16 +262,17 @@ class TritonBackend:
                 num_warps=self.num_warps,
             )
 
-    def bad_steps(self) -> dict[int, int]:
-        """``{id(param): last step a non-finite value was read}`` (host sync: readout only)."""
-        out: dict[int, int] = {}
+    def bad_steps(self) -> dict[int, tuple[int, int]]:
+        """``{id(param): (first, last) step a NaN/inf was read}`` (host sync: readout only)."""
+        out: dict[int, tuple[int, int]] = {}
         for key, tab in self._tables.items():
             if not key[1]:
                 continue
-            steps = tab.bad_step.tolist()
-            for pid, s in zip(key[0], steps):
-                if s >= 0:
-                    out[pid] = max(out.get(pid, -1), s)
+            firsts, lasts = tab.bad_step.tolist()
+            for pid, first, last in zip(key[0], firsts, lasts):
+                if last >= 0:
+                    old = out.get(pid, (first, last))
+                    out[pid] = (min(old[0], first), max(old[1], last))
         return out
 
 
