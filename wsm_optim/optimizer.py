@@ -395,8 +395,11 @@ class WSMOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self._join()
-        self._check_capturable(param_group["params"] if isinstance(param_group["params"], list) else [param_group["params"]])
-        self.inner.add_param_group(param_group)
+        group = dict(param_group)
+        params = group["params"]
+        group["params"] = [params] if isinstance(params, Tensor) else list(params)
+        self._check_capturable(p[1] if isinstance(p, tuple) else p for p in group["params"])
+        self.inner.add_param_group(group)
         for p in self._params():
             self._adopt(p)
 
