@@ -33,6 +33,19 @@ import triton.language as tl
 
 
 @triton.jit
+def _load_chunk(param_ptrs, numels, chunk_tensor, chunk_start, PARAM_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's chunk: (tensor index, offsets, mask, values as fp32, count of NaN/inf)."""
+    pid = tl.program_id(0)
+    tidx = tl.load(chunk_tensor + pid)
+    offs = tl.load(chunk_start + pid) + tl.arange(0, BLOCK)
+    mask = offs < tl.load(numels + tidx)
+    p_ptr = tl.load(param_ptrs + tidx).to(tl.pointer_type(PARAM_DTYPE))
+    x = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    n_bad = tl.sum((~(tl.abs(x) < float("inf"))).to(tl.int32), axis=0)
+    return tidx, offs, mask, x, n_bad
+
+
+@triton.jit
 def wsm_update_kernel(
     param_ptrs,  # *i64 [n_tensors]: data pointers of the params (dtype PARAM_DTYPE)
     numels,  # *i64 [n_tensors]
@@ -52,17 +65,8 @@ def wsm_update_kernel(
     SKIP: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    tidx = tl.load(chunk_tensor + pid)
-    first = tl.load(chunk_start + pid)
-    numel = tl.load(numels + tidx)
-    offs = first + tl.arange(0, BLOCK)
-    mask = offs < numel
-    p_ptr = tl.load(param_ptrs + tidx).to(tl.pointer_type(PARAM_DTYPE))
-    x = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tidx, offs, mask, x, n_bad = _load_chunk(param_ptrs, numels, chunk_tensor, chunk_start, PARAM_DTYPE, BLOCK)
     s = tl.load(step_ptr)
-
-    n_bad = tl.sum((~(tl.abs(x) < float("inf"))).to(tl.int32), axis=0)
     if n_bad > 0:
         tl.atomic_min(bad_step + tidx, s)
         tl.atomic_max(bad_step + n_tensors + tidx, s)
@@ -107,14 +111,6 @@ def nonfinite_check_kernel(
     PARAM_DTYPE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    tidx = tl.load(chunk_tensor + pid)
-    first = tl.load(chunk_start + pid)
-    numel = tl.load(numels + tidx)
-    offs = first + tl.arange(0, BLOCK)
-    mask = offs < numel
-    p_ptr = tl.load(param_ptrs + tidx).to(tl.pointer_type(PARAM_DTYPE))
-    x = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    n_bad = tl.sum((~(tl.abs(x) < float("inf"))).to(tl.int32), axis=0)
+    _, _, _, _, n_bad = _load_chunk(param_ptrs, numels, chunk_tensor, chunk_start, PARAM_DTYPE, BLOCK)
     if n_bad > 0:
         tl.atomic_min(ok_ptr, 0)
