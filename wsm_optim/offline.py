@@ -86,7 +86,7 @@ def step_number(name: str | os.PathLike) -> int | None:
 
 def _sort_by_step(files: list[Path], root: Path) -> list[Path]:
     steps: dict[int, Path] = {}
-    for f in files:
+    for f in sorted(files):
         rel = f.relative_to(root)
         step = step_number(rel)
         if step is None:
@@ -188,7 +188,7 @@ def checkpoint_weights(
     bad = np.flatnonzero(~np.isfinite(c) | (c < 0.0))
     if bad.size:
         j = int(bad[0])
-        raise ValueError(f"--weights: c_{j} = {c[j]!r} is negative or not finite; weights must be >= 0")
+        raise ValueError(f"--weights: c_{j} = {float(c[j])!r} is negative or not finite; weights must be >= 0")
     total = float(c.sum())
     if normalize:
         if total <= 0.0:
@@ -196,7 +196,7 @@ def checkpoint_weights(
         return c / total
     if abs(total - 1.0) > WEIGHT_SUM_ATOL:
         raise ValueError(
-            f"--weights: sum to {total!r}, expected 1 (absolute tolerance {WEIGHT_SUM_ATOL:g}); "
+            f"--weights: sum to {total:.10g}, expected 1 (absolute tolerance {WEIGHT_SUM_ATOL:g}); "
             "pass --normalize to rescale them"
         )
     return c
@@ -218,19 +218,21 @@ def format_table(paths: Sequence[Path], c: np.ndarray, label: str) -> str:
 
 
 # --------------------------------------------------------------- reading
-def _select(obj: Any, key: str, path: Path) -> Any:
+def _select(obj: Any, key: str, path: Path, full_key: str | None = None) -> Any:
     """``obj[key]``, where a dotted ``key`` may also walk nested dicts (``"state.model"``)."""
+    full_key = key if full_key is None else full_key
+    where = "" if key == full_key else f" (looking up {key!r} inside {full_key[: -len(key) - 1]!r})"
     if not isinstance(obj, Mapping):
-        raise ValueError(f"--key {key!r}: {path} holds a {type(obj).__name__}, not a dict")
+        raise ValueError(f"--key {full_key!r}: {path} holds a {type(obj).__name__}, not a dict{where}")
     if key in obj:
         return obj[key]
     parts = key.split(".")
     for i in range(len(parts) - 1, 0, -1):
         head = ".".join(parts[:i])
         if head in obj and isinstance(obj[head], Mapping):
-            return _select(obj[head], ".".join(parts[i:]), path)
+            return _select(obj[head], ".".join(parts[i:]), path, full_key)
     shown = ", ".join(repr(k) for k in list(obj)[:20])
-    raise ValueError(f"--key {key!r} not found in {path}; available keys: {shown}")
+    raise ValueError(f"--key {full_key!r} not found in {path}{where}; available keys: {shown}")
 
 
 def _check_state_dict(obj: Any, path: Path, key: str | None) -> dict[str, Tensor]:
