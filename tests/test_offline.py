@@ -218,14 +218,14 @@ def test_weight_sum_tolerance_and_schedule_conflicts():
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
-def test_refuses_nan_inf_naming_file_and_key(tmp_path, bad, suffix):
+@pytest.mark.parametrize("suffix, key", [(".safetensors", "layer.bias"), (".pt", "layer.weight"), (".pt", "norm.running_mean")])
+def test_refuses_nan_inf_naming_file_and_key(tmp_path, bad, suffix, key):
     paths = _write(tmp_path, 3, suffix)
     sd = _ckpt(1)
-    sd["layer.bias"][2] = bad
+    sd[key].view(-1)[2] = bad
     _save(sd, paths[1])
     kind = "1 NaN and 0 inf" if bad != bad else "0 NaN and 1 inf"
-    with pytest.raises(ValueError, match=rf"step_1{suffix}: tensor 'layer.bias' has {kind} values"):
+    with pytest.raises(ValueError, match=rf"step_1{suffix}: tensor '{key}' has {kind} values"):
         merge_checkpoints(paths, out=tmp_path / "m.safetensors", progress=False)
     assert not (tmp_path / "m.safetensors").exists()
 
@@ -264,8 +264,10 @@ def test_refuses_arbitrary_pickle_unless_unsafe(tmp_path):
     ]
     with pytest.raises(ValueError, match=r"ck_0\.pt holds objects that safe loading .* refuses.*--unsafe-pickle"):
         merge_checkpoints(paths, key="model", progress=False)
-    with pytest.warns(UnsafePickleWarning, match="can|runs any code"):
+    with pytest.warns(UnsafePickleWarning, match="runs any code") as record:
         merged = merge_checkpoints(paths, key="model", unsafe_pickle=True, progress=False)
+    unsafe = [str(w.message) for w in record if w.category is UnsafePickleWarning]
+    assert len(unsafe) == 2 and "ck_0.pt" in unsafe[0] and "ck_1.pt" in unsafe[1]  # once per file
     _assert_close(merged, _expected([_ckpt(0), _ckpt(1)], np.array([0.5, 0.5])))
 
 
