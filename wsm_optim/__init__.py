@@ -6,7 +6,8 @@ accumulator per parameter, updated in a single streaming pass per checkpoint.
 """
 
 from . import schedules
+from .offline import merge_checkpoints
 from .optimizer import DEFAULT_MERGE, MergeSpec, NonFiniteMergeError, WSMOptimizer
 
-__all__ = ["WSMOptimizer", "MergeSpec", "NonFiniteMergeError", "DEFAULT_MERGE", "schedules"]
+__all__ = ["WSMOptimizer", "MergeSpec", "NonFiniteMergeError", "DEFAULT_MERGE", "merge_checkpoints", "schedules"]
 __version__ = "0.1.0"

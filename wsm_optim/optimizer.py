@@ -746,6 +746,28 @@ class WSMOptimizer(torch.optim.Optimizer):
                     p.copy_(v)
             self._swapped = False
 
+    def save_merged(
+        self,
+        path,
+        dtype: torch.dtype | None = None,
+        *,
+        model: nn.Module | None = None,
+        merge: str | None = None,
+        completed: bool = False,
+    ):
+        """Write :meth:`merged_state_dict` to ``path`` crash-safely; returns the ``Path``.
+
+        safetensors by default; ``.pt``/``.pth``/``.bin`` use ``torch.save``.
+        Written via :func:`wsm_optim.io.atomic_save` (temp file, fsync,
+        ``os.replace``): a crash never leaves a partial file under ``path``.
+        Arguments as for :meth:`merged_state_dict`. Tied weights (with
+        ``model=``) are written as separate tensors under each key.
+        """
+        from .io import atomic_save
+
+        state = self.merged_state_dict(dtype, model=model, merge=merge, completed=completed)
+        return atomic_save(state, path)
+
     # -------------------------------------------------------------- inspection
     @property
     def merges(self) -> tuple[str, ...]:

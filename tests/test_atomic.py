@@ -1,0 +1,210 @@
+"""Crash-safe writing: wsm_optim.io.atomic_save and WSMOptimizer.save_merged."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import safetensors.torch
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from wsm_optim import WSMOptimizer
+from wsm_optim import io as wio
+
+
+def _state(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "w": torch.randn(16, 8, generator=g),
+        "b": torch.randn(8, generator=g).to(torch.bfloat16),
+        "steps": torch.tensor(seed, dtype=torch.int64),
+    }
+
+
+def _load(path):
+    return load_file(path) if str(path).endswith(".safetensors") else torch.load(path, weights_only=True)
+
+
+def _assert_equal(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype, k
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("name", ["m.safetensors", "m.pt", "m.bin", "m.pth", "model_no_suffix"])
+def test_round_trip_and_format_by_suffix(tmp_path, name):
+    path = tmp_path / name
+    assert wio.atomic_save(_state(), path) == path
+    expected = "torch" if name.endswith((".pt", ".bin", ".pth")) else "safetensors"
+    assert wio.infer_format(path) == expected
+    loaded = torch.load(path, weights_only=True) if expected == "torch" else load_file(path)
+    _assert_equal(loaded, _state())
+    assert os.listdir(tmp_path) == [name]
+
+
+def test_explicit_format_and_metadata(tmp_path):
+    path = tmp_path / "x.bin"
+    wio.atomic_save(_state(), path, format="safetensors", metadata={"note": "hi"})
+    _assert_equal(load_file(path), _state())
+    with safetensors.safe_open(str(path), "pt") as f:
+        assert f.metadata() == {"note": "hi"}
+    with pytest.raises(ValueError, match="format must be one of"):
+        wio.atomic_save(_state(), tmp_path / "y.pt", format="npz")
+
+
+def test_safetensors_accepts_tied_views_and_noncontiguous(tmp_path):
+    base = torch.randn(6, 4)
+    state = {"a": base, "tied": base, "t": base.t(), "row": base[2], "cols": base[:, 1:3]}
+    path = tmp_path / "v.safetensors"
+    wio.atomic_save(state, path)
+    loaded = load_file(path)
+    for k, v in state.items():
+        assert torch.equal(loaded[k], v), k
+    assert base.shape == (6, 4)  # the caller's tensors are untouched
+
+
+def test_safetensors_refuses_non_tensor_value(tmp_path):
+    with pytest.raises(TypeError, match="entry 'step' is a int"):
+        wio.atomic_save({"w": torch.ones(2), "step": 3}, tmp_path / "x.safetensors")
+    assert os.listdir(tmp_path) == []
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        wio.atomic_save(_state(), tmp_path / "nope" / "x.safetensors")
+
+
+def test_permissions_follow_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = wio.atomic_save(_state(), tmp_path / "p.safetensors")
+    finally:
+        os.umask(old)
+    assert (path.stat().st_mode & 0o777) == 0o644  # not mkstemp's 0o600
+
+
+def _partial_then_fail(exc: BaseException):
+    """A writer that puts some bytes into the temp file, then dies (a crash mid-write)."""
+
+    def write(*args, **kwargs):
+        target = args[1]
+        if hasattr(target, "write"):
+            target.write(b"PARTIAL" * 100)
+            target.flush()
+        else:
+            with open(target, "wb") as f:
+                f.write(b"PARTIAL" * 100)
+        raise exc
+
+    return write
+
+
+@pytest.mark.parametrize("name", ["m.safetensors", "m.pt"])
+@pytest.mark.parametrize("exc", [RuntimeError("disk on fire"), KeyboardInterrupt()])
+@pytest.mark.parametrize("previous", [True, False])
+def test_failure_mid_write_leaves_previous_file_and_no_temp(tmp_path, monkeypatch, name, exc, previous):
+    path = tmp_path / name
+    if previous:
+        wio.atomic_save(_state(seed=1), path)
+        before = path.read_bytes()
+    # Patch the library writers themselves, so the real atomic_save code path runs.
+    if name.endswith(".safetensors"):
+        monkeypatch.setattr(safetensors.torch, "save_file", _partial_then_fail(exc))
+    else:
+        monkeypatch.setattr(torch, "save", _partial_then_fail(exc))
+    with pytest.raises(type(exc)):
+        wio.atomic_save(_state(seed=2), path)
+    if previous:
+        assert path.read_bytes() == before
+        _assert_equal(_load(path), _state(seed=1))
+        assert os.listdir(tmp_path) == [name]
+    else:
+        assert os.listdir(tmp_path) == []
+
+
+def test_failure_at_rename_cleans_up(tmp_path, monkeypatch):
+    path = tmp_path / "m.safetensors"
+    wio.atomic_save(_state(seed=1), path)
+    before = path.read_bytes()
+
+    def broken_replace(src, dst):
+        raise OSError("rename failed")
+
+    monkeypatch.setattr(wio.os, "replace", broken_replace)
+    with pytest.raises(OSError, match="rename failed"):
+        wio.atomic_save(_state(seed=2), path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["m.safetensors"]
+
+
+def test_fsync_file_before_rename_then_directory(tmp_path, monkeypatch):
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else "?"))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(wio.os, "fsync", fsync)
+    monkeypatch.setattr(wio.os, "replace", replace)
+    path = tmp_path / "m.safetensors"
+    wio.atomic_save(_state(), path)
+    kinds = [e[0] for e in events]
+    assert kinds == ["fsync", "replace", "fsync"]
+    if events[0][1] != "?":
+        tmp_name = os.path.basename(events[0][1])
+        assert tmp_name.startswith(".m.safetensors.") and tmp_name.endswith(".tmp")
+        assert events[2][1] == str(tmp_path)
+
+
+def _trained_optimizer(model: nn.Module) -> WSMOptimizer:
+    torch.manual_seed(0)
+    opt = WSMOptimizer(torch.optim.SGD(model.named_parameters(), lr=0.1), schedule="1-sqrt", window=3)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(4, 5)).square().mean().backward()
+        opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("name", ["merged.safetensors", "merged.pt"])
+def test_save_merged_writes_merged_state_dict(tmp_path, name):
+    model = nn.Sequential(nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 2))
+    opt = _trained_optimizer(model)
+    path = opt.save_merged(tmp_path / name)
+    _assert_equal(_load(path), opt.merged_state_dict())
+    path = opt.save_merged(tmp_path / name, torch.bfloat16)  # overwrite, other dtype
+    _assert_equal(_load(path), opt.merged_state_dict(torch.bfloat16))
+    assert os.listdir(tmp_path) == [name]
+
+
+def test_save_merged_with_model_and_tied_weights(tmp_path):
+    model = nn.Sequential(nn.Linear(5, 5, bias=False), nn.BatchNorm1d(5), nn.Linear(5, 5, bias=False))
+    model[2].weight = model[0].weight  # tied: one parameter under two keys
+    opt = _trained_optimizer(model)
+    path = opt.save_merged(tmp_path / "tied.safetensors", model=model)
+    loaded = load_file(path)
+    expected = opt.merged_state_dict(model=model)
+    _assert_equal(loaded, expected)
+    assert torch.equal(loaded["0.weight"], loaded["2.weight"])
+    fresh = nn.Sequential(nn.Linear(5, 5, bias=False), nn.BatchNorm1d(5), nn.Linear(5, 5, bias=False))
+    fresh.load_state_dict(loaded, strict=True)
+
+
+def test_save_merged_failure_keeps_previous(tmp_path, monkeypatch):
+    model = nn.Linear(5, 2)
+    opt = _trained_optimizer(model)
+    path = opt.save_merged(tmp_path / "m.safetensors")
+    before = path.read_bytes()
+    monkeypatch.setattr(safetensors.torch, "save_file", _partial_then_fail(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.save_merged(path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["m.safetensors"]

@@ -1,0 +1,647 @@
+"""Offline WSM merge of saved checkpoint files (``wsm-optim merge``).
+
+The same Theorem 3.1 weights as :class:`~wsm_optim.WSMOptimizer`, applied to a
+list of existing checkpoints ``theta_0 .. theta_k`` (oldest first,
+``k = n - 1``): ``merged = sum_j c_j * theta_j``.
+
+Memory: files are streamed one at a time into one accumulator per floating
+tensor (float32; float64 for float64 inputs), so the peak is one accumulator
+plus one loaded checkpoint whatever the number of files. Non-float tensors
+(integer buffers, step counters, masks) are copied from the newest checkpoint,
+never averaged.
+
+Every input is checked before anything is written: same keys, shapes and
+dtypes in every file, no NaN/inf in any floating tensor. The output is written
+with :func:`wsm_optim.io.atomic_save` (never half-written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import sys
+import warnings
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import schedules as S
+from .io import atomic_save, infer_format
+
+__all__ = [
+    "merge_checkpoints",
+    "resolve_inputs",
+    "step_number",
+    "checkpoint_weights",
+    "format_table",
+    "UnsafePickleWarning",
+    "CHECKPOINT_SUFFIXES",
+    "WEIGHT_SUM_ATOL",
+]
+
+#: Suffixes a directory input picks up when no glob is given.
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+#: Explicit weights (without ``normalize``) must sum to 1 within this absolute tolerance.
+WEIGHT_SUM_ATOL = 1e-6
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+}
+
+_INT_RE = re.compile(r"\d+")
+
+
+class UnsafePickleWarning(UserWarning):
+    """A checkpoint was unpickled with ``weights_only=False`` (it can run arbitrary code)."""
+
+
+# ---------------------------------------------------------------- inputs
+def step_number(name: str | os.PathLike) -> int | None:
+    """The step number of a checkpoint path: the LAST integer in it, extension removed.
+
+    ``"step_100.pt"`` -> 100, ``"run3/ckpt-0200.safetensors"`` -> 200,
+    ``"iter_10/model.bin"`` -> 10, ``"final.pt"`` -> ``None``. Digits are read
+    as a number, so 2 < 10 < 100 (not the text order "10" < "100" < "2").
+    """
+    p = Path(name)
+    text = str(p.with_suffix("")) if p.suffix else str(p)
+    found = _INT_RE.findall(text)
+    return int(found[-1]) if found else None
+
+
+def _sort_by_step(files: list[Path], root: Path) -> list[Path]:
+    steps: dict[int, Path] = {}
+    for f in sorted(files):
+        rel = f.relative_to(root)
+        step = step_number(rel)
+        if step is None:
+            raise ValueError(
+                f"cannot order {str(rel)!r} by step number: its name has no integer "
+                "(the step number is the last integer in the path below the directory, extension removed); "
+                "narrow --glob or list the files explicitly, oldest first"
+            )
+        if step in steps:
+            raise ValueError(
+                f"ambiguous order: {str(steps[step].relative_to(root))!r} and {str(rel)!r} both have "
+                f"step number {step} (the last integer in the name); narrow --glob or list the files "
+                "explicitly, oldest first"
+            )
+        steps[step] = f
+    return [steps[s] for s in sorted(steps)]
+
+
+def resolve_inputs(
+    paths: str | os.PathLike | Sequence[str | os.PathLike], glob: str | None = None
+) -> list[Path]:
+    """Checkpoint files, oldest first.
+
+    ``paths`` is either files in merge order (oldest first), or ONE directory:
+    its files matching ``glob`` (default: every ``*.safetensors``, ``*.pt``,
+    ``*.pth``, ``*.bin``; ``**`` recurses) sorted by :func:`step_number`.
+    Raises ``ValueError`` for an empty list, a name without a step number or
+    two files with the same step number, ``FileNotFoundError`` for a missing path.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise ValueError("no checkpoints given: pass files (oldest first) or one directory")
+    dirs = [p for p in paths if p.is_dir()]
+    if dirs:
+        if len(paths) != 1:
+            raise ValueError(
+                f"pass either checkpoint files or a single directory, not both / several: got {len(dirs)} "
+                f"director{'y' if len(dirs) == 1 else 'ies'} among {len(paths)} paths"
+            )
+        root = paths[0]
+        if glob is None:
+            files = [f for f in root.iterdir() if f.is_file() and f.suffix.lower() in CHECKPOINT_SUFFIXES]
+            what = f"no checkpoint files ({', '.join('*' + s for s in CHECKPOINT_SUFFIXES)}) in {str(root)!r}"
+        else:
+            files = [f for f in root.glob(glob) if f.is_file()]
+            what = f"no files match --glob {glob!r} in {str(root)!r}"
+        if not files:
+            raise ValueError(f"empty checkpoint list: {what}")
+        return _sort_by_step(files, root)
+    if glob is not None:
+        raise ValueError("--glob needs a single directory argument (the files to match live in it)")
+    for p in paths:
+        if not p.exists():
+            raise FileNotFoundError(f"checkpoint {str(p)!r} does not exist")
+    steps = [step_number(p.name) for p in paths]
+    if len(paths) > 1 and None not in steps and len(set(steps)) == len(steps) and steps != sorted(steps):
+        warnings.warn(
+            f"the files are merged in the order given (oldest first), but the step numbers in their "
+            f"names are not increasing: {steps}. A shell glob sorts names as text (10 < 100 < 2); "
+            "pass the directory with --glob to sort by step number",
+            UserWarning,
+            stacklevel=2,
+        )
+    return paths
+
+
+# --------------------------------------------------------------- weights
+def checkpoint_weights(
+    n: int,
+    schedule: S.Schedule | None = None,
+    weights: Sequence[float] | None = None,
+    normalize: bool = False,
+) -> np.ndarray:
+    """Merge weights ``c_0..c_{n-1}`` (float64, shape ``(n,)``, oldest first) for ``n`` checkpoints.
+
+    From ``schedule`` via Theorem 3.1 with ``k = n - 1`` (one checkpoint:
+    ``c = [1]``), or explicit ``weights``: finite, non-negative, ``n`` of them,
+    summing to 1 within ``WEIGHT_SUM_ATOL`` unless ``normalize`` rescales them.
+    """
+    if n < 1:
+        raise ValueError("empty checkpoint list: nothing to merge")
+    if weights is None:
+        if normalize:
+            raise ValueError("--normalize applies to explicit --weights only (schedule weights sum to 1)")
+        schedule = "linear" if schedule is None else schedule
+        if n == 1:
+            S.resolve(schedule)  # still reject an unknown name
+            return np.ones(1)
+        return S.merge_coefficients(schedule, n - 1)
+    if schedule is not None:
+        raise ValueError("pass either a schedule or explicit weights, not both")
+    c = np.asarray(weights, dtype=np.float64)
+    if c.ndim != 1 or c.size != n:
+        raise ValueError(
+            f"--weights: got {c.size} values for {n} checkpoints; give one weight c_j per checkpoint, oldest first"
+        )
+    bad = np.flatnonzero(~np.isfinite(c) | (c < 0.0))
+    if bad.size:
+        j = int(bad[0])
+        raise ValueError(f"--weights: c_{j} = {float(c[j])!r} is negative or not finite; weights must be >= 0")
+    total = float(c.sum())
+    if normalize:
+        if total <= 0.0:
+            raise ValueError("--weights: all weights are zero; cannot --normalize")
+        return c / total
+    if abs(total - 1.0) > WEIGHT_SUM_ATOL:
+        raise ValueError(
+            f"--weights: sum to {total:.10g}, expected 1 (absolute tolerance {WEIGHT_SUM_ATOL:g}); "
+            "pass --normalize to rescale them"
+        )
+    return c
+
+
+def format_table(paths: Sequence[Path], c: np.ndarray, label: str) -> str:
+    """The weights table printed before merging: ``c_j`` and the implied decay ``w_j``."""
+    n = len(paths)
+    w = np.cumsum(c[::-1])[::-1]  # w_j = sum_{i >= j} c_i, w_0 = 1 (Theorem 3.1)
+    lines = [
+        f"merge of {n} checkpoint{'s' if n != 1 else ''} (oldest first), weights: {label}",
+        f"{'j':>4}  {'step':>9}  {'c_j (merge)':>12}  {'w_j (decay)':>12}  file",
+    ]
+    for j, p in enumerate(paths):
+        step = step_number(p.name)
+        lines.append(f"{j:>4}  {'-' if step is None else step:>9}  {c[j]:>12.6f}  {w[j]:>12.6f}  {p}")
+    lines.append(f"{'sum':>4}  {'':>9}  {c.sum():>12.6f}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------- reading
+def _select(obj: Any, key: str, path: Path, full_key: str | None = None) -> Any:
+    """``obj[key]``, where a dotted ``key`` may also walk nested dicts (``"state.model"``)."""
+    full_key = key if full_key is None else full_key
+    where = "" if key == full_key else f" (looking up {key!r} inside {full_key[: -len(key) - 1]!r})"
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"--key {full_key!r}: {path} holds a {type(obj).__name__}, not a dict{where}")
+    if key in obj:
+        return obj[key]
+    parts = key.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        head = ".".join(parts[:i])
+        if head in obj and isinstance(obj[head], Mapping):
+            return _select(obj[head], ".".join(parts[i:]), path, full_key)
+    shown = ", ".join(repr(k) for k in list(obj)[:20])
+    raise ValueError(f"--key {full_key!r} not found in {path}{where}; available keys: {shown}")
+
+
+def _check_state_dict(obj: Any, path: Path, key: str | None) -> dict[str, Tensor]:
+    where = f"{path}" + (f" (under --key {key!r})" if key else "")
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{where} holds a {type(obj).__name__}, not a state dict {{name: tensor}}")
+    for name, value in obj.items():
+        if not isinstance(name, str):
+            raise ValueError(f"{where}: key {name!r} is not a string; not a state dict")
+        if not isinstance(value, Tensor):
+            hint = (
+                "; this looks like a training checkpoint: pick the model's state dict with --key "
+                f"(top-level keys: {', '.join(repr(k) for k in list(obj)[:20])})"
+                if isinstance(value, Mapping) and key is None
+                else ""
+            )
+            raise ValueError(f"{where}: entry {name!r} is a {type(value).__name__}, not a tensor{hint}")
+        if value.is_sparse or value.layout != torch.strided:
+            raise ValueError(f"{where}: entry {name!r} is a {value.layout} tensor; only dense tensors merge")
+    return dict(obj)
+
+
+def _torch_load(path: Path, unsafe_pickle: bool, warned: set[Path]) -> Any:
+    mmap = zipfile.is_zipfile(path)  # mmap needs the zip format (torch.save's default since 1.6)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - re-raised with a message naming the file
+        text = str(e)
+        if "Weights only load failed" not in text:
+            raise ValueError(f"cannot read {path} as a safetensors or torch.save file: {type(e).__name__}: {e}") from e
+        reason = next((ln.strip() for ln in text.splitlines() if "WeightsUnpickler error" in ln), "")
+        if not unsafe_pickle:
+            raise ValueError(
+                f"{path} holds objects that safe loading (torch.load weights_only=True) refuses"
+                f"{': ' + reason if reason else ''}. Loading it means unpickling, which can execute "
+                "arbitrary code stored in the file; only if you trust where it comes from, pass "
+                "--unsafe-pickle (unsafe_pickle=True)"
+            ) from e
+    if path not in warned:  # once per file, though it is opened twice (check pass, merge pass)
+        warned.add(path)
+        warnings.warn(
+            f"--unsafe-pickle: loading {path} with torch.load(weights_only=False). Unpickling runs any code "
+            "stored in the file; do this only for files you created or fully trust",
+            UnsafePickleWarning,
+            stacklevel=4,
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"cannot unpickle {path}: {type(e).__name__}: {e}") from e
+
+
+class _Reader:
+    """One open checkpoint: ``names`` (in file order), ``meta(name)`` and ``tensor(name)``."""
+
+    def __init__(
+        self, path: Path, key: str | None, unsafe_pickle: set[Path] | None, stack: contextlib.ExitStack
+    ):
+        self.path = path
+        self._st = None
+        self._sd: dict[str, Tensor] | None = None
+        if path.suffix.lower() == ".safetensors":
+            from safetensors import safe_open
+            from safetensors.torch import _TYPES
+
+            try:
+                self._st = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+            except Exception as e:  # noqa: BLE001
+                raise ValueError(f"cannot read {path} as a safetensors file: {e}") from e
+            self._types = _TYPES
+            names = list(self._st.keys())
+            if key is not None:
+                prefix = key + "."
+                self._full = {n[len(prefix):]: n for n in names if n.startswith(prefix)}
+                if not self._full:
+                    tops = sorted({n.split(".")[0] for n in names})[:20]
+                    raise ValueError(
+                        f"--key {key!r}: no tensor in {path} is named {prefix + '*'!r} "
+                        f"(safetensors files are flat; first name parts present: {tops})"
+                    )
+            else:
+                self._full = {n: n for n in names}
+            self.names = list(self._full)
+        else:
+            obj = _torch_load(path, unsafe_pickle is not None, set() if unsafe_pickle is None else unsafe_pickle)
+            if key is not None:
+                obj = _select(obj, key, path)
+            self._sd = _check_state_dict(obj, path, key)
+            self.names = list(self._sd)
+
+    def meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        if self._st is not None:
+            sl = self._st.get_slice(self._full[name])
+            dt = sl.get_dtype()
+            if dt not in self._types:
+                raise ValueError(f"{self.path}: tensor {name!r} has unsupported safetensors dtype {dt}")
+            return tuple(sl.get_shape()), self._types[dt]
+        t = self._sd[name]
+        return tuple(t.shape), t.dtype
+
+    def tensor(self, name: str) -> Tensor:
+        if self._st is not None:
+            return self._st.get_tensor(self._full[name])
+        return self._sd[name]
+
+
+@contextlib.contextmanager
+def _open(path: Path, key: str | None, unsafe_pickle: set[Path] | None) -> Iterator[_Reader]:
+    """``unsafe_pickle``: None = refuse unsafe pickles; a set = allow them, warning once per file in it."""
+    with contextlib.ExitStack() as stack:
+        reader = _Reader(path, key, unsafe_pickle, stack)
+        try:
+            yield reader
+        finally:
+            # Drop the tensors now: a name still bound to the reader must not keep
+            # this checkpoint in memory while the next one loads.
+            reader._sd = None
+            reader._st = None
+
+
+def _averaged(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point or dtype.is_complex
+
+
+def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    if dtype.is_complex:
+        return torch.complex128 if dtype == torch.complex128 else torch.complex64
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _signature(paths: Sequence[Path], key: str | None, unsafe_pickle: set[Path] | None) -> dict[str, tuple]:
+    """Names, shapes and dtypes of the first file, checked against every other file (cheap pass)."""
+    ref: dict[str, tuple] | None = None
+    for path in paths:
+        with _open(path, key, unsafe_pickle) as r:
+            sig = {n: r.meta(n) for n in r.names}
+        if ref is None:
+            if not sig:
+                raise ValueError(f"{path} holds no tensors" + (f" under --key {key!r}" if key else ""))
+            ref = sig
+            continue
+        missing = [n for n in ref if n not in sig]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise ValueError(f"key {missing[0]!r}{more} is missing from {path} (present in {paths[0]})")
+        extra = [n for n in sig if n not in ref]
+        if extra:
+            more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+            raise ValueError(f"key {extra[0]!r}{more} in {path} is missing from {paths[0]}")
+        for n, (shape, dtype) in ref.items():
+            shape_j, dtype_j = sig[n]
+            if shape_j != shape:
+                raise ValueError(
+                    f"shape mismatch for key {n!r}: {list(shape_j)} in {path}, {list(shape)} in {paths[0]}"
+                )
+            if dtype_j != dtype:
+                raise ValueError(
+                    f"dtype mismatch for key {n!r}: {dtype_j} in {path}, {dtype} in {paths[0]} "
+                    f"(shape {list(shape)})"
+                )
+    assert ref is not None
+    return ref
+
+
+def _check_finite(t: Tensor, name: str, path: Path) -> None:
+    """Refuse NaN/inf. Fast path: one min/max reduction (NaN and +-inf show up in it,
+    about 9x faster than ``isfinite().all()``); exact counts only for the error message."""
+    if t.numel() == 0:
+        return
+    values = torch.view_as_real(t) if t.is_complex() else t
+    try:
+        lo, hi = torch.aminmax(values)
+        if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
+            return
+    except (RuntimeError, NotImplementedError):  # a dtype without aminmax (e.g. float8)
+        values = values.float()
+    finite = torch.isfinite(values)
+    if not bool(finite.all()):
+        n_nan = int(torch.isnan(values).sum())
+        n_bad = int(finite.numel() - finite.sum())
+        raise ValueError(
+            f"{path}: tensor {name!r} has {n_nan} NaN and {n_bad - n_nan} inf values; refusing to merge"
+        )
+
+
+# ----------------------------------------------------------------- merge
+def merge_checkpoints(
+    paths: str | os.PathLike | Sequence[str | os.PathLike],
+    schedule: S.Schedule | None = None,
+    weights: Sequence[float] | None = None,
+    normalize: bool = False,
+    out: str | os.PathLike | None = None,
+    key: str | None = None,
+    dtype: torch.dtype | str | None = None,
+    unsafe_pickle: bool = False,
+    progress: bool = True,
+    *,
+    glob: str | None = None,
+    verbose: bool | None = None,
+) -> dict[str, Tensor] | Path:
+    """Merge checkpoint files with WSM weights: ``sum_j c_j * theta_j``, streaming one file at a time.
+
+    Args:
+        paths: checkpoint files oldest first, or one directory whose files
+            (matching ``glob``) are sorted by step number; see :func:`resolve_inputs`.
+            safetensors files (``.safetensors``) or ``torch.save`` state dicts (any other suffix).
+        schedule: decay shape (``"linear"``/``"mean"``, ``"cosine"``,
+            ``"1-sqrt"``, ``"inv-sqrt"``, ``"ema"``, a callable ``f(t)`` or
+            explicit ``w_1..w_k``); weights from Theorem 3.1 with ``k = n - 1``.
+            Default ``"linear"`` (uniform mean). Exclusive with ``weights``.
+        weights: explicit merge weights ``c_0..c_{n-1}``, oldest first, ``>= 0``.
+        normalize: rescale ``weights`` to sum to 1 (otherwise they must, within 1e-6).
+        out: output file (``.safetensors`` or ``.pt``/``.pth``/``.bin``), written
+            atomically; must not be one of the inputs. ``None``: return the dict.
+        key: pick a sub-dict of each checkpoint, e.g. ``"model"``; dotted paths
+            walk nested dicts (``"state.model"``). In a safetensors file it
+            selects the tensors named ``key.*`` (prefix stripped).
+        dtype: output dtype of the averaged (floating) tensors; default: each
+            tensor's input dtype. Accumulation is float32 (float64 for float64 inputs).
+        unsafe_pickle: allow ``torch.load(weights_only=False)`` for files safe
+            loading refuses. This executes code stored in the file.
+        progress: show a progress bar over the files (stderr).
+        glob: pattern for a directory input.
+        verbose: print the weights table, the list of non-float tensors copied
+            from the newest checkpoint and the output path (stdout). Defaults to ``progress``.
+
+    Returns:
+        ``{name: tensor}`` when ``out`` is None (float tensors in the output
+        dtype, non-float ones from the newest checkpoint), else the output ``Path``.
+
+    Raises:
+        ValueError: empty list, bad weights, missing key (names key and file),
+            shape/dtype mismatch (key, shapes, file), NaN/inf (file and key),
+            output equal to an input, refused pickle.
+        FileNotFoundError: a missing input or output directory.
+    """
+    from tqdm.auto import tqdm
+
+    verbose = progress if verbose is None else verbose
+    files = resolve_inputs(paths, glob)
+    c = checkpoint_weights(len(files), schedule, weights, normalize)
+    out_dtype = _parse_dtype(dtype)
+    out_path = _check_output(out, files) if out is not None else None
+    label = "explicit c_j" + (" (normalized)" if normalize else "") if weights is not None else (
+        f"schedule {S.schedule_name('linear' if schedule is None else schedule)!r}, Theorem 3.1 with k = {len(files) - 1}"
+    )
+    if verbose:
+        print(format_table(files, c, label), flush=True)
+
+    unsafe = set() if unsafe_pickle else None  # files already warned about
+    signature = _signature(files, key, unsafe)
+    copied = [n for n, (_, dt) in signature.items() if not _averaged(dt)]
+    if verbose and copied:
+        print(
+            f"{len(copied)} non-float tensor{'s' if len(copied) != 1 else ''} taken from the newest "
+            f"checkpoint ({files[-1].name}), not averaged: {', '.join(copied)}",
+            flush=True,
+        )
+
+    acc: dict[str, Tensor] = {}
+    kept: dict[str, Tensor] = {}
+    newest = len(files) - 1
+    bar = tqdm(files, desc="merging", unit="file", disable=not progress, file=sys.stderr, leave=False)
+    with torch.no_grad():
+        for j, path in enumerate(bar):
+            coef = float(c[j])
+            with _open(path, key, unsafe) as reader:
+                for name, (shape, dt) in signature.items():
+                    t = reader.tensor(name)
+                    if not _averaged(dt):
+                        if j == newest:
+                            kept[name] = t.clone()
+                        continue
+                    _check_finite(t, name, path)
+                    a = acc.get(name)
+                    if a is None:
+                        a = acc[name] = torch.zeros(shape, dtype=_accumulator_dtype(dt))
+                    a.add_(t.to(a.dtype), alpha=coef)
+                    del t
+    bar.close()
+
+    merged: dict[str, Tensor] = {}
+    for name, (_, dt) in signature.items():
+        if name in kept:
+            merged[name] = kept.pop(name)
+            continue
+        a = acc.pop(name)  # pop: free each fp32 buffer as soon as it is converted
+        target = dt if (out_dtype is None or dt.is_complex) else out_dtype
+        merged[name] = a if a.dtype == target else a.to(target)
+        del a
+    if out_path is None:
+        return merged
+    metadata = {
+        "wsm_merge": json.dumps(
+            {
+                "weights": label,
+                "c": [float(x) for x in c],
+                "files": [p.name for p in files],
+                "non_float_from_newest": copied,
+            }
+        )
+    }
+    atomic_save(merged, out_path, metadata=metadata)
+    if verbose:
+        print(f"wrote {out_path} ({infer_format(out_path)}, {len(merged)} tensors)", flush=True)
+    return out_path
+
+
+def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if dtype is not None and not dtype.is_floating_point:
+            raise ValueError(f"--dtype must be a floating dtype, got {dtype}")
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"--dtype: unknown {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _check_output(out: str | os.PathLike, files: Sequence[Path]) -> Path:
+    out_path = Path(out)
+    resolved = out_path.resolve()
+    for f in files:
+        if f.resolve() == resolved or (out_path.exists() and os.path.samefile(f, out_path)):
+            raise ValueError(f"output {str(out_path)!r} is one of the input checkpoints ({f}); choose another path")
+    if out_path.is_dir():
+        raise ValueError(f"output {str(out_path)!r} is a directory; give a file name")
+    if not resolved.parent.is_dir():
+        raise FileNotFoundError(f"output directory {str(out_path.parent)!r} does not exist")
+    return out_path
+
+
+# ------------------------------------------------------------------- CLI
+def _parse_weights(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.replace(" ", "").split(",") if x != ""]
+    except ValueError as e:
+        raise ValueError(f"--weights: expected comma-separated numbers like 0.5,0.3,0.2, got {text!r}") from e
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="CKPT",
+        help="checkpoint files, oldest first (.safetensors, or torch.save .pt/.pth/.bin state dicts); "
+        "or ONE directory: its files (see --glob) sorted by step number = the last integer in the "
+        "name (2 < 10 < 100)",
+    )
+    p.add_argument(
+        "--glob",
+        metavar="PATTERN",
+        help="with a directory: which files, e.g. 'step_*.pt' or '**/model.safetensors' "
+        f"(default: all {', '.join('*' + s for s in CHECKPOINT_SUFFIXES)})",
+    )
+    p.add_argument(
+        "--schedule",
+        help=f"decay shape, one of {', '.join([*S.SHAPES, *S.ALIASES])} (default linear = uniform mean); "
+        "merge weights from Theorem 3.1 with k = number of checkpoints - 1",
+    )
+    p.add_argument(
+        "--weights",
+        metavar="C0,C1,...",
+        help="explicit merge weights c_j, one per checkpoint oldest first, >= 0, "
+        f"summing to 1 (within {WEIGHT_SUM_ATOL:g}) unless --normalize",
+    )
+    p.add_argument("--normalize", action="store_true", help="rescale --weights to sum to 1")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output file: .safetensors or .pt/.pth/.bin")
+    p.add_argument(
+        "--key",
+        metavar="KEY",
+        help="take the state dict under this key of each checkpoint, e.g. model or state.model "
+        "(safetensors: the tensors named KEY.*)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        help="output dtype of the averaged tensors (default: input dtype); accumulation is float32",
+    )
+    p.add_argument(
+        "--unsafe-pickle",
+        action="store_true",
+        help="allow loading .pt files that torch.load(weights_only=True) refuses. DANGER: unpickling "
+        "runs any code stored in the file; use only for files you trust",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but warnings and errors")
+
+
+def run(args: argparse.Namespace) -> int:
+    weights = _parse_weights(args.weights) if args.weights is not None else None
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"wsm-optim merge: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        merge_checkpoints(
+            args.inputs,
+            schedule=args.schedule,
+            weights=weights,
+            normalize=args.normalize,
+            out=args.output,
+            key=args.key,
+            dtype=args.dtype,
+            unsafe_pickle=args.unsafe_pickle,
+            progress=not (args.no_progress or args.quiet),
+            glob=args.glob,
+            verbose=not args.quiet,
+        )
+    return 0
