@@ -7,6 +7,7 @@ Triton kernels), the merge weights in ``schedules``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import distributed as D
 from . import schedules as S
 from .functional import BACKENDS, Target, accumulator_like
 
@@ -113,6 +115,33 @@ class _Track:
         }
 
 
+@dataclass
+class _Group:
+    """Params whose local tensors share device and dtype: one backend call each.
+
+    ``params`` are the optimizer's params (plain or ``DTensor``), the keys of
+    ``_Track.accs``. Backends only ever see the ``local`` lists: the
+    ``to_local()`` views of DTensor params and accumulators (the tensors
+    themselves for plain ones), unwrapped once here and reused every pass.
+    """
+
+    params: list[Tensor]
+    local: list[Tensor]
+    accs: dict[str, list[Tensor]]
+    lasts: dict[str, list[Tensor]]
+    sharded: bool  # holds DTensors: local views are re-validated before use
+
+    def is_stale(self) -> bool:
+        # FSDP2 may swap a DTensor's local tensor (e.g. re-padding at lazy init
+        # after ``to_empty``); an identity check per param catches that.
+        return self.sharded and any(D.local_view(p) is not lp for p, lp in zip(self.params, self.local))
+
+
+def _fp32_copy(t: Tensor) -> Tensor:
+    """A detached copy of ``t`` in the accumulator dtype (fp32, complex64 for complex)."""
+    return t.detach().to(torch.complex64 if t.is_complex() else torch.float32, copy=True)
+
+
 class WSMOptimizer(torch.optim.Optimizer):
     r"""Wrap any optimizer and keep the WSM merge of its recent checkpoints.
 
@@ -178,7 +207,7 @@ class WSMOptimizer(torch.optim.Optimizer):
         self.backend = self._resolve_backend(backend)
         self._steps = 0
         self._swapped = False
-        self._groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] | None = None
+        self._groups: dict[tuple[torch.device, torch.dtype], _Group] | None = None
         for p in self._params():
             self._adopt(p)
 
@@ -269,13 +298,28 @@ class WSMOptimizer(torch.optim.Optimizer):
                     tr.lasts[p] = accumulator_like(p)
         self._groups = None
 
-    def _grouped(self) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:
-        if self._groups is None:
-            groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-            for p in self._params():
-                groups.setdefault((p.device, p.dtype), []).append(p)
-            self._groups = groups
-        return self._groups
+    def _grouped(self) -> dict[tuple[torch.device, torch.dtype], _Group]:
+        if self._groups is not None and not any(g.is_stale() for g in self._groups.values()):
+            return self._groups
+        members: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        for p in self._params():
+            lp = D.local_view(p)
+            members.setdefault((lp.device, lp.dtype), []).append(p)
+        groups = {}
+        for key, params in members.items():
+            groups[key] = _Group(
+                params=params,
+                local=[D.local_view(p) for p in params],
+                accs={n: [D.local_view(tr.accs[p]) for p in params] for n, tr in self._tracks.items()},
+                lasts={
+                    n: [D.local_view(tr.lasts[p]) for p in params]
+                    for n, tr in self._tracks.items()
+                    if tr.spec.keep_last
+                },
+                sharded=any(D.is_dtensor(p) for p in params),
+            )
+        self._groups = groups
+        return groups
 
     # --------------------------------------------------- torch.optim interface
     @property
@@ -335,6 +379,10 @@ class WSMOptimizer(torch.optim.Optimizer):
         """
         if self._swapped:
             raise RuntimeError("step() called inside merged_weights(): the live params are swapped out")
+        if D.called_by_dcp_state_init():
+            # torch.distributed.checkpoint's _init_optim_state: zero grads and lr=0,
+            # only to make the inner optimizer allocate its state. Not a training step.
+            return self.inner.step()
         self._begin_windows()
         if closure is None:
             loss = self.inner.step()
@@ -353,18 +401,14 @@ class WSMOptimizer(torch.optim.Optimizer):
         ]
         if not due:
             return
-        for params in self._grouped().values():
+        for g in self._grouped().values():
             targets = []
             for tr in due:
                 keep = tr.spec.keep_last and tr.complete
                 targets.append(
-                    Target(
-                        accs=[tr.accs[p] for p in params],
-                        coef=float(tr.c[0]),
-                        lasts=[tr.lasts[p] for p in params] if keep else None,
-                    )
+                    Target(accs=g.accs[tr.name], coef=float(tr.c[0]), lasts=g.lasts[tr.name] if keep else None)
                 )
-            self.backend.anchor(params, targets)
+            self.backend.anchor(g.local, targets)
         for tr in due:
             if tr.spec.keep_last and tr.complete:
                 tr.has_last = True
@@ -384,10 +428,8 @@ class WSMOptimizer(torch.optim.Optimizer):
                     tr.windows_completed += 1
         if not due:
             return
-        for params in self._grouped().values():
-            self.backend.accumulate(
-                params, [Target(accs=[tr.accs[p] for p in params], coef=coef) for tr, coef in due]
-            )
+        for g in self._grouped().values():
+            self.backend.accumulate(g.local, [Target(accs=g.accs[tr.name], coef=coef) for tr, coef in due])
 
     # ----------------------------------------------------------------- readout
     def _track(self, merge: str | None) -> _Track:
@@ -399,30 +441,49 @@ class WSMOptimizer(torch.optim.Optimizer):
             raise ValueError(f"merge: unknown name {merge!r}; tracked merges are {list(self._tracks)}")
         return self._tracks[merge]
 
+    def _completed_source(self, tr: _Track) -> dict[Tensor, Tensor]:
+        """The buffers holding the last completed window's merge, or a ``RuntimeError``."""
+        if tr.complete:
+            return tr.accs
+        if tr.has_last:
+            return tr.lasts
+        if not tr.spec.keep_last and tr.windows_completed:
+            raise RuntimeError(
+                f"merge {tr.name!r}: the last completed window was overwritten when the next "
+                "window began; construct with keep_last=True to keep it"
+            )
+        raise RuntimeError(f"merge {tr.name!r}: no window has completed yet")
+
     def _merged_fp32(self, tr: _Track, completed: bool) -> dict[Tensor, Tensor]:
-        """Merged values (fp32, new tensors) keyed by param."""
-        out: dict[Tensor, Tensor] = {}
+        """Merged values (fp32, new tensors) keyed by param.
+
+        Laid out like the params: a ``DTensor`` param gets a ``DTensor`` value
+        with its mesh and placements, computed from local shards only.
+        """
         if completed:
-            if tr.complete:
-                source = tr.accs
-            elif tr.has_last:
-                source = tr.lasts
-            elif not tr.spec.keep_last and tr.windows_completed:
-                raise RuntimeError(
-                    f"merge {tr.name!r}: the last completed window was overwritten when the next "
-                    "window began; construct with keep_last=True to keep it"
-                )
-            else:
-                raise RuntimeError(f"merge {tr.name!r}: no window has completed yet")
+            source = self._completed_source(tr)
             with torch.no_grad():
                 return {p: source[p].clone() for p in self._params()}
-        for params in self._grouped().values():
+        out: dict[Tensor, Tensor] = {}
+        for g in self._grouped().values():
             if tr.anchored:
-                vals = self.backend.readout(params, [tr.accs[p] for p in params], float(tr.w_next[tr.t]))
+                vals = self.backend.readout(g.local, g.accs[tr.name], float(tr.w_next[tr.t]))
             else:
-                vals = [p.detach().to(accumulator_like(p).dtype, copy=True) for p in params]
-            out.update(zip(params, vals))
+                vals = [_fp32_copy(lp) for lp in g.local]
+            out.update((p, D.wrap_like(p, v)) for p, v in zip(g.params, vals))
         return out
+
+    def _merged_one_fp32(self, tr: _Track, p: Tensor, completed: bool) -> Tensor:
+        """One param's merged value, computed on its own (streamed gathers): like ``_merged_fp32``."""
+        if completed:
+            with torch.no_grad():
+                return self._completed_source(tr)[p].clone()
+        lp = D.local_view(p)
+        if tr.anchored:
+            (v,) = self.backend.readout([lp], [D.local_view(tr.accs[p])], float(tr.w_next[tr.t]))
+        else:
+            v = _fp32_copy(lp)
+        return D.wrap_like(p, v)
 
     def _param_names(self) -> dict[Tensor, str] | None:
         names: dict[Tensor, str] = {}
@@ -439,6 +500,9 @@ class WSMOptimizer(torch.optim.Optimizer):
         model: nn.Module | None = None,
         merge: str | None = None,
         completed: bool = False,
+        full: bool = False,
+        rank0_only: bool = False,
+        cpu_offload: bool = False,
     ) -> dict[str, Tensor]:
         """The merged model ``M_t = theta_anchor - sum_{i<=t} w_i g_i`` of the current window.
 
@@ -459,12 +523,29 @@ class WSMOptimizer(torch.optim.Optimizer):
             completed: the last *completed* window instead of the current one:
                 available while a finished window has not been replaced yet
                 (until the next ``step()``), and at any time with ``keep_last=True``.
+            full: gather ``DTensor`` values (FSDP2 / TP) into plain full tensors.
+                A collective per tensor: every rank must call it. Streamed one
+                tensor at a time (merge the shard, cast, gather, offload, drop),
+                so the transient cost is about one full parameter. Plain
+                params (DDP, one process) are already full. ``False`` (default):
+                ``DTensor`` values sharded like the params, computed from local
+                shards without communication, ready for ``torch.distributed.checkpoint.save``.
+            rank0_only: with ``full=True``, only global rank 0 keeps the result;
+                the other ranks join the gathers and get ``{}``. Use it so that
+                one rank writes files (also with DDP).
+            cpu_offload: with ``full=True``, move each gathered tensor to CPU as
+                soon as it is gathered, so the device holds at most one full one.
 
         Returns:
             ``{name: tensor}`` of new tensors (not views of live state). Without
             ``model`` the keys are the ``param_names`` the inner optimizer got
             from ``named_parameters()``; with neither, ``ValueError``.
         """
+        if (rank0_only or cpu_offload) and not full:
+            raise ValueError(
+                f"rank0_only={rank0_only} / cpu_offload={cpu_offload} apply to full=True gathers; "
+                "sharded readouts (full=False) stay on each rank's device"
+            )
         tr = self._track(merge)
         model = model if model is not None else self.model
         names = self._param_names() if model is None else None
@@ -473,11 +554,13 @@ class WSMOptimizer(torch.optim.Optimizer):
                 "merged_state_dict needs parameter names: build the inner optimizer from "
                 "model.named_parameters(), or pass model= (here or to WSMOptimizer)"
             )
-        merged = self._merged_fp32(tr, completed)
 
         def cast(p: Tensor, v: Tensor) -> Tensor:
             return v.to(dtype if dtype is not None else p.dtype)
 
+        if full:
+            return self._gathered_state_dict(tr, completed, cast, names, model, rank0_only, cpu_offload)
+        merged = self._merged_fp32(tr, completed)
         if model is None:
             return {names[p]: cast(p, v) for p, v in merged.items()}
         out: dict[str, Tensor] = {}
@@ -486,6 +569,26 @@ class WSMOptimizer(torch.optim.Optimizer):
                 out[key] = cast(value, merged[value])
             else:
                 out[key] = value.detach().clone()
+        return out
+
+    def _gathered_state_dict(self, tr, completed, cast, names, model, rank0_only, cpu_offload):
+        """``merged_state_dict(full=True)``: one param merged, cast and gathered at a time."""
+        keep = not rank0_only or D.get_rank() == 0
+        out: dict[str, Tensor] = {}
+        with torch.no_grad():
+            if model is None:
+                items = [(names[p], p, True) for p in self._params()]
+            else:
+                params = set(self._params())
+                items = [(k, v, v in params) for k, v in model.state_dict(keep_vars=True).items()]
+            for key, tensor, is_param in items:
+                value = cast(tensor, self._merged_one_fp32(tr, tensor, completed)) if is_param else tensor.detach()
+                full_value = D.gather_full(value, keep=keep, cpu_offload=cpu_offload)
+                del value
+                if keep:
+                    if not is_param and not D.is_dtensor(tensor) and full_value.device == tensor.device:
+                        full_value = full_value.clone()  # a plain buffer comes back as the live tensor
+                    out[key] = full_value
         return out
 
     @contextlib.contextmanager
@@ -503,7 +606,7 @@ class WSMOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             backup = {p: p.detach().clone() for p in merged}
             for p, v in merged.items():
-                p.copy_(v)
+                D.local_view(p).copy_(D.local_view(v))  # shard to shard: no communication
         del merged
         self._swapped = True
         try:
@@ -511,7 +614,7 @@ class WSMOptimizer(torch.optim.Optimizer):
         finally:
             with torch.no_grad():
                 for p, v in backup.items():
-                    p.copy_(v)
+                    D.local_view(p).copy_(D.local_view(v))
             self._swapped = False
 
     # -------------------------------------------------------------- inspection
@@ -547,39 +650,68 @@ class WSMOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """Inner state plus, per parameter, ``wsm_acc.<merge>`` / ``wsm_last.<merge>``
-        fp32 buffers in its ``state`` entry, and config/counters under ``"wsm"``."""
+        """Inner state plus WSM buffers and counters.
+
+        Format (``"wsm"`` version 1): the inner optimizer's state dict; in each
+        parameter's ``state`` entry the fp32 buffers ``wsm_acc.<merge>`` (and,
+        for merges with ``keep_last``, ``wsm_last.<merge>``), the live tensors
+        themselves (``DTensor`` s sharded like their param under FSDP2 / TP); and
+        ``{"version", "steps", "merges": {name: {"config", "counters"}}}`` both
+        under the top-level key ``"wsm"`` and under ``"wsm"`` in every param
+        group. The copy in the param groups is what survives
+        ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict``,
+        which keeps only ``state`` and ``param_groups``.
+        """
         sd = self.inner.state_dict()
         state = dict(sd["state"])
         for pid, p in enumerate(self._params()):
             entry = dict(state.get(pid, {}))
             for tr in self._tracks.values():
                 entry[f"{_ACC}.{tr.name}"] = tr.accs[p]
-                if tr.has_last:
+                if tr.spec.keep_last:
+                    # Always present (zeros until a window completes) so that a
+                    # DCP load template built before training has the key.
                     entry[f"{_LAST}.{tr.name}"] = tr.lasts[p]
             state[pid] = entry
         sd["state"] = state
-        sd["wsm"] = {
+        wsm = {
             "version": _STATE_VERSION,
             "steps": self._steps,
             "merges": {
                 n: {"config": tr.config(), "counters": tr.counters()} for n, tr in self._tracks.items()
             },
         }
+        sd["wsm"] = wsm
+        sd["param_groups"] = [dict(g, wsm=copy.deepcopy(wsm)) for g in sd["param_groups"]]
         return sd
+
+    @staticmethod
+    def _saved_wsm(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+        if "wsm" in state_dict:
+            return state_dict["wsm"]
+        for group in state_dict.get("param_groups", ()):
+            if "wsm" in group:
+                return group["wsm"]
+        raise ValueError(
+            "load_state_dict: no 'wsm' entry (top level or in param_groups); this is not a "
+            "WSMOptimizer state dict (load a plain optimizer state with opt.inner.load_state_dict). "
+            "With torch.distributed.checkpoint, flatten_optimizer_state_dict=True drops it: "
+            "use the default StateDictOptions"
+        )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         """Restore inner state, accumulators and counters.
 
+        Accepts this class's :meth:`state_dict`, also after
+        ``torch.distributed.checkpoint.state_dict`` re-keyed it by parameter
+        name (state entries are matched to params by their position in the
+        saved ``param_groups``, as ``torch.optim.Optimizer`` does). Saved
+        accumulators are copied into the existing buffers: ``DTensor`` s laid out
+        like the params, or plain full tensors (each rank keeps its slice).
         Raises ``ValueError`` naming the field if the saved merges differ from
         this optimizer's (names, schedule, weights, window, interval, start).
         """
-        if "wsm" not in state_dict:
-            raise ValueError(
-                "load_state_dict: no 'wsm' entry; this is not a WSMOptimizer state dict "
-                "(load a plain optimizer state with opt.inner.load_state_dict)"
-            )
-        wsm = state_dict["wsm"]
+        wsm = self._saved_wsm(state_dict)
         if wsm.get("version") != _STATE_VERSION:
             raise ValueError(f"load_state_dict: unsupported wsm state version {wsm.get('version')!r}")
         saved = wsm["merges"]
@@ -603,25 +735,35 @@ class WSMOptimizer(torch.optim.Optimizer):
             extra[pid] = {k: v for k, v in entry.items() if k not in plain}
             if plain:
                 inner_state[pid] = plain
-        inner_sd = {k: v for k, v in state_dict.items() if k not in ("state", "wsm")}
+        inner_sd = {k: v for k, v in state_dict.items() if k not in ("state", "wsm", "param_groups")}
+        inner_sd["param_groups"] = [
+            {k: v for k, v in g.items() if k != "wsm"} for g in state_dict["param_groups"]
+        ]
         inner_sd["state"] = inner_state
         self.inner.load_state_dict(inner_sd)
         self._groups = None
         params = list(self._params())
+        # Saved keys in param order: ints from state_dict(), names after DCP re-keying.
+        saved_keys = [k for g in state_dict["param_groups"] for k in g["params"]]
         with torch.no_grad():
             for name, tr in self._tracks.items():
                 counters = saved[name]["counters"]
                 keep_saved_last = tr.spec.keep_last and counters["has_last"]
-                for pid, p in enumerate(params):
-                    src = extra.get(pid, {})
+                for saved_key, p in zip(saved_keys, params):
+                    src = extra.get(saved_key, {})
                     key = f"{_ACC}.{name}"
                     if key not in src:
-                        raise ValueError(f"load_state_dict: parameter {pid} has no {key!r} entry")
-                    tr.accs[p] = accumulator_like(p).copy_(src[key])
+                        raise ValueError(f"load_state_dict: parameter {saved_key!r} has no {key!r} entry")
+                    if p not in tr.accs:
+                        tr.accs[p] = accumulator_like(p)
+                    D.copy_into(tr.accs[p], src[key])
                     if tr.spec.keep_last:
-                        tr.lasts[p] = accumulator_like(p)
+                        if p not in tr.lasts:
+                            tr.lasts[p] = accumulator_like(p)
                         if keep_saved_last:
-                            tr.lasts[p].copy_(src[f"{_LAST}.{name}"])
+                            D.copy_into(tr.lasts[p], src[f"{_LAST}.{name}"])
+                        else:
+                            tr.lasts[p].zero_()
                 live = {id(p) for p in params}
                 for p in [p for p in tr.accs if id(p) not in live]:
                     del tr.accs[p]
