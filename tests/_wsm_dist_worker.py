@@ -207,11 +207,45 @@ def scenario_train(out_dir: Path) -> None:
     assert opt.steps == CKPT_STEP  # get_optimizer_state_dict did not step
     train_steps(model, opt, CKPT_STEP, TOTAL_STEPS, rank, world)
     final = full_outputs(opt, model)
+    _state_dict_round_trips(model, opt)
 
     ddp = _ddp_check(rank, world)
     tp = _tp_check(rank, world)
     if rank == 0:
         torch.save({"mid": mid, "final": final, "ddp": ddp, "tp": tp}, out_dir / f"train-ws{world}.pt")
+
+
+def _state_dict_round_trips(model, opt) -> None:
+    """DCP full (gathered) optimizer state dict and a per-rank torch.save both restore the buffers."""
+    import io
+
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    full_opts = StateDictOptions(full_state_dict=True)
+    full_sd = get_optimizer_state_dict(model, opt, options=full_opts)
+    acc_key = "wsm_acc.sq"
+    assert not hasattr(full_sd["state"]["fc2.weight"][acc_key], "device_mesh")  # gathered, plain
+    assert full_sd["state"]["fc2.weight"][acc_key].shape == (5, 16)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    for restore in ("dcp-full", "torch.save"):
+        fresh = _wsm(model)
+        if restore == "dcp-full":
+            set_optimizer_state_dict(model, fresh, full_sd, options=full_opts)
+        else:
+            buf.seek(0)
+            fresh.load_state_dict(torch.load(buf, weights_only=False))
+        assert fresh.steps == opt.steps, restore
+        for name, tr in opt._tracks.items():
+            assert fresh.merge_status(name)["checkpoint"] == opt.merge_status(name)["checkpoint"]
+            for p in model.parameters():
+                assert torch.equal(fresh._tracks[name].accs[p].to_local(), tr.accs[p].to_local()), restore
+                if tr.spec.keep_last:
+                    assert torch.equal(fresh._tracks[name].lasts[p].to_local(), tr.lasts[p].to_local())
 
 
 def _ddp_check(rank: int, world: int) -> dict:
