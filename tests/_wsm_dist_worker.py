@@ -230,6 +230,13 @@ def _state_dict_round_trips(model, opt) -> None:
     acc_key = "wsm_acc.sq"
     assert not hasattr(full_sd["state"]["fc2.weight"][acc_key], "device_mesh")  # gathered, plain
     assert full_sd["state"]["fc2.weight"][acc_key].shape == (5, 16)
+    # A plain full tensor loads into a DTensor accumulator as this rank's slice, locally.
+    from wsm_optim.distributed import copy_into
+
+    for fqn, p in model.named_parameters():
+        target = torch.zeros_like(opt._tracks["sq"].accs[p])
+        copy_into(target, full_sd["state"][fqn][acc_key])
+        assert torch.equal(target.to_local(), opt._tracks["sq"].accs[p].to_local()), fqn
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
     for restore in ("dcp-full", "torch.save"):
