@@ -195,8 +195,14 @@ def scenario_train(out_dir: Path) -> None:
         assert torch.equal(v.to_local(), live_before[k]), k
 
     # rank0_only: every rank joins the gathers, only rank 0 keeps the result.
-    r0 = opt.merged_state_dict(merge="sq", full=True, rank0_only=True, cpu_offload=True)
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    with CommDebugMode() as mode:
+        r0 = opt.merged_state_dict(merge="sq", full=True, rank0_only=True, cpu_offload=True)
     assert (len(r0) > 0) == (rank == 0), (rank, len(r0))
+    # Shard(0) params go to rank 0 with gather (no all-gather): the other rank never holds a full one.
+    counts = {str(op): n for op, n in mode.get_comm_counts().items()}
+    assert counts == {"c10d.gather_": len(sharded)}, counts
     gathered = {k: v.full_tensor() for k, v in sharded.items()}  # collective: all ranks
     for k, v in r0.items():
         assert not isinstance(v, DTensor) and v.shape == sharded[k].shape
@@ -278,31 +284,45 @@ def _ddp_check(rank: int, world: int) -> dict:
 
 
 def _tp_check(rank: int, world: int) -> dict:
-    """Tensor-parallel-style params (Shard(1) weight, Replicate bias), gradients set by hand."""
+    """Tensor-parallel-style params, gradients set by hand; rank 0 gathers the merge.
+
+    ``w``: ``Shard(1)`` with 5 columns (3 / 2 split); ``v``: ``Shard(0)`` with one
+    row (rank 1's shard is empty); ``b``: ``Replicate``.
+    """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     from wsm_optim import WSMOptimizer
 
     mesh = init_device_mesh("cpu", (world,))
-    torch.manual_seed(7)
-    w, b = torch.randn(3, 6), torch.randn(6)
     params = {
-        "w": nn.Parameter(distribute_tensor(w, mesh, [Shard(1)])),
-        "b": nn.Parameter(distribute_tensor(b, mesh, [Replicate()])),
+        name: nn.Parameter(distribute_tensor(value, mesh, [placement], src_data_rank=None))
+        for name, (value, placement) in {
+            k: (v, {"w": Shard(1), "v": Shard(0), "b": Replicate()}[k]) for k, v in tp_initial().items()
+        }.items()
     }
     opt = WSMOptimizer(torch.optim.SGD(params.items(), lr=0.1, momentum=0.5), schedule="cosine", window=5)
     comms = []
     for step in range(6):
-        g = torch.Generator().manual_seed(500 + step)
-        grads = {"w": torch.randn(3, 6, generator=g), "b": torch.randn(6, generator=g)}
-        for k, p in params.items():
-            p.grad = distribute_tensor(grads[k], mesh, p.placements, src_data_rank=None)
+        for k, grad in tp_grads(step).items():
+            params[k].grad = distribute_tensor(grad, mesh, params[k].placements, src_data_rank=None)
         comms.append(_count_comms(opt.step))
     assert comms == [0] * 6, f"TP step communicated: {comms}"
     for k, p in params.items():
         assert opt._tracks["default"].accs[p].placements == p.placements
-    return opt.merged_state_dict(torch.float32, full=True)
+    out = opt.merged_state_dict(torch.float32, full=True, rank0_only=True)
+    assert (len(out) > 0) == (rank == 0)
+    return out
+
+
+def tp_initial() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return {"w": torch.randn(3, 5, generator=g), "v": torch.randn(1, 4, generator=g), "b": torch.randn(6, generator=g)}
+
+
+def tp_grads(step: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(500 + step)
+    return {k: torch.randn(v.shape, generator=g) for k, v in tp_initial().items()}
 
 
 def scenario_resume(out_dir: Path) -> None:

@@ -151,15 +151,16 @@ def test_ddp_two_ranks_match_one_process(train_job):
 
 
 def test_tensor_parallel_placements_match_one_process(train_job):
+    # Shard(1) uneven, Shard(0) with an empty shard, Replicate; gathered with rank0_only.
     _, result = train_job
-    torch.manual_seed(7)
-    params = {"w": torch.nn.Parameter(torch.randn(3, 6)), "b": torch.nn.Parameter(torch.randn(6))}
+    params = {k: torch.nn.Parameter(v) for k, v in W.tp_initial().items()}
     opt = WSMOptimizer(torch.optim.SGD(params.items(), lr=0.1, momentum=0.5), schedule="cosine", window=5)
     for step in range(6):
-        g = torch.Generator().manual_seed(500 + step)
-        params["w"].grad, params["b"].grad = torch.randn(3, 6, generator=g), torch.randn(6, generator=g)
+        for k, grad in W.tp_grads(step).items():
+            params[k].grad = grad
         opt.step()
     want = opt.merged_state_dict(torch.float32)
+    assert result["tp"].keys() == want.keys()
     for key, value in want.items():
         torch.testing.assert_close(result["tp"][key], value, **FP32_TOL)
 

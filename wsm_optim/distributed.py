@@ -39,10 +39,9 @@ __all__ = [
 ]
 
 try:  # torch.distributed may be absent from a build (e.g. some macOS wheels).
-    from torch.distributed.tensor import DTensor, Partial
+    from torch.distributed.tensor import DTensor, Partial, Shard
 except ImportError:  # pragma: no cover - exercised only on builds without distributed
-    DTensor = None  # type: ignore[assignment,misc]
-    Partial = None  # type: ignore[assignment,misc]
+    DTensor = Partial = Shard = None  # type: ignore[assignment,misc]
 
 
 def is_dtensor(t: Tensor) -> bool:
@@ -133,22 +132,74 @@ def get_rank() -> int:
     return 0
 
 
-def gather_full(value: Tensor, *, keep: bool, cpu_offload: bool) -> Tensor | None:
-    """Materialise one readout tensor as a plain full tensor.
+def gather_full(value: Tensor, *, rank0_only: bool, cpu_offload: bool) -> Tensor | None:
+    """Materialise one readout tensor as a plain full tensor, or ``None`` where it is not kept.
 
-    ``value``: a ``DTensor`` (gathered with ``full_tensor()``, a collective every
-    rank of its mesh must join, in the same order) or a plain tensor (returned
-    as is: DDP / single process, nothing to gather). ``keep=False`` drops the
-    result (ranks other than 0 with ``rank0_only``) and returns ``None``;
-    ``cpu_offload`` moves a kept result to CPU. Peak: one full tensor on top of
-    the caller's state.
+    ``value``: a ``DTensor`` (gathered: a collective every rank of its mesh must
+    join, in the same order) or a plain tensor (DDP / single process: already
+    full, returned as is). ``rank0_only``: only global rank 0 keeps the result;
+    for a ``DTensor`` on a 1-D mesh with one plain ``Shard(d)`` placement (FSDP2,
+    TP) the shards are then sent to rank 0 with ``gather`` so the other ranks
+    never hold a full tensor; otherwise ``full_tensor()`` (all-gather) is used
+    and the other ranks drop their copy. ``cpu_offload``: move a kept result to
+    CPU. Transient cost: about one full tensor plus the backend's buffers.
     """
-    full = value.full_tensor() if is_dtensor(value) else value
-    if not keep:
-        return None
-    if cpu_offload and full.device.type != "cpu":
+    if not is_dtensor(value):
+        full: Tensor | None = value if not rank0_only or get_rank() == 0 else None
+    elif rank0_only and _gatherable_to_rank0(value):
+        full = _gather_shards_to_rank0(value)
+    else:
+        full = value.full_tensor()
+        if rank0_only and get_rank() != 0:
+            full = None
+    if full is not None and cpu_offload and full.device.type != "cpu":
         full = full.cpu()
     return full
+
+
+def _gatherable_to_rank0(value: Tensor) -> bool:
+    mesh = value.device_mesh
+    return (
+        mesh.ndim == 1
+        and len(value.placements) == 1
+        and type(value.placements[0]) is Shard  # not _StridedShard (FSDP2 + TP): another layout
+        and bool((mesh.mesh == 0).any())
+    )
+
+
+def _gather_shards_to_rank0(value: Tensor) -> Tensor | None:
+    """Full tensor of a 1-D-mesh ``Shard(d)`` DTensor on global rank 0 (``None`` elsewhere).
+
+    DTensor shards follow ``torch.chunk``: every rank's shard has ``ceil(n / world)``
+    rows along ``d`` except trailing ranks, which have fewer or none. Each rank
+    pads its shard to that size, rank 0 gathers them and drops the padding, which
+    then sits at the end of the concatenation.
+    """
+    mesh, dim = value.device_mesh, value.placements[0].dim % value.ndim
+    world, n = mesh.size(), value.shape[dim]
+    chunk = -(-n // world)
+    local = value.to_local()
+    padded_shape = list(local.shape)
+    padded_shape[dim] = chunk
+    if local.shape[dim] == chunk:
+        send = local.contiguous()
+    else:
+        send = local.new_zeros(padded_shape)
+        send.narrow(dim, 0, local.shape[dim]).copy_(local)
+    root = get_rank() == 0
+    outputs = None
+    if root:
+        if dim == 0:  # gather straight into the rows of one buffer
+            buffer = local.new_empty([chunk * world, *padded_shape[1:]])
+            outputs = list(buffer.chunk(world))
+        else:
+            outputs = [local.new_empty(padded_shape) for _ in range(world)]
+    torch.distributed.gather(send, outputs, dst=0, group=mesh.get_group())
+    if not root:
+        return None
+    if dim == 0:
+        return buffer if chunk * world == n else buffer.narrow(0, 0, n).clone()
+    return torch.cat(outputs, dim=dim).narrow(dim, 0, n).contiguous()
 
 
 _DCP_STATE_DICT_MODULE = "torch.distributed.checkpoint.state_dict"

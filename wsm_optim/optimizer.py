@@ -573,7 +573,6 @@ class WSMOptimizer(torch.optim.Optimizer):
 
     def _gathered_state_dict(self, tr, completed, cast, names, model, rank0_only, cpu_offload):
         """``merged_state_dict(full=True)``: one param merged, cast and gathered at a time."""
-        keep = not rank0_only or D.get_rank() == 0
         out: dict[str, Tensor] = {}
         with torch.no_grad():
             if model is None:
@@ -583,9 +582,9 @@ class WSMOptimizer(torch.optim.Optimizer):
                 items = [(k, v, v in params) for k, v in model.state_dict(keep_vars=True).items()]
             for key, tensor, is_param in items:
                 value = cast(tensor, self._merged_one_fp32(tr, tensor, completed)) if is_param else tensor.detach()
-                full_value = D.gather_full(value, keep=keep, cpu_offload=cpu_offload)
+                full_value = D.gather_full(value, rank0_only=rank0_only, cpu_offload=cpu_offload)
                 del value
-                if keep:
+                if full_value is not None:
                     if not is_param and not D.is_dtensor(tensor) and full_value.device == tensor.device:
                         full_value = full_value.clone()  # a plain buffer comes back as the live tensor
                     out[key] = full_value
