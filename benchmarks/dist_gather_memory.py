@@ -9,6 +9,7 @@ measures each rank's peak RSS increase (Linux ``VmHWM``, reset through
 ``/proc/self/clear_refs``) while producing a full merged state dict:
 
 * ``streamed``: ``opt.merged_state_dict(full=True, rank0_only=True, cpu_offload=True)``
+* ``streamed-all``: ``opt.merged_state_dict(full=True)`` (every rank keeps a copy)
 * ``naive``: ``{k: v.full_tensor() for k, v in opt.merged_state_dict().items()}``
   (every merged shard first, then every full tensor, on every rank)
 * ``dcp-swap``: ``get_model_state_dict(model, StateDictOptions(full_state_dict=True,
@@ -29,7 +30,7 @@ import sys
 import time
 from datetime import timedelta
 
-METHODS = ("streamed", "naive", "dcp-swap")
+METHODS = ("streamed", "streamed-all", "naive", "dcp-swap")
 
 
 def _status_kib(field: str) -> int:
@@ -75,6 +76,8 @@ def worker(method: str, layers: int, width: int) -> None:
         t0 = time.perf_counter()
         if method == "streamed":
             out = opt.merged_state_dict(full=True, rank0_only=True, cpu_offload=True)
+        elif method == "streamed-all":
+            out = opt.merged_state_dict(full=True)
         elif method == "naive":
             out = {k: v.full_tensor() for k, v in opt.merged_state_dict().items()}
         else:
@@ -90,7 +93,7 @@ def worker(method: str, layers: int, width: int) -> None:
         n_params = sum(p.numel() for p in model.parameters())
         shard = sum(p.to_local().numel() * 4 for p in model.parameters()) / 2**20
         line = (
-            f"{method:9s} rank {rank}: peak +{(peak - base) / 1024:7.1f} MiB  kept {kept:7.1f} MiB  "
+            f"{method:12s} rank {rank}: peak +{(peak - base) / 1024:7.1f} MiB  kept {kept:7.1f} MiB  "
             f"(model {n_params * 4 / 2**20:.0f} MiB fp32, shard {shard:.0f} MiB, "
             f"one param {width * width * 4 / 2**20:.0f} MiB)  {seconds:.2f}s"
         )
