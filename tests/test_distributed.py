@@ -40,8 +40,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_job(scenario: str, world: int, out_dir: Path) -> None:
-    """Run ``world`` ranks of ``scenario``; fail with every rank's output on error or timeout."""
+def run_job(scenario: str, world: int, out_dir: Path, attempts: int = 2) -> None:
+    """Run ``world`` ranks of ``scenario``; fail with every rank's output on error or timeout.
+
+    The free port is found by binding port 0 and released before the ranks bind
+    it; if another process grabs it in between, the job is retried on a new port.
+    """
+    for attempt in range(attempts):
+        failure = _run_job_once(scenario, world, out_dir)
+        if failure is None:
+            return
+        if "address already in use" not in failure.lower() or attempt == attempts - 1:
+            pytest.fail(failure)
+
+
+def _run_job_once(scenario: str, world: int, out_dir: Path) -> str | None:
     port = _free_port()
     repo_root = str(HERE.parent)
     procs, logs = [], []
@@ -84,7 +97,8 @@ def run_job(scenario: str, world: int, out_dir: Path) -> None:
         log.close()
     if timed_out or any(p.returncode != 0 for p in procs):
         reason = f"timed out after {JOB_TIMEOUT_S}s" if timed_out else "failed"
-        pytest.fail(f"{scenario} at world size {world} {reason}\n" + "\n".join(outputs))
+        return f"{scenario} at world size {world} {reason}\n" + "\n".join(outputs)
+    return None
 
 
 def reference_run(steps: int, checkpoint_step: int | None = None):

@@ -177,6 +177,12 @@ class WSMOptimizer(torch.optim.Optimizer):
     ``torch.amp.GradScaler`` (inf/NaN gradients) never calls it, so it does not count.
 
     Memory: one fp32 buffer per parameter and merge (two with ``keep_last``).
+
+    Distributed: with ``DTensor`` params (FSDP2 ``fully_shard``, tensor
+    parallel) the buffers are ``DTensor`` s sharded like their param and every
+    update runs on the local shards, with no communication; DDP needs nothing
+    special. ``merged_state_dict(full=True, rank0_only=True)`` gathers; the
+    state dict works with ``torch.distributed.checkpoint`` (see ``wsm_optim.distributed``).
     """
 
     def __init__(
@@ -581,7 +587,10 @@ class WSMOptimizer(torch.optim.Optimizer):
                 params = set(self._params())
                 items = [(k, v, v in params) for k, v in model.state_dict(keep_vars=True).items()]
             for key, tensor, is_param in items:
-                value = cast(tensor, self._merged_one_fp32(tr, tensor, completed)) if is_param else tensor.detach()
+                if is_param:
+                    value = cast(tensor, self._merged_one_fp32(tr, tensor, completed))
+                else:
+                    value = tensor.detach()
                 full_value = D.gather_full(value, rank0_only=rank0_only, cpu_offload=cpu_offload)
                 del value
                 if full_value is not None:
