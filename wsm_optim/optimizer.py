@@ -7,6 +7,7 @@ Triton kernels), the merge weights in ``schedules``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import warnings
 from collections import OrderedDict
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import distributed as D
 from . import schedules as S
 from .functional import BACKENDS, Target, accumulator_like
 
@@ -124,11 +126,12 @@ class _Track:
         first = self.spec.start + index * self.spec.window
         return index, first, first + self.spec.window
 
-    def target(self, params: list[Tensor], coef: float, with_last: bool = False) -> Target:
+    def target(self, group: "_Group", coef: float, with_last: bool = False) -> Target:
+        """This merge's share of an update pass over ``group`` (local views)."""
         return Target(
-            accs=[self.accs[p] for p in params],
+            accs=group.accs[self.name],
             coef=coef,
-            lasts=[self.lasts[p] for p in params] if with_last else None,
+            lasts=group.lasts[self.name] if with_last else None,
             name=self.name,
             start=self.spec.start,
             interval=self.spec.interval,
@@ -159,6 +162,33 @@ class _Track:
             "skipped": host((self.skipped_mass, self.skipped_count)),
             "last_skipped": host(self.last_skipped),
         }
+
+
+@dataclass
+class _Group:
+    """Params whose local tensors share device and dtype: one backend call each.
+
+    ``params`` are the optimizer's params (plain or ``DTensor``), the keys of
+    ``_Track.accs``. Backends only ever see the ``local`` lists: the
+    ``to_local()`` views of DTensor params and accumulators (the tensors
+    themselves for plain ones), unwrapped once here and reused every pass.
+    """
+
+    params: list[Tensor]
+    local: list[Tensor]
+    accs: dict[str, list[Tensor]]
+    lasts: dict[str, list[Tensor]]
+    sharded: bool  # holds DTensors: local views are re-validated before use
+
+    def is_stale(self) -> bool:
+        # FSDP2 may swap a DTensor's local tensor (e.g. re-padding at lazy init
+        # after ``to_empty``); an identity check per param catches that.
+        return self.sharded and any(D.local_view(p) is not lp for p, lp in zip(self.params, self.local))
+
+
+def _fp32_copy(t: Tensor) -> Tensor:
+    """A detached copy of ``t`` in the accumulator dtype (fp32, complex64 for complex)."""
+    return t.detach().to(torch.complex64 if t.is_complex() else torch.float32, copy=True)
 
 
 class WSMOptimizer(torch.optim.Optimizer):
@@ -211,6 +241,12 @@ class WSMOptimizer(torch.optim.Optimizer):
     ``torch.amp.GradScaler`` (inf/NaN gradients) never calls it, so it does not count.
 
     Memory: one fp32 buffer per parameter and merge (two with ``keep_last``).
+
+    Distributed: with ``DTensor`` params (FSDP2 ``fully_shard``, tensor
+    parallel) the buffers are ``DTensor`` s sharded like their param and every
+    update runs on the local shards, with no communication; DDP needs nothing
+    special. ``merged_state_dict(full=True, rank0_only=True)`` gathers; the
+    state dict works with ``torch.distributed.checkpoint`` (see ``wsm_optim.distributed``).
     """
 
     def __init__(
@@ -260,7 +296,7 @@ class WSMOptimizer(torch.optim.Optimizer):
             self._side_stream = torch.cuda.Stream(device=next(p for p in self._params() if p.is_cuda).device)
         self._steps = 0
         self._swapped = False
-        self._groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] | None = None
+        self._groups: dict[tuple[torch.device, torch.dtype], _Group] | None = None
         for p in self._params():
             self._adopt(p)
 
@@ -359,13 +395,28 @@ class WSMOptimizer(torch.optim.Optimizer):
         self._groups = None
         self.backend.invalidate()
 
-    def _grouped(self) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:
-        if self._groups is None:
-            groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-            for p in self._params():
-                groups.setdefault((p.device, p.dtype), []).append(p)
-            self._groups = groups
-        return self._groups
+    def _grouped(self) -> dict[tuple[torch.device, torch.dtype], _Group]:
+        if self._groups is not None and not any(g.is_stale() for g in self._groups.values()):
+            return self._groups
+        members: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        for p in self._params():
+            lp = D.local_view(p)
+            members.setdefault((lp.device, lp.dtype), []).append(p)
+        groups = {}
+        for key, params in members.items():
+            groups[key] = _Group(
+                params=params,
+                local=[D.local_view(p) for p in params],
+                accs={n: [D.local_view(tr.accs[p]) for p in params] for n, tr in self._tracks.items()},
+                lasts={
+                    n: [D.local_view(tr.lasts[p]) for p in params]
+                    for n, tr in self._tracks.items()
+                    if tr.spec.keep_last
+                },
+                sharded=any(D.is_dtensor(p) for p in params),
+            )
+        self._groups = groups
+        return groups
 
     # --------------------------------------------------- torch.optim interface
     @property
@@ -431,6 +482,10 @@ class WSMOptimizer(torch.optim.Optimizer):
         if self._swapped:
             raise RuntimeError("step() called inside merged_weights(): the live params are swapped out")
         self._join()
+        if D.called_by_dcp_state_init():
+            # torch.distributed.checkpoint's _init_optim_state: zero grads and lr=0,
+            # only to make the inner optimizer allocate its state. Not a training step.
+            return self.inner.step()
         self._begin_windows()
         if closure is None:
             loss = self.inner.step()
@@ -453,7 +508,7 @@ class WSMOptimizer(torch.optim.Optimizer):
         if not self.capturable:
             return
         for p in params:
-            if not self.backend.handles(p):
+            if not self.backend.handles(D.local_view(p)):
                 raise ValueError(
                     f"capturable=True: a parameter of shape {tuple(p.shape)}, dtype {p.dtype}, "
                     f"strides {p.stride()} is not handled by the Triton kernel (it needs fp32/bf16/fp16 "
@@ -476,8 +531,8 @@ class WSMOptimizer(torch.optim.Optimizer):
         groups = self._grouped()
         devices = self._devices()
         flags = {d: torch.ones((), dtype=torch.int32, device=d) for d in devices}
-        for (d, _), params in groups.items():
-            self.backend.all_finite(params, flags[d])
+        for (d, _), g in groups.items():
+            self.backend.all_finite(g.local, flags[d])
         if len(devices) > 1:  # the checkpoint is bad if any device saw a bad value
             total = flags[devices[0]].clone()
             for d in devices[1:]:
@@ -508,16 +563,12 @@ class WSMOptimizer(torch.optim.Optimizer):
         ok = None
         if run:
             ok = self._checkpoint_ok()
-            for (device, _), params in self._grouped().items():
+            for (device, _), g in self._grouped().items():
                 targets = [
-                    tr.target(
-                        params,
-                        float(tr.c[0]),
-                        with_last=tr.spec.keep_last and (tr.complete or self.capturable),
-                    )
+                    tr.target(g, float(tr.c[0]), with_last=tr.spec.keep_last and (tr.complete or self.capturable))
                     for tr in run
                 ]
-                self.backend.anchor(params, targets, None if ok is None else ok[device])
+                self.backend.anchor(g.local, targets, None if ok is None else ok[device])
         for tr in due:
             if tr.spec.keep_last and tr.complete:
                 tr.has_last = True
@@ -546,11 +597,9 @@ class WSMOptimizer(torch.optim.Optimizer):
         if not run:
             return
         ok = self._checkpoint_ok()
-        for (device, _), params in self._grouped().items():
+        for (device, _), g in self._grouped().items():
             self.backend.accumulate(
-                params,
-                [tr.target(params, coef) for tr, coef in run],
-                None if ok is None else ok[device],
+                g.local, [tr.target(g, coef) for tr, coef in run], None if ok is None else ok[device]
             )
         if ok is not None:
             for tr, coef in due:
@@ -579,43 +628,72 @@ class WSMOptimizer(torch.optim.Optimizer):
             raise ValueError(f"merge: unknown name {merge!r}; tracked merges are {list(self._tracks)}")
         return self._tracks[merge]
 
+    def _completed_source(self, tr: _Track) -> dict[Tensor, Tensor]:
+        """The buffers holding the last completed window's merge, or a ``RuntimeError``."""
+        if tr.complete:
+            return tr.accs
+        if tr.has_last:
+            return tr.lasts
+        if not tr.spec.keep_last and tr.windows_completed:
+            raise RuntimeError(
+                f"merge {tr.name!r}: the last completed window was overwritten when the next "
+                "window began; construct with keep_last=True to keep it"
+            )
+        raise RuntimeError(f"merge {tr.name!r}: no window has completed yet")
+
     def _merged_fp32(self, tr: _Track, completed: bool) -> dict[Tensor, Tensor]:
-        """Merged values (fp32, new tensors) keyed by param, checked for NaN/inf."""
+        """Merged values (fp32, new tensors) keyed by param, checked for NaN/inf.
+
+        Laid out like the params: a ``DTensor`` param gets a ``DTensor`` value
+        with its mesh and placements, computed from local shards only (so the
+        NaN/inf check is per rank: the rank holding a bad shard raises).
+        """
         self._join()
         if completed:
-            out, skipped = self._completed_fp32(tr)
-            window = tr.windows_completed - 1
+            source = self._completed_source(tr)
+            with torch.no_grad():
+                out = {p: source[p].clone() for p in self._params()}
         else:
-            out, skipped = self._current_fp32(tr), (tr.skipped_mass, tr.skipped_count)
-            window = tr.window_bounds()[0]
-        if tr.anchored and skipped[0] is not None:
-            self._renormalize(tr, out, skipped, window)
-        self._check_finite(tr, out, window)
+            out = self._current_fp32(tr)
+        scale = self._skip_scale(tr, completed)
+        if scale is not None:
+            with torch.no_grad():
+                torch._foreach_mul_([D.local_view(v) for v in out.values()], scale)
+        self._check_finite(tr, out, self._window_of(tr, completed))
         return out
 
-    def _renormalize(self, tr: _Track, out: dict[Tensor, Tensor], skipped, window: int) -> None:
-        mass, count = float(skipped[0]), int(skipped[1])
-        if count == 0:
-            return
+    @staticmethod
+    def _window_of(tr: _Track, completed: bool) -> int:
+        return tr.windows_completed - 1 if completed else tr.window_bounds()[0]
+
+    def _skip_scale(self, tr: _Track, completed: bool) -> float | None:
+        """Skip mode: ``1 / (1 - skipped weight)`` for the readout, warning once per readout."""
+        if not tr.anchored:
+            return None
+        mass, count = (tr.skipped_mass, tr.skipped_count) if not completed or tr.complete else (
+            tr.last_skipped or (None, None)
+        )
+        if mass is None or int(count) == 0:
+            return None
+        mass, window = float(mass), self._window_of(tr, completed)
         if mass >= 1.0 - 1e-12:
             raise NonFiniteMergeError(
                 f"merge {tr.name!r}, window {window}: every checkpoint with weight was skipped "
                 "(non-finite params); nothing to merge"
             )
         warnings.warn(
-            f"merge {tr.name!r}, window {window}: {count} checkpoint(s) with non-finite params were "
+            f"merge {tr.name!r}, window {window}: {int(count)} checkpoint(s) with non-finite params were "
             f"skipped (merge weight {mass:.4g}); the remaining weights are renormalized",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
-        with torch.no_grad():
-            torch._foreach_div_(list(out.values()), 1.0 - mass)
+        return 1.0 / (1.0 - mass)
 
     def _check_finite(self, tr: _Track, out: dict[Tensor, Tensor], window: int) -> None:
         if not out:
             return
         with torch.no_grad():
-            ok = torch.stack([torch.isfinite(v).all().cpu() for v in out.values()])
+            ok = torch.stack([torch.isfinite(D.local_view(v)).all().cpu() for v in out.values()])
         if bool(ok.all()):
             return
         bad = next(p for p, good in zip(out, ok.tolist()) if not good)
@@ -631,30 +709,31 @@ class WSMOptimizer(torch.optim.Optimizer):
             "held non-finite values; construct with nonfinite='skip' to leave such checkpoints out"
         )
 
-    def _completed_fp32(self, tr: _Track):
-        if tr.complete:
-            source, skipped = tr.accs, (tr.skipped_mass, tr.skipped_count)
-        elif tr.has_last:
-            source, skipped = tr.lasts, tr.last_skipped or (None, None)
-        elif not tr.spec.keep_last and tr.windows_completed:
-            raise RuntimeError(
-                f"merge {tr.name!r}: the last completed window was overwritten when the next "
-                "window began; construct with keep_last=True to keep it"
-            )
-        else:
-            raise RuntimeError(f"merge {tr.name!r}: no window has completed yet")
-        with torch.no_grad():
-            return {p: source[p].clone() for p in self._params()}, skipped
-
     def _current_fp32(self, tr: _Track) -> dict[Tensor, Tensor]:
         out: dict[Tensor, Tensor] = {}
-        for params in self._grouped().values():
+        for g in self._grouped().values():
             if tr.anchored:
-                vals = self.backend.readout(params, [tr.accs[p] for p in params], float(tr.w_next[tr.t]))
+                vals = self.backend.readout(g.local, g.accs[tr.name], float(tr.w_next[tr.t]))
             else:
-                vals = [p.detach().to(accumulator_like(p).dtype, copy=True) for p in params]
-            out.update(zip(params, vals))
+                vals = [_fp32_copy(lp) for lp in g.local]
+            out.update((p, D.wrap_like(p, v)) for p, v in zip(g.params, vals))
         return out
+
+    def _merged_one_fp32(self, tr: _Track, p: Tensor, completed: bool, scale: float | None) -> Tensor:
+        """One param's merged value, computed on its own (streamed gathers): like ``_merged_fp32``."""
+        if completed:
+            with torch.no_grad():
+                v = self._completed_source(tr)[p].clone()
+        else:
+            lp = D.local_view(p)
+            if tr.anchored:
+                (lv,) = self.backend.readout([lp], [D.local_view(tr.accs[p])], float(tr.w_next[tr.t]))
+            else:
+                lv = _fp32_copy(lp)
+            v = D.wrap_like(p, lv)
+        if scale is not None:
+            D.local_view(v).mul_(scale)
+        return v
 
     def _param_names(self) -> dict[Tensor, str] | None:
         names: dict[Tensor, str] = {}
@@ -671,6 +750,9 @@ class WSMOptimizer(torch.optim.Optimizer):
         model: nn.Module | None = None,
         merge: str | None = None,
         completed: bool = False,
+        full: bool = False,
+        rank0_only: bool = False,
+        cpu_offload: bool = False,
     ) -> dict[str, Tensor]:
         """The merged model ``M_t = theta_anchor - sum_{i<=t} w_i g_i`` of the current window.
 
@@ -691,12 +773,29 @@ class WSMOptimizer(torch.optim.Optimizer):
             completed: the last *completed* window instead of the current one:
                 available while a finished window has not been replaced yet
                 (until the next ``step()``), and at any time with ``keep_last=True``.
+            full: gather ``DTensor`` values (FSDP2 / TP) into plain full tensors.
+                A collective per tensor: every rank must call it. Streamed one
+                tensor at a time (merge the shard, cast, gather, offload, drop),
+                so the transient cost is about one full parameter. Plain
+                params (DDP, one process) are already full. ``False`` (default):
+                ``DTensor`` values sharded like the params, computed from local
+                shards without communication, ready for ``torch.distributed.checkpoint.save``.
+            rank0_only: with ``full=True``, only global rank 0 keeps the result;
+                the other ranks join the gathers and get ``{}``. Use it so that
+                one rank writes files (also with DDP).
+            cpu_offload: with ``full=True``, move each gathered tensor to CPU as
+                soon as it is gathered, so the device holds at most one full one.
 
         Returns:
             ``{name: tensor}`` of new tensors (not views of live state). Without
             ``model`` the keys are the ``param_names`` the inner optimizer got
             from ``named_parameters()``; with neither, ``ValueError``.
         """
+        if (rank0_only or cpu_offload) and not full:
+            raise ValueError(
+                f"rank0_only={rank0_only} / cpu_offload={cpu_offload} apply to full=True gathers; "
+                "sharded readouts (full=False) stay on each rank's device"
+            )
         tr = self._track(merge)
         model = model if model is not None else self.model
         names = self._param_names() if model is None else None
@@ -705,11 +804,13 @@ class WSMOptimizer(torch.optim.Optimizer):
                 "merged_state_dict needs parameter names: build the inner optimizer from "
                 "model.named_parameters(), or pass model= (here or to WSMOptimizer)"
             )
-        merged = self._merged_fp32(tr, completed)
 
         def cast(p: Tensor, v: Tensor) -> Tensor:
             return v.to(dtype if dtype is not None else p.dtype)
 
+        if full:
+            return self._gathered_state_dict(tr, completed, cast, names, model, rank0_only, cpu_offload)
+        merged = self._merged_fp32(tr, completed)
         if model is None:
             return {names[p]: cast(p, v) for p, v in merged.items()}
         out: dict[str, Tensor] = {}
@@ -718,6 +819,36 @@ class WSMOptimizer(torch.optim.Optimizer):
                 out[key] = cast(value, merged[value])
             else:
                 out[key] = value.detach().clone()
+        return out
+
+    def _gathered_state_dict(self, tr, completed, cast, names, model, rank0_only, cpu_offload):
+        """``merged_state_dict(full=True)``: one param merged, cast and gathered at a time."""
+        self._join()
+        scale = self._skip_scale(tr, completed)
+        out: dict[str, Tensor] = {}
+        with torch.no_grad():
+            if model is None:
+                items = [(names[p], p, True) for p in self._params()]
+            else:
+                params = set(self._params())
+                items = [(k, v, v in params) for k, v in model.state_dict(keep_vars=True).items()]
+            for key, tensor, is_param in items:
+                if is_param:
+                    value = cast(tensor, self._merged_one_fp32(tr, tensor, completed, scale))
+                else:
+                    value = tensor.detach()
+                full_value = D.gather_full(value, rank0_only=rank0_only, cpu_offload=cpu_offload)
+                del value
+                if full_value is not None:
+                    if is_param and not bool(torch.isfinite(full_value).all()):
+                        window = self._window_of(tr, completed)
+                        raise NonFiniteMergeError(
+                            f"merge {tr.name!r}, window {window}: the merged value of parameter "
+                            f"{key!r} is NaN/inf; construct with nonfinite='skip' to leave such checkpoints out"
+                        )
+                    if not is_param and not D.is_dtensor(tensor) and full_value.device == tensor.device:
+                        full_value = full_value.clone()  # a plain buffer comes back as the live tensor
+                    out[key] = full_value
         return out
 
     @contextlib.contextmanager
@@ -735,7 +866,7 @@ class WSMOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             backup = {p: p.detach().clone() for p in merged}
             for p, v in merged.items():
-                p.copy_(v)
+                D.local_view(p).copy_(D.local_view(v))  # shard to shard: no communication
         del merged
         self._swapped = True
         try:
@@ -743,7 +874,7 @@ class WSMOptimizer(torch.optim.Optimizer):
         finally:
             with torch.no_grad():
                 for p, v in backup.items():
-                    p.copy_(v)
+                    D.local_view(p).copy_(D.local_view(v))
             self._swapped = False
 
     def save_merged(
@@ -801,8 +932,18 @@ class WSMOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """Inner state plus, per parameter, ``wsm_acc.<merge>`` / ``wsm_last.<merge>``
-        fp32 buffers in its ``state`` entry, and config/counters under ``"wsm"``."""
+        """Inner state plus WSM buffers and counters.
+
+        Format (``"wsm"`` version 1): the inner optimizer's state dict; in each
+        parameter's ``state`` entry the fp32 buffers ``wsm_acc.<merge>`` (and,
+        for merges with ``keep_last``, ``wsm_last.<merge>``), the live tensors
+        themselves (``DTensor`` s sharded like their param under FSDP2 / TP); and
+        ``{"version", "steps", "merges": {name: {"config", "counters"}}}`` both
+        under the top-level key ``"wsm"`` and under ``"wsm"`` in every param
+        group. The copy in the param groups is what survives
+        ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict``,
+        which keeps only ``state`` and ``param_groups``.
+        """
         self._join()
         sd = self.inner.state_dict()
         state = dict(sd["state"])
@@ -810,31 +951,50 @@ class WSMOptimizer(torch.optim.Optimizer):
             entry = dict(state.get(pid, {}))
             for tr in self._tracks.values():
                 entry[f"{_ACC}.{tr.name}"] = tr.accs[p]
-                if tr.has_last:
+                if tr.spec.keep_last:
+                    # Always present (zeros until a window completes) so that a
+                    # DCP load template built before training has the key.
                     entry[f"{_LAST}.{tr.name}"] = tr.lasts[p]
             state[pid] = entry
         sd["state"] = state
-        sd["wsm"] = {
+        wsm = {
             "version": _STATE_VERSION,
             "steps": self._steps,
             "merges": {
                 n: {"config": tr.config(), "counters": tr.counters()} for n, tr in self._tracks.items()
             },
         }
+        sd["wsm"] = wsm
+        sd["param_groups"] = [dict(g, wsm=copy.deepcopy(wsm)) for g in sd["param_groups"]]
         return sd
+
+    @staticmethod
+    def _saved_wsm(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+        if "wsm" in state_dict:
+            return state_dict["wsm"]
+        for group in state_dict.get("param_groups", ()):
+            if "wsm" in group:
+                return group["wsm"]
+        raise ValueError(
+            "load_state_dict: no 'wsm' entry (top level or in param_groups); this is not a "
+            "WSMOptimizer state dict (load a plain optimizer state with opt.inner.load_state_dict). "
+            "With torch.distributed.checkpoint, flatten_optimizer_state_dict=True drops it: "
+            "use the default StateDictOptions"
+        )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         """Restore inner state, accumulators and counters.
 
+        Accepts this class's :meth:`state_dict`, also after
+        ``torch.distributed.checkpoint.state_dict`` re-keyed it by parameter
+        name (state entries are matched to params by their position in the
+        saved ``param_groups``, as ``torch.optim.Optimizer`` does). Saved
+        accumulators are copied into the existing buffers: ``DTensor`` s laid out
+        like the params, or plain full tensors (each rank keeps its slice).
         Raises ``ValueError`` naming the field if the saved merges differ from
         this optimizer's (names, schedule, weights, window, interval, start).
         """
-        if "wsm" not in state_dict:
-            raise ValueError(
-                "load_state_dict: no 'wsm' entry; this is not a WSMOptimizer state dict "
-                "(load a plain optimizer state with opt.inner.load_state_dict)"
-            )
-        wsm = state_dict["wsm"]
+        wsm = self._saved_wsm(state_dict)
         if wsm.get("version") != _STATE_VERSION:
             raise ValueError(f"load_state_dict: unsupported wsm state version {wsm.get('version')!r}")
         saved = wsm["merges"]
@@ -858,26 +1018,36 @@ class WSMOptimizer(torch.optim.Optimizer):
             extra[pid] = {k: v for k, v in entry.items() if k not in plain}
             if plain:
                 inner_state[pid] = plain
-        inner_sd = {k: v for k, v in state_dict.items() if k not in ("state", "wsm")}
+        inner_sd = {k: v for k, v in state_dict.items() if k not in ("state", "wsm", "param_groups")}
+        inner_sd["param_groups"] = [
+            {k: v for k, v in g.items() if k != "wsm"} for g in state_dict["param_groups"]
+        ]
         inner_sd["state"] = inner_state
         self._join()
         self.inner.load_state_dict(inner_sd)
         self._groups = None
         params = list(self._params())
+        # Saved keys in param order: ints from state_dict(), names after DCP re-keying.
+        saved_keys = [k for g in state_dict["param_groups"] for k in g["params"]]
         with torch.no_grad():
             for name, tr in self._tracks.items():
                 counters = saved[name]["counters"]
                 keep_saved_last = tr.spec.keep_last and counters["has_last"]
-                for pid, p in enumerate(params):
-                    src = extra.get(pid, {})
+                for saved_key, p in zip(saved_keys, params):
+                    src = extra.get(saved_key, {})
                     key = f"{_ACC}.{name}"
                     if key not in src:
-                        raise ValueError(f"load_state_dict: parameter {pid} has no {key!r} entry")
-                    tr.accs[p] = accumulator_like(p).copy_(src[key])
+                        raise ValueError(f"load_state_dict: parameter {saved_key!r} has no {key!r} entry")
+                    if p not in tr.accs:
+                        tr.accs[p] = accumulator_like(p)
+                    D.copy_into(tr.accs[p], src[key])
                     if tr.spec.keep_last:
-                        tr.lasts[p] = accumulator_like(p)
+                        if p not in tr.lasts:
+                            tr.lasts[p] = accumulator_like(p)
                         if keep_saved_last:
-                            tr.lasts[p].copy_(src[f"{_LAST}.{name}"])
+                            D.copy_into(tr.lasts[p], src[f"{_LAST}.{name}"])
+                        else:
+                            tr.lasts[p].zero_()
                 live = {id(p) for p in params}
                 for p in [p for p in tr.accs if id(p) not in live]:
                     del tr.accs[p]
