@@ -323,12 +323,12 @@ def numel(shapes: Shapes) -> int:
 
 
 def make_params(shapes: Shapes, dtype: torch.dtype, device: torch.device, seed: int = 0) -> dict[str, Tensor]:
-    """Separately allocated tensors (like a real model's), values ``N(0, 0.02^2)``."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    """Separately allocated tensors (like a real model's), values ``N(0, 0.02^2)``, made on ``device``."""
+    g = torch.Generator(device=device).manual_seed(seed)
     out = {}
     for name, shape in shapes:
-        t = torch.empty(shape, dtype=torch.float32).normal_(0.0, 0.02, generator=g)
-        out[name] = t.to(device=device, dtype=dtype)
+        t = torch.empty(shape, dtype=torch.float32, device=device).normal_(0.0, 0.02, generator=g)
+        out[name] = t if dtype == torch.float32 else t.to(dtype)
     return out
 
 
