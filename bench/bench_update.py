@@ -598,7 +598,15 @@ def section_markdown(args, env, results, notes, targets, failures) -> str:
             used = [c for c in cols if any(r.get(c, "") != "" for r in results[sec])]
             out += [C.md_table(results[sec], used), ""]
         else:
-            out += [f"not run on this device{': ' + failures[sec] if sec in failures else ''}", ""]
+            if sec in failures:
+                why = f"FAILED: {failures[sec]}"
+            elif sec not in args.sections:
+                why = "not run: not in --sections"
+            elif sec == "explicit" and dev == "cuda":
+                why = "CPU only: run with --device cpu"
+            else:
+                why = "no rows"
+            out += [why, ""]
     if notes:
         out += ["### Notes", ""] + [f"- {n}" for n in notes] + [""]
     out.append(f"<!-- END {dev} -->")
