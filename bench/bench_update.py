@@ -127,6 +127,17 @@ def calibrate_inner(timer, fn, target_s: float, cap: int = 100) -> int:
     return max(1, min(cap, math.ceil(target_s / max(t, 1e-9))))
 
 
+def checkpoint_target(accs, coef, index=0):
+    """A ``Target`` that every backend applies as ``A += coef * theta``.
+
+    The Triton kernel ignores ``coef`` and reads the weight from a device table
+    at the index given by the device step counter: a one-update window
+    (``k = 1``, weights ``(1 - coef, coef)``) with the counter at 1 makes it
+    read ``coef`` (see ``bench_update``, which sets the counter).
+    """
+    return Target(accs, coef, name=f"bench{index}", start=0, interval=1, k=1, table=(1.0 - coef, coef))
+
+
 def bench_update(args, device, timer, peak, backends, model, dtype_name, rows, notes):
     """Section 1: one update pass over ``model``'s parameter list in ``dtype_name``."""
     dtype = DTYPES[dtype_name]
@@ -147,7 +158,8 @@ def bench_update(args, device, timer, peak, backends, model, dtype_name, rows, n
     kind["flat axpy (1 tensor)"] = "reference"
     wsm_auto = None
     for label, be, _ in backends:
-        targets = [Target(accs, coef)]
+        be.set_steps(1)  # device counter at the first checkpoint of a k = 1 window
+        targets = [checkpoint_target(accs, coef)]
         fn = functools.partial(be.accumulate, params, targets)
         try:
             with torch.no_grad():
@@ -161,7 +173,7 @@ def bench_update(args, device, timer, peak, backends, model, dtype_name, rows, n
         if wsm_auto is None:
             wsm_auto = name
         if args.multi > 1:
-            many = [Target(a, coef) for a in [accs, *extra_accs]]
+            many = [checkpoint_target(a, coef, i) for i, a in enumerate([accs, *extra_accs])]
             name_m = f"WSM update, {args.multi} merges in one call [{label}]"
             fns[name_m] = functools.partial(be.accumulate, params, many)
             nbytes[name_m], kind[name_m] = n * (pbytes + 8 * args.multi), "wsm-multi"
