@@ -255,7 +255,8 @@ class WSMOptimizer(torch.optim.Optimizer):
 
         A parameter that joins mid-window (``add_param_group``) is treated as
         having been constant at its current value since the anchor: its merged
-        value starts as its live value.
+        value starts as its live value. The same holds for the last completed
+        window kept with ``keep_last`` (its ``completed=True`` value is the live value).
         """
         with torch.no_grad():
             for tr in self._tracks.values():
@@ -266,7 +267,10 @@ class WSMOptimizer(torch.optim.Optimizer):
                     acc.copy_(p).mul_(float(1.0 - tr.w_next[tr.t]))
                 tr.accs[p] = acc
                 if tr.spec.keep_last:
-                    tr.lasts[p] = accumulator_like(p)
+                    last = accumulator_like(p)
+                    if tr.has_last:  # same rule for the kept completed window: constant at p
+                        last.copy_(p)
+                    tr.lasts[p] = last
         self._groups = None
 
     def _grouped(self) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:
