@@ -483,7 +483,8 @@ class WSMOptimizer(torch.optim.Optimizer):
             return v.to(dtype if dtype is not None else p.dtype)
 
         if model is None:
-            return {names[p]: cast(p, v) for p, v in merged.items()}
+            # keys in the optimizer's param order (``merged`` is in dtype-group order)
+            return {names[p]: cast(p, merged[p]) for p in self._params()}
         out: dict[str, Tensor] = {}
         for key, value in model.state_dict(keep_vars=True).items():
             if value in merged:
