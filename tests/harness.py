@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -22,6 +23,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: param dtype. The fp32 accumulator rounds each of the k + 1 terms, so the
 #: error is a few fp32 ulps of the elementwise scale ``max_j |theta_j|``.
 FP32_READOUT_RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
+FP32_TOL_ANY = max(FP32_READOUT_RTOL.values())
 #: The default readout is in the param dtype: one more rounding (half an ulp,
 #: relative to a value bounded by the scale) on top of the fp32 error.
 NATIVE_READOUT_RTOL = {
@@ -35,9 +37,12 @@ NATIVE_READOUT_ATOL = {torch.float32: 0.0, torch.bfloat16: 0.0, torch.float16: 2
 INNERS = ("sgd", "sgd_momentum", "adam", "adamw")
 
 
-def make_params(shapes: Sequence[tuple[int, ...]], dtype: torch.dtype, seed: int) -> list[nn.Parameter]:
+def make_params(shapes: Sequence[tuple[int, ...]], dtypes: Sequence[torch.dtype], seed: int) -> list[nn.Parameter]:
     gen = torch.Generator().manual_seed(seed)
-    return [nn.Parameter(torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype)) for shape in shapes]
+    return [
+        nn.Parameter(torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype))
+        for shape, dtype in zip(shapes, dtypes, strict=True)
+    ]
 
 
 def make_inner(kind: str, named_params: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
@@ -53,11 +58,16 @@ def make_inner(kind: str, named_params: list[tuple[str, nn.Parameter]]) -> torch
     raise ValueError(kind)
 
 
-def set_grads(params: Sequence[Tensor], seed: int, step: int) -> None:
-    """Deterministic gradients for ``step`` (same in an interrupted and a straight run)."""
+def set_grads(params: Sequence[Tensor], seed: int, step: int, missing_grads: bool = False) -> None:
+    """Deterministic gradients for ``step`` (same in an interrupted and a straight run).
+
+    With ``missing_grads``, some params get no gradient at some steps (the inner
+    optimizer skips them; the merge must still count them at their constant value).
+    """
     gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype)
+    for i, p in enumerate(params):
+        grad = torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype)
+        p.grad = None if missing_grads and (step + i) % 3 == 0 else grad
 
 
 def rel_error(got: Tensor, expected: Tensor, scale: Tensor, atol: float = 0.0) -> float:
@@ -71,13 +81,18 @@ def rel_error(got: Tensor, expected: Tensor, scale: Tensor, atol: float = 0.0) -
 @dataclass
 class Case:
     shapes: list[tuple[int, ...]]
-    dtype: torch.dtype
+    dtype: torch.dtype | list[torch.dtype]  # one for all params, or one per param (mixed groups)
     merges: dict[str, R.Window]
     inner: str
     steps: int
     seed: int = 0
     single_api: bool = True  # one merge passed with the positional/keyword API
     abel_every: int = 1  # check the reference's two forms agree every this many steps
+    missing_grads: bool = False  # see ``set_grads``
+
+    @property
+    def dtypes(self) -> list[torch.dtype]:
+        return list(self.dtype) if isinstance(self.dtype, (list, tuple)) else [self.dtype] * len(self.shapes)
 
 
 @dataclass
@@ -92,7 +107,7 @@ class Errors:
 
 
 def build(case: Case) -> tuple[list[nn.Parameter], WSMOptimizer]:
-    params = make_params(case.shapes, case.dtype, case.seed)
+    params = make_params(case.shapes, case.dtypes, case.seed)
     named = [(f"p{i}", p) for i, p in enumerate(params)]
     inner = make_inner(case.inner, named)
     if case.single_api:
@@ -114,12 +129,10 @@ def run_case(case: Case) -> Errors:
     snaps = [R.snapshot(params)]
     errs = Errors()
     window_cache: dict = {}
-    fp32_tol = FP32_READOUT_RTOL[case.dtype]
-    nat_tol, nat_atol = NATIVE_READOUT_RTOL[case.dtype], NATIVE_READOUT_ATOL[case.dtype]
 
     for s in range(case.steps + 1):
         if s > 0:
-            set_grads(params, case.seed, s)
+            set_grads(params, case.seed, s, case.missing_grads)
             opt.step()
             opt.zero_grad()
             snaps.append(R.snapshot(params))
@@ -137,11 +150,14 @@ def run_case(case: Case) -> Errors:
             native = opt.merged_state_dict(merge=merge)
             assert list(got32) == names and list(native) == names
             for i, key in enumerate(names):
+                dtype = case.dtypes[i]
+                fp32_tol = FP32_READOUT_RTOL[dtype]
+                nat_tol, nat_atol = NATIVE_READOUT_RTOL[dtype], NATIVE_READOUT_ATOL[dtype]
                 g32, gnat = got32[key], native[key]
                 assert g32.dtype == torch.float32 and g32.shape == params[i].shape
-                assert gnat.dtype == case.dtype and gnat.shape == params[i].shape
+                assert gnat.dtype == dtype and gnat.shape == params[i].shape
                 # The default readout is the fp32 readout rounded once to the param dtype.
-                assert torch.equal(gnat, g32.to(case.dtype)), f"{name} step {s} {key}: dtype=None readout"
+                assert torch.equal(gnat, g32.to(dtype)), f"{name} step {s} {key}: dtype=None readout"
                 e32 = rel_error(g32, expected[i], scale[i])
                 enat = rel_error(gnat, expected[i], scale[i], nat_atol)
                 errs.fp32, errs.native = max(errs.fp32, e32), max(errs.native, enat)
@@ -152,7 +168,8 @@ def run_case(case: Case) -> Errors:
                 assert enat <= nat_tol, (
                     f"merge {name} {spec} step {s} {key}: native readout rel error {enat:.3g} > {nat_tol}"
                 )
-            _check_completed(opt, spec, snaps, s, merge, names, fp32_tol, errs, name, window_cache)
+            _check_status(opt.merge_status(merge), spec, s, name)
+            _check_completed(opt, spec, snaps, s, merge, names, FP32_TOL_ANY, errs, name, window_cache)
     return errs
 
 
@@ -187,3 +204,23 @@ def _check_completed(opt, spec: R.Window, snaps, s: int, merge, names, tol: floa
         assert e <= tol, f"merge {name} {spec} step {s} {key}: completed window {m} rel error {e:.3g}"
     if at_end:
         errs.window_ends += 1
+
+
+def _check_status(status: dict, spec: R.Window, s: int, name: str) -> None:
+    """``merge_status`` counters and readout weights agree with the reference's window model."""
+    where = f"merge {name} {spec} step {s}: merge_status {status}"
+    assert status["k"] == spec.k and status["windows_completed"] == R.completed_windows(spec, s), where
+    assert abs(float(status["weights"].sum()) - 1.0) <= 1e-12, where
+    pos = R.position(spec, s)
+    if pos is None:
+        # at s == start the anchor is taken lazily by the next step(); the readout is live either way
+        assert status["window_index"] == -1 and not status["anchored"], where
+        assert list(status["weights"]) == [1.0], where
+        return
+    m, t, r = pos
+    assert status["anchored"] and status["window_index"] == m, where
+    assert status["checkpoint"] == t and status["steps_since_checkpoint"] == r, where
+    assert status["complete"] == (t == spec.k), where
+    w, c = spec.decay(), spec.merge()
+    expected = [*c[: t + 1], w[t] if t < spec.k else 0.0]
+    np.testing.assert_allclose(status["weights"], expected, rtol=0, atol=1e-15, err_msg=where)

@@ -184,6 +184,15 @@ def window_merge(spec: Window, snapshots: Sequence[Sequence[Tensor]], m: int) ->
     return [explicit_merge([ck[i] for ck in ckpts], c) for i in range(len(snapshots[0]))]
 
 
+def position(spec: Window, s: int) -> tuple[int, int, int] | None:
+    """``(window m, checkpoints reached t, steps since checkpoint r)`` after ``s`` steps; None before the first anchor."""
+    if s <= spec.start:
+        return None
+    m = (s - spec.start - 1) // spec.window
+    u = s - (spec.start + m * spec.window)
+    return m, u // spec.interval, u % spec.interval
+
+
 def completed_windows(spec: Window, s: int) -> int:
     """How many windows have completed after ``s`` steps."""
     return max(0, (s - spec.start) // spec.window)

@@ -26,7 +26,7 @@ def _readouts(opt: WSMOptimizer, case: H.Case) -> dict[str, dict[str, torch.Tens
 
 
 def _step(params, opt, case: H.Case, s: int) -> None:
-    H.set_grads(params, case.seed, s)
+    H.set_grads(params, case.seed, s, case.missing_grads)
     opt.step()
     opt.zero_grad()
 
@@ -115,6 +115,7 @@ def resume_cases(draw):
         steps=steps,
         seed=draw(st.integers(0, 1000)),
         single_api=n == 1 and draw(st.booleans()),
+        missing_grads=draw(st.booleans()),
     )
     return case, draw(st.integers(0, steps)), draw(st.integers(0, 5))
 
