@@ -156,6 +156,8 @@ def run_case(case: Case) -> Errors:
                 g32, gnat = got32[key], native[key]
                 assert g32.dtype == torch.float32 and g32.shape == params[i].shape
                 assert gnat.dtype == dtype and gnat.shape == params[i].shape
+                if R.position(spec, s) is None:  # before the first anchor: exactly the live params
+                    assert torch.equal(g32, params[i].detach().float()), f"{name} step {s} {key}: not live"
                 # The default readout is the fp32 readout rounded once to the param dtype.
                 assert torch.equal(gnat, g32.to(dtype)), f"{name} step {s} {key}: dtype=None readout"
                 e32 = rel_error(g32, expected[i], scale[i])
@@ -198,6 +200,9 @@ def _check_completed(opt, spec: R.Window, snaps, s: int, merge, names, tol: floa
         cache[(name, m)] = (R.window_merge(spec, snaps, m), R.window_scale(spec, snaps, m))
     expected, scale = cache[(name, m)]
     got = opt.merged_state_dict(torch.float32, merge=merge, completed=True)
+    if at_end:  # the window that just finished *is* the current readout
+        current = opt.merged_state_dict(torch.float32, merge=merge)
+        assert all(torch.equal(got[key], current[key]) for key in names), f"{name} step {s}"
     for i, key in enumerate(names):
         e = rel_error(got[key], expected[i], scale[i])
         errs.fp32 = max(errs.fp32, e)
