@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -109,6 +110,7 @@ def test_grad_scaler_skipped_step_does_not_count():
     assert {k: v for k, v in status0.items() if k != "weights"} == {
         k: v for k, v in status1.items() if k != "weights"
     }
+    assert np.array_equal(status0["weights"], status1["weights"])
     assert all(torch.equal(merged0[k], merged1[k]) for k in merged0)
     # afterwards: the poisoned run equals the run without that batch, bitwise
     assert opt_a.steps == opt_b.steps == 13
@@ -314,6 +316,7 @@ def test_closure_returns_loss_and_counts_once():
     opt = WSMOptimizer(torch.optim.SGD(model.named_parameters(), lr=0.1), window=2)
     loss = opt.step(closure)
     assert loss is returned[-1] and opt.steps == 1
+    assert opt.step() is None and opt.steps == 2  # no closure: what SGD.step() returns
 
     opt = WSMOptimizer(torch.optim.LBFGS(model.named_parameters(), lr=0.5, max_iter=5), window=2)
     returned.clear()
