@@ -380,7 +380,8 @@ class WSMOptimizer(torch.optim.Optimizer):
 
         A parameter that joins mid-window (``add_param_group``) is treated as
         having been constant at its current value since the anchor: its merged
-        value starts as its live value.
+        value starts as its live value. The same holds for the last completed
+        window kept with ``keep_last`` (its ``completed=True`` value is the live value).
         """
         with torch.no_grad():
             for tr in self._tracks.values():
@@ -391,7 +392,10 @@ class WSMOptimizer(torch.optim.Optimizer):
                     acc.copy_(p).mul_(float(1.0 - tr.w_next[tr.t]))
                 tr.accs[p] = acc
                 if tr.spec.keep_last:
-                    tr.lasts[p] = accumulator_like(p)
+                    last = accumulator_like(p)
+                    if tr.has_last:  # same rule for the kept completed window: constant at p
+                        last.copy_(p)
+                    tr.lasts[p] = last
         self._groups = None
         self.backend.invalidate()
 
@@ -812,7 +816,8 @@ class WSMOptimizer(torch.optim.Optimizer):
             return self._gathered_state_dict(tr, completed, cast, names, model, rank0_only, cpu_offload)
         merged = self._merged_fp32(tr, completed)
         if model is None:
-            return {names[p]: cast(p, v) for p, v in merged.items()}
+            # keys in the optimizer's param order (``merged`` is in dtype-group order)
+            return {names[p]: cast(p, merged[p]) for p in self._params()}
         out: dict[str, Tensor] = {}
         for key, value in model.state_dict(keep_vars=True).items():
             if value in merged:

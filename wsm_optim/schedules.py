@@ -157,16 +157,16 @@ def validate_decay(w: np.ndarray, what: str = "decay weights") -> np.ndarray:
     bad = np.flatnonzero(~np.isfinite(w))
     if bad.size:
         i = int(bad[0])
-        raise ValueError(f"{what}: w_{i + 1} = {w[i]!r} is not finite")
+        raise ValueError(f"{what}: w_{i + 1} = {float(w[i])!r} is not finite")
     bad = np.flatnonzero((w < 0.0) | (w > 1.0))
     if bad.size:
         i = int(bad[0])
-        raise ValueError(f"{what}: w_{i + 1} = {w[i]!r} is outside [0, 1]")
+        raise ValueError(f"{what}: w_{i + 1} = {float(w[i])!r} is outside [0, 1]")
     bad = np.flatnonzero(np.diff(w) > 0.0)
     if bad.size:
         i = int(bad[0]) + 1
         raise ValueError(
-            f"{what}: not non-increasing: w_{i + 1} = {w[i]!r} > w_{i} = {w[i - 1]!r} "
+            f"{what}: not non-increasing: w_{i + 1} = {float(w[i])!r} > w_{i} = {float(w[i - 1])!r} "
             "(an increasing decay gives a negative merge weight)"
         )
     return w
@@ -235,7 +235,7 @@ def decay_from_merge(c: Sequence[float] | np.ndarray, atol: float = 1e-9) -> np.
     bad = np.flatnonzero(~np.isfinite(c) | (c < 0.0))
     if bad.size:
         j = int(bad[0])
-        raise ValueError(f"merge weights: c_{j} = {c[j]!r} is negative or not finite")
+        raise ValueError(f"merge weights: c_{j} = {float(c[j])!r} is negative or not finite")
     total = float(c.sum())
     if abs(total - 1.0) > atol:
         raise ValueError(f"merge weights: sum to {total!r}, expected 1")
