@@ -89,6 +89,7 @@ class Case:
     single_api: bool = True  # one merge passed with the positional/keyword API
     abel_every: int = 1  # check the reference's two forms agree every this many steps
     missing_grads: bool = False  # see ``set_grads``
+    backend: str = "foreach"
 
     @property
     def dtypes(self) -> list[torch.dtype]:
@@ -112,9 +113,9 @@ def build(case: Case) -> tuple[list[nn.Parameter], WSMOptimizer]:
     inner = make_inner(case.inner, named)
     if case.single_api:
         assert len(case.merges) == 1
-        opt = WSMOptimizer(inner, **next(iter(case.merges.values())).as_kwargs())
+        opt = WSMOptimizer(inner, backend=case.backend, **next(iter(case.merges.values())).as_kwargs())
     else:
-        opt = WSMOptimizer(inner, merges={n: s.as_kwargs() for n, s in case.merges.items()})
+        opt = WSMOptimizer(inner, backend=case.backend, merges={n: s.as_kwargs() for n, s in case.merges.items()})
     return params, opt
 
 

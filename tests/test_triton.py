@@ -345,3 +345,22 @@ def test_triton_resume_mid_window_is_bitwise():
         got, want = c._merged_fp32(c._track(m), False), a._merged_fp32(a._track(m), False)
         for p, q in zip(ps_c, ps_a):
             assert torch.equal(got[p], want[q]), m
+
+
+# The core suite's property test, run through the Triton backend: random shapes, dtypes,
+# schedules (named, explicit, callable), windows, intervals, starts, 1-3 merges, inner
+# optimizers; every readout after every step against the float64 reference.
+import dataclasses  # noqa: E402
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+
+import harness as H  # noqa: E402
+from test_optimizer import cases  # noqa: E402
+
+
+@settings(deadline=None, max_examples=40, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(cases(max_steps=40))
+def test_triton_property_matches_reference_every_step(case):
+    case = dataclasses.replace(case, backend="triton")
+    errs = H.run_case(case)
+    assert errs.checks == (case.steps + 1) * len(case.shapes) * len(case.merges)
