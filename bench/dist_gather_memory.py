@@ -1,6 +1,6 @@
 """Peak host memory of gathering the merged model from FSDP2 shards (CPU, gloo).
 
-    python benchmarks/dist_gather_memory.py [--layers 6] [--width 4096] [--world 2]
+    python bench/dist_gather_memory.py [--layers 6] [--width 4096] [--world 2]
 
 Trains an FSDP2-sharded stack of ``layers`` bias-free ``width x width`` fp32
 linear layers for two steps under ``WSMOptimizer`` (SGD, so the only extra
