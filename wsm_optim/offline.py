@@ -185,10 +185,7 @@ def checkpoint_weights(
         raise ValueError(
             f"--weights: got {c.size} values for {n} checkpoints; give one weight c_j per checkpoint, oldest first"
         )
-    bad = np.flatnonzero(~np.isfinite(c) | (c < 0.0))
-    if bad.size:
-        j = int(bad[0])
-        raise ValueError(f"--weights: c_{j} = {float(c[j])!r} is negative or not finite; weights must be >= 0")
+    S.check_nonnegative(c, "--weights")
     total = float(c.sum())
     if normalize:
         if total <= 0.0:

@@ -42,6 +42,7 @@ __all__ = [
     "decay_from_merge",
     "merge_coefficients",
     "validate_decay",
+    "check_nonnegative",
 ]
 
 Schedule = Union[str, Callable[[float], float], Sequence[float], np.ndarray]
@@ -221,6 +222,15 @@ def merge_weights(w: Sequence[float] | np.ndarray) -> np.ndarray:
     return padded[:-1] - padded[1:]
 
 
+def check_nonnegative(c: np.ndarray, what: str) -> np.ndarray:
+    """Raise ``ValueError`` naming the first ``c_j`` that is negative or not finite."""
+    bad = np.flatnonzero(~np.isfinite(c) | (c < 0.0))
+    if bad.size:
+        j = int(bad[0])
+        raise ValueError(f"{what}: c_{j} = {float(c[j])!r} is negative or not finite; weights must be >= 0")
+    return c
+
+
 def decay_from_merge(c: Sequence[float] | np.ndarray, atol: float = 1e-9) -> np.ndarray:
     """Theorem 3.1, merge -> decay: ``w_i = sum_{j >= i} c_j``, ``i = 1..k``.
 
@@ -232,10 +242,7 @@ def decay_from_merge(c: Sequence[float] | np.ndarray, atol: float = 1e-9) -> np.
         raise ValueError(
             f"merge weights: need a 1-D sequence of k + 1 >= 2 values, got shape {c.shape}"
         )
-    bad = np.flatnonzero(~np.isfinite(c) | (c < 0.0))
-    if bad.size:
-        j = int(bad[0])
-        raise ValueError(f"merge weights: c_{j} = {float(c[j])!r} is negative or not finite")
+    c = check_nonnegative(c, "merge weights")
     total = float(c.sum())
     if abs(total - 1.0) > atol:
         raise ValueError(f"merge weights: sum to {total!r}, expected 1")
