@@ -216,6 +216,24 @@ def test_tiny_run_is_deterministic(small_text, tmp_path):
     assert a["corpus"]["name"] == "small.txt"
 
 
+def test_branches_do_not_disturb_the_constant_lr_run(small_text, tmp_path):
+    """The WSD branch and the cosine run own their optimizer state: the main run and its merges
+    come out bit-identical whatever D is and whether cosine runs."""
+    curves = []
+    for name, extra in [("a", []), ("b", ["--decay", "20", "--wsd-schedule", "linear"])]:
+        argv = ["demo", *TINY, "--data", str(small_text), "--out", str(tmp_path / name), *extra]
+        if extra:
+            argv.remove("--with-cosine")
+        rc, _, stderr = _main(argv)
+        assert rc == 0, stderr
+        curves.append(json.loads((tmp_path / name / "results.json").read_text())["curves"])
+    a, b = curves
+    for run in ["constant", "linear-10", "linear-15", "1-sqrt-15", "cosine-15"]:
+        assert a[run] == b[run], run
+    assert "cosine" in a and "cosine" not in b
+    assert b["wsd"]["step"][0] == 20 and a["wsd"]["val_loss"][-1] != b["wsd"]["val_loss"][-1]
+
+
 def test_merged_curves_are_merges_of_the_live_run(small_text, tmp_path):
     """At its anchor a merge equals the live model; WSD equals it at the branch point."""
     rc, _, stderr = _main(["demo", *TINY, "--data", str(small_text), "--out", str(tmp_path)])
