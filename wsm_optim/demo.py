@@ -392,17 +392,16 @@ def format_table(table: list[dict[str, Any]]) -> str:
 def format_verdict(v: dict[str, Any]) -> list[str]:
     pct = 100 * v["relative_difference"]
     tol = 100 * v["tolerance"]
+    best, wsd, const = v["best_merge_val_loss"], v["wsd_val_loss"], v["constant_val_loss"]
     lines = [
-        f"Result: WSM {v['outcome']} WSD on this run. Best merge {v['best_merge']}: val loss "
-        f"{v['best_merge_val_loss']:.4f} vs WSD {v['wsd_val_loss']:.4f} ({pct:+.2f}%; "
-        f"'matched' means within {tol:.1f}%).",
-        f"Constant LR without merging: {v['constant_val_loss']:.4f}. Change in val loss from it: "
-        f"best merge {v['best_merge_val_loss'] - v['constant_val_loss']:+.4f}, "
-        f"WSD {v['wsd_val_loss'] - v['constant_val_loss']:+.4f} nats.",
+        f"Result: WSM {v['outcome']} WSD on this run.",
+        f"  best merge {v['best_merge']}: val loss {best:.4f}; WSD: {wsd:.4f}; difference {pct:+.2f}%",
+        f"  ('matched' means within {tol:.1f}% of WSD's val loss)",
+        f"  constant LR, no merge: {const:.4f}; best merge {best - const:+.4f}, WSD {wsd - const:+.4f} nats",
     ]
     if v["cosine_val_loss"] is not None:
-        lines.append(f"Cosine baseline: {v['cosine_val_loss']:.4f} "
-                     f"(best merge {100 * (v['best_merge_val_loss'] / v['cosine_val_loss'] - 1):+.2f}%).")
+        cos = v["cosine_val_loss"]
+        lines.append(f"  cosine to zero: {cos:.4f}; best merge {100 * (best / cos - 1):+.2f}% from it")
     return lines
 
 
@@ -508,14 +507,15 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         n_params = sum(p.numel() for p in GPT(_model_config(cfg, corpus)).parameters())
-        print(f"corpus: {corpus.name}: {len(corpus.train):,} train / {len(corpus.val):,} val characters, "
+        print(f"corpus: {corpus.name}: {len(corpus.train):,} train / {len(corpus.val):,} val chars, "
               f"vocabulary {corpus.vocab_size}")
-        print(f"model: {n_params / 1e6:.2f}M parameters ({cfg.n_layer} layers, {cfg.n_embd} wide, "
-              f"context {cfg.block_size}); {cfg.steps} steps of {cfg.batch_size} sequences on {cfg.device}, "
-              f"{torch.get_num_threads()} threads")
-        print(f"merges: {', '.join(cfg.merges)}; "
-              f"WSD: {cfg.wsd_schedule} decay over the last {cfg.decay} steps"
-              + ("; cosine baseline" if cfg.with_cosine else ""))
+        print(f"model: {n_params / 1e6:.2f}M parameters, {cfg.n_layer} layers, {cfg.n_embd} wide, "
+              f"context {cfg.block_size}")
+        print(f"training: {cfg.steps} steps of {cfg.batch_size} sequences, peak LR {cfg.lr:g}, "
+              f"on {cfg.device} ({torch.get_num_threads()} threads)")
+        print(f"WSM merges (name = shape-window): {', '.join(cfg.merges)}")
+        print(f"WSD: branch at step {cfg.steps - cfg.decay}, {cfg.wsd_schedule} LR decay over the last "
+              f"{cfg.decay} steps" + ("; cosine-to-zero baseline" if cfg.with_cosine else ""))
         result = train(cfg, corpus, args.progress)
         table = make_table(cfg, result["curves"])
         v = verdict(table)
