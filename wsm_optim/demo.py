@@ -64,23 +64,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="DIR", default="wsm-demo-out",
                    help="output folder (default ./wsm-demo-out)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: the preset's (cpu, or cuda for gpu)")
-    p.add_argument("--steps", type=int, help="training steps T (overrides the preset)")
-    p.add_argument("--warmup", type=int, help="linear warmup steps")
-    p.add_argument("--lr", type=float, help="peak (constant) learning rate of AdamW")
-    p.add_argument("--batch-size", type=int, help="sequences per batch")
-    p.add_argument("--block-size", type=int, help="context length in characters")
+    p.add_argument("--steps", type=int, metavar="N", help="training steps T (overrides the preset)")
+    p.add_argument("--warmup", type=int, metavar="N", help="linear warmup steps")
+    p.add_argument("--lr", type=float, metavar="LR", help="peak (constant) learning rate of AdamW")
+    p.add_argument("--batch-size", type=int, metavar="N", help="sequences per batch")
+    p.add_argument("--block-size", type=int, metavar="N", help="context length in characters")
     p.add_argument("--windows", metavar="N,N,...",
                    help="linear-merge window lengths in steps (default: 10%%, 20%%, 40%% of --steps)")
-    p.add_argument("--merge-schedules", metavar="S,S", default="1-sqrt,cosine",
+    p.add_argument("--merge-schedules", metavar="SHAPE,...", default="1-sqrt,cosine",
                    help=f"more merge shapes at the longest window (default 1-sqrt,cosine; one of "
                         f"{', '.join(S.SHAPES)}; 'none' for none)")
     p.add_argument("--decay", type=int, metavar="D", help="WSD decay steps (default 20%% of --steps)")
-    p.add_argument("--wsd-schedule", default="1-sqrt", help="shape of the WSD LR decay (default 1-sqrt)")
+    p.add_argument("--wsd-schedule", metavar="SHAPE", default="1-sqrt",
+                   help="shape of the WSD LR decay (default 1-sqrt)")
     p.add_argument("--with-cosine", action="store_true", help="also train a cosine-to-zero baseline")
-    p.add_argument("--eval-every", type=int, help="steps between validation evaluations")
-    p.add_argument("--eval-batches", type=int, help="validation batches per evaluation (a fixed set)")
-    p.add_argument("--seed", type=int, default=0, help="seed of init, batches and split (default 0)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default)")
+    p.add_argument("--eval-every", type=int, metavar="N", help="steps between validation evaluations")
+    p.add_argument("--eval-batches", type=int, metavar="N",
+                   help="validation batches per evaluation (a fixed set)")
+    p.add_argument("--seed", type=int, metavar="N", default=0,
+                   help="seed of init, batches and split (default 0)")
+    p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's default)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="tqdm progress bar (default: only on a terminal)")
 
