@@ -172,9 +172,13 @@ def build_config(args: argparse.Namespace) -> Config:
     for w in windows:
         _positive("--windows: a window", w)
         if w > stable:
+            source = "--windows" if args.windows is not None else (
+                f"the default windows ({', '.join(f'{f:.0%}' for f in WINDOW_FRACTIONS)} of --steps)"
+            )
             raise UsageError(
-                f"--windows: window {w} is longer than the run's constant-LR phase "
-                f"(--steps {steps} - --warmup {base['warmup']} = {stable} steps)"
+                f"{source}: window {w} is longer than the run's constant-LR phase "
+                f"(--steps {steps} - --warmup {base['warmup']} = {stable} steps); "
+                "use more --steps, a shorter --warmup or explicit --windows"
             )
     extra = [] if args.merge_schedules.strip().lower() == "none" else [
         _schedule("--merge-schedules", s) for s in _parse_list("--merge-schedules", args.merge_schedules, str)
