@@ -226,6 +226,7 @@ class TritonBackend:
             SKIP=ok is not None,
             BLOCK=self.block,
             num_warps=self.num_warps,
+            enable_fp_fusion=True,  # A + c * x as one FMA: one rounding instead of two
         )
 
     def _ok_dummy(self, device: torch.device) -> Tensor:
@@ -260,6 +261,7 @@ class TritonBackend:
                 PARAM_DTYPE=_TL_DTYPES[ps[0].dtype],
                 BLOCK=self.block,
                 num_warps=self.num_warps,
+                enable_fp_fusion=True,
             )
 
     def bad_steps(self) -> dict[int, tuple[int, int]]:
