@@ -21,6 +21,13 @@ CUDA graph:
 ``c`` lives in ``coefs[table_offset : table_offset + k + 1]`` (fp32). Arithmetic
 is fp32 whatever the parameter dtype.
 
+Speed: a chunk is ``BLOCK`` elements starting at a multiple of ``BLOCK``, so
+only the last chunk of a tensor is partial; full chunks take an unmasked path.
+With ``ALIGNED`` (the launcher checked every pointer is 16-byte aligned) the
+pointers carry that hint too. Both are needed for 16-byte vector loads and
+stores: pointers read from a table and a mask against a runtime ``numel`` would
+otherwise compile to scalar accesses.
+
 Non-finite values: every program that reads a NaN/inf parameter value stores
 the step into ``bad_step`` (first: atomic min, last: atomic max), read lazily by the host. With
 ``SKIP`` the launch first reads ``*ok_ptr`` (0 = the checkpoint holds a
@@ -33,41 +40,50 @@ import triton.language as tl
 
 
 @triton.jit
-def _load_chunk(param_ptrs, numels, chunk_tensor, chunk_start, PARAM_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    """This program's chunk: (tensor index, offsets, mask, values as fp32, count of NaN/inf)."""
+def _chunk(param_ptrs, numels, chunk_tensor, chunk_start, PARAM_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+           ALIGNED: tl.constexpr):
+    """This program's chunk: (tensor index, offsets, numel, param pointer, whether it is full)."""
     pid = tl.program_id(0)
     tidx = tl.load(chunk_tensor + pid)
-    offs = tl.load(chunk_start + pid) + tl.arange(0, BLOCK)
-    mask = offs < tl.load(numels + tidx)
+    first = tl.multiple_of(tl.load(chunk_start + pid), BLOCK)
+    numel = tl.load(numels + tidx)
     p_ptr = tl.load(param_ptrs + tidx).to(tl.pointer_type(PARAM_DTYPE))
-    x = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    n_bad = tl.sum((~(tl.abs(x) < float("inf"))).to(tl.int32), axis=0)
-    return tidx, offs, mask, x, n_bad
+    if ALIGNED:
+        p_ptr = tl.multiple_of(p_ptr, 16)
+    return tidx, first + tl.arange(0, BLOCK), numel, p_ptr, first + BLOCK <= numel
 
 
 @triton.jit
-def wsm_update_kernel(
-    param_ptrs,  # *i64 [n_tensors]: data pointers of the params (dtype PARAM_DTYPE)
-    numels,  # *i64 [n_tensors]
-    chunk_tensor,  # *i32 [n_chunks]
-    chunk_start,  # *i64 [n_chunks]: element offset of the chunk inside its tensor
-    acc_ptrs,  # *i64 [N_MERGES * n_tensors]: fp32 accumulators
-    last_ptrs,  # *i64 [N_MERGES * n_tensors]: fp32 last-window buffers (0 when unused)
-    coefs,  # *f32: concatenated merge-weight tables
-    meta,  # *i64 [N_MERGES * 5]: start, interval, k, table_offset, keep_last
-    step_ptr,  # *i64 scalar: counted optimizer steps
-    bad_step,  # *i64 [2 * n_tensors]: first / last step a non-finite value was read (-1: never)
-    ok_ptr,  # *i32 scalar: 1 if the whole checkpoint is finite (read only with SKIP)
-    n_tensors,
-    N_MERGES: tl.constexpr,
-    PHASE: tl.constexpr,
-    PARAM_DTYPE: tl.constexpr,
-    SKIP: tl.constexpr,
-    BLOCK: tl.constexpr,
+def _load(ptr, offs, numel, MASKED: tl.constexpr):
+    if MASKED:
+        value = tl.load(ptr + offs, mask=offs < numel, other=0.0)
+    else:
+        value = tl.load(ptr + offs)
+    return value
+
+
+@triton.jit
+def _store(ptr, offs, numel, value, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr + offs, value, mask=offs < numel)
+    else:
+        tl.store(ptr + offs, value)
+
+
+@triton.jit
+def _count_nonfinite(x):
+    return tl.sum((~(tl.abs(x) < float("inf"))).to(tl.int32), axis=0)
+
+
+@triton.jit
+def _merge_chunk(
+    tidx, offs, numel, p_ptr, acc_ptrs, last_ptrs, coefs, meta, step_ptr, bad_step, ok_ptr, n_tensors,
+    N_MERGES: tl.constexpr, PHASE: tl.constexpr, SKIP: tl.constexpr, BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr, MASKED: tl.constexpr,
 ):
-    tidx, offs, mask, x, n_bad = _load_chunk(param_ptrs, numels, chunk_tensor, chunk_start, PARAM_DTYPE, BLOCK)
+    x = _load(p_ptr, offs, numel, MASKED).to(tl.float32)
     s = tl.load(step_ptr)
-    if n_bad > 0:
+    if _count_nonfinite(x) > 0:
         tl.atomic_min(bad_step + tidx, s)
         tl.atomic_max(bad_step + n_tensors + tidx, s)
     ok = 1
@@ -80,25 +96,58 @@ def wsm_update_kernel(
         k = tl.load(meta + 5 * m + 2)
         table = tl.load(meta + 5 * m + 3)
         a_ptr = tl.load(acc_ptrs + m * n_tensors + tidx).to(tl.pointer_type(tl.float32))
+        if ALIGNED:
+            a_ptr = tl.multiple_of(a_ptr, 16)
         u = s - start
         if PHASE == 0:
             if (u >= 0) & (u % (k * interval) == 0):
                 keep_last = tl.load(meta + 5 * m + 4)
                 if (keep_last != 0) & (u > 0):
                     l_ptr = tl.load(last_ptrs + m * n_tensors + tidx).to(tl.pointer_type(tl.float32))
-                    tl.store(l_ptr + offs, tl.load(a_ptr + offs, mask=mask), mask=mask)
+                    if ALIGNED:
+                        l_ptr = tl.multiple_of(l_ptr, 16)
+                    _store(l_ptr, offs, numel, _load(a_ptr, offs, numel, MASKED), MASKED)
                 c = tl.load(coefs + table)
                 if ok != 0:
-                    tl.store(a_ptr + offs, c * x, mask=mask)
+                    _store(a_ptr, offs, numel, c * x, MASKED)
                 else:
-                    tl.store(a_ptr + offs, tl.zeros([BLOCK], dtype=tl.float32), mask=mask)
+                    _store(a_ptr, offs, numel, tl.zeros([BLOCK], dtype=tl.float32), MASKED)
         else:
             if (u > 0) & (u % interval == 0):
                 if ok != 0:
                     t = (u // interval - 1) % k + 1
                     c = tl.load(coefs + table + t)
-                    a = tl.load(a_ptr + offs, mask=mask)
-                    tl.store(a_ptr + offs, a + c * x, mask=mask)
+                    _store(a_ptr, offs, numel, _load(a_ptr, offs, numel, MASKED) + c * x, MASKED)
+
+
+@triton.jit
+def wsm_update_kernel(
+    param_ptrs,  # *i64 [n_tensors]: data pointers of the params (dtype PARAM_DTYPE)
+    numels,  # *i64 [n_tensors]
+    chunk_tensor,  # *i32 [n_chunks]
+    chunk_start,  # *i64 [n_chunks]: element offset of the chunk inside its tensor (multiple of BLOCK)
+    acc_ptrs,  # *i64 [N_MERGES * n_tensors]: fp32 accumulators
+    last_ptrs,  # *i64 [N_MERGES * n_tensors]: fp32 last-window buffers (0 when unused)
+    coefs,  # *f32: concatenated merge-weight tables
+    meta,  # *i64 [N_MERGES * 5]: start, interval, k, table_offset, keep_last
+    step_ptr,  # *i64 scalar: counted optimizer steps
+    bad_step,  # *i64 [2 * n_tensors]: first / last step a non-finite value was read
+    ok_ptr,  # *i32 scalar: 1 if the whole checkpoint is finite (read only with SKIP)
+    n_tensors,
+    N_MERGES: tl.constexpr,
+    PHASE: tl.constexpr,
+    PARAM_DTYPE: tl.constexpr,
+    SKIP: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
+    tidx, offs, numel, p_ptr, full = _chunk(param_ptrs, numels, chunk_tensor, chunk_start, PARAM_DTYPE, BLOCK, ALIGNED)
+    if full:
+        _merge_chunk(tidx, offs, numel, p_ptr, acc_ptrs, last_ptrs, coefs, meta, step_ptr, bad_step, ok_ptr,
+                     n_tensors, N_MERGES, PHASE, SKIP, BLOCK, ALIGNED, False)
+    else:
+        _merge_chunk(tidx, offs, numel, p_ptr, acc_ptrs, last_ptrs, coefs, meta, step_ptr, bad_step, ok_ptr,
+                     n_tensors, N_MERGES, PHASE, SKIP, BLOCK, ALIGNED, True)
 
 
 @triton.jit
@@ -110,7 +159,12 @@ def nonfinite_check_kernel(
     ok_ptr,  # *i32 scalar, set to 1 beforehand; cleared if any value is NaN/inf
     PARAM_DTYPE: tl.constexpr,
     BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
-    _, _, _, _, n_bad = _load_chunk(param_ptrs, numels, chunk_tensor, chunk_start, PARAM_DTYPE, BLOCK)
+    tidx, offs, numel, p_ptr, full = _chunk(param_ptrs, numels, chunk_tensor, chunk_start, PARAM_DTYPE, BLOCK, ALIGNED)
+    if full:
+        n_bad = _count_nonfinite(_load(p_ptr, offs, numel, False).to(tl.float32))
+    else:
+        n_bad = _count_nonfinite(_load(p_ptr, offs, numel, True).to(tl.float32))
     if n_bad > 0:
         tl.atomic_min(ok_ptr, 0)

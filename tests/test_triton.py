@@ -47,11 +47,13 @@ def make_params(dtype):
         "two_blocks_odd": P(2 * BLOCK + 5),
         # dense but not contiguous: the kernel walks memory order
         "transposed": torch.nn.Parameter(torch.randn(6, 9, generator=g).to(DEVICE, dtype).t()),
+        # 4 bytes past a 16-byte boundary: the kernel's unaligned (scalar-access) variant
+        "offset": torch.nn.Parameter(torch.randn(BLOCK + 9, generator=g).to(DEVICE, dtype)[1:]),
         # not dense (gaps): handled by the foreach fallback
         "strided": torch.nn.Parameter(torch.randn(10, 12, generator=g).to(DEVICE, dtype)[:, ::3]),
     }
     assert not params["transposed"].is_contiguous() and TB.is_dense(params["transposed"])
-    assert not TB.is_dense(params["strided"])
+    assert not TB.is_dense(params["strided"]) and params["offset"].data_ptr() % 16 != 0
     return params
 
 

@@ -74,6 +74,7 @@ class _GroupTables:
     coefs: Tensor
     meta: Tensor
     n_chunks: int
+    aligned: bool  # every pointer 16-byte aligned: the kernel may use vector accesses
     bad_step: Tensor  # i64 [2, n_tensors]: first / last step a NaN/inf was read
 
 
@@ -154,6 +155,7 @@ class TritonBackend:
             return torch.as_tensor(np.asarray(x), dtype=dtype).to(device)
 
         previous = self._tables.get(key)
+        pointers = [p.data_ptr() for p in params] + acc + [x for x in last if x]
         return _GroupTables(
             ptr_key=tuple(p.data_ptr() for p in params),
             param_ptrs=dev([p.data_ptr() for p in params], torch.int64),
@@ -165,6 +167,7 @@ class TritonBackend:
             coefs=dev(np.concatenate(tables) if tables else np.zeros(1), torch.float32),
             meta=dev(meta, torch.int64),
             n_chunks=int(per_tensor.sum()),
+            aligned=all(ptr % 16 == 0 for ptr in pointers),
             bad_step=previous.bad_step
             if previous is not None and previous.bad_step.shape[1] == n
             else torch.stack(
@@ -225,6 +228,7 @@ class TritonBackend:
             PARAM_DTYPE=_TL_DTYPES[ps[0].dtype],
             SKIP=ok is not None,
             BLOCK=self.block,
+            ALIGNED=tab.aligned,
             num_warps=self.num_warps,
             enable_fp_fusion=True,  # A + c * x as one FMA: one rounding instead of two
         )
@@ -260,6 +264,7 @@ class TritonBackend:
                 ok,
                 PARAM_DTYPE=_TL_DTYPES[ps[0].dtype],
                 BLOCK=self.block,
+                ALIGNED=tab.aligned,
                 num_warps=self.num_warps,
                 enable_fp_fusion=True,
             )
