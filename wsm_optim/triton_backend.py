@@ -61,10 +61,21 @@ def is_dense(t: Tensor) -> bool:
 
 
 @dataclass
+class _Plan:
+    """Which params of a list the kernel handles (``fast``) and which go to foreach (``slow``)."""
+
+    params: Sequence[Tensor]
+    fast: list[int]
+    slow: list[int]
+    fast_params: list[Tensor]
+
+
+@dataclass
 class _GroupTables:
     """Device tables of one group for one tuple of merges."""
 
     ptr_key: tuple[int, ...]  # data_ptrs the pointer tables were built from
+    param_ids: tuple[int, ...]  # id() of each param, to name it in errors
     param_ptrs: Tensor
     numels: Tensor
     chunk_tensor: Tensor
@@ -97,6 +108,7 @@ class TritonBackend:
         self._steps: dict[torch.device, Tensor] = {}
         self._ok: dict[torch.device, Tensor] = {}
         self._tables: dict[tuple, _GroupTables] = {}
+        self._plans: dict[int, _Plan] = {}
         self._base_steps = 0
 
     # ----------------------------------------------------------- step counter
@@ -158,6 +170,7 @@ class TritonBackend:
         pointers = [p.data_ptr() for p in params] + acc + [x for x in last if x]
         return _GroupTables(
             ptr_key=tuple(p.data_ptr() for p in params),
+            param_ids=tuple(id(p) for p in params),
             param_ptrs=dev([p.data_ptr() for p in params], torch.int64),
             numels=dev(numels, torch.int64),
             chunk_tensor=dev(chunk_tensor, torch.int32),
@@ -178,36 +191,45 @@ class TritonBackend:
             ),
         )
 
-    def _tables_for(self, params: list[Tensor], targets: Sequence[Target]) -> _GroupTables:
+    def _plan(self, params: Sequence[Tensor]) -> _Plan:
+        """The kernel/foreach split of a param list, cached per list object (groups keep theirs)."""
+        plan = self._plans.get(id(params))
+        if plan is None or plan.params is not params or len(plan.params) != len(params):
+            fast, slow = self._split(params)
+            plan = self._plans[id(params)] = _Plan(params, fast, slow, [params[i] for i in fast])
+        return plan
+
+    def _tables_for(self, plan: _Plan, targets: Sequence[Target]) -> _GroupTables:
         key = (
-            tuple(id(p) for p in params),
+            id(plan),
             tuple(tg.name for tg in targets),
             tuple(tg.lasts is not None for tg in targets),
             tuple(id(tg.accs[0]) if tg.accs else 0 for tg in targets),
         )
         cached = self._tables.get(key)
-        if cached is None or cached.ptr_key != tuple(p.data_ptr() for p in params):
-            cached = self._tables[key] = self._build(params, targets, key)
+        if cached is None or cached.ptr_key != tuple(p.data_ptr() for p in plan.fast_params):
+            tgs = [_subset(tg, plan.fast) for tg in targets]
+            cached = self._tables[key] = self._build(plan.fast_params, tgs, key)
         return cached
 
     def invalidate(self) -> None:
         """Forget cached tables (accumulators were replaced or params changed)."""
         self._tables.clear()
+        self._plans.clear()
 
     # ------------------------------------------------------------------ launch
     def _launch(self, phase: int, params: Sequence[Tensor], targets: Sequence[Target], ok) -> None:
-        fast, slow = self._split(params)
-        if slow:
-            sub = [params[i] for i in slow]
-            subt = [_subset(tg, slow) for tg in targets]
+        plan = self._plan(params)
+        if plan.slow:
+            sub = [params[i] for i in plan.slow]
+            subt = [_subset(tg, plan.slow) for tg in targets]
             (ForeachBackend.anchor if phase == 0 else ForeachBackend.accumulate)(sub, subt, ok)
-        if not fast or not targets:
+        if not plan.fast or not targets:
             return
-        ps = [params[i] for i in fast]
-        tgs = [_subset(tg, fast) for tg in targets]
-        tab = self._tables_for(ps, tgs)
+        tab = self._tables_for(plan, targets)
         if tab.n_chunks == 0:
             return
+        ps = plan.fast_params
         device = ps[0].device
         ok_t = ok if ok is not None else self._ok_dummy(device)
         wsm_update_kernel[(tab.n_chunks,)](
@@ -223,7 +245,7 @@ class TritonBackend:
             tab.bad_step,
             ok_t,
             len(ps),
-            N_MERGES=len(tgs),
+            N_MERGES=len(targets),
             PHASE=phase,
             PARAM_DTYPE=_TL_DTYPES[ps[0].dtype],
             SKIP=ok is not None,
@@ -248,13 +270,13 @@ class TritonBackend:
 
     def all_finite(self, params: Sequence[Tensor], ok: Tensor) -> None:
         """Clear the int32 device flag ``ok`` if any value of ``params`` is NaN/inf."""
-        fast, slow = self._split(params)
-        if slow:
-            ForeachBackend.all_finite([params[i] for i in slow], ok)
-        if not fast:
+        plan = self._plan(params)
+        if plan.slow:
+            ForeachBackend.all_finite([params[i] for i in plan.slow], ok)
+        if not plan.fast:
             return
-        ps = [params[i] for i in fast]
-        tab = self._tables_for(ps, [])
+        ps = plan.fast_params
+        tab = self._tables_for(plan, [])
         if tab.n_chunks:
             nonfinite_check_kernel[(tab.n_chunks,)](
                 tab.param_ptrs,
@@ -276,7 +298,7 @@ class TritonBackend:
             if not key[1]:
                 continue
             firsts, lasts = tab.bad_step.tolist()
-            for pid, first, last in zip(key[0], firsts, lasts):
+            for pid, first, last in zip(tab.param_ids, firsts, lasts):
                 if last >= 0:
                     old = out.get(pid, (first, last))
                     out[pid] = (min(old[0], first), max(old[1], last))
