@@ -197,3 +197,38 @@ def test_load_with_different_merge_names_or_plain_state():
     params, opt = H.build(H.Case([(2,)], torch.float32, {"m": R.Window("linear", 4)}, "sgd", 0))
     with pytest.raises(ValueError, match="not a WSMOptimizer state dict"):
         opt.load_state_dict(opt.inner.state_dict())
+
+
+def test_keep_last_may_change_on_resume():
+    """Turning keep_last off drops the kept window; turning it on keeps the next one, not a past one."""
+    model = torch.nn.Linear(3, 2)
+
+    def make(keep):
+        return WSMOptimizer(torch.optim.SGD(model.named_parameters(), lr=0.1), window=3, keep_last=keep)
+
+    def train(opt, steps):
+        for _ in range(steps):
+            model(torch.ones(2, 3)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+
+    kept = make(True)
+    train(kept, 5)  # window 0 finished at step 3 and was kept
+    dropped = make(False)
+    dropped.load_state_dict(kept.state_dict())
+    with pytest.raises(RuntimeError, match="overwritten when the next window began"):
+        dropped.merged_state_dict(completed=True)
+
+    plain = make(False)
+    train(plain, 4)
+    enabled = make(True)
+    enabled.load_state_dict(plain.state_dict())
+    with pytest.raises(RuntimeError, match="was not kept .*the next window to complete will be"):
+        enabled.merged_state_dict(completed=True)
+    train(enabled, 2)  # window 1 completes at step 6
+    finished = enabled.merged_state_dict(torch.float32)
+    train(enabled, 1)  # the next step anchors window 2 and keeps window 1
+    kept_now = enabled.merged_state_dict(torch.float32, completed=True)
+    assert kept_now.keys() == finished.keys()
+    assert all(torch.equal(kept_now[k], finished[k]) for k in finished)
+    assert not torch.equal(enabled.merged_state_dict(torch.float32)["weight"], finished["weight"])

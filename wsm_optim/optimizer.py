@@ -643,6 +643,11 @@ class WSMOptimizer(torch.optim.Optimizer):
                 f"merge {tr.name!r}: the last completed window was overwritten when the next "
                 "window began; construct with keep_last=True to keep it"
             )
+        if tr.windows_completed:
+            raise RuntimeError(
+                f"merge {tr.name!r}: the last completed window was not kept (this optimizer resumed from a "
+                "state saved without keep_last); the next window to complete will be"
+            )
         raise RuntimeError(f"merge {tr.name!r}: no window has completed yet")
 
     def _merged_fp32(self, tr: _Track, completed: bool) -> dict[Tensor, Tensor]:
