@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import warnings
 from collections import OrderedDict
@@ -96,6 +97,10 @@ class _Track:
                 f"window must be a positive multiple of interval, got window={window}, "
                 f"interval={interval} (merge {name!r})"
             )
+        # plain ints (not numpy's), so the config in state_dict() loads with weights_only=True
+        spec = dataclasses.replace(
+            spec, window=window, interval=interval, start=int(spec.start), keep_last=bool(spec.keep_last)
+        )
         w = S.decay_weights(spec.schedule, spec.k)
         c = S.merge_weights(w)
         return cls(name=name, spec=spec, c=c, w_next=np.concatenate((w, [0.0])))
@@ -187,8 +192,13 @@ class _Group:
 
 
 def _fp32_copy(t: Tensor) -> Tensor:
-    """A detached copy of ``t`` in the accumulator dtype (fp32, complex64 for complex)."""
-    return t.detach().to(torch.complex64 if t.is_complex() else torch.float32, copy=True)
+    """A detached copy of ``t`` in at least the accumulator precision (fp32 / complex64).
+
+    Used for the live model before a window is anchored, so wider dtypes
+    (float64) are kept as they are: that readout is exactly the live model.
+    """
+    acc = torch.complex64 if t.is_complex() else torch.float32
+    return t.detach().to(torch.promote_types(t.dtype, acc), copy=True)
 
 
 class WSMOptimizer(torch.optim.Optimizer):
@@ -297,8 +307,8 @@ class WSMOptimizer(torch.optim.Optimizer):
         self._steps = 0
         self._swapped = False
         self._groups: dict[tuple[torch.device, torch.dtype], _Group] | None = None
-        for p in self._params():
-            self._adopt(p)
+        self._param_count = -1
+        self._grouped()  # gives every param its accumulators
 
     # ------------------------------------------------------------------ set-up
     def _init_hooks(self) -> None:
@@ -387,19 +397,28 @@ class WSMOptimizer(torch.optim.Optimizer):
             for tr in self._tracks.values():
                 if p in tr.accs:
                     continue
+                # Readouts divide by (1 - skipped weight) in skip mode; seed so that
+                # they return p: A = (1 - skipped - w_{t+1}) p.
+                skipped = float(tr.skipped_mass) if tr.skipped_mass is not None else 0.0
                 acc = accumulator_like(p)
                 if tr.anchored:
-                    acc.copy_(p).mul_(float(1.0 - tr.w_next[tr.t]))
+                    acc.copy_(p).mul_(float(1.0 - skipped - tr.w_next[tr.t]))
                 tr.accs[p] = acc
                 if tr.spec.keep_last:
                     last = accumulator_like(p)
                     if tr.has_last:  # same rule for the kept completed window: constant at p
-                        last.copy_(p)
+                        kept_skipped = float(tr.last_skipped[0]) if tr.last_skipped is not None else 0.0
+                        last.copy_(p).mul_(1.0 - kept_skipped)
                     tr.lasts[p] = last
         self._groups = None
         self.backend.invalidate()
 
     def _grouped(self) -> dict[tuple[torch.device, torch.dtype], _Group]:
+        count = sum(len(g["params"]) for g in self.inner.param_groups)
+        if count != self._param_count:  # params edited into param_groups directly
+            self._param_count = count
+            for p in self._params():
+                self._adopt(p)
         if self._groups is not None and not any(g.is_stale() for g in self._groups.values()):
             return self._groups
         members: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
@@ -462,10 +481,22 @@ class WSMOptimizer(torch.optim.Optimizer):
         self.inner.zero_grad(set_to_none=set_to_none)
 
     def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__.copy()
+        state = self.__dict__.copy()
+        # an LR scheduler wraps ``step`` on the instance, bound to this object: a copy must
+        # use its own (class) step; CUDA streams and events cannot be pickled.
+        state.pop("step", None)
+        state.pop("_opt_called", None)
+        state["_side_stream"] = None
+        state["_side_done"] = None
+        state["_overlap"] = self._side_stream is not None
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        overlap = state.pop("_overlap", False)
         self.__dict__.update(state)
+        if overlap and torch.cuda.is_available():
+            device = next(p for p in self._params() if p.is_cuda).device
+            self._side_stream = torch.cuda.Stream(device=device)
 
     def __repr__(self) -> str:
         merges = ", ".join(
@@ -714,8 +745,15 @@ class WSMOptimizer(torch.optim.Optimizer):
         last = first + tr.spec.window
         raise NonFiniteMergeError(
             f"merge {tr.name!r}, window {window} (steps {first}..{last}): the merged value of "
-            f"parameter {label} is NaN/inf{seen}. A checkpoint in this window (or the live params) "
-            "held non-finite values; construct with nonfinite='skip' to leave such checkpoints out"
+            f"parameter {label} is NaN/inf{seen}. {self._nonfinite_hint()}"
+        )
+
+    def _nonfinite_hint(self) -> str:
+        if self.nonfinite == "skip":  # skipped checkpoints never reach A: only the live term can
+            return "Checkpoints are skipped in this mode, so the live params themselves are non-finite now"
+        return (
+            "A checkpoint in this window (or the live params) held non-finite values; "
+            "construct with nonfinite='skip' to leave such checkpoints out"
         )
 
     def _current_fp32(self, tr: _Track) -> dict[Tensor, Tensor]:
@@ -854,7 +892,7 @@ class WSMOptimizer(torch.optim.Optimizer):
                         window = self._window_of(tr, completed)
                         raise NonFiniteMergeError(
                             f"merge {tr.name!r}, window {window}: the merged value of parameter "
-                            f"{key!r} is NaN/inf; construct with nonfinite='skip' to leave such checkpoints out"
+                            f"{key!r} is NaN/inf. {self._nonfinite_hint()}"
                         )
                     if not is_param and not D.is_dtensor(tensor) and full_value.device == tensor.device:
                         full_value = full_value.clone()  # a plain buffer comes back as the live tensor
@@ -942,6 +980,22 @@ class WSMOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """Inner state plus WSM buffers and counters (hooks registered on the wrapper run around it).
+
+        As with ``torch.optim`` optimizers, tensors in the result are references
+        to the live buffers (no copy of the accumulators is made): ``torch.save``
+        it or ``copy.deepcopy`` it to keep a snapshot while training goes on.
+        """
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        sd = self._state_dict_impl()
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
+        return sd
+
+    def _state_dict_impl(self) -> dict[str, Any]:
         """Inner state plus WSM buffers and counters.
 
         Format (``"wsm"`` version 1): the inner optimizer's state dict; in each
@@ -993,6 +1047,20 @@ class WSMOptimizer(torch.optim.Optimizer):
         )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """Restore inner state, accumulators and counters (see ``_load_state_dict_impl``).
+
+        Load-state-dict hooks registered on the wrapper run around it, as in ``torch.optim``.
+        """
+        state_dict = dict(state_dict)  # shallow copy, as torch.optim does
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        self._load_state_dict_impl(state_dict)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def _load_state_dict_impl(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         """Restore inner state, accumulators and counters.
 
         Accepts this class's :meth:`state_dict`, also after
