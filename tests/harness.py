@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import pytest
 import torch
 from torch import Tensor, nn
 
@@ -180,21 +181,11 @@ def _check_completed(opt, spec: R.Window, snaps, s: int, merge, names, tol: floa
     """``completed=True``: the last finished window's explicit merge, or a clear error."""
     done = R.completed_windows(spec, s)
     at_end = R.at_window_end(spec, s)
-    if done == 0:
-        try:
+    if done == 0 or not (at_end or spec.keep_last):
+        # before any window finished, or after it was replaced without keep_last
+        expected = "no window has completed" if done == 0 else "keep_last=True"
+        with pytest.raises(RuntimeError, match=expected):
             opt.merged_state_dict(torch.float32, merge=merge, completed=True)
-        except RuntimeError as e:
-            assert "no window has completed" in str(e)
-        else:
-            raise AssertionError(f"{name} step {s}: completed=True before any window completed")
-        return
-    if not (at_end or spec.keep_last):
-        try:
-            opt.merged_state_dict(torch.float32, merge=merge, completed=True)
-        except RuntimeError as e:
-            assert "keep_last=True" in str(e)
-        else:
-            raise AssertionError(f"{name} step {s}: completed=True after the window was replaced")
         return
     m = done - 1
     if (name, m) not in cache:  # a finished window's merge never changes
