@@ -121,6 +121,9 @@ class ForeachBackend:
     def set_steps(self, steps: int) -> None:
         pass
 
+    def read_steps(self) -> int | None:
+        return None
+
     def invalidate(self) -> None:
         pass
 

@@ -87,11 +87,12 @@ class _Track:
 
     @classmethod
     def build(cls, name: str, spec: MergeSpec) -> "_Track":
-        window = _check_int(f"merges[{name!r}].window" if name != DEFAULT_MERGE else "window", spec.window, 1)
-        interval = _check_int(
-            f"merges[{name!r}].interval" if name != DEFAULT_MERGE else "interval", spec.interval, 1
-        )
-        _check_int(f"merges[{name!r}].start" if name != DEFAULT_MERGE else "start", spec.start, 0)
+        def label(field: str) -> str:
+            return field if name == DEFAULT_MERGE else f"merges[{name!r}].{field}"
+
+        window = _check_int(label("window"), spec.window, 1)
+        interval = _check_int(label("interval"), spec.interval, 1)
+        _check_int(label("start"), spec.start, 0)
         if window % interval:
             raise ValueError(
                 f"window must be a positive multiple of interval, got window={window}, "
@@ -125,11 +126,10 @@ class _Track:
             self.t, self.r = divmod(window_steps, spec.interval)
         self.has_last = spec.keep_last and u > spec.window
 
-    def window_bounds(self) -> tuple[int, int, int]:
-        """``(index, first_step, last_step)`` of the current window (steps counted as ``steps``)."""
-        index = max(self.windows_completed - (1 if self.complete else 0), 0)
-        first = self.spec.start + index * self.spec.window
-        return index, first, first + self.spec.window
+    @property
+    def window_index(self) -> int:
+        """Index of the current window (0 before the first anchor; a finished window keeps its index)."""
+        return self.windows_completed - (1 if self.complete else 0)
 
     def target(self, group: "_Group", coef: float, with_last: bool = False) -> Target:
         """This merge's share of an update pass over ``group`` (local views)."""
@@ -385,18 +385,20 @@ class WSMOptimizer(torch.optim.Optimizer):
                     seen.add(id(p))
                     yield p
 
-    def _adopt(self, p: Tensor) -> None:
-        """Give a parameter its accumulators.
+    def _adopt(self, p: Tensor) -> bool:
+        """Give a parameter its accumulators; returns whether it had none.
 
         A parameter that joins mid-window (``add_param_group``) is treated as
         having been constant at its current value since the anchor: its merged
         value starts as its live value. The same holds for the last completed
         window kept with ``keep_last`` (its ``completed=True`` value is the live value).
         """
+        added = False
         with torch.no_grad():
             for tr in self._tracks.values():
                 if p in tr.accs:
                     continue
+                added = True
                 # Readouts divide by (1 - skipped weight) in skip mode; seed so that
                 # they return p: A = (1 - skipped - w_{t+1}) p.
                 skipped = float(tr.skipped_mass) if tr.skipped_mass is not None else 0.0
@@ -410,15 +412,15 @@ class WSMOptimizer(torch.optim.Optimizer):
                         kept_skipped = float(tr.last_skipped[0]) if tr.last_skipped is not None else 0.0
                         last.copy_(p).mul_(1.0 - kept_skipped)
                     tr.lasts[p] = last
-        self._groups = None
-        self.backend.invalidate()
+        return added
 
     def _grouped(self) -> dict[tuple[torch.device, torch.dtype], _Group]:
         count = sum(len(g["params"]) for g in self.inner.param_groups)
-        if count != self._param_count:  # params edited into param_groups directly
+        if count != self._param_count:  # new params: constructor, add_param_group, direct edits
             self._param_count = count
-            for p in self._params():
-                self._adopt(p)
+            if any([self._adopt(p) for p in self._params()]):  # a list: adopt every one
+                self._groups = None
+                self.backend.invalidate()
         if self._groups is not None and not any(g.is_stale() for g in self._groups.values()):
             return self._groups
         members: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
@@ -474,8 +476,7 @@ class WSMOptimizer(torch.optim.Optimizer):
         group["params"] = [params] if isinstance(params, Tensor) else list(params)
         self._check_capturable(p[1] if isinstance(p, tuple) else p for p in group["params"])
         self.inner.add_param_group(group)
-        for p in self._params():
-            self._adopt(p)
+        self._grouped()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
@@ -590,11 +591,8 @@ class WSMOptimizer(torch.optim.Optimizer):
             for tr in self._tracks.values()
             if tr.complete or (not tr.anchored and self._steps == tr.spec.start)
         ]
-        if self.capturable:
-            due_set = {id(t) for t in due}
-            run = list(self._tracks.values())
-        else:
-            due_set, run = None, due
+        # capturable: every merge goes to the kernel, which decides on the device
+        run = list(self._tracks.values()) if self.capturable else due
         ok = None
         if run:
             ok = self._checkpoint_ok()
@@ -609,7 +607,7 @@ class WSMOptimizer(torch.optim.Optimizer):
                 tr.has_last = True
                 if tr.skipped_mass is not None:
                     tr.last_skipped = (tr.skipped_mass.clone(), tr.skipped_count.clone())
-            if ok is not None and (due_set is None or id(tr) in due_set):
+            if ok is not None:  # skip mode (never capturable): ``run`` is ``due``
                 self._record_skips(tr, float(tr.c[0]), ok[self._devices()[0]], reset=True)
             tr.anchored, tr.t, tr.r = True, 0, 0
 
@@ -625,10 +623,7 @@ class WSMOptimizer(torch.optim.Optimizer):
                 due.append((tr, float(tr.c[tr.t])))
                 if tr.t == tr.spec.k:
                     tr.windows_completed += 1
-        if self.capturable:
-            run = [(tr, 0.0) for tr in self._tracks.values()]
-        else:
-            run = due
+        run = [(tr, 0.0) for tr in self._tracks.values()] if self.capturable else due
         if not run:
             return
         ok = self._checkpoint_ok()
@@ -646,7 +641,7 @@ class WSMOptimizer(torch.optim.Optimizer):
         Replays advance the device counter but not the host one that readouts
         use; this reads it (one host sync) and recomputes every merge's position.
         """
-        steps = self.backend.read_steps() if hasattr(self.backend, "read_steps") else None
+        steps = self.backend.read_steps()
         if steps is not None and steps != self._steps:
             self._steps = steps
             for tr in self._tracks.values():
@@ -704,7 +699,7 @@ class WSMOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _window_of(tr: _Track, completed: bool) -> int:
-        return tr.windows_completed - 1 if completed else tr.window_bounds()[0]
+        return tr.windows_completed - 1 if completed else tr.window_index
 
     def _skip_scale(self, tr: _Track, completed: bool) -> float | None:
         """Skip mode: ``1 / (1 - skipped weight)`` for the readout, warning once per readout."""
@@ -739,30 +734,33 @@ class WSMOptimizer(torch.optim.Optimizer):
         bad = next(p for p, good in zip(out, ok.tolist()) if not good)
         names = self._param_names() or {}
         label = repr(names[bad]) if bad in names else f"#{list(out).index(bad)} (shape {tuple(bad.shape)})"
-        steps = self.backend.bad_steps().get(id(bad))
-        seen = f"; the kernel read non-finite values at steps {steps[0]}..{steps[1]}" if steps else ""
+        raise self._nonfinite_error(tr, window, label, self.backend.bad_steps().get(id(bad)))
+
+    def _nonfinite_error(self, tr: _Track, window: int, label: str, steps=None) -> NonFiniteMergeError:
         first = tr.spec.start + window * tr.spec.window
-        last = first + tr.spec.window
-        raise NonFiniteMergeError(
-            f"merge {tr.name!r}, window {window} (steps {first}..{last}): the merged value of "
-            f"parameter {label} is NaN/inf{seen}. {self._nonfinite_hint()}"
+        seen = f"; the kernel read non-finite values at steps {steps[0]}..{steps[1]}" if steps else ""
+        if self.nonfinite == "skip":  # skipped checkpoints never reach A: only the live term can
+            hint = "Checkpoints are skipped in this mode, so the live params themselves are non-finite now"
+        else:
+            hint = (
+                "A checkpoint in this window (or the live params) held non-finite values; "
+                "construct with nonfinite='skip' to leave such checkpoints out"
+            )
+        return NonFiniteMergeError(
+            f"merge {tr.name!r}, window {window} (steps {first}..{first + tr.spec.window}): the merged "
+            f"value of parameter {label} is NaN/inf{seen}. {hint}"
         )
 
-    def _nonfinite_hint(self) -> str:
-        if self.nonfinite == "skip":  # skipped checkpoints never reach A: only the live term can
-            return "Checkpoints are skipped in this mode, so the live params themselves are non-finite now"
-        return (
-            "A checkpoint in this window (or the live params) held non-finite values; "
-            "construct with nonfinite='skip' to leave such checkpoints out"
-        )
+    def _readout_local(self, tr: _Track, local: list[Tensor], accs: list[Tensor]) -> list[Tensor]:
+        """Current-window merged values of local tensors: ``A + w_{t+1} theta``, or live before the anchor."""
+        if tr.anchored:
+            return self.backend.readout(local, accs, float(tr.w_next[tr.t]))
+        return [_fp32_copy(lp) for lp in local]
 
     def _current_fp32(self, tr: _Track) -> dict[Tensor, Tensor]:
         out: dict[Tensor, Tensor] = {}
         for g in self._grouped().values():
-            if tr.anchored:
-                vals = self.backend.readout(g.local, g.accs[tr.name], float(tr.w_next[tr.t]))
-            else:
-                vals = [_fp32_copy(lp) for lp in g.local]
+            vals = self._readout_local(tr, g.local, g.accs[tr.name])
             out.update((p, D.wrap_like(p, v)) for p, v in zip(g.params, vals))
         return out
 
@@ -772,11 +770,7 @@ class WSMOptimizer(torch.optim.Optimizer):
             with torch.no_grad():
                 v = self._completed_source(tr)[p].clone()
         else:
-            lp = D.local_view(p)
-            if tr.anchored:
-                (lv,) = self.backend.readout([lp], [D.local_view(tr.accs[p])], float(tr.w_next[tr.t]))
-            else:
-                lv = _fp32_copy(lp)
+            (lv,) = self._readout_local(tr, [D.local_view(p)], [D.local_view(tr.accs[p])])
             v = D.wrap_like(p, lv)
         if scale is not None:
             D.local_view(v).mul_(scale)
@@ -889,11 +883,7 @@ class WSMOptimizer(torch.optim.Optimizer):
                 del value
                 if full_value is not None:
                     if is_param and not bool(torch.isfinite(full_value).all()):
-                        window = self._window_of(tr, completed)
-                        raise NonFiniteMergeError(
-                            f"merge {tr.name!r}, window {window}: the merged value of parameter "
-                            f"{key!r} is NaN/inf. {self._nonfinite_hint()}"
-                        )
+                        raise self._nonfinite_error(tr, self._window_of(tr, completed), repr(key))
                     if not is_param and not D.is_dtensor(tensor) and full_value.device == tensor.device:
                         full_value = full_value.clone()  # a plain buffer comes back as the live tensor
                     out[key] = full_value
@@ -969,7 +959,7 @@ class WSMOptimizer(torch.optim.Optimizer):
         weights = np.concatenate((tr.c[: tr.t + 1], [live])) if tr.anchored else np.array([1.0])
         return {
             "anchored": tr.anchored,
-            "window_index": tr.windows_completed - (1 if tr.complete else 0) if tr.anchored else -1,
+            "window_index": tr.window_index if tr.anchored else -1,
             "checkpoint": tr.t,
             "k": tr.spec.k,
             "steps_since_checkpoint": tr.r,
@@ -1060,7 +1050,7 @@ class WSMOptimizer(torch.optim.Optimizer):
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
-    def _load_state_dict_impl(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+    def _load_state_dict_impl(self, state_dict: dict[str, Any]) -> None:
         """Restore inner state, accumulators and counters.
 
         Accepts this class's :meth:`state_dict`, also after
@@ -1105,6 +1095,13 @@ class WSMOptimizer(torch.optim.Optimizer):
         self.inner.load_state_dict(inner_sd)
         self._groups = None
         params = list(self._params())
+        counter_device = self._devices()[0] if params else torch.device("cpu")
+
+        def on_device(pair):  # skip-mode (weight, count) from host floats
+            if not pair:
+                return None
+            return tuple(torch.tensor(float(x), dtype=torch.float32, device=counter_device) for x in pair)
+
         # Saved keys in param order: ints from state_dict(), names after DCP re-keying.
         saved_keys = [k for g in state_dict["param_groups"] for k in g["params"]]
         with torch.no_grad():
@@ -1134,18 +1131,8 @@ class WSMOptimizer(torch.optim.Optimizer):
                 tr.t, tr.r = int(counters["t"]), int(counters["r"])
                 tr.windows_completed = int(counters["windows_completed"])
                 tr.has_last = bool(keep_saved_last)
-                device = params[0].device if params else torch.device("cpu")
-
-                def dev(pair):
-                    if not pair:
-                        return None
-                    return (
-                        torch.tensor(pair[0], dtype=torch.float32, device=device),
-                        torch.tensor(float(pair[1]), dtype=torch.float32, device=device),
-                    )
-
-                tr.skipped_mass, tr.skipped_count = dev(counters.get("skipped")) or (None, None)
-                tr.last_skipped = dev(counters.get("last_skipped"))
+                tr.skipped_mass, tr.skipped_count = on_device(counters.get("skipped")) or (None, None)
+                tr.last_skipped = on_device(counters.get("last_skipped"))
         self._steps = int(wsm["steps"])
         self.backend.invalidate()
         self.backend.set_steps(self._steps)

@@ -167,11 +167,12 @@ class TritonBackend:
             return torch.as_tensor(np.asarray(x), dtype=dtype).to(device)
 
         previous = self._tables.get(key)
-        pointers = [p.data_ptr() for p in params] + acc + [x for x in last if x]
+        param_ptrs = [p.data_ptr() for p in params]
+        pointers = param_ptrs + acc + [x for x in last if x]
         return _GroupTables(
-            ptr_key=tuple(p.data_ptr() for p in params),
+            ptr_key=tuple(param_ptrs),
             param_ids=tuple(id(p) for p in params),
-            param_ptrs=dev([p.data_ptr() for p in params], torch.int64),
+            param_ptrs=dev(param_ptrs, torch.int64),
             numels=dev(numels, torch.int64),
             chunk_tensor=dev(chunk_tensor, torch.int32),
             chunk_start=dev(starts, torch.int64),
