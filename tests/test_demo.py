@@ -16,9 +16,10 @@ import pytest
 import torch
 
 import wsm_optim
-from wsm_optim import cli, demo
+from wsm_optim import cli
+from wsm_optim.demo import main as demo
 from wsm_optim import schedules as S
-from wsm_optim.data import split_corpus, strip_markdown
+from wsm_optim.demo.data import split_corpus, strip_markdown
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -19,10 +19,6 @@ SUBCOMMANDS = {
 }
 
 
-class UsageError(Exception):
-    """Bad user input: printed as ``wsm-optim: error: ...`` with exit code 2."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wsm-optim", description="Warmup-Stable and Merge: decay-free LR training by checkpoint merging."
@@ -47,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(args._module)
     try:
         return int(module.run(args) or 0)
-    except (UsageError, ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # bad input: one line, exit 2
         print(f"wsm-optim {args.command}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into e.g. `head`, which exited early

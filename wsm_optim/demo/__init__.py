@@ -1,0 +1,9 @@
+"""The ``wsm-optim demo`` command: WSM merges against decays and averaging baselines.
+
+A subpackage of its own: the library core never imports it. ``model.py`` is
+the nanoGPT-style model, ``data.py`` the corpus, ``main.py`` the run.
+"""
+
+from .main import UsageError, add_arguments, build_config, run
+
+__all__ = ["UsageError", "add_arguments", "build_config", "run"]
