@@ -8,6 +8,18 @@ accumulator per parameter, updated in a single streaming pass per checkpoint.
 from . import schedules
 from .offline import merge_checkpoints
 from .optimizer import DEFAULT_MERGE, MergeSpec, NonFiniteMergeError, WSMOptimizer
+from .selection import MergeScores, evaluate_merges
+from .unwrap import unwrap
 
-__all__ = ["WSMOptimizer", "MergeSpec", "NonFiniteMergeError", "DEFAULT_MERGE", "merge_checkpoints", "schedules"]
+__all__ = [
+    "WSMOptimizer",
+    "MergeSpec",
+    "NonFiniteMergeError",
+    "DEFAULT_MERGE",
+    "merge_checkpoints",
+    "evaluate_merges",
+    "MergeScores",
+    "unwrap",
+    "schedules",
+]
 __version__ = "0.1.0"

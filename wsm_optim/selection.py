@@ -1,0 +1,86 @@
+"""Choosing a merge: evaluate every tracked merge in place and keep the best."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .unwrap import unwrap
+
+__all__ = ["MergeScores", "evaluate_merges"]
+
+
+@dataclass(frozen=True)
+class MergeScores:
+    """Scores of the tracked merges, in the optimizer's merge order.
+
+    ``scores``: ``{merge name: score}``; ``best``: the name with the best score
+    (lowest with ``mode="min"``, highest with ``"max"``; the first on ties);
+    ``live``: the score of the live weights, when asked for (else ``None``).
+    """
+
+    scores: dict[str, float]
+    best: str
+    live: float | None = None
+
+    @property
+    def best_score(self) -> float:
+        return self.scores[self.best]
+
+
+def evaluate_merges(
+    optimizer: Any,
+    evaluate: Callable[[], float],
+    *,
+    merges: Sequence[str] | None = None,
+    completed: bool = False,
+    include_live: bool = False,
+    mode: str = "min",
+) -> MergeScores:
+    """Evaluate each merge by swapping it into the live params; restore them exactly.
+
+    Args:
+        optimizer: a :class:`~wsm_optim.WSMOptimizer`, or a framework wrapper
+            around one (see :func:`wsm_optim.unwrap`).
+        evaluate: called with no argument while a merge is swapped in; returns
+            a number (e.g. the validation loss of the model the optimizer trains).
+        merges: names to evaluate (default: every tracked merge).
+        completed: evaluate each merge's last *completed* window instead of
+            the current one (see ``merged_state_dict(completed=True)``).
+        include_live: also evaluate the live weights (``MergeScores.live``).
+        mode: ``"min"`` (lower is better, e.g. a loss) or ``"max"``.
+
+    Between evaluations the live weights are restored bit-exactly (also when
+    ``evaluate`` raises), so training can go on as if nothing happened.
+    """
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+    if not callable(evaluate):
+        raise TypeError(f"evaluate must be a callable returning a number, got {type(evaluate).__name__}")
+    opt = unwrap(optimizer)
+    names = list(opt.merges) if merges is None else list(merges)
+    if not names:
+        raise ValueError("merges: give at least one merge name")
+    unknown = [n for n in names if n not in opt.merges]
+    if unknown:
+        raise ValueError(f"merges: unknown names {unknown}; tracked merges are {list(opt.merges)}")
+    scores: dict[str, float] = {}
+    for name in names:
+        with opt.merged_weights(merge=name, completed=completed):
+            scores[name] = _score(evaluate(), name)
+    live = _score(evaluate(), "live weights") if include_live else None
+    pick = min if mode == "min" else max
+    best = pick(names, key=lambda n: scores[n])
+    return MergeScores(scores=scores, best=best, live=live)
+
+
+def _score(value: Any, what: str) -> float:
+    try:
+        score = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"evaluate() must return a number, got {type(value).__name__} for {what}") from None
+    if math.isnan(score):
+        raise ValueError(f"evaluate() returned NaN for {what}")
+    return score

@@ -1,0 +1,45 @@
+"""Find the ``WSMOptimizer`` inside the optimizer wrappers of training frameworks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["unwrap"]
+
+#: Attributes under which known wrappers keep the optimizer they wrap:
+#: Lightning's ``LightningOptimizer`` (``_optimizer``), accelerate's
+#: ``AcceleratedOptimizer`` and DeepSpeed's optimizers (``optimizer``).
+_INNER_ATTRIBUTES = ("_optimizer", "optimizer")
+_MAX_DEPTH = 8
+
+
+def unwrap(optimizer: Any) -> Any:
+    """The :class:`~wsm_optim.WSMOptimizer` that ``optimizer`` is or wraps.
+
+    Follows the attributes under which Lightning, accelerate (and so Hugging
+    Face ``Trainer``) and DeepSpeed keep the optimizer they wrap, a few levels
+    deep. A ``WSMOptimizer`` is returned as is.
+
+    Raises:
+        TypeError: no ``WSMOptimizer`` is found; the message lists the chain
+            of wrappers that was followed.
+    """
+    from .optimizer import WSMOptimizer
+
+    chain, current = [], optimizer
+    for _ in range(_MAX_DEPTH):
+        chain.append(type(current).__name__)
+        if type(current) is WSMOptimizer or (
+            isinstance(current, WSMOptimizer) and "_optimizer" not in vars(current)
+        ):
+            return current
+        inner = next(
+            (vars(current)[a] for a in _INNER_ATTRIBUTES if a in getattr(current, "__dict__", {})), None
+        )
+        if inner is None or inner is current:
+            break
+        current = inner
+    raise TypeError(
+        f"unwrap: no WSMOptimizer inside {' -> '.join(chain)}; wrap the optimizer with "
+        "WSMOptimizer(inner, ...) before handing it to the framework"
+    )
