@@ -11,7 +11,7 @@ Sections (each candidate timed in the same process, round-robin, median of round
 ratios are medians of per-round ratios, so load from other processes hits both sides):
 
 1. update: one WSM checkpoint update ``A <- A + c * theta`` through each backend
-   (``opt.backend.accumulate``) over a real model's parameter list, against a
+   (``wsm_optim.backends``' ``accumulate``) over a real model's parameter list, against a
    single flat-tensor axpy over the same bytes, ``torch._foreach_lerp_`` EMA
    (``AveragedModel`` style, EMA in the params' dtype), NeMo-style
    ``_foreach_mul_`` + ``_foreach_add_``, and a per-tensor Python loop.
@@ -56,7 +56,8 @@ from torch import nn  # noqa: E402
 
 import common as C  # noqa: E402
 from wsm_optim import WSMOptimizer  # noqa: E402
-from wsm_optim.functional import Target, accumulator_like  # noqa: E402
+from wsm_optim.backends import MergeUpdate, resolve  # noqa: E402
+from wsm_optim.registry import accumulator_like  # noqa: E402
 from wsm_optim.schedules import merge_coefficients  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -78,13 +79,10 @@ TARGETS = {
 def resolve_backend(name: str, device: torch.device):
     """The backend object ``WSMOptimizer(..., backend=name)`` picks on ``device``, and its name.
 
-    Built through the public constructor on a one-element dummy param, so the
-    resolution ("auto" -> triton on CUDA when importable) is the library's own.
+    ``wsm_optim.backends.resolve``, the switch ``WSMOptimizer`` itself uses.
     """
-    dummy = torch.zeros(1, device=device, requires_grad=True)
-    opt = WSMOptimizer(torch.optim.SGD([dummy], lr=0.0), window=1, backend=name)
-    be = opt.backend
-    return be, getattr(be, "name", type(be).__name__)
+    be = resolve(name, [device], [2])
+    return be, be.name
 
 
 def backend_names(device: torch.device) -> list[str]:
@@ -128,14 +126,14 @@ def calibrate_inner(timer, fn, target_s: float, cap: int = 100) -> int:
 
 
 def checkpoint_target(accs, coef, index=0):
-    """A ``Target`` that every backend applies as ``A += coef * theta``.
+    """A ``MergeUpdate`` that every backend applies as ``A += coef * theta``.
 
     The Triton kernel ignores ``coef`` and reads the weight from a device table
     at the index given by the device step counter: a one-update window
     (``k = 1``, weights ``(1 - coef, coef)``) with the counter at 1 makes it
     read ``coef`` (see ``bench_update``, which sets the counter).
     """
-    return Target(accs, coef, name=f"bench{index}", start=0, interval=1, k=1, table=(1.0 - coef, coef))
+    return MergeUpdate(accs, coef, name=f"bench{index}", start=0, interval=1, k=1, table=(1.0 - coef, coef))
 
 
 def bench_update(args, device, timer, peak, backends, model, dtype_name, rows, notes):
@@ -158,9 +156,10 @@ def bench_update(args, device, timer, peak, backends, model, dtype_name, rows, n
     kind["flat axpy (1 tensor)"] = "reference"
     wsm_auto = None
     for label, be, _ in backends:
-        be.set_steps(1)  # device counter at the first checkpoint of a k = 1 window
+        if be.clock is not None:
+            be.clock.set(1)  # device counter at the first checkpoint of a k = 1 window
         targets = [checkpoint_target(accs, coef)]
-        fn = functools.partial(be.accumulate, params, targets)
+        fn = functools.partial(be.accumulate, params, targets, cache={})  # tables built once, as in training
         try:
             with torch.no_grad():
                 fn()
@@ -175,7 +174,7 @@ def bench_update(args, device, timer, peak, backends, model, dtype_name, rows, n
         if args.multi > 1:
             many = [checkpoint_target(a, coef, i) for i, a in enumerate([accs, *extra_accs])]
             name_m = f"WSM update, {args.multi} merges in one call [{label}]"
-            fns[name_m] = functools.partial(be.accumulate, params, many)
+            fns[name_m] = functools.partial(be.accumulate, params, many, cache={})
             nbytes[name_m], kind[name_m] = n * (pbytes + 8 * args.multi), "wsm-multi"
 
     def loop():
@@ -284,9 +283,9 @@ def bench_explicit(args, device, timer, backends, rows, notes):
                 t_save += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 if j == 0:
-                    be.anchor(plist, [Target(accs, float(c[0]))])
+                    be.anchor(plist, [MergeUpdate(accs, float(c[0]))])
                 else:
-                    be.accumulate(plist, [Target(accs, float(c[j]))])
+                    be.accumulate(plist, [MergeUpdate(accs, float(c[j]))])
                 t_wsm += time.perf_counter() - t0
             t0 = time.perf_counter()
             merged = explicit_merge(paths, c)
@@ -352,7 +351,7 @@ def bench_step(args, device, timer, model, rows, notes):
         except Exception as e:  # noqa: BLE001
             notes.append(f"step {model}: backend {name!r} not available: {type(e).__name__}: {e}")
             continue
-        resolved = getattr(wsm[1].backend, "name", type(wsm[1].backend).__name__)
+        resolved = wsm[1].backend
         if resolved in seen:
             continue
         seen.add(resolved)
@@ -411,7 +410,7 @@ def bench_e2e(args, device, timer, rows, notes):
     try:
         wsm = WSMOptimizer(inner, window=window, backend="auto")
         variants["WSM interval 1"] = functools.partial(train_step, wsm)
-        backend = getattr(wsm.backend, "name", type(wsm.backend).__name__)
+        backend = wsm.backend
     except Exception as e:  # noqa: BLE001
         notes.append(f"e2e: WSM (auto) not available: {type(e).__name__}: {e}")
         backend = ""
@@ -696,9 +695,9 @@ def child_main(args) -> int:
         t0 = time.perf_counter()
         with C.RssPeak() as r:
             accs = [accumulator_like(p) for p in plist]
-            be.anchor(plist, [Target(accs, float(c[0]))])
+            be.anchor(plist, [MergeUpdate(accs, float(c[0]))])
             for j in range(1, args.n_ckpt):
-                be.accumulate(plist, [Target(accs, float(c[j]))])
+                be.accumulate(plist, [MergeUpdate(accs, float(c[j]))])
         seconds = time.perf_counter() - t0
     else:
         raise SystemExit(f"--child must be explicit-merge or wsm-stream, got {args.child!r}")

@@ -1,4 +1,4 @@
-"""Raw Triton kernels of the WSM streaming merge (launchers: ``wsm_optim.triton_backend``).
+"""Raw Triton kernels of the WSM streaming merge (launchers: ``wsm_optim.backends.triton``).
 
 One launch updates every tensor of a (device, dtype) group and every merge:
 program ``pid`` handles ``BLOCK`` elements of one tensor, found through a chunk
@@ -7,13 +7,13 @@ tables of raw data pointers. The parameters are read once per launch whatever
 the number of merges.
 
 What to do for merge ``m`` is decided on the device from the step counter
-``s = *step_ptr`` and ``meta[m] = (start, interval, k, table_offset, keep_last)``,
+``s = *step_ptr`` and ``meta[m] = (start, interval, k, table_offset, keeps_completed)``,
 so no host value changes between steps and the launch can be captured in a
 CUDA graph:
 
 * ``PHASE == 0`` (before the inner step, ``s`` steps done): anchor iff
   ``s >= start`` and ``(s - start) % (k * interval) == 0``:
-  ``last <- A`` (if keep_last and ``s > start``), then ``A <- c_0 * theta``.
+  ``completed <- A`` (if the merge keeps its completed window and ``s > start``), then ``A <- c_0 * theta``.
 * ``PHASE == 1`` (after the inner step, ``s`` counts it): with ``u = s - start``,
   checkpoint iff ``u > 0`` and ``u % interval == 0``:
   ``A <- A + c_t * theta``, ``t = (u // interval - 1) % k + 1``.
@@ -77,7 +77,7 @@ def _count_nonfinite(x):
 
 @triton.jit
 def _merge_chunk(
-    tidx, offs, numel, p_ptr, acc_ptrs, last_ptrs, coefs, meta, step_ptr, bad_step, ok_ptr, n_tensors,
+    tidx, offs, numel, p_ptr, acc_ptrs, completed_ptrs, coefs, meta, step_ptr, bad_step, ok_ptr, n_tensors,
     N_MERGES: tl.constexpr, PHASE: tl.constexpr, SKIP: tl.constexpr, BLOCK: tl.constexpr,
     ALIGNED: tl.constexpr, MASKED: tl.constexpr,
 ):
@@ -101,12 +101,12 @@ def _merge_chunk(
         u = s - start
         if PHASE == 0:
             if (u >= 0) & (u % (k * interval) == 0):
-                keep_last = tl.load(meta + 5 * m + 4)
-                if (keep_last != 0) & (u > 0):
-                    l_ptr = tl.load(last_ptrs + m * n_tensors + tidx).to(tl.pointer_type(tl.float32))
+                keeps = tl.load(meta + 5 * m + 4)
+                if (keeps != 0) & (u > 0):
+                    c_ptr = tl.load(completed_ptrs + m * n_tensors + tidx).to(tl.pointer_type(tl.float32))
                     if ALIGNED:
-                        l_ptr = tl.multiple_of(l_ptr, 16)
-                    _store(l_ptr, offs, numel, _load(a_ptr, offs, numel, MASKED), MASKED)
+                        c_ptr = tl.multiple_of(c_ptr, 16)
+                    _store(c_ptr, offs, numel, _load(a_ptr, offs, numel, MASKED), MASKED)
                 c = tl.load(coefs + table)
                 if ok != 0:
                     _store(a_ptr, offs, numel, c * x, MASKED)
@@ -127,9 +127,9 @@ def wsm_update_kernel(
     chunk_tensor,  # *i32 [n_chunks]
     chunk_start,  # *i64 [n_chunks]: element offset of the chunk inside its tensor (multiple of BLOCK)
     acc_ptrs,  # *i64 [N_MERGES * n_tensors]: fp32 accumulators
-    last_ptrs,  # *i64 [N_MERGES * n_tensors]: fp32 last-window buffers (0 when unused)
+    completed_ptrs,  # *i64 [N_MERGES * n_tensors]: fp32 completed-window buffers (0 when unused)
     coefs,  # *f32: concatenated merge-weight tables
-    meta,  # *i64 [N_MERGES * 5]: start, interval, k, table_offset, keep_last
+    meta,  # *i64 [N_MERGES * 5]: start, interval, k, table_offset, keeps_completed
     step_ptr,  # *i64 scalar: counted optimizer steps
     bad_step,  # *i64 [2 * n_tensors]: first / last step a non-finite value was read
     ok_ptr,  # *i32 scalar: 1 if the whole checkpoint is finite (read only with SKIP)
@@ -143,10 +143,10 @@ def wsm_update_kernel(
 ):
     tidx, offs, numel, p_ptr, full = _chunk(param_ptrs, numels, chunk_tensor, chunk_start, PARAM_DTYPE, BLOCK, ALIGNED)
     if full:
-        _merge_chunk(tidx, offs, numel, p_ptr, acc_ptrs, last_ptrs, coefs, meta, step_ptr, bad_step, ok_ptr,
+        _merge_chunk(tidx, offs, numel, p_ptr, acc_ptrs, completed_ptrs, coefs, meta, step_ptr, bad_step, ok_ptr,
                      n_tensors, N_MERGES, PHASE, SKIP, BLOCK, ALIGNED, False)
     else:
-        _merge_chunk(tidx, offs, numel, p_ptr, acc_ptrs, last_ptrs, coefs, meta, step_ptr, bad_step, ok_ptr,
+        _merge_chunk(tidx, offs, numel, p_ptr, acc_ptrs, completed_ptrs, coefs, meta, step_ptr, bad_step, ok_ptr,
                      n_tensors, N_MERGES, PHASE, SKIP, BLOCK, ALIGNED, True)
 
 

@@ -114,6 +114,13 @@ def _fsdp_model(world: int):
     return model
 
 
+def wsm_buffers(opt, merge: str, kind: str = "wsm_acc") -> dict:
+    """``{param: buffer}`` of one merge, through the public state dict (its tensors are the live buffers)."""
+    state = opt.state_dict()["state"]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    return {p: state[i][f"{kind}.{merge}"] for i, p in enumerate(params)}
+
+
 def _wsm(model):
     from wsm_optim import WSMOptimizer
 
@@ -147,8 +154,9 @@ def scenario_train(out_dir: Path) -> None:
     rank, world = _init()
     model = _fsdp_model(world)
     opt = _wsm(model)
+    accs = wsm_buffers(opt, "sq")
     for p in model.parameters():
-        acc = opt._tracks["sq"].accs[p]
+        acc = accs[p]
         assert isinstance(p, DTensor) and isinstance(acc, DTensor), (type(p), type(acc))
         assert acc.placements == p.placements and acc.device_mesh == p.device_mesh
         assert acc.shape == p.shape and acc.to_local().shape == p.to_local().shape
@@ -169,7 +177,7 @@ def scenario_train(out_dir: Path) -> None:
 
     # Backends saw local views: the accumulator's local tensor is what changed.
     p0 = next(model.parameters())
-    assert local_view(opt._tracks["sq"].accs[p0]).abs().sum() > 0
+    assert local_view(wsm_buffers(opt, "sq")[p0]).abs().sum() > 0
 
     sharded = {}
     n_read = _count_comms(lambda: sharded.update(opt.merged_state_dict(merge="sq")))
@@ -239,10 +247,11 @@ def _state_dict_round_trips(model, opt) -> None:
     # A plain full tensor loads into a DTensor accumulator as this rank's slice, locally.
     from wsm_optim.distributed import copy_into
 
+    accs = wsm_buffers(opt, "sq")
     for fqn, p in model.named_parameters():
-        target = torch.zeros_like(opt._tracks["sq"].accs[p])
+        target = torch.zeros_like(accs[p])
         copy_into(target, full_sd["state"][fqn][acc_key])
-        assert torch.equal(target.to_local(), opt._tracks["sq"].accs[p].to_local()), fqn
+        assert torch.equal(target.to_local(), accs[p].to_local()), fqn
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
     for restore in ("dcp-full", "torch.save"):
@@ -253,12 +262,13 @@ def _state_dict_round_trips(model, opt) -> None:
             buf.seek(0)
             fresh.load_state_dict(torch.load(buf, weights_only=False))
         assert fresh.steps == opt.steps, restore
-        for name, tr in opt._tracks.items():
+        for name in opt.merges:
             assert fresh.merge_status(name)["checkpoint"] == opt.merge_status(name)["checkpoint"]
-            for p in model.parameters():
-                assert torch.equal(fresh._tracks[name].accs[p].to_local(), tr.accs[p].to_local()), restore
-                if tr.spec.keep_last:
-                    assert torch.equal(fresh._tracks[name].lasts[p].to_local(), tr.lasts[p].to_local())
+            kinds = ["wsm_acc"] + (["wsm_last"] if MERGES[name].get("keep_last") else [])
+            for kind in kinds:
+                mine, theirs = wsm_buffers(fresh, name, kind), wsm_buffers(opt, name, kind)
+                for p in model.parameters():
+                    assert torch.equal(mine[p].to_local(), theirs[p].to_local()), (restore, kind)
 
 
 def _ddp_check(rank: int, world: int) -> dict:
@@ -269,10 +279,11 @@ def _ddp_check(rank: int, world: int) -> dict:
     ddp = DDP(model)
     opt = _wsm(ddp.module)
     train_steps(ddp, opt, 0, 7, rank, world)
-    for name, tr in opt._tracks.items():
+    for name in opt.merges:
+        accs = wsm_buffers(opt, name)
         for p in model.parameters():
-            gathered = [torch.empty_like(tr.accs[p]) for _ in range(world)]
-            dist.all_gather(gathered, tr.accs[p])
+            gathered = [torch.empty_like(accs[p]) for _ in range(world)]
+            dist.all_gather(gathered, accs[p])
             for other in gathered[1:]:
                 assert torch.equal(gathered[0], other), f"DDP accumulators differ across ranks ({name})"
     mine = opt.merged_state_dict(torch.float32, merge="sq")
@@ -308,8 +319,9 @@ def _tp_check(rank: int, world: int) -> dict:
             params[k].grad = distribute_tensor(grad, mesh, params[k].placements, src_data_rank=None)
         comms.append(_count_comms(opt.step))
     assert comms == [0] * 6, f"TP step communicated: {comms}"
+    accs = wsm_buffers(opt, "default")
     for k, p in params.items():
-        assert opt._tracks["default"].accs[p].placements == p.placements
+        assert accs[p].placements == p.placements
     out = opt.merged_state_dict(torch.float32, full=True, rank0_only=True)
     assert (len(out) > 0) == (rank == 0)
     return out

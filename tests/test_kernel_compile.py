@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent(
     from wsm_optim.kernels.wsm_update import nonfinite_check_kernel, wsm_update_kernel
 
     ptrs = {"param_ptrs": "*i64", "numels": "*i64", "chunk_tensor": "*i32", "chunk_start": "*i64"}
-    update_sig = {**ptrs, "acc_ptrs": "*i64", "last_ptrs": "*i64", "coefs": "*fp32", "meta": "*i64",
+    update_sig = {**ptrs, "acc_ptrs": "*i64", "completed_ptrs": "*i64", "coefs": "*fp32", "meta": "*i64",
                   "step_ptr": "*i64", "bad_step": "*i64", "ok_ptr": "*i32", "n_tensors": "i32",
                   "N_MERGES": "constexpr", "PHASE": "constexpr", "PARAM_DTYPE": "constexpr",
                   "SKIP": "constexpr", "BLOCK": "constexpr", "ALIGNED": "constexpr"}

@@ -16,8 +16,8 @@ import torch
 
 from wsm_optim import NonFiniteMergeError, WSMOptimizer
 from wsm_optim import schedules as S
-from wsm_optim import triton_backend as TB
-from wsm_optim.optimizer import _Track
+from wsm_optim.backends import triton as TB
+from wsm_optim.merge import MergeSpec, MergeState
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK = TB.TritonBackend().block
@@ -121,7 +121,7 @@ def test_triton_matches_reference_and_foreach_every_step(dtype):
     steps = 14
     opt_t, _, snaps, reads_t = train("triton", dtype, steps)
     opt_f, _, snaps_f, reads_f = train("foreach", dtype, steps)
-    assert opt_t._backend_name == "triton" and opt_f._backend_name == "foreach"
+    assert opt_t.backend == "triton" and opt_f.backend == "foreach"
     for s in range(1, steps + 1):
         for m, spec in MERGES.items():
             ref = reference(spec, snaps, s)
@@ -153,8 +153,10 @@ def test_many_tensors_one_launch_per_group(monkeypatch):
         for i, s in enumerate(shapes)
     ]
     merges = {"a": dict(schedule="linear", window=2), "b": dict(schedule="ema", window=4)}
-    opt = WSMOptimizer(torch.optim.SGD(params, lr=0.1), backend="triton", merges=merges)
-    ref = WSMOptimizer(torch.optim.SGD([p.detach().clone().requires_grad_() for p in params], lr=0.1),
+    opt = WSMOptimizer(torch.optim.SGD([(f"p{i}", p) for i, p in enumerate(params)], lr=0.1),
+                       backend="triton", merges=merges)
+    copies = [p.detach().clone().requires_grad_() for p in params]
+    ref = WSMOptimizer(torch.optim.SGD([(f"p{i}", p) for i, p in enumerate(copies)], lr=0.1),
                        backend="foreach", merges=merges)
     for _ in range(4):
         for p, q in zip(params, ref.inner.param_groups[0]["params"]):
@@ -165,9 +167,10 @@ def test_many_tensors_one_launch_per_group(monkeypatch):
     # per step: anchor (steps 0, 2 for a; 0 for b) and one checkpoint, each 2 launches (two groups)
     assert launches == [0, 0, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1]
     for m in merges:
-        got, want = opt._merged_fp32(opt._track(m), False), ref._merged_fp32(ref._track(m), False)
-        for p, q in zip(params, ref.inner.param_groups[0]["params"]):
-            torch.testing.assert_close(got[p], want[q], rtol=1e-6, atol=1e-6)
+        got, want = opt.merged_state_dict(torch.float32, merge=m), ref.merged_state_dict(torch.float32, merge=m)
+        assert list(got) == list(want) == [f"p{i}" for i in range(len(params))]
+        for name in got:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["foreach", "triton"])
@@ -206,22 +209,23 @@ def test_capturable_mode_equals_host_scheduled_mode():
 
 
 def test_closed_form_position_matches_state_machine():
-    """The device decides from the step count alone; the host machine must agree at every step."""
+    """The device decides from the step count alone; the optimizer's counters must agree at every step."""
     rng = np.random.default_rng(0)
     for _ in range(30):
         interval = int(rng.integers(1, 4))
         spec_kw = dict(schedule="linear", window=interval * int(rng.integers(1, 5)), interval=interval,
                        start=int(rng.integers(0, 5)), keep_last=True)
         p = torch.nn.Parameter(torch.zeros(2))
-        opt = WSMOptimizer(torch.optim.SGD([p], lr=0.1), **spec_kw)
-        shadow = _Track.build("x", opt._track(None).spec)
+        opt = WSMOptimizer(torch.optim.SGD([("p", p)], lr=0.1), **spec_kw)
+        shadow = MergeState("x", MergeSpec(**spec_kw))
         for step in range(1, 25):
             p.grad = torch.ones(2)
             opt.step()
             shadow.set_position(step)
-            live = opt._track(None)
-            assert (shadow.anchored, shadow.t, shadow.r, shadow.windows_completed, shadow.has_last) == (
-                live.anchored, live.t, live.r, live.windows_completed, live.has_last
+            live = opt.merge_status()
+            assert (shadow.anchored, shadow.t, shadow.r, shadow.windows_completed, shadow.has_completed) == (
+                live["anchored"], live["checkpoint"], live["steps_since_checkpoint"], live["windows_completed"],
+                live["completed_kept"],
             ), (spec_kw, step)
 
 
@@ -262,8 +266,8 @@ def test_cuda_graph_capture_replays_with_device_coefficients():
     p = torch.nn.Parameter(torch.randn(3000, device="cuda"))
     q = torch.nn.Parameter(p.detach().clone())
     spec = dict(schedule="cosine", window=6, interval=2)
-    graphed = WSMOptimizer(torch.optim.SGD([p], lr=0.1), backend="triton", capturable=True, **spec)
-    eager = WSMOptimizer(torch.optim.SGD([q], lr=0.1), backend="triton", **spec)
+    graphed = WSMOptimizer(torch.optim.SGD([("w", p)], lr=0.1), backend="triton", capturable=True, **spec)
+    eager = WSMOptimizer(torch.optim.SGD([("w", q)], lr=0.1), backend="triton", **spec)
     grads = [torch.randn(3000, device="cuda") for _ in range(15)]
     static_grad = torch.zeros(3000, device="cuda")
     p.grad = static_grad
@@ -288,8 +292,8 @@ def test_cuda_graph_capture_replays_with_device_coefficients():
     graphed.sync_steps()
     assert graphed.steps == eager.steps == 15
     torch.testing.assert_close(
-        graphed._merged_fp32(graphed._track(None), False)[p],
-        eager._merged_fp32(eager._track(None), False)[q],
+        graphed.merged_state_dict(torch.float32)["w"],
+        eager.merged_state_dict(torch.float32)["w"],
         rtol=1e-6,
         atol=1e-6,
     )
@@ -300,8 +304,9 @@ def test_overlap_equals_no_overlap():
     torch.manual_seed(0)
     ps = [torch.nn.Parameter(torch.randn(n, device="cuda")) for n in (5000, 77, 1)]
     qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
-    a = WSMOptimizer(torch.optim.AdamW(ps, lr=1e-2), window=5, overlap=True, keep_last=True)
-    b = WSMOptimizer(torch.optim.AdamW(qs, lr=1e-2), window=5, keep_last=True)
+    a = WSMOptimizer(torch.optim.AdamW([(f"p{i}", p) for i, p in enumerate(ps)], lr=1e-2), window=5,
+                     overlap=True, keep_last=True)
+    b = WSMOptimizer(torch.optim.AdamW([(f"p{i}", q) for i, q in enumerate(qs)], lr=1e-2), window=5, keep_last=True)
     for _ in range(12):
         for p, q in zip(ps, qs):
             p.grad = torch.randn_like(p)
@@ -309,10 +314,11 @@ def test_overlap_equals_no_overlap():
         a.step()
         b.step()
     for completed in (False, True):
-        ma = a._merged_fp32(a._track(None), completed)
-        mb = b._merged_fp32(b._track(None), completed)
-        for p, q in zip(ps, qs):
-            assert torch.equal(ma[p], mb[q])
+        ma = a.merged_state_dict(torch.float32, completed=completed)
+        mb = b.merged_state_dict(torch.float32, completed=completed)
+        assert list(ma) == list(mb) == ["p0", "p1", "p2"]
+        for name in ma:
+            assert torch.equal(ma[name], mb[name])
 
 
 def test_triton_resume_mid_window_is_bitwise():
@@ -320,7 +326,7 @@ def test_triton_resume_mid_window_is_bitwise():
     def fresh():
         g = torch.Generator().manual_seed(0)
         ps = [torch.nn.Parameter(torch.randn(n, generator=g).to(DEVICE)) for n in (5, BLOCK + 3)]
-        opt = WSMOptimizer(torch.optim.Adam(ps, lr=0.05), backend="triton", merges=MERGES)
+        opt = WSMOptimizer(torch.optim.Adam([("a", ps[0]), ("b", ps[1])], lr=0.05), backend="triton", merges=MERGES)
         return ps, opt
 
     grads = [[torch.randn(n, generator=torch.Generator().manual_seed(100 + s)).to(DEVICE) for n in (5, BLOCK + 3)]
@@ -344,9 +350,9 @@ def test_triton_resume_mid_window_is_bitwise():
     c.load_state_dict(saved)
     run(ps_c, c, range(7, 11))
     for m in MERGES:
-        got, want = c._merged_fp32(c._track(m), False), a._merged_fp32(a._track(m), False)
-        for p, q in zip(ps_c, ps_a):
-            assert torch.equal(got[p], want[q]), m
+        got, want = c.merged_state_dict(torch.float32, merge=m), a.merged_state_dict(torch.float32, merge=m)
+        for name in ("a", "b"):
+            assert torch.equal(got[name], want[name]), m
 
 
 # The core suite's property test, run through the Triton backend: random shapes, dtypes,

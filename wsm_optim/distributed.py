@@ -32,6 +32,7 @@ __all__ = [
     "is_dtensor",
     "local_view",
     "wrap_like",
+    "check_copy",
     "copy_into",
     "gather_full",
     "get_rank",
@@ -82,6 +83,33 @@ def wrap_like(p: Tensor, local: Tensor) -> Tensor:
     )
 
 
+def check_copy(dst: Tensor, src: Tensor, what: str) -> None:
+    """Raise ``ValueError`` (naming ``what``) unless :func:`copy_into` can copy ``src`` into ``dst``.
+
+    ``dst`` may be a parameter standing in for its accumulator: only the shape
+    and the layout (plain or ``DTensor``, mesh, placements) are compared.
+    """
+    if not isinstance(src, Tensor):
+        raise ValueError(f"load_state_dict: {what} is a {type(src).__name__}, expected a tensor")
+    if tuple(src.shape) != tuple(dst.shape):
+        raise ValueError(
+            f"load_state_dict: {what}: accumulator shape mismatch: saved {tuple(src.shape)}, "
+            f"parameter {tuple(dst.shape)}"
+        )
+    if is_dtensor(dst) and is_dtensor(src):
+        if src.device_mesh != dst.device_mesh or tuple(src.placements) != tuple(dst.placements):
+            raise ValueError(
+                f"load_state_dict: {what} is a DTensor with mesh/placements "
+                f"{src.device_mesh}/{src.placements}, parameter has {dst.device_mesh}/"
+                f"{dst.placements}; load with torch.distributed.checkpoint to reshard"
+            )
+    elif is_dtensor(src):
+        raise ValueError(
+            f"load_state_dict: {what} is a DTensor but the parameter is a plain tensor; "
+            "load sharded checkpoints with torch.distributed.checkpoint, which converts layouts"
+        )
+
+
 def copy_into(dst: Tensor, src: Tensor) -> None:
     """``dst.copy_(src)`` for accumulators restored from a state dict, without communication.
 
@@ -89,38 +117,22 @@ def copy_into(dst: Tensor, src: Tensor) -> None:
     laid out like ``dst`` (DCP, or a ``torch.save`` of a sharded state dict at the
     same world size) or a plain tensor of the *global* shape (a full,
     gathered state dict): each rank then copies its own slice of it.
+    Check first with :func:`check_copy`.
     """
     if src is dst:
         return
-    if tuple(src.shape) != tuple(dst.shape):
-        raise ValueError(
-            f"load_state_dict: accumulator shape mismatch: saved {tuple(src.shape)}, "
-            f"parameter {tuple(dst.shape)}"
-        )
+    check_copy(dst, src, "accumulator")
     if is_dtensor(dst):
         if is_dtensor(src):
-            if src.device_mesh != dst.device_mesh or tuple(src.placements) != tuple(dst.placements):
-                raise ValueError(
-                    "load_state_dict: saved accumulator is a DTensor with mesh/placements "
-                    f"{src.device_mesh}/{src.placements}, parameter has {dst.device_mesh}/"
-                    f"{dst.placements}; load with torch.distributed.checkpoint to reshard"
-                )
             dst.to_local().copy_(src.to_local())
         else:
             from torch.distributed.tensor import distribute_tensor
 
             # src_data_rank=None: every rank holds the full tensor and slices its
             # own shard locally; no scatter.
-            shard = distribute_tensor(
-                src.to(dst.device), dst.device_mesh, dst.placements, src_data_rank=None
-            )
+            shard = distribute_tensor(src.to(dst.device), dst.device_mesh, dst.placements, src_data_rank=None)
             dst.to_local().copy_(shard.to_local())
         return
-    if is_dtensor(src):
-        raise ValueError(
-            "load_state_dict: saved accumulator is a DTensor but the parameter is a plain tensor; "
-            "load sharded checkpoints with torch.distributed.checkpoint, which converts layouts"
-        )
     dst.copy_(src)
 
 

@@ -1,204 +1,61 @@
-"""``WSMOptimizer``: a wrapper that keeps the WSM checkpoint merge while training.
+"""``WSMOptimizer``: the ``torch.optim`` face of the streaming WSM merge.
 
-The state machine lives here; the arithmetic is in ``functional`` (and the
-Triton kernels), the merge weights in ``schedules``.
+This file is the constructor, the ordering of ``step()`` and the public
+readouts. What they rest on lives in one module each: the window arithmetic
+in ``merge``, the params and their accumulators in ``registry``, the NaN/inf
+policy in ``nonfinite``, the readouts in ``readout``, the state-dict format in
+``persistence``, the update arithmetic in ``backends``.
+
+All mutable state sits in one :class:`Runtime` object. Framework wrappers such
+as Lightning's ``LightningOptimizer`` forward or copy the wrapper's attributes;
+methods entered through them then still change the one shared runtime.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
-import hashlib
-import warnings
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import distributed as D
-from . import schedules as S
-from .functional import BACKENDS, Target, accumulator_like
+from . import distributed, persistence, readout, schedules
+from .backends import BACKEND_NAMES, Backend, MergeUpdate, resolve
+from .merge import DEFAULT_MERGE, MergeSpec, MergeState, check_bool
+from .nonfinite import NONFINITE_MODES, NonFiniteMergeError, SkipLedger
+from .registry import Group, Registry, accumulator_dtype
 
-__all__ = ["WSMOptimizer", "MergeSpec", "DEFAULT_MERGE", "NonFiniteMergeError"]
-
-DEFAULT_MERGE = "default"
-_STATE_VERSION = 1
-_ACC = "wsm_acc"
-_LAST = "wsm_last"
-
-
-class NonFiniteMergeError(RuntimeError):
-    """A merge readout holds NaN/inf: a checkpoint of the window was not finite."""
-
-
-@dataclass(frozen=True)
-class MergeSpec:
-    """Configuration of one merge: a decay shape over tumbling windows.
-
-    ``window`` optimizer steps per window, a checkpoint every ``interval``
-    steps (``k = window // interval`` updates, ``k + 1`` checkpoints), the first
-    window anchored after ``start`` steps. ``keep_last`` keeps the last
-    completed window's merge in one more fp32 buffer.
-    """
-
-    schedule: S.Schedule = "linear"
-    window: int = 1000
-    interval: int = 1
-    start: int = 0
-    keep_last: bool = False
-
-    @property
-    def k(self) -> int:
-        return self.window // self.interval
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
+__all__ = ["WSMOptimizer", "MergeSpec", "DEFAULT_MERGE", "NonFiniteMergeError", "Runtime"]
 
 
 @dataclass
-class _Track:
-    """One merge's coefficients, counters and buffers."""
+class Runtime:
+    """Everything a ``WSMOptimizer`` changes while it runs: counters, buffers, flags, side stream."""
 
-    name: str
-    spec: MergeSpec
-    c: np.ndarray  # (k + 1,) merge weights, float64
-    w_next: np.ndarray  # (k + 1,): w_next[t] = w_{t+1}, w_{k+1} = 0
-    anchored: bool = False
-    t: int = 0  # checkpoints completed in the current window (0..k)
-    r: int = 0  # steps since the last checkpoint (0..interval-1)
-    windows_completed: int = 0
-    has_last: bool = False
-    accs: dict[Tensor, Tensor] = field(default_factory=dict)
-    lasts: dict[Tensor, Tensor] = field(default_factory=dict)
-    # skip mode: device scalars, weight and count of checkpoints left out of A
-    skipped_mass: Tensor | None = None
-    skipped_count: Tensor | None = None
-    last_skipped: tuple[Tensor, Tensor] | None = None
+    merges: dict[str, MergeState]
+    ledgers: dict[str, SkipLedger]
+    registry: Registry
+    backend: Backend
+    backend_choice: str
+    nonfinite: str
+    capturable: bool
+    steps: int = 0
+    swapped: bool = False
+    overlap: bool = False
+    side_stream: Any = None
+    side_done: Any = None
+    devices: list[torch.device] = field(default_factory=list)
 
-    @classmethod
-    def build(cls, name: str, spec: MergeSpec) -> "_Track":
-        def label(field: str) -> str:
-            return field if name == DEFAULT_MERGE else f"merges[{name!r}].{field}"
+    accumulator_dtype = staticmethod(accumulator_dtype)
 
-        window = _check_int(label("window"), spec.window, 1)
-        interval = _check_int(label("interval"), spec.interval, 1)
-        _check_int(label("start"), spec.start, 0)
-        if window % interval:
-            raise ValueError(
-                f"window must be a positive multiple of interval, got window={window}, "
-                f"interval={interval} (merge {name!r})"
-            )
-        # plain ints (not numpy's), so the config in state_dict() loads with weights_only=True
-        spec = dataclasses.replace(
-            spec, window=window, interval=interval, start=int(spec.start), keep_last=bool(spec.keep_last)
-        )
-        w = S.decay_weights(spec.schedule, spec.k)
-        c = S.merge_weights(w)
-        return cls(name=name, spec=spec, c=c, w_next=np.concatenate((w, [0.0])))
+    def __getstate__(self) -> dict[str, Any]:  # CUDA streams and events cannot be pickled
+        return dict(self.__dict__, side_stream=None, side_done=None)
 
-    @property
-    def complete(self) -> bool:
-        return self.anchored and self.t == self.spec.k
-
-    def set_position(self, steps: int) -> None:
-        """Counters after ``steps`` counted steps (the closed form the kernel uses on device)."""
-        spec, u = self.spec, steps - self.spec.start
-        if u <= 0:
-            self.anchored, self.t, self.r, self.windows_completed = False, 0, 0, 0
-            self.has_last = False
-            return
-        window_steps = u % spec.window
-        self.anchored = True
-        self.windows_completed = u // spec.window
-        if window_steps == 0:  # a window just finished; the next anchors at the next step()
-            self.t, self.r = spec.k, 0
-        else:
-            self.t, self.r = divmod(window_steps, spec.interval)
-        self.has_last = spec.keep_last and u > spec.window
-
-    @property
-    def window_index(self) -> int:
-        """Index of the current window (0 before the first anchor; a finished window keeps its index)."""
-        return self.windows_completed - (1 if self.complete else 0)
-
-    def target(self, group: "_Group", coef: float, with_last: bool = False) -> Target:
-        """This merge's share of an update pass over ``group`` (local views)."""
-        return Target(
-            accs=group.accs[self.name],
-            coef=coef,
-            lasts=group.lasts[self.name] if with_last else None,
-            name=self.name,
-            start=self.spec.start,
-            interval=self.spec.interval,
-            k=self.spec.k,
-            table=self.c,
-        )
-
-    def config(self) -> dict[str, Any]:
-        digest = hashlib.sha256(np.ascontiguousarray(self.c).tobytes()).hexdigest()[:16]
-        return {
-            "schedule": S.schedule_name(self.spec.schedule),
-            "weights_sha256": digest,
-            "window": self.spec.window,
-            "interval": self.spec.interval,
-            "start": self.spec.start,
-        }
-
-    def counters(self) -> dict[str, Any]:
-        def host(pair):
-            return None if pair is None or pair[0] is None else [float(pair[0]), int(pair[1])]
-
-        return {
-            "anchored": self.anchored,
-            "t": self.t,
-            "r": self.r,
-            "windows_completed": self.windows_completed,
-            "has_last": self.has_last,
-            "skipped": host((self.skipped_mass, self.skipped_count)),
-            "last_skipped": host(self.last_skipped),
-        }
-
-
-@dataclass
-class _Group:
-    """Params whose local tensors share device and dtype: one backend call each.
-
-    ``params`` are the optimizer's params (plain or ``DTensor``), the keys of
-    ``_Track.accs``. Backends only ever see the ``local`` lists: the
-    ``to_local()`` views of DTensor params and accumulators (the tensors
-    themselves for plain ones), unwrapped once here and reused every pass.
-    """
-
-    params: list[Tensor]
-    local: list[Tensor]
-    accs: dict[str, list[Tensor]]
-    lasts: dict[str, list[Tensor]]
-    sharded: bool  # holds DTensors: local views are re-validated before use
-
-    def is_stale(self) -> bool:
-        # FSDP2 may swap a DTensor's local tensor (e.g. re-padding at lazy init
-        # after ``to_empty``); an identity check per param catches that.
-        return self.sharded and any(D.local_view(p) is not lp for p, lp in zip(self.params, self.local))
-
-
-def _fp32_copy(t: Tensor) -> Tensor:
-    """A detached copy of ``t`` in at least the accumulator precision (fp32 / complex64).
-
-    Used for the live model before a window is anchored, so wider dtypes
-    (float64) are kept as they are: that readout is exactly the live model.
-    """
-    acc = torch.complex64 if t.is_complex() else torch.float32
-    return t.detach().to(torch.promote_types(t.dtype, acc), copy=True)
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
 
 
 class WSMOptimizer(torch.optim.Optimizer):
@@ -207,7 +64,7 @@ class WSMOptimizer(torch.optim.Optimizer):
     After warmup, train at constant LR; this wrapper maintains, in one fp32
     accumulator per parameter and merge, the weighted merge of the last window's
     checkpoints that Theorem 3.1 of the WSM paper equates to a learning-rate
-    decay of the given shape. No checkpoint is stored.
+    decay of the given shape (``docs/method.md``). No checkpoint is stored.
 
     Args:
         inner: the optimizer to wrap (any ``torch.optim.Optimizer``). Build it
@@ -222,54 +79,59 @@ class WSMOptimizer(torch.optim.Optimizer):
             merged model is the live model. Windows then tumble: each new
             window is anchored at the last checkpoint of the previous one.
         backend: ``"foreach"``, ``"triton"`` (CUDA, or CPU under
-            ``TRITON_INTERPRET=1``) or ``"auto"`` (Triton on CUDA when
-            importable, foreach otherwise).
+            ``TRITON_INTERPRET=1``) or ``"auto"`` (Triton when the params are
+            on CUDA at the first ``step()``, foreach otherwise).
         keep_last: keep the last completed window's merge in one more fp32
-            buffer per parameter, readable with ``completed=True``.
-        merges: several merges updated side by side, ``{name: dict(schedule=...,
-            window=..., interval=..., start=..., keep_last=...)}``. Mutually
-            exclusive with the single-merge arguments; readouts take ``merge=name``.
+            buffer per parameter, readable with ``completed=True``. A bool.
+        merges: several merges updated side by side, ``{name: MergeSpec(...)}``
+            or ``{name: dict(schedule=..., window=..., interval=..., start=...,
+            keep_last=...)}``. Mutually exclusive with the single-merge
+            arguments; readouts take ``merge=name``.
         model: optional module; readouts then return complete
             ``model.state_dict()``-style dicts (buffers from the live model).
         nonfinite: ``"raise"`` (default): a NaN/inf that reached a merge makes
             its readouts raise :class:`NonFiniteMergeError` naming the window
-            and the first bad parameter; nothing is checked per step (a NaN
-            poisons the fp32 accumulator, which readouts check; the Triton
-            kernel also records the step in the same pass). ``"skip"``: each
-            checkpoint is checked first (one more read of the params, on the
-            device, no host sync); a checkpoint with a non-finite value is left
-            out of the merge, readouts renormalize the remaining weights and warn.
+            and the first bad parameter; nothing is checked per step. ``"skip"``:
+            each checkpoint is checked first (on the device, no host sync); a
+            checkpoint with a non-finite value is left out of the merge, and
+            readouts renormalize the remaining weights and warn.
         overlap: CUDA only: run the checkpoint update on a side stream so it
             overlaps the next forward/backward; it is joined before the next
             inner step, readout or state_dict.
         capturable: launch the update every step and let the Triton kernel
             decide on the device whether a checkpoint is due, so a step can be
             captured in a CUDA graph. After graph replays call :meth:`sync_steps`
-            before reading the merge. Needs ``backend="triton"``.
+            before reading the merge. Needs the Triton backend.
 
-    Counting: only calls of :meth:`step` count. A step skipped by
-    ``torch.amp.GradScaler`` (inf/NaN gradients) never calls it, so it does not count.
+    Counting: only calls of :meth:`step` count. A step that
+    ``torch.amp.GradScaler`` skips for inf/NaN gradients never calls it with an
+    unfused inner optimizer; with a fused one (``fused=True``) GradScaler calls
+    it and the inner step leaves the params unchanged, so it counts as a step
+    without progress.
 
-    Memory: one fp32 buffer per parameter and merge (two with ``keep_last``).
+    Memory: one fp32 buffer per parameter and merge (two with ``keep_last``;
+    float64 for float64 params), allocated at the first :meth:`step` (or
+    ``state_dict``/``load_state_dict``) on the params' device of that time, and
+    moved with a param that changes device afterwards.
 
     Distributed: with ``DTensor`` params (FSDP2 ``fully_shard``, tensor
     parallel) the buffers are ``DTensor`` s sharded like their param and every
     update runs on the local shards, with no communication; DDP needs nothing
     special. ``merged_state_dict(full=True, rank0_only=True)`` gathers; the
-    state dict works with ``torch.distributed.checkpoint`` (see ``wsm_optim.distributed``).
+    state dict works with ``torch.distributed.checkpoint``.
     """
 
     def __init__(
         self,
         inner: torch.optim.Optimizer,
-        schedule: S.Schedule = "linear",
+        schedule: schedules.Schedule = "linear",
         window: int | None = None,
         interval: int = 1,
         start: int = 0,
         backend: str = "auto",
         *,
         keep_last: bool = False,
-        merges: Mapping[str, Mapping[str, Any]] | None = None,
+        merges: Mapping[str, MergeSpec | Mapping[str, Any]] | None = None,
         model: nn.Module | None = None,
         nonfinite: str = "raise",
         overlap: bool = False,
@@ -280,40 +142,42 @@ class WSMOptimizer(torch.optim.Optimizer):
         if isinstance(inner, WSMOptimizer):
             raise TypeError("inner is already a WSMOptimizer; use merges= to track several merges")
         if model is not None and not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
+            raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__} {model!r}")
+        if nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        if backend not in BACKEND_NAMES:
+            raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+        overlap, capturable = check_bool("overlap", overlap), check_bool("capturable", capturable)
+        specs = _parse_merges(schedule, window, interval, start, keep_last, merges)
         self.inner = inner
         self.model = model
         self._init_hooks()
-        self._tracks: dict[str, _Track] = {}
-        for name, spec in self._parse_merges(schedule, window, interval, start, keep_last, merges).items():
-            self._tracks[name] = _Track.build(name, spec)
-        if nonfinite not in ("raise", "skip"):
-            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
-        self.nonfinite = nonfinite
-        self.backend = self._resolve_backend(backend)
-        if capturable and (self._backend_name != "triton" or nonfinite == "skip"):
+        params = list(dict.fromkeys(p for g in inner.param_groups for p in g["params"]))
+        devices = list(dict.fromkeys(distributed.local_view(p).device for p in params))
+        chosen = resolve(backend, devices, [s.k + 1 for s in specs.values()])
+        if capturable and (chosen.name != "triton" or nonfinite == "skip"):
             raise ValueError(
                 "capturable=True needs backend='triton' and nonfinite='raise' "
-                f"(got backend={self._backend_name!r}, nonfinite={nonfinite!r})"
+                f"(got backend={chosen.name!r}, nonfinite={nonfinite!r})"
             )
-        self.capturable = capturable
-        self._check_capturable(self._params())
-        self._side_stream = None
-        self._side_done = None
-        if overlap:
-            if not any(p.is_cuda for p in self._params()):
-                raise ValueError("overlap=True needs CUDA parameters (it uses a side CUDA stream)")
-            self._side_stream = torch.cuda.Stream(device=next(p for p in self._params() if p.is_cuda).device)
-        self._steps = 0
-        self._swapped = False
-        self._groups: dict[tuple[torch.device, torch.dtype], _Group] | None = None
-        self._param_count = -1
-        self._grouped()  # gives every param its accumulators
+        if overlap and not any(d.type == "cuda" for d in devices):
+            raise ValueError("overlap=True needs CUDA parameters (it uses a side CUDA stream)")
+        self._runtime = Runtime(
+            merges={n: MergeState(n, s) for n, s in specs.items()},
+            ledgers={n: SkipLedger() for n in specs},
+            registry=Registry(specs, [n for n, s in specs.items() if s.keep_last], self._seed),
+            backend=chosen,
+            backend_choice=backend,
+            nonfinite=nonfinite,
+            capturable=capturable,
+            overlap=overlap,
+            devices=devices,
+        )
+        self._check_capturable(params)
+        self._runtime.registry.sync(inner.param_groups, allocate=False)
 
-    # ------------------------------------------------------------------ set-up
     def _init_hooks(self) -> None:
-        # What torch.optim.Optimizer.__init__ sets up, minus param_groups/state,
-        # which belong to the inner optimizer.
+        # What torch.optim.Optimizer.__init__ sets up, minus param_groups/state (the inner optimizer's).
         self._optimizer_step_pre_hooks = OrderedDict()
         self._optimizer_step_post_hooks = OrderedDict()
         self._optimizer_state_dict_pre_hooks = OrderedDict()
@@ -322,152 +186,22 @@ class WSMOptimizer(torch.optim.Optimizer):
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._patch_step_function()
 
-    @staticmethod
-    def _parse_merges(schedule, window, interval, start, keep_last, merges) -> dict[str, MergeSpec]:
-        if merges is None:
-            if window is None:
-                raise TypeError("window is required: optimizer steps per merge window, e.g. window=1000")
-            return {DEFAULT_MERGE: MergeSpec(schedule, window, interval, start, keep_last)}
-        if window is not None or schedule != "linear" or interval != 1 or start != 0 or keep_last:
-            raise TypeError(
-                "pass either merges={...} or the single-merge arguments "
-                "(schedule, window, interval, start, keep_last), not both"
-            )
-        if not isinstance(merges, Mapping) or not merges:
-            raise ValueError("merges must be a non-empty dict {name: dict(schedule=..., window=...)}")
-        allowed = {"schedule", "window", "interval", "start", "keep_last"}
-        specs = {}
-        for name, cfg in merges.items():
-            if not isinstance(name, str) or not name:
-                raise ValueError(f"merges: names must be non-empty strings, got {name!r}")
-            if not isinstance(cfg, Mapping):
-                raise TypeError(f"merges[{name!r}] must be a dict, got {type(cfg).__name__}")
-            unknown = set(cfg) - allowed
-            if unknown:
-                raise TypeError(
-                    f"merges[{name!r}]: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}"
-                )
-            if "window" not in cfg:
-                raise TypeError(f"merges[{name!r}]: 'window' is required")
-            specs[name] = MergeSpec(**cfg)
-        return specs
-
-    def _resolve_backend(self, backend: str):
-        valid = ("auto", "foreach", "triton")
-        if backend not in valid:
-            raise ValueError(f"backend must be one of {valid}, got {backend!r}")
-        if backend == "auto":
-            backend = "foreach"
-            params = list(self._params())
-            if params and all(p.is_cuda for p in params):
-                try:
-                    from . import triton_backend  # noqa: F401
-
-                    backend = "triton"
-                except ImportError:
-                    pass
-        if backend == "triton":
-            from . import triton_backend
-
-            if not triton_backend.interpreted() and not all(p.is_cuda for p in self._params()):
-                raise ValueError(
-                    "backend='triton' needs CUDA parameters (CPU parameters only under "
-                    "TRITON_INTERPRET=1, Triton's interpreter for testing); use backend='foreach' or 'auto'"
-                )
-        self._backend_name = backend
-        return BACKENDS[backend]()
-
-    def _params(self) -> Iterator[Tensor]:
-        seen: set[int] = set()
-        for group in self.inner.param_groups:
-            for p in group["params"]:
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    yield p
-
-    def _adopt(self, p: Tensor) -> bool:
-        """Give a parameter its accumulators; returns whether it had none.
-
-        A parameter that joins mid-window (``add_param_group``) is treated as
-        having been constant at its current value since the anchor: its merged
-        value starts as its live value. The same holds for the last completed
-        window kept with ``keep_last`` (its ``completed=True`` value is the live value).
-        """
-        added = False
-        with torch.no_grad():
-            for tr in self._tracks.values():
-                if p in tr.accs:
-                    continue
-                added = True
-                # Readouts divide by (1 - skipped weight) in skip mode; seed so that
-                # they return p: A = (1 - skipped - w_{t+1}) p.
-                skipped = float(tr.skipped_mass) if tr.skipped_mass is not None else 0.0
-                acc = accumulator_like(p)
-                if tr.anchored:
-                    acc.copy_(p).mul_(float(1.0 - skipped - tr.w_next[tr.t]))
-                tr.accs[p] = acc
-                if tr.spec.keep_last:
-                    last = accumulator_like(p)
-                    if tr.has_last:  # same rule for the kept completed window: constant at p
-                        kept_skipped = float(tr.last_skipped[0]) if tr.last_skipped is not None else 0.0
-                        last.copy_(p).mul_(1.0 - kept_skipped)
-                    tr.lasts[p] = last
-        return added
-
-    def _grouped(self) -> dict[tuple[torch.device, torch.dtype], _Group]:
-        count = sum(len(g["params"]) for g in self.inner.param_groups)
-        if count != self._param_count:  # new params: constructor, add_param_group, direct edits
-            self._param_count = count
-            if any([self._adopt(p) for p in self._params()]):  # a list: adopt every one
-                self._groups = None
-                self.backend.invalidate()
-        if self._groups is not None and not any(g.is_stale() for g in self._groups.values()):
-            return self._groups
-        members: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-        for p in self._params():
-            lp = D.local_view(p)
-            members.setdefault((lp.device, lp.dtype), []).append(p)
-        groups = {}
-        for key, params in members.items():
-            groups[key] = _Group(
-                params=params,
-                local=[D.local_view(p) for p in params],
-                accs={n: [D.local_view(tr.accs[p]) for p in params] for n, tr in self._tracks.items()},
-                lasts={
-                    n: [D.local_view(tr.lasts[p]) for p in params]
-                    for n, tr in self._tracks.items()
-                    if tr.spec.keep_last
-                },
-                sharded=any(D.is_dtensor(p) for p in params),
-            )
-        self._groups = groups
-        return groups
-
     # --------------------------------------------------- torch.optim interface
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        return self.inner.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.inner.param_groups = value
-        self._groups = None
+    param_groups = property(lambda self: self.inner.param_groups, lambda self, v: setattr(self.inner, "param_groups", v))
+    state = property(lambda self: self.inner.state, lambda self, v: setattr(self.inner, "state", v))
+    defaults = property(lambda self: self.inner.defaults, lambda self, v: setattr(self.inner, "defaults", v))
 
     @property
-    def state(self):  # type: ignore[override]
-        return self.inner.state
+    def _step_supports_amp_scaling(self) -> bool:  # GradScaler's fused path (fused=True inner optimizers)
+        return bool(getattr(self.inner, "_step_supports_amp_scaling", False))
 
-    @state.setter
-    def state(self, value) -> None:
-        self.inner.state = value
-
-    @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
-        return self.inner.defaults
-
-    @defaults.setter
-    def defaults(self, value: dict[str, Any]) -> None:
-        self.inner.defaults = value
+    # GradScaler's fused path sets these on the optimizer it steps; the inner step reads them.
+    grad_scale = property(lambda self: getattr(self.inner, "grad_scale", None),
+                          lambda self, v: setattr(self.inner, "grad_scale", v),
+                          lambda self: delattr(self.inner, "grad_scale"))
+    found_inf = property(lambda self: getattr(self.inner, "found_inf", None),
+                         lambda self, v: setattr(self.inner, "found_inf", v),
+                         lambda self: delattr(self.inner, "found_inf"))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self._join()
@@ -476,99 +210,121 @@ class WSMOptimizer(torch.optim.Optimizer):
         group["params"] = [params] if isinstance(params, Tensor) else list(params)
         self._check_capturable(p[1] if isinstance(p, tuple) else p for p in group["params"])
         self.inner.add_param_group(group)
-        self._grouped()
+        self._sync()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
 
     def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        # an LR scheduler wraps ``step`` on the instance, bound to this object: a copy must
-        # use its own (class) step; CUDA streams and events cannot be pickled.
-        state.pop("step", None)
-        state.pop("_opt_called", None)
-        state["_side_stream"] = None
-        state["_side_done"] = None
-        state["_overlap"] = self._side_stream is not None
-        return state
+        # an LR scheduler wraps ``step`` on the instance, bound to this object: a copy uses its class step
+        return {k: v for k, v in self.__dict__.items() if k not in ("step", "_opt_called")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        overlap = state.pop("_overlap", False)
         self.__dict__.update(state)
-        if overlap and torch.cuda.is_available():
-            device = next(p for p in self._params() if p.is_cuda).device
-            self._side_stream = torch.cuda.Stream(device=device)
+        rt = self._runtime
+        if rt.overlap and torch.cuda.is_available():
+            rt.side_stream = torch.cuda.Stream(device=next(d for d in rt.devices if d.type == "cuda"))
 
     def __repr__(self) -> str:
         merges = ", ".join(
-            f"{n}: {S.schedule_name(t.spec.schedule)} window={t.spec.window} "
-            f"interval={t.spec.interval} start={t.spec.start}"
-            for n, t in self._tracks.items()
+            f"{n}: {schedules.schedule_name(m.spec.schedule)} window={m.spec.window} "
+            f"interval={m.spec.interval} start={m.spec.start}"
+            for n, m in self._runtime.merges.items()
         )
-        return f"WSMOptimizer({merges}; backend={self._backend_name})\n{self.inner!r}"
+        return f"WSMOptimizer({merges}; backend={self.backend})\n{self.inner!r}"
 
-    @torch.no_grad()
+    # ------------------------------------------------------------------ step
     def step(self, closure=None):  # type: ignore[override]
         """Run the inner step, then fold the new params into every merge at a checkpoint.
 
         Returns whatever the inner step returned. Before the inner step, merges
         whose window is complete (or whose ``start`` is reached) are anchored at
         the current params; the finished window's merge stays readable until then.
+        Safe under ``torch.compile``: the WSM bookkeeping runs eagerly, outside
+        the compiled graph, so every step counts and nothing recompiles per step.
         """
-        if self._swapped:
-            raise RuntimeError("step() called inside merged_weights(): the live params are swapped out")
-        self._join()
-        if D.called_by_dcp_state_init():
-            # torch.distributed.checkpoint's _init_optim_state: zero grads and lr=0,
-            # only to make the inner optimizer allocate its state. Not a training step.
-            return self.inner.step()
-        self._begin_windows()
+        if self._begin_step():  # DCP's state-initialising call: not a WSM step
+            with torch.no_grad():
+                return self.inner.step()
         if closure is None:
-            loss = self.inner.step()
+            with torch.no_grad():
+                loss = self.inner.step()
         else:
-            with torch.enable_grad():
-                loss = self.inner.step(closure)
-        self._steps += 1
-        self.backend.advance(self._devices())
-        if self._side_stream is None:
-            self._end_step()
-        else:
-            current = torch.cuda.current_stream(self._side_stream.device)
-            self._side_stream.wait_stream(current)
-            with torch.cuda.stream(self._side_stream):
-                self._end_step()
-            self._side_done = self._side_stream.record_event()
+            loss = self.inner.step(closure)
+        self._end_step()
         return loss
 
-    def _check_capturable(self, params) -> None:
-        if not self.capturable:
+    @torch.compiler.disable
+    @torch.no_grad()
+    def _begin_step(self) -> bool:
+        rt = self._runtime
+        if rt.swapped:
+            raise RuntimeError("step() called inside merged_weights(): the live params are swapped out")
+        self._join()
+        if distributed.called_by_dcp_state_init(max_depth=16):
+            return True
+        self._sync()
+        due = [m for m in rt.merges.values() if m.anchor_due(rt.steps)]
+        run = list(rt.merges.values()) if rt.capturable else due  # capturable: the kernel decides
+        ok = self._checkpoint_ok() if run else None
+        for g in rt.registry.groups:
+            updates = [self._update(m, g, m.weights.c(0), m.spec.keep_last and (m.complete or rt.capturable))
+                       for m in run]
+            rt.backend.anchor(g.local, updates, None if ok is None else ok[g.device], cache=g.cache)
+        for m in due:
+            if m.complete and m.spec.keep_last:
+                rt.ledgers[m.name].roll()
+            c0 = m.begin_window()
+            if ok is not None:  # skip mode (never capturable): ``run`` is ``due``
+                rt.ledgers[m.name].record(c0, ok[rt.registry.devices[0]], new_window=True)
+        return False
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def _end_step(self) -> None:
+        rt = self._runtime
+        rt.steps += 1
+        if rt.backend.clock is not None:
+            rt.backend.clock.advance(rt.registry.devices)
+        if rt.side_stream is None:
+            self._fold()
+        else:
+            rt.side_stream.wait_stream(torch.cuda.current_stream(rt.side_stream.device))
+            with torch.cuda.stream(rt.side_stream):
+                self._fold()
+            rt.side_done = rt.side_stream.record_event()
+        rt.registry.record_versions()
+
+    def _fold(self) -> None:
+        """After the inner step: ``A <- A + c_t theta`` for every merge at a checkpoint."""
+        rt = self._runtime
+        due = [(m, c) for m in rt.merges.values() if (c := m.advance()) is not None]
+        run = [(m, 0.0) for m in rt.merges.values()] if rt.capturable else due
+        if not run:
             return
-        for p in params:
-            if not self.backend.handles(D.local_view(p)):
-                raise ValueError(
-                    f"capturable=True: a parameter of shape {tuple(p.shape)}, dtype {p.dtype}, "
-                    f"strides {p.stride()} is not handled by the Triton kernel (it needs fp32/bf16/fp16 "
-                    "params dense in memory); the foreach fallback cannot run inside a CUDA graph"
-                )
+        ok = self._checkpoint_ok()
+        for g in rt.registry.groups:
+            updates = [self._update(m, g, c) for m, c in run]
+            rt.backend.accumulate(g.local, updates, None if ok is None else ok[g.device], cache=g.cache)
+        if ok is not None:
+            for m, c in due:
+                rt.ledgers[m.name].record(c, ok[rt.registry.devices[0]], new_window=False)
 
-    def _join(self) -> None:
-        """Make the current stream wait for an update still running on the side stream."""
-        if self._side_done is not None:
-            torch.cuda.current_stream(self._side_stream.device).wait_event(self._side_done)
-            self._side_done = None
-
-    def _devices(self) -> list[torch.device]:
-        return list(dict.fromkeys(d for d, _ in self._grouped()))
+    def _update(self, m: MergeState, g: Group, coef: float, completed: bool = False) -> MergeUpdate:
+        return MergeUpdate(
+            accs=g.accs[m.name], coef=coef, completed=g.completed[m.name] if completed else None, name=m.name,
+            start=m.spec.start, interval=m.spec.interval, k=m.spec.k, table=m.weights,
+        )
 
     def _checkpoint_ok(self) -> dict[torch.device, Tensor] | None:
         """Skip mode: an int32 flag per device, 1 iff every param is finite (device only)."""
-        if self.nonfinite != "skip":
+        rt = self._runtime
+        if rt.nonfinite != "skip":
             return None
-        groups = self._grouped()
-        devices = self._devices()
+        devices = rt.registry.devices
         flags = {d: torch.ones((), dtype=torch.int32, device=d) for d in devices}
-        for (d, _), g in groups.items():
-            self.backend.all_finite(g.local, flags[d])
+        for g in rt.registry.groups:
+            rt.backend.all_finite(g.local, flags[g.device], cache=g.cache)
         if len(devices) > 1:  # the checkpoint is bad if any device saw a bad value
             total = flags[devices[0]].clone()
             for d in devices[1:]:
@@ -576,213 +332,68 @@ class WSMOptimizer(torch.optim.Optimizer):
             flags = {d: total.to(d, non_blocking=True) for d in devices}
         return flags
 
-    def _record_skips(self, tr: _Track, coef: float, ok: Tensor, reset: bool) -> None:
-        missed = 1 - ok.to(torch.float32)
-        if reset or tr.skipped_mass is None:
-            tr.skipped_mass = missed * coef
-            tr.skipped_count = missed.clone()
-        else:
-            tr.skipped_mass.add_(missed * coef)
-            tr.skipped_count.add_(missed)
+    def _seed(self, name: str, p: Tensor, acc: Tensor, completed: Tensor | None) -> None:
+        """A param adopted mid-window counts as constant at its current value since the anchor.
 
-    def _begin_windows(self) -> None:
-        due = [
-            tr
-            for tr in self._tracks.values()
-            if tr.complete or (not tr.anchored and self._steps == tr.spec.start)
-        ]
-        # capturable: every merge goes to the kernel, which decides on the device
-        run = list(self._tracks.values()) if self.capturable else due
-        ok = None
-        if run:
-            ok = self._checkpoint_ok()
-            for (device, _), g in self._grouped().items():
-                targets = [
-                    tr.target(g, float(tr.c[0]), with_last=tr.spec.keep_last and (tr.complete or self.capturable))
-                    for tr in run
-                ]
-                self.backend.anchor(g.local, targets, None if ok is None else ok[device])
-        for tr in due:
-            if tr.spec.keep_last and tr.complete:
-                tr.has_last = True
-                if tr.skipped_mass is not None:
-                    tr.last_skipped = (tr.skipped_mass.clone(), tr.skipped_count.clone())
-            if ok is not None:  # skip mode (never capturable): ``run`` is ``due``
-                self._record_skips(tr, float(tr.c[0]), ok[self._devices()[0]], reset=True)
-            tr.anchored, tr.t, tr.r = True, 0, 0
+        Skip mode divides readouts by ``1 - skipped weight``: seed so that they return ``p``.
+        """
+        merge, ledger = self._runtime.merges[name], self._runtime.ledgers[name]
+        if merge.anchored:
+            acc.copy_(p).mul_(1.0 - ledger.skipped_weight() - merge.live_weight())
+        if completed is not None and merge.has_completed:
+            completed.copy_(p).mul_(1.0 - ledger.skipped_weight(completed=True))
 
-    def _end_step(self) -> None:
-        due: list[tuple[_Track, float]] = []
-        for tr in self._tracks.values():
-            if not tr.anchored or tr.complete:
-                continue
-            tr.r += 1
-            if tr.r == tr.spec.interval:
-                tr.r = 0
-                tr.t += 1
-                due.append((tr, float(tr.c[tr.t])))
-                if tr.t == tr.spec.k:
-                    tr.windows_completed += 1
-        run = [(tr, 0.0) for tr in self._tracks.values()] if self.capturable else due
-        if not run:
-            return
-        ok = self._checkpoint_ok()
-        for (device, _), g in self._grouped().items():
-            self.backend.accumulate(
-                g.local, [tr.target(g, coef) for tr, coef in run], None if ok is None else ok[device]
-            )
-        if ok is not None:
-            for tr, coef in due:
-                self._record_skips(tr, coef, ok[self._devices()[0]], reset=False)
+    def _sync(self) -> None:
+        """Adopt param changes; an ``"auto"`` backend follows the params to (or from) CUDA."""
+        rt = self._runtime
+        rt.registry.sync(self.inner.param_groups)
+        devices = rt.registry.devices
+        if devices != rt.devices:
+            rt.devices = devices
+            if rt.backend_choice == "auto" and not rt.capturable:
+                rt.backend = resolve("auto", devices, [m.spec.k + 1 for m in rt.merges.values()])
+                if rt.backend.clock is not None:
+                    rt.backend.clock.set(rt.steps)
+
+    def _check_capturable(self, params) -> None:
+        rt = self._runtime
+        for p in params if rt.capturable else ():
+            if not rt.backend.handles(distributed.local_view(p)):
+                raise ValueError(
+                    f"capturable=True: a parameter of shape {tuple(p.shape)}, dtype {p.dtype}, strides "
+                    f"{p.stride()} is not handled by the Triton kernel (it needs fp32/bf16/fp16 params dense "
+                    "in memory); the foreach fallback cannot run inside a CUDA graph"
+                )
+
+    def _join(self) -> None:
+        """Make the current stream wait for an update still running on the side stream."""
+        rt = self._runtime
+        if rt.overlap and rt.side_stream is None and torch.cuda.is_available():
+            rt.side_stream = torch.cuda.Stream(device=next(d for d in rt.devices if d.type == "cuda"))
+        if rt.side_done is not None:
+            torch.cuda.current_stream(rt.side_stream.device).wait_event(rt.side_done)
+            rt.side_done = None
 
     def sync_steps(self) -> int:
-        """Capturable mode: adopt the device step count after CUDA-graph replays.
+        """Capturable mode: adopt the device step count after CUDA-graph replays (one host sync)."""
+        rt = self._runtime
+        steps = rt.backend.clock.read() if rt.backend.clock is not None else None
+        if steps is not None and steps != rt.steps:
+            rt.steps = steps
+            for m in rt.merges.values():
+                m.set_position(steps)
+        return rt.steps
 
-        Replays advance the device counter but not the host one that readouts
-        use; this reads it (one host sync) and recomputes every merge's position.
-        """
-        steps = self.backend.read_steps()
-        if steps is not None and steps != self._steps:
-            self._steps = steps
-            for tr in self._tracks.values():
-                tr.set_position(steps)
-        return self._steps
-
-    # ----------------------------------------------------------------- readout
-    def _track(self, merge: str | None) -> _Track:
+    # ---------------------------------------------------------------- readout
+    def _merge(self, merge: str | None) -> MergeState:
+        merges = self._runtime.merges
         if merge is None:
-            if len(self._tracks) == 1:
-                return next(iter(self._tracks.values()))
-            raise ValueError(f"merge: several merges are tracked, name one of {list(self._tracks)}")
-        if merge not in self._tracks:
-            raise ValueError(f"merge: unknown name {merge!r}; tracked merges are {list(self._tracks)}")
-        return self._tracks[merge]
-
-    def _completed_source(self, tr: _Track) -> dict[Tensor, Tensor]:
-        """The buffers holding the last completed window's merge, or a ``RuntimeError``."""
-        if tr.complete:
-            return tr.accs
-        if tr.has_last:
-            return tr.lasts
-        if not tr.spec.keep_last and tr.windows_completed:
-            raise RuntimeError(
-                f"merge {tr.name!r}: the last completed window was overwritten when the next "
-                "window began; construct with keep_last=True to keep it"
-            )
-        if tr.windows_completed:
-            raise RuntimeError(
-                f"merge {tr.name!r}: the last completed window was not kept (this optimizer resumed from a "
-                "state saved without keep_last); the next window to complete will be"
-            )
-        raise RuntimeError(f"merge {tr.name!r}: no window has completed yet")
-
-    def _merged_fp32(self, tr: _Track, completed: bool) -> dict[Tensor, Tensor]:
-        """Merged values (fp32, new tensors) keyed by param, checked for NaN/inf.
-
-        Laid out like the params: a ``DTensor`` param gets a ``DTensor`` value
-        with its mesh and placements, computed from local shards only (so the
-        NaN/inf check is per rank: the rank holding a bad shard raises).
-        """
-        self._join()
-        if completed:
-            source = self._completed_source(tr)
-            with torch.no_grad():
-                out = {p: source[p].clone() for p in self._params()}
-        else:
-            out = self._current_fp32(tr)
-        scale = self._skip_scale(tr, completed)
-        if scale is not None:
-            with torch.no_grad():
-                torch._foreach_mul_([D.local_view(v) for v in out.values()], scale)
-        self._check_finite(tr, out, self._window_of(tr, completed))
-        return out
-
-    @staticmethod
-    def _window_of(tr: _Track, completed: bool) -> int:
-        return tr.windows_completed - 1 if completed else tr.window_index
-
-    def _skip_scale(self, tr: _Track, completed: bool) -> float | None:
-        """Skip mode: ``1 / (1 - skipped weight)`` for the readout, warning once per readout."""
-        if not tr.anchored:
-            return None
-        mass, count = (tr.skipped_mass, tr.skipped_count) if not completed or tr.complete else (
-            tr.last_skipped or (None, None)
-        )
-        if mass is None or int(count) == 0:
-            return None
-        mass, window = float(mass), self._window_of(tr, completed)
-        if mass >= 1.0 - 1e-12:
-            raise NonFiniteMergeError(
-                f"merge {tr.name!r}, window {window}: every checkpoint with weight was skipped "
-                "(non-finite params); nothing to merge"
-            )
-        warnings.warn(
-            f"merge {tr.name!r}, window {window}: {int(count)} checkpoint(s) with non-finite params were "
-            f"skipped (merge weight {mass:.4g}); the remaining weights are renormalized",
-            RuntimeWarning,
-            stacklevel=4,
-        )
-        return 1.0 / (1.0 - mass)
-
-    def _check_finite(self, tr: _Track, out: dict[Tensor, Tensor], window: int) -> None:
-        if not out:
-            return
-        with torch.no_grad():
-            ok = torch.stack([torch.isfinite(D.local_view(v)).all().cpu() for v in out.values()])
-        if bool(ok.all()):
-            return
-        bad = next(p for p, good in zip(out, ok.tolist()) if not good)
-        names = self._param_names() or {}
-        label = repr(names[bad]) if bad in names else f"#{list(out).index(bad)} (shape {tuple(bad.shape)})"
-        raise self._nonfinite_error(tr, window, label, self.backend.bad_steps().get(id(bad)))
-
-    def _nonfinite_error(self, tr: _Track, window: int, label: str, steps=None) -> NonFiniteMergeError:
-        first = tr.spec.start + window * tr.spec.window
-        seen = f"; the kernel read non-finite values at steps {steps[0]}..{steps[1]}" if steps else ""
-        if self.nonfinite == "skip":  # skipped checkpoints never reach A: only the live term can
-            hint = "Checkpoints are skipped in this mode, so the live params themselves are non-finite now"
-        else:
-            hint = (
-                "A checkpoint in this window (or the live params) held non-finite values; "
-                "construct with nonfinite='skip' to leave such checkpoints out"
-            )
-        return NonFiniteMergeError(
-            f"merge {tr.name!r}, window {window} (steps {first}..{first + tr.spec.window}): the merged "
-            f"value of parameter {label} is NaN/inf{seen}. {hint}"
-        )
-
-    def _readout_local(self, tr: _Track, local: list[Tensor], accs: list[Tensor]) -> list[Tensor]:
-        """Current-window merged values of local tensors: ``A + w_{t+1} theta``, or live before the anchor."""
-        if tr.anchored:
-            return self.backend.readout(local, accs, float(tr.w_next[tr.t]))
-        return [_fp32_copy(lp) for lp in local]
-
-    def _current_fp32(self, tr: _Track) -> dict[Tensor, Tensor]:
-        out: dict[Tensor, Tensor] = {}
-        for g in self._grouped().values():
-            vals = self._readout_local(tr, g.local, g.accs[tr.name])
-            out.update((p, D.wrap_like(p, v)) for p, v in zip(g.params, vals))
-        return out
-
-    def _merged_one_fp32(self, tr: _Track, p: Tensor, completed: bool, scale: float | None) -> Tensor:
-        """One param's merged value, computed on its own (streamed gathers): like ``_merged_fp32``."""
-        if completed:
-            with torch.no_grad():
-                v = self._completed_source(tr)[p].clone()
-        else:
-            (lv,) = self._readout_local(tr, [D.local_view(p)], [D.local_view(tr.accs[p])])
-            v = D.wrap_like(p, lv)
-        if scale is not None:
-            D.local_view(v).mul_(scale)
-        return v
-
-    def _param_names(self) -> dict[Tensor, str] | None:
-        names: dict[Tensor, str] = {}
-        for group in self.inner.param_groups:
-            if "param_names" not in group:
-                return None
-            names.update(zip(group["params"], group["param_names"]))
-        return names
+            if len(merges) == 1:
+                return next(iter(merges.values()))
+            raise ValueError(f"merge: several merges are tracked, name one of {list(merges)}")
+        if merge not in merges:
+            raise ValueError(f"merge: unknown name {merge!r}; tracked merges are {list(merges)}")
+        return merges[merge]
 
     def merged_state_dict(
         self,
@@ -801,338 +412,176 @@ class WSMOptimizer(torch.optim.Optimizer):
         its ``k + 1`` checkpoints. With ``interval > 1``, between two
         checkpoints the live params stand in for the next checkpoint, with its
         weight ``w_{t+1}`` (weights still sum to 1). Before the first window is
-        anchored the merged model is the live model.
+        anchored the merged model is the live model. Streamed one tensor at a
+        time: peak memory is the output plus about one fp32 copy of the
+        largest param.
 
         Args:
-            dtype: output dtype; ``None`` keeps each param's dtype,
-                ``torch.float32`` returns the accumulator's full precision.
+            dtype: output dtype, a floating ``torch.dtype`` (strings are not
+                accepted); ``None`` keeps each param's dtype, ``torch.float32``
+                returns the accumulator's precision. Complex params need a
+                complex dtype (or ``None``).
             model: return a complete ``model.state_dict()``-style dict (buffers
-                and params not in the optimizer from the live model) that
-                ``model.load_state_dict(..., strict=True)`` accepts. Defaults
-                to the ``model`` given to the constructor.
+                and frozen params from ``model``) that
+                ``model.load_state_dict(..., strict=True)`` accepts. Params
+                this optimizer tracks are matched by identity, else by name (a
+                ``deepcopy`` of the model); other trainable params are refused.
+                Defaults to the ``model`` given to the constructor.
             merge: which merge, when several are tracked.
             completed: the last *completed* window instead of the current one:
                 available while a finished window has not been replaced yet
                 (until the next ``step()``), and at any time with ``keep_last=True``.
-            full: gather ``DTensor`` values (FSDP2 / TP) into plain full tensors.
-                A collective per tensor: every rank must call it. Streamed one
-                tensor at a time (merge the shard, cast, gather, offload, drop),
-                so the transient cost is about one full parameter. Plain
-                params (DDP, one process) are already full. ``False`` (default):
-                ``DTensor`` values sharded like the params, computed from local
-                shards without communication, ready for ``torch.distributed.checkpoint.save``.
+            full: gather ``DTensor`` values (FSDP2 / TP) into plain full tensors,
+                one tensor at a time (a collective: every rank must call it).
+                ``False``: ``DTensor`` values sharded like the params, without
+                communication, ready for ``torch.distributed.checkpoint.save``.
             rank0_only: with ``full=True``, only global rank 0 keeps the result;
-                the other ranks join the gathers and get ``{}``. Use it so that
-                one rank writes files (also with DDP).
-            cpu_offload: with ``full=True``, move each gathered tensor to CPU as
-                soon as it is gathered, so the device holds at most one full one.
+                the other ranks join the gathers and get ``{}``.
+            cpu_offload: with ``full=True``, move each gathered tensor to CPU at once.
 
         Returns:
             ``{name: tensor}`` of new tensors (not views of live state). Without
             ``model`` the keys are the ``param_names`` the inner optimizer got
             from ``named_parameters()``; with neither, ``ValueError``.
+
+        Warns :class:`~wsm_optim.readout.LiveParamsChangedWarning` when the
+        current window's readout uses live params that were edited since the
+        last ``step()``.
         """
         if (rank0_only or cpu_offload) and not full:
             raise ValueError(
                 f"rank0_only={rank0_only} / cpu_offload={cpu_offload} apply to full=True gathers; "
                 "sharded readouts (full=False) stay on each rank's device"
             )
-        tr = self._track(merge)
-        model = model if model is not None else self.model
-        names = self._param_names() if model is None else None
-        if model is None and names is None:
-            raise ValueError(
-                "merged_state_dict needs parameter names: build the inner optimizer from "
-                "model.named_parameters(), or pass model= (here or to WSMOptimizer)"
-            )
-
-        def cast(p: Tensor, v: Tensor) -> Tensor:
-            return v.to(dtype if dtype is not None else p.dtype)
-
-        if full:
-            return self._gathered_state_dict(tr, completed, cast, names, model, rank0_only, cpu_offload)
-        merged = self._merged_fp32(tr, completed)
-        if model is None:
-            # keys in the optimizer's param order (``merged`` is in dtype-group order)
-            return {names[p]: cast(p, merged[p]) for p in self._params()}
-        out: dict[str, Tensor] = {}
-        for key, value in model.state_dict(keep_vars=True).items():
-            if value in merged:
-                out[key] = cast(value, merged[value])
-            else:
-                out[key] = value.detach().clone()
-        return out
-
-    def _gathered_state_dict(self, tr, completed, cast, names, model, rank0_only, cpu_offload):
-        """``merged_state_dict(full=True)``: one param merged, cast and gathered at a time."""
+        dtype = readout.check_dtype(dtype)
+        state = self._merge(merge)
         self._join()
-        scale = self._skip_scale(tr, completed)
-        out: dict[str, Tensor] = {}
-        with torch.no_grad():
-            if model is None:
-                items = [(names[p], p, True) for p in self._params()]
-            else:
-                params = set(self._params())
-                items = [(k, v, v in params) for k, v in model.state_dict(keep_vars=True).items()]
-            for key, tensor, is_param in items:
-                if is_param:
-                    value = cast(tensor, self._merged_one_fp32(tr, tensor, completed, scale))
-                else:
-                    value = tensor.detach()
-                full_value = D.gather_full(value, rank0_only=rank0_only, cpu_offload=cpu_offload)
-                del value
-                if full_value is not None:
-                    if is_param and not bool(torch.isfinite(full_value).all()):
-                        raise self._nonfinite_error(tr, self._window_of(tr, completed), repr(key))
-                    if not is_param and not D.is_dtensor(tensor) and full_value.device == tensor.device:
-                        full_value = full_value.clone()  # a plain buffer comes back as the live tensor
-                    out[key] = full_value
-        return out
+        self._sync()
+        return readout.state_dict(
+            self._runtime, state, dtype=dtype, model=model if model is not None else self.model,
+            completed=check_bool("completed", completed), full=full, rank0_only=rank0_only,
+            cpu_offload=cpu_offload,
+        )
 
     @contextlib.contextmanager
     def merged_weights(self, *, merge: str | None = None, completed: bool = False):
         """Swap the merged values into the live params for the ``with`` block.
 
         The live values are restored bit-exactly on exit, also on exception.
-        Costs one copy of the params (in their dtype) while inside.
-        ``step()`` raises inside the block.
+        Costs one copy of the params (in their dtype) plus one fp32 copy of the
+        largest param while inside. ``step()`` raises inside the block.
         """
-        if self._swapped:
+        rt = self._runtime
+        if rt.swapped:
             raise RuntimeError("merged_weights() is already active")
-        tr = self._track(merge)
-        merged = self._merged_fp32(tr, completed)
-        with torch.no_grad():
-            backup = {p: p.detach().clone() for p in merged}
-            for p, v in merged.items():
-                D.local_view(p).copy_(D.local_view(v))  # shard to shard: no communication
-        del merged
-        self._swapped = True
-        try:
+        state = self._merge(merge)
+        self._join()
+        self._sync()
+        with readout.swapped(rt, state, check_bool("completed", completed)):
             yield self
-        finally:
-            with torch.no_grad():
-                for p, v in backup.items():
-                    D.local_view(p).copy_(D.local_view(v))
-            self._swapped = False
 
-    def save_merged(
-        self,
-        path,
-        dtype: torch.dtype | None = None,
-        *,
-        model: nn.Module | None = None,
-        merge: str | None = None,
-        completed: bool = False,
-    ):
+    def save_merged(self, path, dtype: torch.dtype | None = None, *, model: nn.Module | None = None,
+                    merge: str | None = None, completed: bool = False):
         """Write :meth:`merged_state_dict` to ``path`` crash-safely; returns the ``Path``.
 
         safetensors by default; ``.pt``/``.pth``/``.bin`` use ``torch.save``.
         Written via :func:`wsm_optim.io.atomic_save` (temp file, fsync,
         ``os.replace``): a crash never leaves a partial file under ``path``.
-        Arguments as for :meth:`merged_state_dict`. Tied weights (with
-        ``model=``) are written as separate tensors under each key.
         """
         from .io import atomic_save
 
-        state = self.merged_state_dict(dtype, model=model, merge=merge, completed=completed)
-        return atomic_save(state, path)
+        return atomic_save(self.merged_state_dict(dtype, model=model, merge=merge, completed=completed), path)
 
-    # -------------------------------------------------------------- inspection
+    # ------------------------------------------------------------- inspection
     @property
     def merges(self) -> tuple[str, ...]:
         """Names of the tracked merges."""
-        return tuple(self._tracks)
+        return tuple(self._runtime.merges)
 
     @property
     def steps(self) -> int:
         """Counted optimizer steps since wrapping (restored by ``load_state_dict``)."""
-        return self._steps
+        return self._runtime.steps
+
+    @property
+    def backend(self) -> str:
+        """The update backend in use: ``"foreach"`` or ``"triton"``."""
+        return self._runtime.backend.name
 
     def merge_status(self, merge: str | None = None) -> dict[str, Any]:
         """Counters of one merge: ``window_index``, ``checkpoint`` (t of k), ``k``, ...
 
+        ``completed_kept``: the ``keep_last`` buffer holds a completed window (so
+        ``completed=True`` readouts work now, as they do while ``complete``).
+
         ``weights`` are the coefficients the current readout gives the anchor,
         each checkpoint so far and (last) the live params: float64, sums to 1.
         """
-        tr = self._track(merge)
-        live = tr.w_next[tr.t] if tr.anchored else 1.0
-        weights = np.concatenate((tr.c[: tr.t + 1], [live])) if tr.anchored else np.array([1.0])
+        m = self._merge(merge)
         return {
-            "anchored": tr.anchored,
-            "window_index": tr.window_index if tr.anchored else -1,
-            "checkpoint": tr.t,
-            "k": tr.spec.k,
-            "steps_since_checkpoint": tr.r,
-            "complete": tr.complete,
-            "windows_completed": tr.windows_completed,
-            "weights": weights,
+            "anchored": m.anchored,
+            "window_index": m.window_index if m.anchored else -1,
+            "checkpoint": m.t,
+            "k": m.spec.k,
+            "steps_since_checkpoint": m.r,
+            "complete": m.complete,
+            "windows_completed": m.windows_completed,
+            "completed_kept": m.has_completed,
+            "weights": m.readout_weights(),
         }
 
     # ------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """Inner state plus WSM buffers and counters (hooks registered on the wrapper run around it).
+        """Inner state plus WSM buffers and counters (format: ``wsm_optim.persistence``).
 
-        As with ``torch.optim`` optimizers, tensors in the result are references
-        to the live buffers (no copy of the accumulators is made): ``torch.save``
-        it or ``copy.deepcopy`` it to keep a snapshot while training goes on.
+        Tensors in the result are references to the live buffers, as with
+        ``torch.optim``: ``torch.save`` or ``copy.deepcopy`` it for a snapshot.
+        State-dict hooks registered on the wrapper run around it.
         """
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
-        sd = self._state_dict_impl()
+        self._join()
+        self._sync()
+        sd = persistence.save(self._runtime, self.inner)
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, sd)
             if result is not None:
                 sd = result
         return sd
 
-    def _state_dict_impl(self) -> dict[str, Any]:
-        """Inner state plus WSM buffers and counters.
-
-        Format (``"wsm"`` version 1): the inner optimizer's state dict; in each
-        parameter's ``state`` entry the fp32 buffers ``wsm_acc.<merge>`` (and,
-        for merges with ``keep_last``, ``wsm_last.<merge>``), the live tensors
-        themselves (``DTensor`` s sharded like their param under FSDP2 / TP); and
-        ``{"version", "steps", "merges": {name: {"config", "counters"}}}`` both
-        under the top-level key ``"wsm"`` and under ``"wsm"`` in every param
-        group. The copy in the param groups is what survives
-        ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict``,
-        which keeps only ``state`` and ``param_groups``.
-        """
-        self._join()
-        sd = self.inner.state_dict()
-        state = dict(sd["state"])
-        for pid, p in enumerate(self._params()):
-            entry = dict(state.get(pid, {}))
-            for tr in self._tracks.values():
-                entry[f"{_ACC}.{tr.name}"] = tr.accs[p]
-                if tr.spec.keep_last:
-                    # Always present (zeros until a window completes) so that a
-                    # DCP load template built before training has the key.
-                    entry[f"{_LAST}.{tr.name}"] = tr.lasts[p]
-            state[pid] = entry
-        sd["state"] = state
-        wsm = {
-            "version": _STATE_VERSION,
-            "steps": self._steps,
-            "merges": {
-                n: {"config": tr.config(), "counters": tr.counters()} for n, tr in self._tracks.items()
-            },
-        }
-        sd["wsm"] = wsm
-        sd["param_groups"] = [dict(g, wsm=copy.deepcopy(wsm)) for g in sd["param_groups"]]
-        return sd
-
-    @staticmethod
-    def _saved_wsm(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-        if "wsm" in state_dict:
-            return state_dict["wsm"]
-        for group in state_dict.get("param_groups", ()):
-            if "wsm" in group:
-                return group["wsm"]
-        raise ValueError(
-            "load_state_dict: no 'wsm' entry (top level or in param_groups); this is not a "
-            "WSMOptimizer state dict (load a plain optimizer state with opt.inner.load_state_dict). "
-            "With torch.distributed.checkpoint, flatten_optimizer_state_dict=True drops it: "
-            "use the default StateDictOptions"
-        )
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        """Restore inner state, accumulators and counters (see ``_load_state_dict_impl``).
+        """Restore inner state, buffers and counters; a bad dict raises ``ValueError`` and changes nothing.
 
-        Load-state-dict hooks registered on the wrapper run around it, as in ``torch.optim``.
+        Accepts this class's :meth:`state_dict` (any release), also after
+        ``torch.distributed.checkpoint`` re-keyed it by parameter name. Raises
+        ``ValueError`` naming the field if the saved merges differ from this
+        optimizer's (names, schedule, weights, window, interval, start).
         """
         state_dict = dict(state_dict)  # shallow copy, as torch.optim does
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        self._load_state_dict_impl(state_dict)
+        self._join()
+        persistence.load(self._runtime, self.inner, state_dict)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
-    def _load_state_dict_impl(self, state_dict: dict[str, Any]) -> None:
-        """Restore inner state, accumulators and counters.
 
-        Accepts this class's :meth:`state_dict`, also after
-        ``torch.distributed.checkpoint.state_dict`` re-keyed it by parameter
-        name (state entries are matched to params by their position in the
-        saved ``param_groups``, as ``torch.optim.Optimizer`` does). Saved
-        accumulators are copied into the existing buffers: ``DTensor`` s laid out
-        like the params, or plain full tensors (each rank keeps its slice).
-        Raises ``ValueError`` naming the field if the saved merges differ from
-        this optimizer's (names, schedule, weights, window, interval, start).
-        """
-        wsm = self._saved_wsm(state_dict)
-        if wsm.get("version") != _STATE_VERSION:
-            raise ValueError(f"load_state_dict: unsupported wsm state version {wsm.get('version')!r}")
-        saved = wsm["merges"]
-        if set(saved) != set(self._tracks):
-            raise ValueError(
-                f"load_state_dict: merge names differ: saved {sorted(saved)}, "
-                f"this optimizer {sorted(self._tracks)}"
-            )
-        for name, tr in self._tracks.items():
-            mine, theirs = tr.config(), saved[name]["config"]
-            for key in ("schedule", "window", "interval", "start", "weights_sha256"):
-                if mine[key] != theirs.get(key):
-                    raise ValueError(
-                        f"load_state_dict: merge {name!r}: {key} mismatch: saved "
-                        f"{theirs.get(key)!r}, this optimizer {mine[key]!r}"
-                    )
-        inner_state: dict[Any, dict[str, Any]] = {}
-        extra: dict[Any, dict[str, Tensor]] = {}
-        for pid, entry in state_dict["state"].items():
-            plain = {k: v for k, v in entry.items() if not k.startswith((_ACC + ".", _LAST + "."))}
-            extra[pid] = {k: v for k, v in entry.items() if k not in plain}
-            if plain:
-                inner_state[pid] = plain
-        inner_sd = {k: v for k, v in state_dict.items() if k not in ("state", "wsm", "param_groups")}
-        inner_sd["param_groups"] = [
-            {k: v for k, v in g.items() if k != "wsm"} for g in state_dict["param_groups"]
-        ]
-        inner_sd["state"] = inner_state
-        self._join()
-        self.inner.load_state_dict(inner_sd)
-        self._groups = None
-        params = list(self._params())
-        counter_device = self._devices()[0] if params else torch.device("cpu")
-
-        def on_device(pair):  # skip-mode (weight, count) from host floats
-            if not pair:
-                return None
-            return tuple(torch.tensor(float(x), dtype=torch.float32, device=counter_device) for x in pair)
-
-        # Saved keys in param order: ints from state_dict(), names after DCP re-keying.
-        saved_keys = [k for g in state_dict["param_groups"] for k in g["params"]]
-        with torch.no_grad():
-            for name, tr in self._tracks.items():
-                counters = saved[name]["counters"]
-                keep_saved_last = tr.spec.keep_last and counters["has_last"]
-                for saved_key, p in zip(saved_keys, params):
-                    src = extra.get(saved_key, {})
-                    key = f"{_ACC}.{name}"
-                    if key not in src:
-                        raise ValueError(f"load_state_dict: parameter {saved_key!r} has no {key!r} entry")
-                    if p not in tr.accs:
-                        tr.accs[p] = accumulator_like(p)
-                    D.copy_into(tr.accs[p], src[key])
-                    if tr.spec.keep_last:
-                        if p not in tr.lasts:
-                            tr.lasts[p] = accumulator_like(p)
-                        if keep_saved_last:
-                            D.copy_into(tr.lasts[p], src[f"{_LAST}.{name}"])
-                        else:
-                            tr.lasts[p].zero_()
-                live = {id(p) for p in params}
-                for p in [p for p in tr.accs if id(p) not in live]:
-                    del tr.accs[p]
-                    tr.lasts.pop(p, None)
-                tr.anchored = bool(counters["anchored"])
-                tr.t, tr.r = int(counters["t"]), int(counters["r"])
-                tr.windows_completed = int(counters["windows_completed"])
-                tr.has_last = bool(keep_saved_last)
-                tr.skipped_mass, tr.skipped_count = on_device(counters.get("skipped")) or (None, None)
-                tr.last_skipped = on_device(counters.get("last_skipped"))
-        self._steps = int(wsm["steps"])
-        self.backend.invalidate()
-        self.backend.set_steps(self._steps)
+def _parse_merges(schedule, window, interval, start, keep_last, merges) -> dict[str, MergeSpec]:
+    if merges is None:
+        if window is None:
+            raise TypeError("window is required: optimizer steps per merge window, e.g. window=1000")
+        return {DEFAULT_MERGE: MergeSpec(schedule, window, interval, start, keep_last)}
+    default_schedule = isinstance(schedule, str) and schedule == "linear"
+    if window is not None or not default_schedule or interval != 1 or start != 0 or keep_last is not False:
+        raise TypeError(
+            "pass either merges={...} or the single-merge arguments "
+            "(schedule, window, interval, start, keep_last), not both"
+        )
+    if not isinstance(merges, Mapping) or not merges:
+        raise ValueError("merges must be a non-empty dict {name: dict(schedule=..., window=...)}")
+    for name in merges:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"merges: names must be non-empty strings, got {name!r}")
+    return {name: MergeSpec.named(name, config) for name, config in merges.items()}

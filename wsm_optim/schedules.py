@@ -253,3 +253,51 @@ def decay_from_merge(c: Sequence[float] | np.ndarray, atol: float = 1e-9) -> np.
 def merge_coefficients(schedule: Schedule, k: int) -> np.ndarray:
     """Merge weights ``c_0..c_k`` (float64, shape ``(k + 1,)``) of ``schedule`` for ``k`` updates."""
     return merge_weights(decay_weights(schedule, k))
+
+
+# --- lazy weights (interim; the hardening branch replaces this block) ---------------------------
+TABLE_LIMIT = 2**20
+
+
+class MergeWeights:
+    """Theorem 3.1 weights of ``schedule`` for ``k`` updates, computed on demand (O(1) memory)."""
+
+    def __init__(self, schedule: Schedule, k: int) -> None:
+        self.k = int(k)
+        self.name = schedule_name(schedule)
+        self._schedule = schedule
+        spec = resolve(schedule)
+        if isinstance(spec, np.ndarray) or self.k + 1 <= TABLE_LIMIT and not isinstance(schedule, str):
+            self._w = decay_weights(schedule, self.k)
+            self._f = None
+        else:
+            self._w = None
+            self._f = spec
+
+    def w(self, i: int) -> float:
+        if i == 0:
+            return 1.0
+        if i == self.k + 1:
+            return 0.0
+        if not 0 < i <= self.k:
+            raise IndexError(f"w_{i}: i must be in 0..{self.k + 1}")
+        return float(self._w[i - 1]) if self._w is not None else float(self._f(i / (self.k + 1)))
+
+    def c(self, j: int) -> float:
+        if not 0 <= j <= self.k:
+            raise IndexError(f"c_{j}: j must be in 0..{self.k}")
+        return self.w(j) - self.w(j + 1)
+
+    def table(self) -> np.ndarray:
+        if self.k + 1 > TABLE_LIMIT:
+            raise ValueError(f"k + 1 = {self.k + 1} merge weights exceed TABLE_LIMIT = {TABLE_LIMIT}")
+        return merge_weights(self._w if self._w is not None else decay_weights(self._schedule, self.k))
+
+    def digest(self) -> str:
+        import hashlib
+
+        return hashlib.sha256(np.ascontiguousarray(self.table()).tobytes()).hexdigest()[:16]
+
+
+def weights(schedule: Schedule, k: int) -> MergeWeights:
+    return MergeWeights(schedule, k)

@@ -1,0 +1,265 @@
+"""The parameters a ``WSMOptimizer`` merges, their accumulators and names.
+
+The one place that adopts parameters, whichever way they arrive (constructor,
+``add_param_group``, direct edits of ``param_groups``, a parameter replaced by
+another object), and that keeps each parameter's accumulators following it
+(device moves, storage replacement, a dtype change). :meth:`Registry.sync` is
+called explicitly, once per ``step()``, readout and ``state_dict()``; nothing
+here runs from a getter.
+
+Parameters are grouped by the device and dtype of their local tensor (the
+``to_local()`` view of a ``DTensor``): one backend call per group.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import distributed
+
+__all__ = ["Group", "Registry", "accumulator_like", "accumulator_dtype", "param_numbering"]
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp32/bf16/fp16 params, float64 for float64; complex64/complex128 for complex params.
+
+    A bf16 accumulator would round ``c_j ~ 1/k`` terms away; a float64 param
+    keeps its range and precision (1e300 is finite in float64, not in fp32).
+    """
+    floor = torch.complex64 if dtype.is_complex else torch.float32
+    return torch.promote_types(dtype, floor)
+
+
+def accumulator_like(p: Tensor) -> Tensor:
+    """A zeroed accumulator shaped and strided like ``p`` (a ``DTensor`` for a ``DTensor`` param)."""
+    return torch.zeros_like(p, dtype=accumulator_dtype(p.dtype), memory_format=torch.preserve_format)
+
+
+def param_numbering(param_groups: Sequence[dict[str, Any]]) -> dict[int, int]:
+    """``{id(param): index}`` exactly as ``torch.optim.Optimizer.state_dict`` numbers params.
+
+    Indices count every entry of every group, duplicates included; a param
+    listed twice gets the index of its last entry in the first group that
+    lists it (torch warns about duplicates but accepts them).
+    """
+    numbering: dict[int, int] = {}
+    start = 0
+    for group in param_groups:
+        params = group["params"]
+        numbering.update({id(p): i for i, p in enumerate(params, start) if id(p) not in numbering})
+        start += len(params)
+    return numbering
+
+
+@dataclass
+class Group:
+    """Params whose local tensors share device and dtype: one backend call each.
+
+    ``params`` are the optimizer's params (plain or ``DTensor``). Backends only
+    see ``local`` (the ``to_local()`` views; the tensors themselves for plain
+    params) and the local views of the accumulators. ``cache`` belongs to the
+    backend (e.g. the Triton launcher's pointer tables): it lives exactly as
+    long as this grouping, so nothing ever needs invalidating.
+    """
+
+    device: torch.device
+    dtype: torch.dtype
+    params: list[Tensor]
+    local: list[Tensor]
+    accs: dict[str, list[Tensor]]
+    completed: dict[str, list[Tensor]]
+    sharded: bool
+    cache: dict[Any, Any] = field(default_factory=dict)
+    pointers: list[int] = field(default_factory=list)
+    versions: list[int] | None = None
+
+    def moved(self) -> bool:
+        """Whether a local tensor was replaced (FSDP2 re-padding, ``p.data = ...``, a device move)."""
+        if self.sharded:
+            return any(distributed.local_view(p) is not lp for p, lp in zip(self.params, self.local))
+        return [p.data_ptr() for p in self.params] != self.pointers
+
+
+#: ``seed(merge, param, acc, completed)`` fills the buffers of a param adopted while a window runs.
+Seed = Callable[[str, Tensor, Tensor, Tensor | None], None]
+
+
+class Registry:
+    """Params (deduplicated, in optimizer order), their accumulators per merge, their groups and names.
+
+    ``accs[merge][param]`` is the running sum ``A`` of the current window;
+    ``completed[merge][param]`` (merges with ``keep_last``) the last completed
+    window's merge. Buffers are keyed by the param object and created lazily,
+    at the first :meth:`sync` with ``allocate=True`` (the first ``step()``,
+    ``state_dict()`` or ``load_state_dict()``), so they are born where the
+    params are by then (a model moved to the GPU after wrapping, meta-device
+    params materialised after wrapping).
+    """
+
+    def __init__(self, merges: Iterable[str], kept: Iterable[str], seed: Seed) -> None:
+        self.merges = list(merges)
+        self.kept = list(kept)  # merges with keep_last
+        self.seed = seed
+        self.params: list[Tensor] = []
+        self.accs: dict[str, dict[Tensor, Tensor]] = {m: {} for m in self.merges}
+        self.completed: dict[str, dict[Tensor, Tensor]] = {m: {} for m in self.kept}
+        self.groups: list[Group] = []
+        self.names: dict[Tensor, str] | None = None
+        self.allocated = False
+        self._ids: list[int] | None = None
+
+    # ----------------------------------------------------------------- sync
+    def sync(self, param_groups: Sequence[dict[str, Any]], *, allocate: bool = True) -> None:
+        """Adopt what changed in ``param_groups`` since the last call; cheap when nothing did.
+
+        The check per call is one identity list and one data-pointer list: new,
+        removed or replaced params, and params whose storage, device or dtype
+        changed, are all caught.
+        """
+        ids = [id(p) for g in param_groups for p in g["params"]]
+        if ids == self._ids and (self.allocated or not allocate) and not any(g.moved() for g in self.groups):
+            return
+        self._rebuild(param_groups, ids, allocate)
+
+    def _rebuild(self, param_groups: Sequence[dict[str, Any]], ids: list[int], allocate: bool) -> None:
+        params = list(dict.fromkeys(p for g in param_groups for p in g["params"]))
+        self._warn_replaced(param_groups, ids)
+        current = set(params)
+        for buffers in (*self.accs.values(), *self.completed.values()):
+            for p in [p for p in buffers if p not in current]:
+                del buffers[p]
+        with torch.no_grad():
+            for p in params:
+                self._check_param(p, allocate)
+                if allocate:
+                    self._follow(p)
+        self.params = params
+        self.allocated = allocate or self.allocated
+        self.names = _names(param_groups)
+        self._ids = ids
+        self.groups = self._group(params) if self.allocated else []
+
+    def _warn_replaced(self, param_groups: Sequence[dict[str, Any]], ids: list[int]) -> None:
+        if self._ids is None or len(ids) != len(self._ids) or not self.allocated:
+            return
+        tracked = set(self.accs[self.merges[0]])
+        flat = [p for g in param_groups for p in g["params"]]
+        replaced = [i for i, (new, old) in enumerate(zip(ids, self._ids)) if new != old and flat[i] not in tracked]
+        if replaced:
+            names = _names(param_groups) or {}
+            label = ", ".join(names.get(flat[i], f"#{i}") for i in replaced[:5])
+            warnings.warn(
+                f"WSMOptimizer: {len(replaced)} parameter(s) in param_groups were replaced by new tensor "
+                f"objects ({label}); their merge restarts from their current values (as for params added "
+                "mid-window). Replace a parameter's values in place (p.copy_(...)) to keep its merge.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    @staticmethod
+    def _check_param(p: Tensor, allocate: bool) -> None:
+        if not isinstance(p, Tensor):
+            raise TypeError(f"WSMOptimizer: param_groups hold a {type(p).__name__}, expected tensors")
+        if not (p.dtype.is_floating_point or p.dtype.is_complex):
+            raise TypeError(f"WSMOptimizer: a parameter of dtype {p.dtype} cannot be merged (floating or complex only)")
+        if allocate and p.device.type == "meta":
+            raise ValueError(
+                f"WSMOptimizer: a parameter of shape {tuple(p.shape)} is on the meta device; materialise "
+                "the model (e.g. model.to_empty(device=...) and initialise it) before the first step()"
+            )
+        distributed.local_view(p)  # refuses Partial placements
+
+    def _follow(self, p: Tensor) -> None:
+        """Give ``p`` its buffers, or move/re-lay them after ``p`` changed device, dtype or strides."""
+        for merge in self.merges:
+            store = [self.accs[merge]] + ([self.completed[merge]] if merge in self.completed else [])
+            fresh = p not in self.accs[merge]
+            for buffers in store:
+                old = buffers.get(p)
+                if old is None:
+                    buffers[p] = accumulator_like(p)
+                    continue
+                if tuple(old.shape) != tuple(p.shape):
+                    raise ValueError(
+                        f"WSMOptimizer: a parameter changed shape from {tuple(old.shape)} to {tuple(p.shape)} "
+                        "after it was wrapped; its merge cannot follow it. Create the WSMOptimizer after "
+                        "the model's final shape is set"
+                    )
+                if distributed.is_dtensor(p):
+                    continue  # FSDP2/TP own placement; local views are re-read at regrouping
+                want = accumulator_dtype(p.dtype)
+                if old.device != p.device or old.dtype != want or old.stride() != p.stride():
+                    new = accumulator_like(p)
+                    new.copy_(old)  # by logical index: values kept whatever the layout
+                    buffers[p] = new
+            if fresh:
+                self.seed(merge, p, self.accs[merge][p], self.completed[merge][p] if merge in self.completed else None)
+
+    def _group(self, params: list[Tensor]) -> list[Group]:
+        members: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        for p in params:
+            lp = distributed.local_view(p)
+            members.setdefault((lp.device, lp.dtype), []).append(p)
+        groups = []
+        for (device, dtype), ps in members.items():
+            local = [distributed.local_view(p) for p in ps]
+            groups.append(
+                Group(
+                    device=device,
+                    dtype=dtype,
+                    params=ps,
+                    local=local,
+                    accs={m: [distributed.local_view(self.accs[m][p]) for p in ps] for m in self.merges},
+                    completed={m: [distributed.local_view(self.completed[m][p]) for p in ps] for m in self.kept},
+                    sharded=any(distributed.is_dtensor(p) for p in ps),
+                    pointers=[p.data_ptr() for p in ps] if not any(distributed.is_dtensor(p) for p in ps) else [],
+                )
+            )
+        return groups
+
+    # ------------------------------------------------------------ inspection
+    @property
+    def devices(self) -> list[torch.device]:
+        return list(dict.fromkeys(g.device for g in self.groups))
+
+    def label(self, p: Tensor) -> str:
+        """A param's name for messages: its name, else its position and shape."""
+        if self.names is not None and p in self.names:
+            return repr(self.names[p])
+        index = next((i for i, q in enumerate(self.params) if q is p), -1)
+        return f"#{index} (shape {tuple(p.shape)})"
+
+    # -------------------------------------------------- live-weight versions
+    def record_versions(self) -> None:
+        """Remember each param's version counter (after ``step()`` and after a swap restores them)."""
+        for g in self.groups:
+            g.versions = [lp._version for lp in g.local]
+
+    def forget_versions(self) -> None:
+        """Versions unknown (after ``load_state_dict``: the model may be loaded after the optimizer)."""
+        for g in self.groups:
+            g.versions = None
+
+    def modified(self) -> list[Tensor]:
+        """Params changed in place since the last :meth:`record_versions` (outside ``step()``)."""
+        out = []
+        for g in self.groups:
+            if g.versions is not None:
+                out += [p for p, lp, v in zip(g.params, g.local, g.versions) if lp._version != v]
+        return out
+
+
+def _names(param_groups: Sequence[dict[str, Any]]) -> dict[Tensor, str] | None:
+    """``{param: name}`` when every group has ``param_names`` (built from ``named_parameters()``)."""
+    names: dict[Tensor, str] = {}
+    for group in param_groups:
+        if "param_names" not in group:
+            return None
+        names.update(zip(group["params"], group["param_names"]))
+    return names
