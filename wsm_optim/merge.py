@@ -17,6 +17,7 @@ after it) and in closed form from the step count alone
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +25,7 @@ import numpy as np
 
 from . import schedules
 
-__all__ = ["MergeSpec", "MergeState", "DEFAULT_MERGE", "check_int", "check_bool"]
+__all__ = ["MergeSpec", "MergeState", "DEFAULT_MERGE", "specs_from_arguments", "check_int", "check_bool"]
 
 #: Name of the merge built from the single-merge arguments of ``WSMOptimizer``.
 DEFAULT_MERGE = "default"
@@ -100,7 +101,7 @@ class MergeSpec:
         """``config`` (a ``MergeSpec`` or a dict of its fields) for ``merges[name]``; errors name the merge."""
         if isinstance(config, MergeSpec):
             return config
-        if not isinstance(config, dict) and not hasattr(config, "keys"):
+        if not isinstance(config, Mapping):
             raise TypeError(f"merges[{name!r}] must be a dict or a MergeSpec, got {type(config).__name__}")
         allowed = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(config) - set(allowed))
@@ -112,6 +113,26 @@ class MergeSpec:
             return cls(**config)
         except (TypeError, ValueError) as e:
             raise type(e)(f"merges[{name!r}].{e} (merge {name!r})") from None
+
+
+def specs_from_arguments(schedule, window, interval, start, keep_last, merges) -> dict[str, MergeSpec]:
+    """``{name: MergeSpec}`` from ``WSMOptimizer``'s single-merge arguments or its ``merges=`` dict."""
+    if merges is None:
+        if window is None:
+            raise TypeError("window is required: optimizer steps per merge window, e.g. window=1000")
+        return {DEFAULT_MERGE: MergeSpec(schedule, window, interval, start, keep_last)}
+    default_schedule = isinstance(schedule, str) and schedule == "linear"  # may be an array: no ==
+    if window is not None or not default_schedule or interval != 1 or start != 0 or keep_last is not False:
+        raise TypeError(
+            "pass either merges={...} or the single-merge arguments "
+            "(schedule, window, interval, start, keep_last), not both"
+        )
+    if not isinstance(merges, Mapping) or not merges:
+        raise ValueError("merges must be a non-empty dict {name: dict(schedule=..., window=...)}")
+    for name in merges:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"merges: names must be non-empty strings, got {name!r}")
+    return {name: MergeSpec.named(name, config) for name, config in merges.items()}
 
 
 @dataclass

@@ -10,11 +10,12 @@ host sync per step) so that readouts can renormalise.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from .warn import warn
 
 __all__ = ["NonFiniteMergeError", "FiniteCheck", "SkipLedger", "nonfinite_error", "NONFINITE_MODES"]
 
@@ -120,11 +121,10 @@ class SkipLedger:
                 f"merge {merge!r}, window {window}: every checkpoint with weight was skipped "
                 "(non-finite params); nothing to merge"
             )
-        warnings.warn(
+        warn(
             f"merge {merge!r}, window {window}: {int(count)} checkpoint(s) with non-finite params were "
             f"skipped (merge weight {mass:.4g}); the remaining weights are renormalized",
             RuntimeWarning,
-            stacklevel=5,
         )
         return 1.0 / (1.0 - mass)
 

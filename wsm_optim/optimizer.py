@@ -6,9 +6,10 @@ in ``merge``, the params and their accumulators in ``registry``, the NaN/inf
 policy in ``nonfinite``, the readouts in ``readout``, the state-dict format in
 ``persistence``, the update arithmetic in ``backends``.
 
-All mutable state sits in one :class:`Runtime` object. Framework wrappers such
-as Lightning's ``LightningOptimizer`` forward or copy the wrapper's attributes;
-methods entered through them then still change the one shared runtime.
+All mutable state sits in one :class:`~wsm_optim.runtime.Runtime` object,
+assigned once in the constructor: framework wrappers such as Lightning's
+``LightningOptimizer`` forward or copy the wrapper's attributes, and methods
+entered through them still change the one shared runtime.
 """
 
 from __future__ import annotations
@@ -16,46 +17,19 @@ from __future__ import annotations
 import contextlib
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from . import distributed, persistence, readout, schedules
-from .backends import BACKEND_NAMES, Backend, MergeUpdate, resolve
-from .merge import DEFAULT_MERGE, MergeSpec, MergeState, check_bool
+from .backends import BACKEND_NAMES, resolve
+from .merge import DEFAULT_MERGE, MergeSpec, MergeState, check_bool, specs_from_arguments
 from .nonfinite import NONFINITE_MODES, NonFiniteMergeError, SkipLedger
-from .registry import Group, Registry, accumulator_dtype
+from .registry import Registry
+from .runtime import Runtime
 
-__all__ = ["WSMOptimizer", "MergeSpec", "DEFAULT_MERGE", "NonFiniteMergeError", "Runtime"]
-
-
-@dataclass
-class Runtime:
-    """Everything a ``WSMOptimizer`` changes while it runs: counters, buffers, flags, side stream."""
-
-    merges: dict[str, MergeState]
-    ledgers: dict[str, SkipLedger]
-    registry: Registry
-    backend: Backend
-    backend_choice: str
-    nonfinite: str
-    capturable: bool
-    steps: int = 0
-    swapped: bool = False
-    overlap: bool = False
-    side_stream: Any = None
-    side_done: Any = None
-    devices: list[torch.device] = field(default_factory=list)
-
-    accumulator_dtype = staticmethod(accumulator_dtype)
-
-    def __getstate__(self) -> dict[str, Any]:  # CUDA streams and events cannot be pickled
-        return dict(self.__dict__, side_stream=None, side_done=None)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+__all__ = ["WSMOptimizer", "MergeSpec", "DEFAULT_MERGE", "NonFiniteMergeError"]
 
 
 class WSMOptimizer(torch.optim.Optimizer):
@@ -148,7 +122,7 @@ class WSMOptimizer(torch.optim.Optimizer):
         if backend not in BACKEND_NAMES:
             raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
         overlap, capturable = check_bool("overlap", overlap), check_bool("capturable", capturable)
-        specs = _parse_merges(schedule, window, interval, start, keep_last, merges)
+        specs = specs_from_arguments(schedule, window, interval, start, keep_last, merges)
         self.inner = inner
         self.model = model
         self._init_hooks()
@@ -162,10 +136,11 @@ class WSMOptimizer(torch.optim.Optimizer):
             )
         if overlap and not any(d.type == "cuda" for d in devices):
             raise ValueError("overlap=True needs CUDA parameters (it uses a side CUDA stream)")
-        self._runtime = Runtime(
+        registry = Registry(specs, [n for n, s in specs.items() if s.keep_last])
+        self._runtime = rt = Runtime(
             merges={n: MergeState(n, s) for n, s in specs.items()},
             ledgers={n: SkipLedger() for n in specs},
-            registry=Registry(specs, [n for n, s in specs.items() if s.keep_last], self._seed),
+            registry=registry,
             backend=chosen,
             backend_choice=backend,
             nonfinite=nonfinite,
@@ -174,7 +149,8 @@ class WSMOptimizer(torch.optim.Optimizer):
             devices=devices,
         )
         self._check_capturable(params)
-        self._runtime.registry.sync(inner.param_groups, allocate=False)
+        registry.seed = rt.seed
+        registry.sync(inner.param_groups, allocate=False)  # buffers come at the first step()
 
     def _init_hooks(self) -> None:
         # What torch.optim.Optimizer.__init__ sets up, minus param_groups/state (the inner optimizer's).
@@ -204,13 +180,13 @@ class WSMOptimizer(torch.optim.Optimizer):
                          lambda self: delattr(self.inner, "found_inf"))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        self._join()
+        self._runtime.join()
         group = dict(param_group)
         params = group["params"]
         group["params"] = [params] if isinstance(params, Tensor) else list(params)
         self._check_capturable(p[1] if isinstance(p, tuple) else p for p in group["params"])
         self.inner.add_param_group(group)
-        self._sync()
+        self._runtime.sync(self.inner.param_groups)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
@@ -218,12 +194,6 @@ class WSMOptimizer(torch.optim.Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         # an LR scheduler wraps ``step`` on the instance, bound to this object: a copy uses its class step
         return {k: v for k, v in self.__dict__.items() if k not in ("step", "_opt_called")}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        rt = self._runtime
-        if rt.overlap and torch.cuda.is_available():
-            rt.side_stream = torch.cuda.Stream(device=next(d for d in rt.devices if d.type == "cuda"))
 
     def __repr__(self) -> str:
         merges = ", ".join(
@@ -254,106 +224,33 @@ class WSMOptimizer(torch.optim.Optimizer):
         self._end_step()
         return loss
 
-    @torch.compiler.disable
+    @torch.compiler.disable  # host bookkeeping: under torch.compile it runs eagerly, every step
     @torch.no_grad()
     def _begin_step(self) -> bool:
         rt = self._runtime
         if rt.swapped:
             raise RuntimeError("step() called inside merged_weights(): the live params are swapped out")
-        self._join()
+        rt.join()  # the previous fold must finish before the inner step changes the params
         if distributed.called_by_dcp_state_init(max_depth=16):
             return True
-        self._sync()
-        due = [m for m in rt.merges.values() if m.anchor_due(rt.steps)]
-        run = list(rt.merges.values()) if rt.capturable else due  # capturable: the kernel decides
-        ok = self._checkpoint_ok() if run else None
-        for g in rt.registry.groups:
-            updates = [self._update(m, g, m.weights.c(0), m.spec.keep_last and (m.complete or rt.capturable))
-                       for m in run]
-            rt.backend.anchor(g.local, updates, None if ok is None else ok[g.device], cache=g.cache)
-        for m in due:
-            if m.complete and m.spec.keep_last:
-                rt.ledgers[m.name].roll()
-            c0 = m.begin_window()
-            if ok is not None:  # skip mode (never capturable): ``run`` is ``due``
-                rt.ledgers[m.name].record(c0, ok[rt.registry.devices[0]], new_window=True)
+        rt.sync(self.inner.param_groups)
+        rt.anchor_windows()
         return False
 
     @torch.compiler.disable
     @torch.no_grad()
     def _end_step(self) -> None:
         rt = self._runtime
-        rt.steps += 1
-        if rt.backend.clock is not None:
-            rt.backend.clock.advance(rt.registry.devices)
-        if rt.side_stream is None:
-            self._fold()
-        else:
-            rt.side_stream.wait_stream(torch.cuda.current_stream(rt.side_stream.device))
-            with torch.cuda.stream(rt.side_stream):
-                self._fold()
-            rt.side_done = rt.side_stream.record_event()
+        rt.count_step()
+        side = rt.side()
+        if side is None:
+            rt.fold()
+        else:  # overlap the fold with the next forward/backward; joined before the params change
+            side.wait_stream(torch.cuda.current_stream(side.device))
+            with torch.cuda.stream(side):
+                rt.fold()
+            rt.side_done = side.record_event()
         rt.registry.record_versions()
-
-    def _fold(self) -> None:
-        """After the inner step: ``A <- A + c_t theta`` for every merge at a checkpoint."""
-        rt = self._runtime
-        due = [(m, c) for m in rt.merges.values() if (c := m.advance()) is not None]
-        run = [(m, 0.0) for m in rt.merges.values()] if rt.capturable else due
-        if not run:
-            return
-        ok = self._checkpoint_ok()
-        for g in rt.registry.groups:
-            updates = [self._update(m, g, c) for m, c in run]
-            rt.backend.accumulate(g.local, updates, None if ok is None else ok[g.device], cache=g.cache)
-        if ok is not None:
-            for m, c in due:
-                rt.ledgers[m.name].record(c, ok[rt.registry.devices[0]], new_window=False)
-
-    def _update(self, m: MergeState, g: Group, coef: float, completed: bool = False) -> MergeUpdate:
-        return MergeUpdate(
-            accs=g.accs[m.name], coef=coef, completed=g.completed[m.name] if completed else None, name=m.name,
-            start=m.spec.start, interval=m.spec.interval, k=m.spec.k, table=m.weights,
-        )
-
-    def _checkpoint_ok(self) -> dict[torch.device, Tensor] | None:
-        """Skip mode: an int32 flag per device, 1 iff every param is finite (device only)."""
-        rt = self._runtime
-        if rt.nonfinite != "skip":
-            return None
-        devices = rt.registry.devices
-        flags = {d: torch.ones((), dtype=torch.int32, device=d) for d in devices}
-        for g in rt.registry.groups:
-            rt.backend.all_finite(g.local, flags[g.device], cache=g.cache)
-        if len(devices) > 1:  # the checkpoint is bad if any device saw a bad value
-            total = flags[devices[0]].clone()
-            for d in devices[1:]:
-                total.mul_(flags[d].to(devices[0], non_blocking=True))
-            flags = {d: total.to(d, non_blocking=True) for d in devices}
-        return flags
-
-    def _seed(self, name: str, p: Tensor, acc: Tensor, completed: Tensor | None) -> None:
-        """A param adopted mid-window counts as constant at its current value since the anchor.
-
-        Skip mode divides readouts by ``1 - skipped weight``: seed so that they return ``p``.
-        """
-        merge, ledger = self._runtime.merges[name], self._runtime.ledgers[name]
-        if merge.anchored:
-            acc.copy_(p).mul_(1.0 - ledger.skipped_weight() - merge.live_weight())
-        if completed is not None and merge.has_completed:
-            completed.copy_(p).mul_(1.0 - ledger.skipped_weight(completed=True))
-
-    def _sync(self) -> None:
-        """Adopt param changes; an ``"auto"`` backend follows the params to (or from) CUDA."""
-        rt = self._runtime
-        rt.registry.sync(self.inner.param_groups)
-        devices = rt.registry.devices
-        if devices != rt.devices:
-            rt.devices = devices
-            if rt.backend_choice == "auto" and not rt.capturable:
-                rt.backend = resolve("auto", devices, [m.spec.k + 1 for m in rt.merges.values()])
-                if rt.backend.clock is not None:
-                    rt.backend.clock.set(rt.steps)
 
     def _check_capturable(self, params) -> None:
         rt = self._runtime
@@ -365,36 +262,18 @@ class WSMOptimizer(torch.optim.Optimizer):
                     "in memory); the foreach fallback cannot run inside a CUDA graph"
                 )
 
-    def _join(self) -> None:
-        """Make the current stream wait for an update still running on the side stream."""
-        rt = self._runtime
-        if rt.overlap and rt.side_stream is None and torch.cuda.is_available():
-            rt.side_stream = torch.cuda.Stream(device=next(d for d in rt.devices if d.type == "cuda"))
-        if rt.side_done is not None:
-            torch.cuda.current_stream(rt.side_stream.device).wait_event(rt.side_done)
-            rt.side_done = None
-
     def sync_steps(self) -> int:
         """Capturable mode: adopt the device step count after CUDA-graph replays (one host sync)."""
+        return self._runtime.sync_steps()
+
+    def _prepare_readout(self, merge: str | None) -> MergeState:
         rt = self._runtime
-        steps = rt.backend.clock.read() if rt.backend.clock is not None else None
-        if steps is not None and steps != rt.steps:
-            rt.steps = steps
-            for m in rt.merges.values():
-                m.set_position(steps)
-        return rt.steps
+        state = rt.merge(merge)
+        rt.join()
+        rt.sync(self.inner.param_groups)
+        return state
 
     # ---------------------------------------------------------------- readout
-    def _merge(self, merge: str | None) -> MergeState:
-        merges = self._runtime.merges
-        if merge is None:
-            if len(merges) == 1:
-                return next(iter(merges.values()))
-            raise ValueError(f"merge: several merges are tracked, name one of {list(merges)}")
-        if merge not in merges:
-            raise ValueError(f"merge: unknown name {merge!r}; tracked merges are {list(merges)}")
-        return merges[merge]
-
     def merged_state_dict(
         self,
         dtype: torch.dtype | None = None,
@@ -454,9 +333,7 @@ class WSMOptimizer(torch.optim.Optimizer):
                 "sharded readouts (full=False) stay on each rank's device"
             )
         dtype = readout.check_dtype(dtype)
-        state = self._merge(merge)
-        self._join()
-        self._sync()
+        state = self._prepare_readout(merge)
         return readout.state_dict(
             self._runtime, state, dtype=dtype, model=model if model is not None else self.model,
             completed=check_bool("completed", completed), full=full, rank0_only=rank0_only,
@@ -474,9 +351,7 @@ class WSMOptimizer(torch.optim.Optimizer):
         rt = self._runtime
         if rt.swapped:
             raise RuntimeError("merged_weights() is already active")
-        state = self._merge(merge)
-        self._join()
-        self._sync()
+        state = self._prepare_readout(merge)
         with readout.swapped(rt, state, check_bool("completed", completed)):
             yield self
 
@@ -517,7 +392,7 @@ class WSMOptimizer(torch.optim.Optimizer):
         ``weights`` are the coefficients the current readout gives the anchor,
         each checkpoint so far and (last) the live params: float64, sums to 1.
         """
-        m = self._merge(merge)
+        m = self._runtime.merge(merge)
         return {
             "anchored": m.anchored,
             "window_index": m.window_index if m.anchored else -1,
@@ -540,8 +415,8 @@ class WSMOptimizer(torch.optim.Optimizer):
         """
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
-        self._join()
-        self._sync()
+        self._runtime.join()
+        self._runtime.sync(self.inner.param_groups)
         sd = persistence.save(self._runtime, self.inner)
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, sd)
@@ -562,26 +437,7 @@ class WSMOptimizer(torch.optim.Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        self._join()
+        self._runtime.join()
         persistence.load(self._runtime, self.inner, state_dict)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
-
-
-def _parse_merges(schedule, window, interval, start, keep_last, merges) -> dict[str, MergeSpec]:
-    if merges is None:
-        if window is None:
-            raise TypeError("window is required: optimizer steps per merge window, e.g. window=1000")
-        return {DEFAULT_MERGE: MergeSpec(schedule, window, interval, start, keep_last)}
-    default_schedule = isinstance(schedule, str) and schedule == "linear"
-    if window is not None or not default_schedule or interval != 1 or start != 0 or keep_last is not False:
-        raise TypeError(
-            "pass either merges={...} or the single-merge arguments "
-            "(schedule, window, interval, start, keep_last), not both"
-        )
-    if not isinstance(merges, Mapping) or not merges:
-        raise ValueError("merges must be a non-empty dict {name: dict(schedule=..., window=...)}")
-    for name in merges:
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"merges: names must be non-empty strings, got {name!r}")
-    return {name: MergeSpec.named(name, config) for name, config in merges.items()}

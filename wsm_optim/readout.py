@@ -15,7 +15,6 @@ copy of the params in their dtype (the backup) plus the same temporary.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +23,7 @@ from torch import Tensor, nn
 
 from . import distributed
 from .nonfinite import FiniteCheck, nonfinite_error
+from .warn import warn
 
 if TYPE_CHECKING:
     from .merge import MergeState
@@ -102,15 +102,14 @@ def _warn_if_modified(rt: "Runtime", state: "MergeState", what: str) -> None:
     if not changed:
         return
     more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
-    keep = "" if state.spec.keep_last else " (construct with keep_last=True to keep it readable)"
-    warnings.warn(
+    keep = "" if state.spec.keep_last else "; outside a window's last step it needs keep_last=True"
+    warn(
         f"{what}: parameter {rt.registry.label(changed[0])}{more} changed in place since the last step() "
         "(e.g. a checkpoint or the best model was loaded into the live model). The current window's merge "
         f"uses the live params as its newest term (weight {state.live_weight():.4g}), so these values are "
         f"mixed in. Read the last completed window instead (completed=True{keep}), or do not edit the "
         "params between steps.",
         LiveParamsChangedWarning,
-        stacklevel=4,
     )
 
 

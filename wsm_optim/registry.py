@@ -13,7 +13,6 @@ Parameters are grouped by the device and dtype of their local tensor (the
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 from torch import Tensor
 
 from . import distributed
+from .warn import warn
 
 __all__ = ["Group", "Registry", "accumulator_like", "accumulator_dtype", "param_numbering"]
 
@@ -102,7 +102,7 @@ class Registry:
     params materialised after wrapping).
     """
 
-    def __init__(self, merges: Iterable[str], kept: Iterable[str], seed: Seed) -> None:
+    def __init__(self, merges: Iterable[str], kept: Iterable[str], seed: Seed | None = None) -> None:
         self.merges = list(merges)
         self.kept = list(kept)  # merges with keep_last
         self.seed = seed
@@ -154,12 +154,11 @@ class Registry:
         if replaced:
             names = _names(param_groups) or {}
             label = ", ".join(names.get(flat[i], f"#{i}") for i in replaced[:5])
-            warnings.warn(
+            warn(
                 f"WSMOptimizer: {len(replaced)} parameter(s) in param_groups were replaced by new tensor "
                 f"objects ({label}); their merge restarts from their current values (as for params added "
                 "mid-window). Replace a parameter's values in place (p.copy_(...)) to keep its merge.",
                 RuntimeWarning,
-                stacklevel=4,
             )
 
     @staticmethod
@@ -170,8 +169,9 @@ class Registry:
             raise TypeError(f"WSMOptimizer: a parameter of dtype {p.dtype} cannot be merged (floating or complex only)")
         if allocate and p.device.type == "meta":
             raise ValueError(
-                f"WSMOptimizer: a parameter of shape {tuple(p.shape)} is on the meta device; materialise "
-                "the model (e.g. model.to_empty(device=...) and initialise it) before the first step()"
+                f"WSMOptimizer: a parameter of shape {tuple(p.shape)} is on the meta device. Build the inner "
+                "optimizer and WSMOptimizer after materialising the model: module.to_empty(device=...) "
+                "replaces meta parameters by new objects that an optimizer built before never sees"
             )
         distributed.local_view(p)  # refuses Partial placements
 
