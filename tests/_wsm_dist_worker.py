@@ -147,10 +147,15 @@ def _dcp_save(model, opt, path: Path) -> None:
 
 
 def scenario_train(out_dir: Path) -> None:
+    import warnings
+
     from torch.distributed.tensor import DTensor
 
+    from wsm_optim import LiveParamsChangedWarning
     from wsm_optim.distributed import local_view
 
+    # FSDP2 and DDP never edit the live params outside step(): a readout warning would be a false positive
+    warnings.simplefilter("error", LiveParamsChangedWarning)
     rank, world = _init()
     model = _fsdp_model(world)
     opt = _wsm(model)

@@ -8,6 +8,7 @@ accumulator per parameter, updated in a single streaming pass per checkpoint.
 from . import schedules
 from .offline import merge_checkpoints
 from .optimizer import DEFAULT_MERGE, MergeSpec, NonFiniteMergeError, WSMOptimizer
+from .readout import LiveParamsChangedWarning
 from .selection import MergeScores, evaluate_merges
 from .unwrap import unwrap
 
@@ -15,6 +16,7 @@ __all__ = [
     "WSMOptimizer",
     "MergeSpec",
     "NonFiniteMergeError",
+    "LiveParamsChangedWarning",
     "DEFAULT_MERGE",
     "merge_checkpoints",
     "evaluate_merges",

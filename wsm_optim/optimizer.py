@@ -172,10 +172,10 @@ class WSMOptimizer(torch.optim.Optimizer):
         return bool(getattr(self.inner, "_step_supports_amp_scaling", False))
 
     # GradScaler's fused path sets these on the optimizer it steps; the inner step reads them.
-    grad_scale = property(lambda self: getattr(self.inner, "grad_scale", None),
+    grad_scale = property(lambda self: self.inner.grad_scale,  # AttributeError when unset, as GradScaler expects
                           lambda self, v: setattr(self.inner, "grad_scale", v),
                           lambda self: delattr(self.inner, "grad_scale"))
-    found_inf = property(lambda self: getattr(self.inner, "found_inf", None),
+    found_inf = property(lambda self: self.inner.found_inf,
                          lambda self, v: setattr(self.inner, "found_inf", v),
                          lambda self: delattr(self.inner, "found_inf"))
 
