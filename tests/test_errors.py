@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -69,3 +72,92 @@ def test_readout_errors_name_the_merges():
     with pytest.raises(ValueError, match="several merges"):
         with opt.merged_weights():
             pass
+
+
+# ------------------------------------------------ misuse table: the optimizer (issue 11)
+def _trained(**kwargs):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    opt = WSMOptimizer(torch.optim.SGD(model.named_parameters(), lr=0.1), **{"window": 4, **kwargs})
+    for _ in range(2):
+        model(torch.randn(5, 3)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def _copy_without_names():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    opt = WSMOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), window=4)
+    return lambda: opt.merged_state_dict(model=copy.deepcopy(model))
+
+
+MISUSE = [
+    # (what, call, exception, fragments the message must contain)
+    ("keep_last string", lambda: WSMOptimizer(_inner(), window=4, keep_last="False"), TypeError,
+     ["keep_last must be a bool (True or False)", "str 'False'"]),
+    ("keep_last 'no'", lambda: WSMOptimizer(_inner(), window=4, keep_last="no"), TypeError, ["keep_last must be a bool"]),
+    ("keep_last int", lambda: WSMOptimizer(_inner(), window=4, keep_last=2), TypeError, ["keep_last must be a bool", "int 2"]),
+    ("keep_last in merges", lambda: WSMOptimizer(_inner(), merges={"a": dict(window=4, keep_last="yes")}), TypeError,
+     ["merges['a'].keep_last must be a bool"]),
+    ("overlap string", lambda: WSMOptimizer(_inner(), window=4, overlap="no"), TypeError, ["overlap must be a bool"]),
+    ("merges with a numpy schedule", lambda: WSMOptimizer(_inner(), schedule=np.array([0.5, 0.2]), merges={"a": dict(window=2)}),
+     TypeError, ["either merges=", "not both"]),
+    ("merges entry not a dict", lambda: WSMOptimizer(_inner(), merges={"a": 4}), TypeError,
+     ["merges['a'] must be a dict or a MergeSpec", "int"]),
+    ("dtype as a string", lambda: _trained()[1].merged_state_dict("float16"), TypeError,
+     ["dtype must be a torch.dtype such as torch.bfloat16", "str 'float16'", "strings are not accepted"]),
+    ("integer dtype", lambda: _trained()[1].merged_state_dict(torch.int32), ValueError,
+     ["dtype must be a floating point", "torch.int32"]),
+    ("model as a string", lambda: _trained()[1].merged_state_dict(model="m"), TypeError,
+     ["model must be a torch.nn.Module or None", "str 'm'"]),
+    ("a copy of the model, no names", _copy_without_names(), ValueError,
+     ["4 trainable parameter(s) are not tracked by this optimizer", "'0.weight'", "named_parameters()"]),
+    ("completed not a bool", lambda: _trained()[1].merged_state_dict(completed="yes"), TypeError,
+     ["completed must be a bool"]),
+    ("unknown backend", lambda: WSMOptimizer(_inner(), window=4, backend="cuda"), ValueError, ["backend must be one of"]),
+]
+
+
+@pytest.mark.parametrize("what, call, exc, needles", MISUSE, ids=[row[0] for row in MISUSE])
+def test_misuse_is_a_clear_error(what, call, exc, needles):
+    with pytest.raises(exc) as info:
+        call()
+    for needle in needles:
+        assert needle in str(info.value), (what, needle, str(info.value))
+
+
+def test_a_deepcopy_of_the_model_is_matched_by_name():
+    model, opt = _trained(keep_last=True)
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in clone.parameters():
+            p.add_(100.0)  # evaluation copy drifted: its own values must not leak into the merge
+    assert all(torch.equal(a, b) for a, b in zip(opt.merged_state_dict(model=clone).values(),
+                                                 opt.merged_state_dict().values()))
+
+
+def test_complex_params_refuse_a_real_dtype_and_merge_exactly():
+    p = nn.Parameter(torch.randn(4, dtype=torch.complex64))
+    opt = WSMOptimizer(torch.optim.SGD([("z", p)], lr=0.1), window=2)
+    snaps = [p.detach().clone().to(torch.complex128)]
+    for _ in range(2):
+        p.grad = torch.randn(4, dtype=torch.complex64)
+        opt.step()
+        snaps.append(p.detach().clone().to(torch.complex128))
+    with pytest.raises(ValueError, match="would drop the imaginary part of the complex parameter 'z'"):
+        opt.merged_state_dict(torch.float32)
+    merged = opt.merged_state_dict(torch.complex128)["z"]
+    torch.testing.assert_close(merged, sum(snaps) / 3, rtol=1e-6, atol=1e-7)  # linear: the mean
+    assert opt.merged_state_dict()["z"].dtype == torch.complex64
+
+
+def test_float64_params_keep_float64_range():
+    p = nn.Parameter(torch.full((3,), 1e300, dtype=torch.float64))
+    opt = WSMOptimizer(torch.optim.SGD([("big", p)], lr=1.0), window=2)
+    for step in range(2):
+        p.grad = torch.full((3,), 1e299 * (step + 1), dtype=torch.float64)
+        opt.step()
+    expected = (1e300 + (1e300 - 1e299) + (1e300 - 3e299)) / 3
+    torch.testing.assert_close(opt.merged_state_dict()["big"], torch.full((3,), expected, dtype=torch.float64))
+    assert opt.state_dict()["state"][0]["wsm_acc.default"].dtype == torch.float64
