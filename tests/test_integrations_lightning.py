@@ -265,3 +265,29 @@ def test_clear_errors_at_construction():
         WSMCallback(merges={"a": dict(window=4), "b": dict(window=8)})
     with pytest.raises(TypeError, match="not both"):
         WSMCallback(window=4, merges={"a": dict(window=4)})
+
+
+class ManualStepInsideSwap(TinyRegressor):
+    """Manual optimization that (wrongly) steps while the merged weights are swapped in."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()  # Lightning's LightningOptimizer around the WSMOptimizer
+        with opt.merged_weights():
+            self.manual_backward(super().training_step(batch, batch_idx))
+            opt.step()  # must be refused: the live params are swapped out
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="core: LightningOptimizer proxies WSMOptimizer by subclassing it, so merged_weights() called on the proxy "
+    "sets _swapped on the proxy; the real optimizer's step() does not see it, steps on the merged weights, and the "
+    "exit of the block then overwrites that step with the backup (silently lost update)",
+)
+def test_step_inside_merged_weights_through_lightning_optimizer_is_refused(tmp_path):
+    trainer = _trainer(tmp_path, [WSMCallback(window=4)], max_epochs=1, enable_checkpointing=False, limit_val_batches=0)
+    with pytest.raises(RuntimeError, match="inside merged_weights"):
+        trainer.fit(ManualStepInsideSwap(), _data())
