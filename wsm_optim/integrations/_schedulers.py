@@ -62,9 +62,9 @@ def _track_step_calls(optimizer: torch.optim.Optimizer) -> None:
     optimizer.step = step  # type: ignore[method-assign]
 
 
-#: torch schedulers that lower the LR over training whatever their arguments
+#: torch schedulers that lower the LR over training (or on a plateau) whatever their arguments
 #: (a ``gamma`` below 1 for the step-wise ones, checked below).
-_DECAYING = ("CosineAnnealingLR", "CosineAnnealingWarmRestarts", "PolynomialLR", "OneCycleLR", "CyclicLR")
+_DECAYING = ("ReduceLROnPlateau", "CosineAnnealingLR", "CosineAnnealingWarmRestarts", "PolynomialLR", "OneCycleLR", "CyclicLR")
 _GAMMA = ("ExponentialLR", "StepLR", "MultiStepLR")
 
 
