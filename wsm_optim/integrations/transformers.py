@@ -162,16 +162,16 @@ class WSMTrainerMixin:
         scheduler = super().create_scheduler(num_training_steps=num_training_steps, optimizer=optimizer)
         decay = describe_decay(scheduler, num_training_steps)
         if decay is not None:
-            origin = (
-                f"TrainingArguments(lr_scheduler_type={getattr(self.args.lr_scheduler_type, 'value', self.args.lr_scheduler_type)!r}) "
-                if created
-                else "the scheduler given in optimizers=(..., scheduler) "
-            )
+            if created:
+                kind = getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type)
+                origin, fix = f"TrainingArguments(lr_scheduler_type={kind!r})", ""
+            else:
+                origin = "the scheduler given in optimizers=(optimizer, scheduler)"
+                fix = " (or transformers.get_constant_schedule_with_warmup(optimizer, num_warmup_steps))"
             warnings.warn(
-                f"WSM: {origin}decays the learning rate after warmup: {decay}. WSM replaces the decay by "
+                f"WSM: {origin} decays the learning rate after warmup: {decay}. WSM replaces the decay by "
                 "the merge and expects a constant LR after warmup; use "
-                'TrainingArguments(lr_scheduler_type="constant_with_warmup", warmup_steps=...) '
-                "(or optimizers=(optimizer, None) with that argument).",
+                f'TrainingArguments(lr_scheduler_type="constant_with_warmup", warmup_steps=...){fix}.',
                 UserWarning,
                 stacklevel=2,
             )
