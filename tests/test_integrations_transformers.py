@@ -206,3 +206,16 @@ def test_clear_errors(tmp_path):
     trainer = _trainer(tmp_path, wsm={}, max_steps=1, save_strategy="no", eval_strategy="no")
     with pytest.raises(TypeError, match="window is required"):
         trainer.train()
+
+
+def test_core_and_hf_module_import_no_framework():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, wsm_optim, wsm_optim.integrations, wsm_optim.integrations.transformers\n"
+        "heavy = [m for m in ('lightning', 'transformers', 'accelerate') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
