@@ -21,7 +21,7 @@ BATCHES_PER_EPOCH = 3
 class TinyRegressor(L.LightningModule):
     """4 -> 8 -> 1 MLP, MSE; ``scheduler`` / ``wsm`` pick what ``configure_optimizers`` returns."""
 
-    def __init__(self, lr: float = 0.05, scheduler: bool = False, wsm: bool = False):
+    def __init__(self, lr: float = 0.05, scheduler: str | bool = False, wsm: bool = False):
         super().__init__()
         self.save_hyperparameters()
         self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
@@ -50,6 +50,12 @@ class TinyRegressor(L.LightningModule):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
         if self.hparams.wsm:
             return WSMOptimizer(opt, schedule="1-sqrt", window=4, model=self)
+        if self.hparams.scheduler == "cosine":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=12)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        if self.hparams.scheduler == "decay":  # warmup over 2 steps, then linear decay
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / 2, max(0.0, 1 - s / 12)))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         if self.hparams.scheduler:  # warmup over 4 steps, then constant
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 4))
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -236,6 +242,37 @@ def test_lr_scheduler_is_repointed_and_keeps_working(tmp_path):
     assert sched.last_epoch == BATCHES_PER_EPOCH
     assert cb.optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * min(1.0, (BATCHES_PER_EPOCH + 1) / 4))
     assert not [w for w in caught if "lr_scheduler.step()" in str(w.message) or "overridden" in str(w.message)]
+    assert not [w for w in caught if "WSMCallback" in str(w.message)]
+
+
+@pytest.mark.parametrize("scheduler", ["decay", "cosine"])
+def test_decaying_scheduler_warns(tmp_path, scheduler):
+    trainer = _trainer(tmp_path, [WSMCallback(window=4)], max_epochs=1, max_steps=12, enable_checkpointing=False,
+                       limit_val_batches=0)
+    with pytest.warns(UserWarning, match="decays the learning rate after warmup"):
+        trainer.fit(_model(scheduler=scheduler), _data())
+
+
+def test_weights_only_checkpoints_warn(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_weights_only=True)
+    trainer = _trainer(tmp_path, [WSMCallback(window=4), ckpt], max_epochs=1, limit_val_batches=0)
+    with pytest.warns(UserWarning, match="LIVE weights"):
+        trainer.fit(_model(), _data())
+
+
+def test_several_merges_validate_and_save_the_named_one(tmp_path):
+    cb = WSMCallback(
+        merges={"short": dict(window=2), "long": dict(schedule="1-sqrt", window=6)}, merge="long",
+        merged_after_fit=False,
+    )
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_epochs=1, save_top_k=-1, filename="{epoch}")
+    model = _model()
+    _trainer(tmp_path, [cb, ckpt], max_epochs=1).fit(model, _data(), _data())
+    saved = torch.load(tmp_path / "ck" / "epoch=0.ckpt", weights_only=False)  # saved after the last step
+    assert _equal(saved["state_dict"], cb.optimizer.merged_state_dict(model=model, merge="long"))
+    assert not _equal(saved["state_dict"], cb.optimizer.merged_state_dict(model=model, merge="short"))
+    assert _equal(model.val_params[-1], saved["state_dict"])
+    assert _equal(model.state_dict(), saved["current_model_state"])
 
 
 def test_wsm_optimizer_from_configure_optimizers_is_used_as_is(tmp_path):

@@ -219,3 +219,23 @@ def test_core_and_hf_module_import_no_framework():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_several_merges_get_their_own_metrics_folders_and_best_model(tmp_path):
+    merges = {"short": dict(window=2), "long": dict(schedule="1-sqrt", window=4)}
+    trainer = _trainer(
+        tmp_path, wsm=dict(merges=merges), save_steps=2, eval_steps=2, max_steps=6,
+        load_best_model_at_end=True, metric_for_best_model="merged_long_loss",
+    )
+    trainer.train()
+    wsm = unwrap(trainer.optimizer)
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    assert all({"eval_merged_short_loss", "eval_merged_long_loss"} <= set(h) for h in evals)
+    best = min(evals, key=lambda h: h["eval_merged_long_loss"])
+    folder = tmp_path / f"checkpoint-{best['step']}"
+    assert (folder / "merged_short").is_dir() and (folder / "merged_long").is_dir()
+    loaded = GPT2LMHeadModel.from_pretrained(folder / "merged_long").state_dict()
+    assert _equal(trainer.model.state_dict(), loaded)
+    assert not _equal(GPT2LMHeadModel.from_pretrained(folder).state_dict(), loaded)  # not the live weights
+    assert not _equal(GPT2LMHeadModel.from_pretrained(folder / "merged_short").state_dict(), loaded)
+    assert wsm.merges == ("short", "long")

@@ -24,7 +24,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from .. import schedules as S
 from ..optimizer import WSMOptimizer
 from ..unwrap import unwrap
-from ._schedulers import repoint_scheduler
+from ._schedulers import describe_decay, repoint_scheduler
 
 __all__ = ["WSMCallback"]
 
@@ -49,7 +49,10 @@ class WSMCallback(Callback):
       validation scored), ``checkpoint["current_model_state"]`` the live ones,
       and the optimizer state the accumulators and counters: resuming with
       ``ckpt_path=`` continues bit-exactly (on CPU), also mid-window.
-    * after ``fit`` (``merged_after_fit=True``) the module holds the merged weights.
+    * after ``fit`` (``merged_after_fit=True``) the module holds the merged weights;
+      the optimizer's readouts then no longer apply (its live term is gone): to
+      train on, resume from a checkpoint. A checkpoint saved after ``fit`` still
+      keeps the live weights in ``current_model_state``.
 
     Args:
         schedule, window, interval, start, keep_last, merges, backend, nonfinite:
@@ -156,6 +159,8 @@ class WSMCallback(Callback):
                 repoint_scheduler(config.scheduler, configured, wsm)
             self._wsm = wsm
         self._live_after_fit = None
+        _warn_about_decay(trainer)
+        _warn_about_weights_only_checkpoints(trainer)
 
     # ------------------------------------------------------------ validation
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -242,3 +247,37 @@ def _check_strategy(trainer: Trainer) -> None:
             "WSMCallback: FSDPStrategy is FSDP1 (flat parameters), which WSMOptimizer does not support; "
             "use ModelParallelStrategy (FSDP2, fully_shard)"
         )
+
+
+def _warn_about_decay(trainer: Trainer) -> None:
+    """WSM replaces the LR decay: warn about a scheduler that lowers the LR after warmup."""
+    for config in trainer.lr_scheduler_configs:
+        if config.interval == "epoch":
+            horizon = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+        elif trainer.max_steps and trainer.max_steps > 0:
+            horizon = trainer.max_steps
+        else:
+            try:
+                horizon = int(trainer.estimated_stepping_batches)
+            except (ValueError, TypeError, OverflowError, RuntimeError):  # infinite or unknown length
+                horizon = None
+        decay = describe_decay(config.scheduler, horizon)
+        if decay is not None:
+            rank_zero_warn(
+                f"WSMCallback: the LR scheduler from configure_optimizers decays the learning rate after "
+                f"warmup: {decay}. WSM replaces the decay by the merge and expects a constant LR after "
+                "warmup (e.g. LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup_steps)))."
+            )
+
+
+def _warn_about_weights_only_checkpoints(trainer: Trainer) -> None:
+    """Lightning skips callbacks' ``on_save_checkpoint`` for weights-only checkpoints: say so."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    for cb in trainer.callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.save_weights_only:
+            rank_zero_warn(
+                "WSMCallback: ModelCheckpoint(save_weights_only=True) files will hold the LIVE weights, "
+                "not the merged ones that validation scored: Lightning does not call callbacks' "
+                "on_save_checkpoint for weights-only checkpoints. Use save_weights_only=False."
+            )
