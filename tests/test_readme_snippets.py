@@ -91,6 +91,8 @@ train_ds, eval_ds = _Tokens(32, 0), _Tokens(8, 1)
 
 
 def _code(name):
+    if name == "__preamble__":
+        return ""
     assert name in BLOCKS, f"README.md has no block marked <!-- tested: {name} -->"
     code = BLOCKS[name]
     for old, new in SCALE.get(name, {}).items():
@@ -145,7 +147,21 @@ def test_accelerate(tmp_path, monkeypatch):
     pytest.importorskip("accelerate")
     ns = _run("accelerate", TORCH_PREAMBLE, tmp_path, monkeypatch)
     assert ns["wsm"].steps == len(ns["loader"])
-    assert (tmp_path / "ckpt").is_dir() and (tmp_path / "merged.safetensors").is_file()
+    assert (tmp_path / "merged.safetensors").is_file()
+    # the resume the comment promises: a fresh accelerator, model and optimizer load the state exactly
+    from accelerate import Accelerator
+
+    import wsm_optim
+
+    fresh = _run("__preamble__", TORCH_PREAMBLE, tmp_path, monkeypatch)["model"]
+    torch.nn.init.zeros_(fresh[0].weight)
+    accelerator = Accelerator()
+    opt = wsm_optim.WSMOptimizer(torch.optim.AdamW(fresh.named_parameters(), lr=1e-3), window=4)
+    fresh, opt = accelerator.prepare(fresh, opt)
+    accelerator.load_state("ckpt")
+    assert wsm_optim.unwrap(opt).steps == ns["wsm"].steps
+    expected, got = ns["wsm"].merged_state_dict(), wsm_optim.unwrap(opt).merged_state_dict()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
 def _free_port():
