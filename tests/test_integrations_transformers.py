@@ -1,7 +1,5 @@
 """Hugging Face ``Trainer``: ``wrap_trainer`` with a real ``Trainer`` on a tiny GPT-2 from a config (CPU)."""
 
-import json
-import os
 import warnings
 
 import pytest
