@@ -246,6 +246,15 @@ class WSMTrainerMixin:
             self.state.best_model_checkpoint = best
 
     def train(self, *args, **kwargs):
+        if getattr(self, "is_deepspeed_enabled", False):
+            raise NotImplementedError(
+                "wrap_trainer: DeepSpeed builds and wraps the optimizer itself (deepspeed_init), so it "
+                "cannot be wrapped in WSMOptimizer; use DDP or FSDP2"
+            )
+        if getattr(self, "is_fsdp_enabled", False) and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) == 1:
+            raise NotImplementedError(
+                "wrap_trainer: FSDP1 (flat parameters) is not supported by WSMOptimizer; use FSDP2 (fsdp_version=2)"
+            )
         self._wsm_live_replaced = False
         return super().train(*args, **kwargs)
 
