@@ -1,0 +1,239 @@
+"""Hugging Face ``Trainer``: ``wrap_trainer`` with a real ``Trainer`` on a tiny GPT-2 from a config (CPU)."""
+
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+from wsm_optim import WSMOptimizer, unwrap  # noqa: E402
+from wsm_optim.integrations.transformers import wrap_trainer  # noqa: E402
+
+VOCAB, SEQ = 64, 16
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    def __init__(self, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, VOCAB, (n, SEQ), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+TRAIN, EVAL = TokenDataset(32, 0), TokenDataset(8, 1)
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        n_layer=2, n_embd=64, n_head=2, vocab_size=VOCAB, n_positions=SEQ,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def _args(tmp_path, **kwargs):
+    base = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        learning_rate=3e-3,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=2,
+        max_steps=8,
+        save_strategy="steps",
+        save_steps=3,
+        eval_strategy="steps",
+        eval_steps=3,
+        logging_strategy="no",
+        use_cpu=True,
+        report_to=[],
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    base.update(kwargs)
+    return TrainingArguments(**base)
+
+
+class RecordMerged(TrainerCallback):
+    """The merged readout (and live weights) at each checkpoint save: nothing steps in between."""
+
+    def __init__(self):
+        self.at_save = {}
+
+    def on_save(self, args, state, control, model=None, optimizer=None, **kwargs):
+        wsm = unwrap(optimizer)
+        live = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.at_save[state.global_step] = (wsm.merged_state_dict(model=model), live)
+
+
+def _trainer(tmp_path, model=None, callbacks=(), wsm=dict(schedule="1-sqrt", window=4), **kwargs):
+    trainer = Trainer(
+        model=model if model is not None else _model(),
+        args=_args(tmp_path, **kwargs),
+        train_dataset=TRAIN,
+        eval_dataset=EVAL,
+        callbacks=list(callbacks),
+    )
+    return wrap_trainer(trainer, **wsm)
+
+
+def _equal(a, b):
+    assert set(a) == set(b), set(a) ^ set(b)
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+class Evaluator:
+    """A plain ``Trainer`` (no WSM) that evaluates given weights: the same loss convention as the tested one."""
+
+    def __init__(self, tmp_path):
+        self.trainer = Trainer(model=_model(), args=_args(tmp_path / "evaluator"), eval_dataset=EVAL)
+
+    def __call__(self, state_dict):
+        self.trainer.model.load_state_dict(state_dict)
+        return self.trainer.evaluate()["eval_loss"]
+
+
+def test_merged_metrics_next_to_live_and_merged_model_saved_per_checkpoint(tmp_path):
+    record = RecordMerged()
+    trainer = _trainer(tmp_path, callbacks=[record])
+    trainer.train()
+    evaluate = Evaluator(tmp_path)
+    wsm = unwrap(trainer.optimizer)
+    assert isinstance(wsm, WSMOptimizer) and wsm.steps == 8
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    assert [h["step"] for h in evals] == [3, 6, 8]
+    for h in evals:
+        merged, live = record.at_save[h["step"]]
+        assert h["eval_merged_loss"] == pytest.approx(evaluate(merged), rel=1e-6)
+        assert h["eval_loss"] == pytest.approx(evaluate(live), rel=1e-6)
+        assert h["eval_merged_loss"] != h["eval_loss"]
+    # the merged model of every checkpoint, as from_pretrained loads it
+    for step in (3, 6, 8):
+        folder = tmp_path / f"checkpoint-{step}" / "merged"
+        loaded = GPT2LMHeadModel.from_pretrained(folder)
+        assert _equal(loaded.state_dict(), record.at_save[step][0]), step
+        live = GPT2LMHeadModel.from_pretrained(tmp_path / f"checkpoint-{step}")
+        assert _equal(live.state_dict(), record.at_save[step][1]), step
+    # evaluate() after training: live and merged metrics again, the live weights untouched
+    live = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    metrics = trainer.evaluate()
+    assert metrics["eval_merged_loss"] == pytest.approx(evaluate(wsm.merged_state_dict(model=trainer.model)), rel=1e-6)
+    assert _equal(trainer.model.state_dict(), live)
+
+
+def test_resume_from_checkpoint_mid_window_is_bit_exact(tmp_path):
+    a = _trainer(tmp_path / "a")
+    a.train()
+    ckpt = tmp_path / "a" / "checkpoint-6"  # window 4: step 6 is checkpoint 2 of the second window
+    saved = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    assert saved["wsm"]["merges"]["default"]["counters"]["t"] == 2
+    b = _trainer(tmp_path / "b", model=_model(seed=1))  # another init: everything comes from the checkpoint
+    b.train(resume_from_checkpoint=str(ckpt))
+    wa, wb = unwrap(a.optimizer), unwrap(b.optimizer)
+    assert wb.steps == wa.steps == 8
+    assert _equal(b.model.state_dict(), a.model.state_dict()), "live weights differ after resume"
+    assert _equal(wb.merged_state_dict(model=b.model), wa.merged_state_dict(model=a.model))
+    sa, sb = wa.merge_status(), wb.merge_status()
+    assert (sa["window_index"], sa["checkpoint"]) == (sb["window_index"], sb["checkpoint"])
+    merged_a = GPT2LMHeadModel.from_pretrained(tmp_path / "a" / "checkpoint-8" / "merged").state_dict()
+    merged_b = GPT2LMHeadModel.from_pretrained(tmp_path / "b" / "checkpoint-8" / "merged").state_dict()
+    assert _equal(merged_a, merged_b)
+
+
+@pytest.mark.parametrize("metric", ["eval_merged_loss", "merged_loss", "eval_loss"])
+def test_load_best_model_at_end_loads_the_best_merged_model(tmp_path, metric):
+    record = RecordMerged()
+    trainer = _trainer(
+        tmp_path, callbacks=[record], load_best_model_at_end=True, metric_for_best_model=metric,
+        save_steps=2, eval_steps=2, max_steps=8, learning_rate=3e-2,
+    )
+    trainer.train()
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    key = "eval_loss" if metric == "eval_loss" else "eval_merged_loss"
+    best = min(evals, key=lambda h: h[key])
+    assert trainer.state.best_metric == best[key]
+    assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best['step']}")
+    merged, live = record.at_save[best["step"]]
+    assert not _equal(merged, live)
+    assert _equal(trainer.model.state_dict(), live if metric == "eval_loss" else merged)
+    # the model in the trainer was replaced: no merged metrics from a stale merge any more
+    assert "eval_merged_loss" not in trainer.evaluate()
+
+
+def test_decaying_scheduler_warns_with_the_constant_with_warmup_way(tmp_path):
+    trainer = _trainer(tmp_path, lr_scheduler_type="linear", max_steps=4, save_strategy="no", eval_strategy="no")
+    with pytest.warns(UserWarning, match='lr_scheduler_type="constant_with_warmup"') as caught:
+        trainer.train()
+    assert "'linear'" in str(caught[0].message)
+    # the same through optimizers=(WSMOptimizer, None): HF's default linear decay to 0
+    model = _model()
+    wsm = WSMOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), window=4)
+    trainer = Trainer(
+        model=model, args=_args(tmp_path, max_steps=4, save_strategy="no", eval_strategy="no", lr_scheduler_type="linear"),
+        train_dataset=TRAIN, optimizers=(wsm, None),
+    )
+    wrap_trainer(trainer)
+    with pytest.warns(UserWarning, match="decays the learning rate after warmup"):
+        trainer.train()
+    assert unwrap(trainer.optimizer) is wsm
+    # constant after warmup: no warning
+    trainer = _trainer(tmp_path, max_steps=4, save_strategy="no", eval_strategy="no")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="WSM:")
+        trainer.train()
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(TypeError, match="must be a transformers.Trainer"):
+        wrap_trainer(object(), window=4)
+    with pytest.raises(TypeError, match="window is required"):
+        _trainer(tmp_path, wsm=dict(schedule="cosine"))
+    with pytest.raises(ValueError, match="window"):
+        _trainer(tmp_path, wsm=dict(window=0))
+    trainer = _trainer(tmp_path)
+    with pytest.raises(TypeError, match="already wrapped"):
+        wrap_trainer(trainer, window=4)
+    trainer = _trainer(tmp_path, wsm={}, max_steps=1, save_strategy="no", eval_strategy="no")
+    with pytest.raises(TypeError, match="window is required"):
+        trainer.train()
+
+
+def test_core_and_hf_module_import_no_framework():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, wsm_optim, wsm_optim.integrations, wsm_optim.integrations.transformers\n"
+        "heavy = [m for m in ('lightning', 'transformers', 'accelerate') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_several_merges_get_their_own_metrics_folders_and_best_model(tmp_path):
+    merges = {"short": dict(window=2), "long": dict(schedule="1-sqrt", window=4)}
+    trainer = _trainer(
+        tmp_path, wsm=dict(merges=merges), save_steps=2, eval_steps=2, max_steps=6,
+        load_best_model_at_end=True, metric_for_best_model="merged_long_loss",
+    )
+    trainer.train()
+    wsm = unwrap(trainer.optimizer)
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    assert all({"eval_merged_short_loss", "eval_merged_long_loss"} <= set(h) for h in evals)
+    best = min(evals, key=lambda h: h["eval_merged_long_loss"])
+    folder = tmp_path / f"checkpoint-{best['step']}"
+    assert (folder / "merged_short").is_dir() and (folder / "merged_long").is_dir()
+    loaded = GPT2LMHeadModel.from_pretrained(folder / "merged_long").state_dict()
+    assert _equal(trainer.model.state_dict(), loaded)
+    assert not _equal(GPT2LMHeadModel.from_pretrained(folder).state_dict(), loaded)  # not the live weights
+    assert not _equal(GPT2LMHeadModel.from_pretrained(folder / "merged_short").state_dict(), loaded)
+    assert wsm.merges == ("short", "long")

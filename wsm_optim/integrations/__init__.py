@@ -1,0 +1,11 @@
+"""WSM inside the trainers users already run.
+
+* :mod:`wsm_optim.integrations.lightning`: ``WSMCallback`` for Lightning's ``Trainer(callbacks=[...])``.
+* :mod:`wsm_optim.integrations.transformers`: ``wrap_trainer`` for a Hugging Face ``Trainer``.
+
+This package imports nothing on its own: each submodule imports its framework
+when it is imported (Lightning) or used (transformers), so ``import wsm_optim``
+never needs them. Install them with ``pip install "wsm-optim[integrations]"``.
+"""
+
+__all__: list[str] = []
