@@ -318,12 +318,6 @@ class ManualStepInsideSwap(TinyRegressor):
             opt.step()  # must be refused: the live params are swapped out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core: LightningOptimizer proxies WSMOptimizer by subclassing it, so merged_weights() called on the proxy "
-    "sets _swapped on the proxy; the real optimizer's step() does not see it, steps on the merged weights, and the "
-    "exit of the block then overwrites that step with the backup (silently lost update)",
-)
 def test_step_inside_merged_weights_through_lightning_optimizer_is_refused(tmp_path):
     trainer = _trainer(tmp_path, [WSMCallback(window=4)], max_epochs=1, enable_checkpointing=False, limit_val_batches=0)
     with pytest.raises(RuntimeError, match="inside merged_weights"):
