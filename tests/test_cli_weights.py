@@ -1,4 +1,4 @@
-"""``wsm-optim weights``: the Theorem 3.1 table matches METHOD.md's check values."""
+"""``wsm-optim weights``: the Theorem 3.1 table matches docs/method.md's check values."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 from wsm_optim import cli
 
-# METHOD.md, "Check values (k = 9, ten checkpoints, oldest first)": merge weights c_0..c_9
+# docs/method.md, "Check values (k = 9, ten checkpoints, oldest first)": merge weights c_0..c_9
 CHECK_VALUES = {
     "ema": [0.126, 0.033, 0.041, 0.052, 0.065, 0.082, 0.103, 0.130, 0.163, 0.206],
     "linear": [0.1] * 10,
@@ -38,7 +38,7 @@ def test_prints_method_check_values(schedule, capsys):
     assert f"'{schedule}'" in out and "k = 9" in out
     w, c, total = _parse_table(out)
     assert len(c) == 10
-    np.testing.assert_allclose(c, CHECK_VALUES[schedule], atol=5e-4)  # METHOD.md rounds to 3 decimals
+    np.testing.assert_allclose(c, CHECK_VALUES[schedule], atol=5e-4)  # docs/method.md rounds to 3 decimals
     assert w[0] == 1.0 and np.all(np.diff(w) <= 0)  # w_0 = 1, non-increasing
     assert total == pytest.approx(1.0, abs=1e-6)
     # Theorem 3.1 on the printed numbers: c_j = w_j - w_{j+1} with w_{k+1} = 0

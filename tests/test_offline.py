@@ -135,7 +135,7 @@ def test_weights_table_printed_before_merging(tmp_path, capsys):
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert "schedule '1-sqrt', Theorem 3.1 with k = 9" in lines[0]
-    # METHOD.md check values for 1-sqrt, k = 9 (oldest first)
+    # docs/method.md check values for 1-sqrt, k = 9 (oldest first)
     c_printed = [float(ln.split()[2]) for ln in lines[2:12]]
     np.testing.assert_allclose(
         c_printed, [0.316, 0.131, 0.101, 0.085, 0.075, 0.067, 0.062, 0.058, 0.054, 0.051], atol=6e-4

@@ -1,4 +1,4 @@
-"""``wsm_optim.schedules`` against METHOD.md's check values and hand-computed closed forms."""
+"""``wsm_optim.schedules`` against docs/method.md's check values and hand-computed closed forms."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from wsm_optim import schedules as S
 
 VALID_NAMES = ["linear", "cosine", "1-sqrt", "inv-sqrt", "ema", "mean", "minus-sqrt"]
 
-# METHOD.md, "Check values (k = 9, ten checkpoints, oldest first)".
+# docs/method.md, "Check values (k = 9, ten checkpoints, oldest first)".
 CHECK_VALUES_K9 = {
     "ema": [0.126, 0.033, 0.041, 0.052, 0.065, 0.082, 0.103, 0.130, 0.163, 0.206],
     "linear": [0.1] * 10,

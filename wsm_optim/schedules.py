@@ -2,7 +2,7 @@
 
 All the merge math of the package lives here, in float64 NumPy.
 
-Notation (see ``METHOD.md``): a window holds ``k`` updates and ``k + 1``
+Notation (see ``docs/method.md``): a window holds ``k`` updates and ``k + 1``
 checkpoints ``theta_0 .. theta_k`` (``theta_0`` is the anchor).
 
 * decay weights ``w``: shape ``(k,)``, ``w[i - 1] = w_i``, non-increasing in
