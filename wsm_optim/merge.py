@@ -226,6 +226,25 @@ class MergeState:
             return np.array([1.0])
         return np.array([self.weights.c(j) for j in range(self.t + 1)] + [self.live_weight()])
 
+    def status(self) -> dict[str, Any]:
+        """``window_index``, ``checkpoint`` (t of k), ``k``, ``steps_since_checkpoint``, ``complete``, ...
+
+        ``completed_kept``: the ``keep_last`` buffer holds a completed window (so
+        ``completed=True`` readouts work now, as they do while ``complete``).
+        ``weights``: :meth:`readout_weights`.
+        """
+        return {
+            "anchored": self.anchored,
+            "window_index": self.window_index if self.anchored else -1,
+            "checkpoint": self.t,
+            "k": self.spec.k,
+            "steps_since_checkpoint": self.r,
+            "complete": self.complete,
+            "windows_completed": self.windows_completed,
+            "completed_kept": self.has_completed,
+            "weights": self.readout_weights(),
+        }
+
     def first_step(self, window: int) -> int:
         """Counted steps at the anchor of window number ``window``."""
         return self.spec.start + window * self.spec.window

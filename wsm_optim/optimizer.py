@@ -23,10 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed, persistence, readout, schedules
-from .backends import BACKEND_NAMES, resolve
 from .merge import DEFAULT_MERGE, MergeSpec, MergeState, check_bool, specs_from_arguments
-from .nonfinite import NONFINITE_MODES, NonFiniteMergeError, SkipLedger
-from .registry import Registry
+from .nonfinite import NonFiniteMergeError
 from .runtime import Runtime
 
 __all__ = ["WSMOptimizer", "MergeSpec", "DEFAULT_MERGE", "NonFiniteMergeError"]
@@ -117,40 +115,13 @@ class WSMOptimizer(torch.optim.Optimizer):
             raise TypeError("inner is already a WSMOptimizer; use merges= to track several merges")
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__} {model!r}")
-        if nonfinite not in NONFINITE_MODES:
-            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
-        if backend not in BACKEND_NAMES:
-            raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
-        overlap, capturable = check_bool("overlap", overlap), check_bool("capturable", capturable)
         specs = specs_from_arguments(schedule, window, interval, start, keep_last, merges)
         self.inner = inner
         self.model = model
         self._init_hooks()
-        params = list(dict.fromkeys(p for g in inner.param_groups for p in g["params"]))
-        devices = list(dict.fromkeys(distributed.local_view(p).device for p in params))
-        chosen = resolve(backend, devices, [s.k + 1 for s in specs.values()])
-        if capturable and (chosen.name != "triton" or nonfinite == "skip"):
-            raise ValueError(
-                "capturable=True needs backend='triton' and nonfinite='raise' "
-                f"(got backend={chosen.name!r}, nonfinite={nonfinite!r})"
-            )
-        if overlap and not any(d.type == "cuda" for d in devices):
-            raise ValueError("overlap=True needs CUDA parameters (it uses a side CUDA stream)")
-        registry = Registry(specs, [n for n, s in specs.items() if s.keep_last])
-        self._runtime = rt = Runtime(
-            merges={n: MergeState(n, s) for n, s in specs.items()},
-            ledgers={n: SkipLedger() for n in specs},
-            registry=registry,
-            backend=chosen,
-            backend_choice=backend,
-            nonfinite=nonfinite,
-            capturable=capturable,
-            overlap=overlap,
-            devices=devices,
+        self._runtime = Runtime.create(
+            specs, inner.param_groups, backend=backend, nonfinite=nonfinite, overlap=overlap, capturable=capturable
         )
-        self._check_capturable(params)
-        registry.seed = rt.seed
-        registry.sync(inner.param_groups, allocate=False)  # buffers come at the first step()
 
     def _init_hooks(self) -> None:
         # What torch.optim.Optimizer.__init__ sets up, minus param_groups/state (the inner optimizer's).
@@ -184,7 +155,7 @@ class WSMOptimizer(torch.optim.Optimizer):
         group = dict(param_group)
         params = group["params"]
         group["params"] = [params] if isinstance(params, Tensor) else list(params)
-        self._check_capturable(p[1] if isinstance(p, tuple) else p for p in group["params"])
+        self._runtime.check_capturable(p[1] if isinstance(p, tuple) else p for p in group["params"])
         self.inner.add_param_group(group)
         self._runtime.sync(self.inner.param_groups)
 
@@ -251,16 +222,6 @@ class WSMOptimizer(torch.optim.Optimizer):
                 rt.fold()
             rt.side_done = side.record_event()
         rt.registry.record_versions()
-
-    def _check_capturable(self, params) -> None:
-        rt = self._runtime
-        for p in params if rt.capturable else ():
-            if not rt.backend.handles(distributed.local_view(p)):
-                raise ValueError(
-                    f"capturable=True: a parameter of shape {tuple(p.shape)}, dtype {p.dtype}, strides "
-                    f"{p.stride()} is not handled by the Triton kernel (it needs fp32/bf16/fp16 params dense "
-                    "in memory); the foreach fallback cannot run inside a CUDA graph"
-                )
 
     def sync_steps(self) -> int:
         """Capturable mode: adopt the device step count after CUDA-graph replays (one host sync)."""
@@ -384,26 +345,8 @@ class WSMOptimizer(torch.optim.Optimizer):
         return self._runtime.backend.name
 
     def merge_status(self, merge: str | None = None) -> dict[str, Any]:
-        """Counters of one merge: ``window_index``, ``checkpoint`` (t of k), ``k``, ...
-
-        ``completed_kept``: the ``keep_last`` buffer holds a completed window (so
-        ``completed=True`` readouts work now, as they do while ``complete``).
-
-        ``weights`` are the coefficients the current readout gives the anchor,
-        each checkpoint so far and (last) the live params: float64, sums to 1.
-        """
-        m = self._runtime.merge(merge)
-        return {
-            "anchored": m.anchored,
-            "window_index": m.window_index if m.anchored else -1,
-            "checkpoint": m.t,
-            "k": m.spec.k,
-            "steps_since_checkpoint": m.r,
-            "complete": m.complete,
-            "windows_completed": m.windows_completed,
-            "completed_kept": m.has_completed,
-            "weights": m.readout_weights(),
-        }
+        """Counters of one merge (see :meth:`wsm_optim.merge.MergeState.status`)."""
+        return self._runtime.merge(merge).status()
 
     # ------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]

@@ -21,9 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import distributed
 from .backends import Backend, MergeUpdate, resolve
-from .merge import MergeState
-from .nonfinite import SkipLedger
+from .merge import MergeSpec, MergeState, check_bool
+from .nonfinite import NONFINITE_MODES, SkipLedger
 from .registry import Group, Registry, accumulator_dtype
 
 __all__ = ["Runtime"]
@@ -48,6 +49,49 @@ class Runtime:
     side_done: Any = None
 
     accumulator_dtype = staticmethod(accumulator_dtype)
+
+    @classmethod
+    def create(cls, specs: dict[str, MergeSpec], param_groups, *, backend: str, nonfinite: str, overlap: Any,
+               capturable: Any) -> "Runtime":
+        """Validate the options against the params and build the runtime (no buffers yet: they come at the first step)."""
+        if nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        overlap, capturable = check_bool("overlap", overlap), check_bool("capturable", capturable)
+        params = list(dict.fromkeys(p for g in param_groups for p in g["params"]))
+        devices = list(dict.fromkeys(distributed.local_view(p).device for p in params))
+        chosen = resolve(backend, devices, [s.k + 1 for s in specs.values()])
+        if capturable and (chosen.name != "triton" or nonfinite == "skip"):
+            raise ValueError(
+                "capturable=True needs backend='triton' and nonfinite='raise' "
+                f"(got backend={chosen.name!r}, nonfinite={nonfinite!r})"
+            )
+        if overlap and not any(d.type == "cuda" for d in devices):
+            raise ValueError("overlap=True needs CUDA parameters (it uses a side CUDA stream)")
+        rt = cls(
+            merges={n: MergeState(n, s) for n, s in specs.items()},
+            ledgers={n: SkipLedger() for n in specs},
+            registry=Registry(specs, [n for n, s in specs.items() if s.keep_last]),
+            backend=chosen,
+            backend_choice=backend,
+            nonfinite=nonfinite,
+            capturable=capturable,
+            overlap=overlap,
+            devices=devices,
+        )
+        rt.check_capturable(params)
+        rt.registry.seed = rt.seed
+        rt.registry.sync(param_groups, allocate=False)
+        return rt
+
+    def check_capturable(self, params) -> None:
+        """``capturable=True``: refuse params the Triton kernel cannot update inside a CUDA graph."""
+        for p in params if self.capturable else ():
+            if not self.backend.handles(distributed.local_view(p)):
+                raise ValueError(
+                    f"capturable=True: a parameter of shape {tuple(p.shape)}, dtype {p.dtype}, strides "
+                    f"{p.stride()} is not handled by the Triton kernel (it needs fp32/bf16/fp16 params dense "
+                    "in memory); the foreach fallback cannot run inside a CUDA graph"
+                )
 
     def __getstate__(self) -> dict[str, Any]:  # CUDA streams and events cannot be pickled
         return dict(self.__dict__, side_stream=None, side_done=None)
