@@ -289,7 +289,6 @@ def test_live_writers_temp_file_is_left_alone(tmp_path):
 
 
 def test_only_our_own_stale_temp_files_for_that_target_are_removed(tmp_path):
-
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead = int(done.stdout)  # a pid that existed and is gone
     host = wio._host_id()
