@@ -238,12 +238,16 @@ wio.atomic_save({"w": torch.ones(1 << 16), "block": Block()}, target)
 """
 
 
-def _start_blocked_writer(target, tmp_path):
+def _start_blocked_writer(target, flag):
     """A real process inside atomic_save(target), stopped mid-write; returns it once its temp file exists."""
-    flag = tmp_path / f"flag-{len(os.listdir(tmp_path))}"
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", _BLOCKED_WRITER, str(target), str(flag)], env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _BLOCKED_WRITER, str(target), str(flag)],
+        env=env,
+        stdout=subprocess.DEVNULL,  # a leaked child must not hold pytest's output open
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while not flag.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -258,34 +262,40 @@ def _temps(directory, name):
 
 
 def test_kill_9_mid_write_leaves_old_file_and_next_write_removes_the_stale_temp(tmp_path):
-    target = tmp_path / "m.pt"
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / "m.pt"
     wio.atomic_save(_state(seed=1), target)
     before = target.read_bytes()
-    proc = _start_blocked_writer(target, tmp_path)
-    (stale,) = _temps(tmp_path, "m.pt")
-    assert f"{wio.TEMP_MARKER}-" in stale and f"-{proc.pid}-" in stale  # recognisable: marker and writer pid
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()  # reaped: its pid no longer exists
+    proc = _start_blocked_writer(target, tmp_path / "flag")
+    try:
+        (stale,) = _temps(out, "m.pt")
+        assert f"{wio.TEMP_MARKER}-" in stale and f"-{proc.pid}-" in stale  # recognisable: marker, writer pid
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()  # reaped: its pid no longer exists
     assert target.read_bytes() == before  # the crash left the previous file intact
-    assert _temps(tmp_path, "m.pt") == [stale]  # and, until the next write, its temp file
+    assert _temps(out, "m.pt") == [stale]  # and, until the next write, its temp file
     wio.atomic_save(_state(seed=2), target)
-    assert _temps(tmp_path, "m.pt") == []
+    assert sorted(os.listdir(out)) == ["m.pt"]
     _assert_equal(_load(target), _state(seed=2))
 
 
 def test_live_writers_temp_file_is_left_alone(tmp_path):
-    target = tmp_path / "m.pt"
-    proc = _start_blocked_writer(target, tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / "m.pt"
+    proc = _start_blocked_writer(target, tmp_path / "flag")
     try:
-        (live,) = _temps(tmp_path, "m.pt")
+        (live,) = _temps(out, "m.pt")
         wio.atomic_save(_state(seed=3), target)  # another process writes the same target meanwhile
-        assert _temps(tmp_path, "m.pt") == [live]
+        assert _temps(out, "m.pt") == [live]
         assert wio.remove_stale_temp_files(target) == []
         _assert_equal(_load(target), _state(seed=3))
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert wio.remove_stale_temp_files(target) == [tmp_path / live]
+    assert wio.remove_stale_temp_files(target) == [out / live]
 
 
 def test_only_our_own_stale_temp_files_for_that_target_are_removed(tmp_path):

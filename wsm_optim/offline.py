@@ -189,7 +189,8 @@ def checkpoint_weights(
             f"--weights: got {c.size} values for {n} checkpoints; give one weight c_j per checkpoint, oldest first"
         )
     S.check_nonnegative(c, "--weights")
-    total = float(c.sum())
+    with np.errstate(over="ignore"):  # an overflow is reported below, as an error
+        total = float(c.sum())
     if not math.isfinite(total):  # e.g. 1e308 + 1e308: c / inf would silently merge to all zeros
         raise ValueError(
             f"--weights: the sum of the weights overflows float64 ({total!r}); "
