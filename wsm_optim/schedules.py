@@ -231,7 +231,8 @@ def _sampled_table(spec: Callable[[float], float], schedule: Schedule, k: int) -
     """Every ``w_i = f(i / (k + 1))``, validated; ``f(0) == 1`` checked for user callables."""
     if not isinstance(schedule, str):
         _check_f0(spec)
-    w = np.array([_call(spec, i / (k + 1)) for i in range(1, k + 1)], dtype=np.float64)
+    # fromiter: no intermediate list of k Python floats (32 bytes each), only the 8-byte array
+    w = np.fromiter((_call(spec, i / (k + 1)) for i in range(1, k + 1)), dtype=np.float64, count=k)
     return validate_decay(w, what=f"schedule {schedule_name(schedule)!r}")
 
 
