@@ -76,6 +76,7 @@ buf = io.StringIO()
 with contextlib.redirect_stdout(buf):
     rc = cli.main(sys.argv[1:])
 t2 = time.perf_counter()
+import os; assert cli.__file__.startswith(os.environ["PYTHONPATH"]), cli.__file__  # the tree under test
 print(json.dumps({"import_seconds": t1 - t0, "run_seconds": t2 - t1, "rc": rc, "lines": buf.getvalue().count("\n")}))
 """
 
@@ -91,7 +92,8 @@ def run_child(argv: list[str], env: dict, timeout: float, cap_bytes: int) -> dic
     """Run ``argv`` under the cap and time limit: wall seconds, return code, stdout, last stderr line."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_limit(cap_bytes), cwd=REPO
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_limit(cap_bytes),
+        cwd=env["PYTHONPATH"],  # `python -c` puts the cwd first on sys.path: it must be the tree under test
     )
     killed = False
     try:

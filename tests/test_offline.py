@@ -562,3 +562,15 @@ def test_valid_pickle_refused_by_safe_loading_suggests_unsafe_pickle(tmp_path, l
     with pytest.warns(UnsafePickleWarning):
         merged = merge_checkpoints([custom, proto4], key="model", unsafe_pickle=True, progress=False)
     _assert_close(merged, _expected([_ckpt(0), _ckpt(1)], np.array([0.5, 0.5])))
+
+
+def test_numpy_array_schedule(tmp_path):
+    """An explicit decay sequence given as a numpy array (no truth-value checks on it)."""
+    w = np.array([0.6, 0.3])
+    c = checkpoint_weights(3, w)
+    assert c.tobytes() == S.merge_coefficients(w, 2).tobytes()
+    paths = _write(tmp_path, 3)
+    merged = merge_checkpoints(paths, schedule=w, progress=False, verbose=False)
+    _assert_close(merged, _expected([_ckpt(j) for j in range(3)], c))
+    with pytest.raises(ValueError, match="length 2, expected k = 1"):
+        checkpoint_weights(2, w)
