@@ -316,3 +316,16 @@ def test_only_our_own_stale_temp_files_for_that_target_are_removed(tmp_path):
         (tmp_path / name).write_bytes(b"partial")
     wio.atomic_save(_state(), tmp_path / "m.pt")
     assert sorted(os.listdir(tmp_path)) == sorted(["m.pt", *untouched])
+
+
+def test_long_target_name_still_writes_and_cleans_up(tmp_path):
+    name = "é" * 120 + ".pt"  # 243 bytes: with the temp-name decorations it would pass 255
+    target = tmp_path / name
+    wio.atomic_save(_state(seed=4), target)
+    _assert_equal(_load(target), _state(seed=4))
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = f"{wio._temp_stem(target)}{int(done.stdout)}-x.tmp"
+    assert len(stale.encode()) < 255
+    (tmp_path / stale).write_bytes(b"partial")
+    wio.atomic_save(_state(seed=5), target)
+    assert os.listdir(tmp_path) == [name]

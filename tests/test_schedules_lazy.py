@@ -238,4 +238,15 @@ def test_copy_and_pickle(schedule):
             assert [bits(other.c(j)) for j in (0, 1, k)] == [bits(mw.c(j)) for j in (0, 1, k)]
             assert other.digest() == mw.digest()
         if isinstance(schedule, str):
-            assert len(pickle.dumps(mw)) < 200  # the name, not a table
+            assert len(pickle.dumps(mw)) < 250  # the name (and digest), not a table
+
+
+def test_copies_keep_the_computed_digest(monkeypatch):
+    mw = S.weights("cosine", 1000)
+    digest = mw.digest()
+    counting = CountingShape(S.cosine)
+    monkeypatch.setitem(S.SHAPES, "cosine", counting)
+    for other in (copy.deepcopy(mw), pickle.loads(pickle.dumps(mw))):
+        assert other.digest() == digest
+    assert counting.calls == 0  # not rebuilt
+    assert S.weights("cosine", 1000).digest() == digest and counting.calls == 1000

@@ -104,7 +104,8 @@ def _temp_stem(path: Path) -> str:
     """``.NAME.wsmtmp-HOST-``: the part of a temp name shared by every writer of ``path`` on this host."""
     name = path.name
     if len(name.encode()) > _MAX_NAME_IN_TEMP:
-        name = name[:100] + "~" + hashlib.sha256(path.name.encode()).hexdigest()[:8]
+        short = name.encode()[:100].decode(errors="ignore")  # bytes, not characters, count against the limit
+        name = short + "~" + hashlib.sha256(path.name.encode()).hexdigest()[:8]
     return f".{name}.{TEMP_MARKER}-{_host_id()}-"
 
 

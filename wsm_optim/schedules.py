@@ -334,9 +334,11 @@ _DIGEST_SAMPLES = 1025  # c_j hashed for the digest of a window past TABLE_LIMIT
 class MergeWeights:
     """Theorem 3.1 weights of one schedule and window, computed on demand.
 
-    Returned by :func:`weights`. Immutable; copies and pickles in O(1) for
-    named shapes (a user callable is stored as given, an explicit sequence or
-    a fully validated callable table as its float64 array).
+    Build it with :func:`weights` (the constructor is internal). Immutable;
+    copies and pickles in O(1) for named shapes (stored as the name; a user
+    callable is stored as given, an explicit sequence or a fully validated
+    callable table as its read-only float64 array ``w_1..w_k``). Equality is
+    identity; compare ``digest()`` to compare weights.
 
     Attributes:
         k: updates per window (``k + 1`` checkpoints ``theta_0 .. theta_k``).
@@ -378,7 +380,7 @@ class MergeWeights:
         raise AttributeError(f"MergeWeights is immutable; cannot delete {name!r}")
 
     def __reduce__(self):
-        return (MergeWeights, (self.k, self.name, self._kind, self._source))
+        return (_restore_merge_weights, (self.k, self.name, self._kind, self._source, self._digest))
 
     def __repr__(self) -> str:
         return f"MergeWeights(name={self.name!r}, k={self.k})"
@@ -439,7 +441,7 @@ class MergeWeights:
         """16 hex characters identifying these weights (stored in state dicts to detect a changed schedule).
 
         ``k + 1 <= TABLE_LIMIT``: the first 16 hex digits of the SHA-256 of the
-        float64 bytes of :meth:`table` (the digest of every earlier version).
+        float64 bytes of :meth:`table` (what v0.1 state dicts store as ``weights_sha256``).
         Past ``TABLE_LIMIT``: SHA-256 of ``"wsm_optim.MergeWeights/v1|{name}|k={k}|"``
         followed by either every ``w_i`` (an explicit sequence: already in
         memory) or the float64 bytes of ``c_j`` at the ``1025`` points
@@ -458,6 +460,13 @@ class MergeWeights:
                     h.update(np.array([self.c((s * self.k) // n) for s in range(n + 1)], dtype=np.float64).tobytes())
                 object.__setattr__(self, "_digest", h.hexdigest()[:16])
         return self._digest
+
+
+def _restore_merge_weights(k: int, name: str, kind: str, source: Any, digest: str | None) -> MergeWeights:
+    """Unpickle / copy: the same weights, with the digest already computed (it can cost a table build)."""
+    mw = MergeWeights(k, name, kind, source)
+    object.__setattr__(mw, "_digest", digest)
+    return mw
 
 
 def _table_digest(c: np.ndarray) -> str:
