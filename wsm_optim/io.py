@@ -15,7 +15,10 @@ machine's host name, ``PID``: the writer's process id), and the next
 this machine and whose writer process no longer exists (POSIX only). A live
 writer's temporary file (any process, this one included), files of other
 hosts sharing the directory, files for other targets and any other file are
-never touched.
+never touched. The host is told apart by its host name: containers writing to
+one shared directory need distinct host names (the default in Docker and
+Kubernetes), else a live writer in another pid namespace could lose its
+temporary file; its save would then fail, leaving the previous file intact.
 """
 
 from __future__ import annotations
