@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -208,3 +213,119 @@ def test_save_merged_failure_keeps_previous(tmp_path, monkeypatch):
         opt.save_merged(path)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["m.safetensors"]
+
+
+# ----------------------------------------------- stale temp files after kill -9
+_BLOCKED_WRITER = r"""
+import sys, time
+from pathlib import Path
+import torch
+from wsm_optim import io as wio
+
+target, flag = Path(sys.argv[1]), Path(sys.argv[2])
+
+
+class Block:
+    "Pickled by torch.save inside atomic_save: signals, then blocks until the process is killed."
+
+    def __reduce__(self):
+        flag.write_text("writing")
+        time.sleep(600)
+        return (int, ())
+
+
+wio.atomic_save({"w": torch.ones(1 << 16), "block": Block()}, target)
+"""
+
+
+def _start_blocked_writer(target, flag):
+    """A real process inside atomic_save(target), stopped mid-write; returns it once its temp file exists."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _BLOCKED_WRITER, str(target), str(flag)],
+        env=env,
+        stdout=subprocess.DEVNULL,  # a leaked child must not hold pytest's output open
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not flag.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"writer exited or hung before writing (rc {proc.returncode})")
+        time.sleep(0.05)
+    return proc
+
+
+def _temps(directory, name):
+    return sorted(n for n in os.listdir(directory) if n.startswith(f".{name}.") and n.endswith(".tmp"))
+
+
+def test_kill_9_mid_write_leaves_old_file_and_next_write_removes_the_stale_temp(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / "m.pt"
+    wio.atomic_save(_state(seed=1), target)
+    before = target.read_bytes()
+    proc = _start_blocked_writer(target, tmp_path / "flag")
+    try:
+        (stale,) = _temps(out, "m.pt")
+        assert f"{wio.TEMP_MARKER}-" in stale and f"-{proc.pid}-" in stale  # recognisable: marker, writer pid
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()  # reaped: its pid no longer exists
+    assert target.read_bytes() == before  # the crash left the previous file intact
+    assert _temps(out, "m.pt") == [stale]  # and, until the next write, its temp file
+    wio.atomic_save(_state(seed=2), target)
+    assert sorted(os.listdir(out)) == ["m.pt"]
+    _assert_equal(_load(target), _state(seed=2))
+
+
+def test_live_writers_temp_file_is_left_alone(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / "m.pt"
+    proc = _start_blocked_writer(target, tmp_path / "flag")
+    try:
+        (live,) = _temps(out, "m.pt")
+        wio.atomic_save(_state(seed=3), target)  # another process writes the same target meanwhile
+        assert _temps(out, "m.pt") == [live]
+        assert wio.remove_stale_temp_files(target) == []
+        _assert_equal(_load(target), _state(seed=3))
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert wio.remove_stale_temp_files(target) == [out / live]
+
+
+def test_only_our_own_stale_temp_files_for_that_target_are_removed(tmp_path):
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(done.stdout)  # a pid that existed and is gone
+    host = wio._host_id()
+    other_host = "0" * 8 if host != "0" * 8 else "1" * 8
+    ours = f".m.pt.{wio.TEMP_MARKER}-{host}-{dead}-abc_123.tmp"
+    untouched = [
+        ".m.pt.k3j4h5g6.tmp",  # an earlier version's temp name: writer unknown
+        f".m.pt.{wio.TEMP_MARKER}-{other_host}-{dead}-abc.tmp",  # another host sharing the directory
+        f".other.pt.{wio.TEMP_MARKER}-{host}-{dead}-abc.tmp",  # another target
+        f".m.pt.{wio.TEMP_MARKER}-{host}-{os.getpid()}-abc.tmp",  # this live process (another thread)
+        f"m.pt.{wio.TEMP_MARKER}-{host}-{dead}-abc.tmp",  # not hidden: not ours
+        f".m.pt.{wio.TEMP_MARKER}-{host}-{dead}-abc.tmp.bak",
+    ]
+    for name in [ours, *untouched]:
+        (tmp_path / name).write_bytes(b"partial")
+    wio.atomic_save(_state(), tmp_path / "m.pt")
+    assert sorted(os.listdir(tmp_path)) == sorted(["m.pt", *untouched])
+
+
+def test_long_target_name_still_writes_and_cleans_up(tmp_path):
+    name = "é" * 120 + ".pt"  # 243 bytes: with the temp-name decorations it would pass 255
+    target = tmp_path / name
+    wio.atomic_save(_state(seed=4), target)
+    _assert_equal(_load(target), _state(seed=4))
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = f"{wio._temp_stem(target)}{int(done.stdout)}-x.tmp"
+    assert len(stale.encode()) < 255
+    (tmp_path / stale).write_bytes(b"partial")
+    wio.atomic_save(_state(seed=5), target)
+    assert os.listdir(tmp_path) == [name]

@@ -82,3 +82,74 @@ def test_bad_input_exits_2_with_one_line(argv, phrase, capsys):
     assert captured.out == ""
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("wsm-optim weights: error:") and phrase in lines[0]
+
+
+# ------------------------------------------------------------ long windows
+from wsm_optim import schedules as S  # noqa: E402
+from wsm_optim import weights_cli  # noqa: E402
+
+
+def _rows(stdout: str) -> tuple[dict[int, tuple[float, float]], list[str]]:
+    """``({j: (w_j, c_j)}, ellipsis lines)`` of a printed table, summarised or not."""
+    rows, ellipses = {}, []
+    for line in stdout.splitlines():
+        fields = line.split()
+        if len(fields) == 3 and fields[0].isdigit():
+            rows[int(fields[0])] = (float(fields[1]), float(fields[2]))
+        elif fields and fields[0] == "...":
+            ellipses.append(line)
+    return rows, ellipses
+
+
+class _Counting:
+    def __init__(self, f):
+        self.f, self.calls, self.__name__ = f, 0, f.__name__
+
+    def __call__(self, t):
+        self.calls += 1
+        return self.f(t)
+
+
+@pytest.mark.parametrize("k, summarised", [(39, False), (40, True), (100, True), (5000, True)])
+def test_long_table_is_summarised(k, summarised, capsys):
+    assert cli.main(["weights", "--schedule", "cosine", "--window", str(k)]) == 0
+    out = capsys.readouterr().out
+    rows, ellipses = _rows(out)
+    c = S.merge_coefficients("cosine", k)
+    w = np.concatenate(([1.0], S.decay_weights("cosine", k)))
+    if summarised:
+        half = weights_cli.SUMMARY_ROWS // 2
+        assert sorted(rows) == [*range(half), *range(k + 1 - half, k + 1)]
+        assert len(ellipses) == 1 and f"({k + 1 - 2 * half} rows omitted: j = {half} .. {k - half})" in ellipses[0]
+    else:
+        assert sorted(rows) == list(range(k + 1)) and not ellipses
+    assert len(out.splitlines()) <= weights_cli.SUMMARY_ROWS + 4
+    for j, (wj, cj) in rows.items():  # printed with 7 significant digits (or 6 decimals)
+        assert wj == pytest.approx(w[j], rel=1e-6, abs=5e-7) and cj == pytest.approx(c[j], rel=1e-6, abs=5e-7), j
+
+
+def test_huge_window_does_no_O_k_work(monkeypatch, capsys):
+    counting = _Counting(S.one_minus_sqrt)
+    monkeypatch.setitem(S.SHAPES, "1-sqrt", counting)
+    k = 100_000_000
+    assert cli.main(["weights", "--schedule", "1-sqrt", "--window", str(k)]) == 0
+    out = capsys.readouterr().out
+    assert counting.calls <= 4 * weights_cli.SUMMARY_ROWS  # w_j and w_{j+1} per shown row
+    rows, ellipses = _rows(out)
+    assert len(rows) == weights_cli.SUMMARY_ROWS and max(rows) == k and len(ellipses) == 1
+    assert f"k = {k} updates, {k + 1} checkpoints" in out
+    # c_j ~ 1e-8 here: printed in scientific notation, not rounded to 0.000000
+    assert rows[k][1] == pytest.approx(1 - np.sqrt(k / (k + 1)), rel=1e-6) and rows[k][1] > 0
+    assert rows[0][1] == pytest.approx(np.sqrt(1 / (k + 1)), rel=1e-6)
+    total = [ln for ln in out.splitlines() if ln.split()[:1] == ["sum"]]
+    assert len(total) == 1 and float(total[0].split()[1]) == 1.0 and f"all {k + 1} rows" in total[0]
+
+
+def test_plot_of_a_huge_window_samples_it(tmp_path, monkeypatch, capsys):
+    counting = _Counting(S.cosine)
+    monkeypatch.setitem(S.SHAPES, "cosine", counting)
+    path = tmp_path / "big.png"
+    assert cli.main(["weights", "--schedule", "cosine", "--window", str(10**12), "--plot", str(path)]) == 0
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert counting.calls <= 4 * weights_cli.PLOT_POINTS + 4 * weights_cli.SUMMARY_ROWS
+    assert f"wrote {path}" in capsys.readouterr().out

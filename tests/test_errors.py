@@ -9,7 +9,12 @@ import pytest
 import torch
 from torch import nn
 
+from safetensors.torch import save_file
+
 from wsm_optim import WSMOptimizer
+from wsm_optim import io as wio
+from wsm_optim import schedules
+from wsm_optim.offline import merge_checkpoints
 
 
 def _inner():
@@ -161,3 +166,60 @@ def test_float64_params_keep_float64_range():
     expected = (1e300 + (1e300 - 1e299) + (1e300 - 3e299)) / 3
     torch.testing.assert_close(opt.merged_state_dict()["big"], torch.full((3,), expected, dtype=torch.float64))
     assert opt.state_dict()["state"][0]["wsm_acc.default"].dtype == torch.float64
+
+
+# ------------------------- misuse table: schedules.weights, offline merge, atomic_save (issue 11)
+# Each row is (call, exception type, message fragment); the call takes pytest's tmp_path for
+# rows that need real files.
+
+
+def _ckpts(tmp_path, n):
+    paths = []
+    for j in range(n):
+        paths.append(tmp_path / f"step_{j}.safetensors")
+        save_file({"w": torch.full((3,), float(j))}, str(paths[-1]))
+    return paths
+
+
+def _random_pt(tmp_path):
+    path = tmp_path / "random.pt"
+    path.write_bytes(np.random.default_rng(1).bytes(4096))
+    return path
+
+
+_EDGE_ROWS = [
+    (lambda p: schedules.merge_coefficients("linear", 10**12), ValueError,
+     "k + 1 = 1000000000001 checkpoints exceeds TABLE_LIMIT = 1048576"),
+    (lambda p: schedules.decay_weights("cosine", schedules.TABLE_LIMIT), ValueError, "use schedules.weights(schedule, k)"),
+    (lambda p: schedules.weights("ema", 10**12).table(), ValueError, "MergeWeights.table(): k + 1 = 1000000000001"),
+    (lambda p: schedules.weights(lambda: 1.0, 4), TypeError, "schedule: the callable '<lambda>' must take one argument t"),
+    (lambda p: schedules.weights(lambda: 1.0, 10**12), TypeError, "schedule: the callable '<lambda>' must take one argument t"),
+    (lambda p: schedules.decay_weights(lambda t, u: 1.0, 4), TypeError, "calling it with t = 0.0 raised TypeError"),
+    (lambda p: schedules.weights(lambda t: 0.5, 10**12), ValueError, "callable must have f(0) == 1, got f(0) = 0.5"),
+    (lambda p: schedules.weights(lambda t: 1.0 + t, 10**12), ValueError, "is outside [0, 1]"),
+    (lambda p: schedules.weights("linear", 0), ValueError, "empty window: k = 0"),
+    (lambda p: schedules.weights("linear", 10.0**12), TypeError, "k must be an int, got float"),
+    (lambda p: schedules.weights("cosin", 10**12), ValueError, "unknown name 'cosin'"),
+    (lambda p: schedules.weights(np.array([0.5, 0.2]), 3), ValueError, "explicit decay sequence has length 2, expected k = 3"),
+    (lambda p: schedules.weights("linear", 4).c(5), IndexError, "MergeWeights.c: index 5 is outside 0..4"),
+    (lambda p: schedules.weights("linear", 10**12).w(-1), IndexError, "MergeWeights.w: index -1 is outside 0..1000000000001"),
+    (lambda p: schedules.weights("linear", 4).c(1.5), TypeError, "MergeWeights.c: index must be an int, got float"),
+    (lambda p: setattr(schedules.weights("linear", 4), "k", 9), AttributeError, "MergeWeights is immutable"),
+    (lambda p: merge_checkpoints(_ckpts(p, 2), weights=[1e308, 1e308], normalize=True, progress=False), ValueError,
+     "--weights: the sum of the weights overflows float64"),
+    (lambda p: merge_checkpoints(_ckpts(p, 2), weights=[float("inf"), 1.0], normalize=True, progress=False), ValueError,
+     "c_0 = inf is negative or not finite"),
+    (lambda p: merge_checkpoints([_random_pt(p)], progress=False), ValueError, "the file is corrupt or not a torch.save checkpoint"),
+    (lambda p: merge_checkpoints([_random_pt(p)], unsafe_pickle=True, progress=False), ValueError,
+     "the file is corrupt or not a torch.save checkpoint"),
+    (lambda p: wio.atomic_save({"w": torch.ones(1)}, p / "x.pt", format="npz"), ValueError, "format must be one of"),
+]
+
+
+@pytest.mark.parametrize("call,exc,fragment", _EDGE_ROWS)
+def test_edge_misuse(tmp_path, call, exc, fragment):
+    with pytest.raises(exc) as info:
+        call(tmp_path)
+    assert fragment in str(info.value), (fragment, str(info.value))
+    if "corrupt" in fragment:
+        assert "--unsafe-pickle" not in str(info.value)  # suggested only for well-formed pickles

@@ -487,3 +487,90 @@ def test_streaming_peak_memory_independent_of_file_count(tmp_path, suffix):
     # Expected ~2 file sizes; loading all files would need >= 8. Generous bound: 4.
     assert extra < 4 * file_bytes, f"merge peak {extra / 2**20:.0f} MiB for {n_files} x {file_bytes / 2**20:.0f} MiB files"
     assert extra > 0.5 * file_bytes  # the measurement sees at least the accumulator
+
+
+# ------------------------------------------------- overflow and corrupt files
+@pytest.mark.parametrize("weights", [[1e308, 1e308], [1.7e308, 1.7e308, 0.0]])
+def test_weights_whose_sum_overflows_are_refused(tmp_path, weights, capsys):
+    paths = _write(tmp_path, len(weights))
+    with pytest.raises(ValueError, match=r"--weights: the sum of the weights overflows float64 \(inf\)"):
+        merge_checkpoints(paths, weights=weights, normalize=True, progress=False)
+    out = tmp_path / "merged.safetensors"
+    argv = ["merge", *map(str, paths), "--weights", ",".join(map(repr, weights)), "--normalize", "-o", str(out), "-q"]
+    assert cli_main(argv) == 2
+    assert "overflows float64" in capsys.readouterr().err
+    assert not out.exists()
+    # large but finite weights still normalize exactly
+    merged = merge_checkpoints(paths, weights=[5e307] * len(weights), normalize=True, progress=False)
+    _assert_close(merged, _expected([_ckpt(j) for j in range(len(weights))], np.full(len(weights), 1 / len(weights))))
+
+
+def _corrupt_files(tmp_path: Path) -> dict[str, Path]:
+    good = _save(_ckpt(0), tmp_path / "good_0.pt")
+    legacy = tmp_path / "legacy_0.pt"
+    torch.save(_ckpt(0), legacy, _use_new_zipfile_serialization=False)
+    files = {
+        "random": np.random.default_rng(0).bytes(1 << 14),
+        "empty": b"",
+        "text": b"this is not a checkpoint\n",
+        "truncated-zip": good.read_bytes()[: good.stat().st_size // 2],
+        "truncated-legacy": legacy.read_bytes()[: legacy.stat().st_size // 2],
+    }
+    raw = bytearray(good.read_bytes())  # flip bytes inside data.pkl: the zip's CRC no longer matches
+    at = raw.find(b"data.pkl") + 40
+    raw[at : at + 16] = bytes(b ^ 0xFF for b in raw[at : at + 16])
+    files["flipped-pickle"] = bytes(raw)
+    paths = {}
+    for name, data in files.items():
+        paths[name] = tmp_path / f"{name}_1.pt"
+        paths[name].write_bytes(data)
+    return paths
+
+
+def test_corrupt_file_is_reported_as_corrupt_without_suggesting_unsafe_pickle(tmp_path, capsys):
+    good = _save(_ckpt(0), tmp_path / "ok_0.pt")
+    for name, bad in _corrupt_files(tmp_path).items():
+        for unsafe in (False, True):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # no UnsafePickleWarning for a file that is not a pickle
+                with pytest.raises(ValueError) as info:
+                    merge_checkpoints([good, bad], unsafe_pickle=unsafe, progress=False)
+            msg = str(info.value)
+            assert f"cannot read {bad}: the file is corrupt or not a torch.save checkpoint" in msg, (name, msg)
+            assert "--unsafe-pickle" not in msg, (name, msg)
+        out = tmp_path / "merged.pt"
+        assert cli_main(["merge", str(good), str(bad), "-o", str(out), "-q"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(bad) in err[0] and "corrupt" in err[0] and "--unsafe-pickle" not in err[0]
+        assert not out.exists()
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol 4")
+@pytest.mark.parametrize("legacy", [False, True])
+def test_valid_pickle_refused_by_safe_loading_suggests_unsafe_pickle(tmp_path, legacy):
+    """A well-formed file that weights_only refuses: a custom global, or an opcode it does not support."""
+    extra = dict(_use_new_zipfile_serialization=False) if legacy else {}
+    custom = tmp_path / "custom_0.pt"
+    torch.save({"model": _ckpt(0), "extra": _Custom()}, custom, **extra)
+    proto4 = tmp_path / "proto4_1.pt"
+    torch.save({"model": _ckpt(1)}, proto4, pickle_protocol=4, **extra)  # FRAME opcodes: valid, but refused
+    for path, reason in ((custom, "Unsupported global"), (proto4, "Unsupported operand")):
+        with pytest.raises(ValueError) as info:
+            merge_checkpoints([path], key="model", progress=False)
+        msg = str(info.value)
+        assert f"{path} holds objects that safe loading" in msg and reason in msg and "--unsafe-pickle" in msg
+    with pytest.warns(UnsafePickleWarning):
+        merged = merge_checkpoints([custom, proto4], key="model", unsafe_pickle=True, progress=False)
+    _assert_close(merged, _expected([_ckpt(0), _ckpt(1)], np.array([0.5, 0.5])))
+
+
+def test_numpy_array_schedule(tmp_path):
+    """An explicit decay sequence given as a numpy array (no truth-value checks on it)."""
+    w = np.array([0.6, 0.3])
+    c = checkpoint_weights(3, w)
+    assert c.tobytes() == S.merge_coefficients(w, 2).tobytes()
+    paths = _write(tmp_path, 3)
+    merged = merge_checkpoints(paths, schedule=w, progress=False, verbose=False)
+    _assert_close(merged, _expected([_ckpt(j) for j in range(3)], c))
+    with pytest.raises(ValueError, match="length 2, expected k = 1"):
+        checkpoint_weights(2, w)

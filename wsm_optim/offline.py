@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
+import math
 import os
+import pickletools
 import re
 import sys
 import warnings
@@ -186,7 +189,13 @@ def checkpoint_weights(
             f"--weights: got {c.size} values for {n} checkpoints; give one weight c_j per checkpoint, oldest first"
         )
     S.check_nonnegative(c, "--weights")
-    total = float(c.sum())
+    with np.errstate(over="ignore"):  # an overflow is reported below, as an error
+        total = float(c.sum())
+    if not math.isfinite(total):  # e.g. 1e308 + 1e308: c / inf would silently merge to all zeros
+        raise ValueError(
+            f"--weights: the sum of the weights overflows float64 ({total!r}); "
+            "give smaller weights (they only matter relative to each other with --normalize)"
+        )
     if normalize:
         if total <= 0.0:
             raise ValueError("--weights: all weights are zero; cannot --normalize")
@@ -252,15 +261,76 @@ def _check_state_dict(obj: Any, path: Path, key: str | None) -> dict[str, Tensor
     return dict(obj)
 
 
+def _load_error_reason(e: BaseException) -> str:
+    """The informative part of a ``torch.load`` error: the weights-only unpickler's reason, else line 1."""
+    text = str(e)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        after = text.split(marker, 1)[1].split("Check the documentation of torch.load", 1)[0]
+        reason = " ".join(ln.strip() for ln in after.splitlines() if ln.strip())
+        if reason:
+            return reason
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else repr(e)}"
+
+
+def _parse_pickles(stream: Any, count: int | None) -> None:
+    """Walk ``count`` consecutive pickles (``None``: exactly one, then end of data) without executing any.
+
+    ``pickletools.genops`` decodes opcodes and their arguments only (no
+    globals imported, nothing called), so this is safe on untrusted files.
+    Raises ``ValueError`` on an invalid opcode or a truncated pickle.
+    """
+    for _ in range(1 if count is None else count):
+        stopped = False
+        for op, _arg, _pos in pickletools.genops(stream):
+            stopped = op.name == "STOP"
+        if not stopped:
+            raise ValueError("pickle data ends without STOP")
+    if count is None and stream.read(1):
+        raise ValueError("data after the end of the pickle")
+
+
+def _is_valid_pickle_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a well-formed ``torch.save`` file, judged without unpickling anything.
+
+    zip format (torch >= 1.6): the archive and its ``*/data.pkl`` member (CRC
+    checked) must read, and that member must be one complete pickle. Legacy
+    format: the magic-number, protocol and system-info pickles, then the object
+    pickle and the storage-keys pickle must all decode.
+    """
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                members = [n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+                if len(members) != 1:
+                    return False
+                _parse_pickles(io.BytesIO(z.read(members[0])), None)
+            return True
+        with open(path, "rb") as f:
+            _parse_pickles(f, 5)
+        return True
+    except Exception:  # noqa: BLE001 - any decoding failure means "not a valid file"
+        return False
+
+
 def _torch_load(path: Path, unsafe_pickle: bool, warned: set[Path]) -> Any:
     mmap = zipfile.is_zipfile(path)  # mmap needs the zip format (torch.save's default since 1.6)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - re-raised with a message naming the file
         text = str(e)
-        if "Weights only load failed" not in text:
-            raise ValueError(f"cannot read {path} as a safetensors or torch.save file: {type(e).__name__}: {e}") from e
-        reason = next((ln.strip() for ln in text.splitlines() if "WeightsUnpickler error" in ln), "")
+        # Random bytes also fail inside the weights-only unpickler ("Unsupported operand"), so its
+        # refusal alone does not mean "valid but unsafe": only a file whose pickles decode is.
+        refused = "Weights only load failed" in text and _is_valid_pickle_checkpoint(path)
+        if not refused:
+            size = path.stat().st_size
+            detail = "it is empty (0 bytes)" if size == 0 else f"{size} bytes; torch.load: {_load_error_reason(e)}"
+            raise ValueError(
+                f"cannot read {path}: the file is corrupt or not a torch.save checkpoint (a safetensors file needs the "
+                f".safetensors suffix): {detail}"
+            ) from e
+        reason = _load_error_reason(e)
         if not unsafe_pickle:
             raise ValueError(
                 f"{path} holds objects that safe loading (torch.load weights_only=True) refuses"

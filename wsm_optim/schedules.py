@@ -15,13 +15,25 @@ conversely ``w_i = sum_{j >= i} c_j``.
 
 A decay *shape* is ``f: [0, 1] -> [0, 1]``; the paper samples it at
 ``t_i = i / (k + 1)``, so ``w_i = f(i / (k + 1))`` for ``i = 1..k``.
+
+Two forms of the same numbers:
+
+* :func:`weights` returns a lazy :class:`MergeWeights`: ``c(j)`` and ``w(i)``
+  cost O(1) time and memory each, whatever ``k`` (``window=10**12`` answers at
+  once). This is what long windows must use.
+* :func:`decay_weights` / :func:`merge_coefficients` materialise float64
+  arrays; they refuse ``k + 1 > TABLE_LIMIT`` with a ``ValueError`` instead of
+  spending minutes and gigabytes. ``MergeWeights.table()`` is the same array.
+
+Both give bit-identical values: ``weights(s, k).c(j) == merge_coefficients(s, k)[j]``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Sequence
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 
@@ -43,12 +55,30 @@ __all__ = [
     "merge_coefficients",
     "validate_decay",
     "check_nonnegative",
+    "weights",
+    "MergeWeights",
+    "TABLE_LIMIT",
+    "CALLABLE_SAMPLE_POINTS",
 ]
 
 Schedule = Union[str, Callable[[float], float], Sequence[float], np.ndarray]
 
 #: Default time constant of ``"inv-sqrt"``, as a fraction of the window.
 INV_SQRT_TAU = 0.1
+
+#: Largest ``k + 1`` (checkpoints per window) for which a float64 table of
+#: merge weights is ever materialised (by :func:`decay_weights`,
+#: :func:`merge_coefficients`, ``MergeWeights.table()``, and for validating
+#: every point of a user callable). ``2**20``: the table is 8 MiB, and building
+#: it with one scalar Python call of the shape per point takes about 0.3 s for
+#: the named shapes and under a second for a simple user lambda on one core
+#: (``bench/bench_weights.py``). Longer windows use the lazy
+#: :class:`MergeWeights` form.
+TABLE_LIMIT = 2**20
+
+#: Points at which a user callable is checked when ``k + 1 > TABLE_LIMIT``
+#: (then checking every point would cost O(k) calls); see :func:`weights`.
+CALLABLE_SAMPLE_POINTS = 1025
 
 
 def linear(t: float) -> float:
@@ -173,36 +203,75 @@ def validate_decay(w: np.ndarray, what: str = "decay weights") -> np.ndarray:
     return w
 
 
-def decay_weights(schedule: Schedule, k: int) -> np.ndarray:
-    """Decay weights ``w_1..w_k`` (float64, shape ``(k,)``) of ``schedule`` for ``k`` updates.
-
-    A named shape or callable ``f`` is sampled at ``i / (k + 1)``; an explicit
-    sequence must have length ``k``. A callable must satisfy ``f(0) == 1``
-    (within 1e-9) and return finite values.
-    """
+def _check_k(k: Any) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     k = int(k)
     if k < 1:
         raise ValueError(f"empty window: k = {k} updates; a window needs k >= 1")
-    spec = resolve(schedule)
-    if isinstance(spec, np.ndarray):
-        if spec.size != k:
-            raise ValueError(
-                f"schedule: explicit decay sequence has length {spec.size}, expected k = {k}"
-            )
-        return validate_decay(spec.copy())
-    builtin = isinstance(schedule, str)
-    if not builtin:
-        f0 = _call(spec, 0.0)
-        if abs(f0 - 1.0) > 1e-9:
-            raise ValueError(f"schedule: callable must have f(0) == 1, got f(0) = {f0!r}")
-    w = np.array([_call(spec, i / (k + 1)) for i in range(1, k + 1)], dtype=np.float64)
+    return k
+
+
+def _check_table_limit(k: int, what: str) -> None:
+    if k + 1 > TABLE_LIMIT:
+        raise ValueError(
+            f"{what}: k + 1 = {k + 1} checkpoints exceeds TABLE_LIMIT = {TABLE_LIMIT}, the largest weight "
+            "table this package materialises (a float64 array of k + 1 values); use "
+            "schedules.weights(schedule, k), whose c(j) and w(i) cost O(1) time and memory for any k"
+        )
+
+
+def _explicit(spec: np.ndarray, k: int) -> np.ndarray:
+    if spec.size != k:
+        raise ValueError(f"schedule: explicit decay sequence has length {spec.size}, expected k = {k}")
+    return validate_decay(spec.copy())
+
+
+def _sampled_table(spec: Callable[[float], float], schedule: Schedule, k: int) -> np.ndarray:
+    """Every ``w_i = f(i / (k + 1))``, validated; ``f(0) == 1`` checked for user callables."""
+    if not isinstance(schedule, str):
+        _check_f0(spec)
+    # fromiter: no intermediate list of k Python floats (32 bytes each), only the 8-byte array
+    w = np.fromiter((_call(spec, i / (k + 1)) for i in range(1, k + 1)), dtype=np.float64, count=k)
     return validate_decay(w, what=f"schedule {schedule_name(schedule)!r}")
 
 
+def decay_weights(schedule: Schedule, k: int) -> np.ndarray:
+    """Decay weights ``w_1..w_k`` (float64, shape ``(k,)``) of ``schedule`` for ``k`` updates.
+
+    A named shape or callable ``f`` is sampled at ``i / (k + 1)``; an explicit
+    sequence must have length ``k``. A callable must satisfy ``f(0) == 1``
+    (within 1e-9) and return finite values. ``k + 1 > TABLE_LIMIT`` raises
+    ``ValueError`` (use :func:`weights` for long windows).
+    """
+    k = _check_k(k)
+    spec = resolve(schedule)
+    if isinstance(spec, np.ndarray):
+        w = _explicit(spec, k)
+        _check_table_limit(k, "decay_weights")
+        return w
+    _check_table_limit(k, "decay_weights")
+    return _sampled_table(spec, schedule, k)
+
+
+def _callable_name(f: Callable[..., Any]) -> str:
+    return getattr(f, "__name__", type(f).__name__)
+
+
+def _check_f0(f: Callable[[float], float]) -> None:
+    f0 = _call(f, 0.0)
+    if abs(f0 - 1.0) > 1e-9:
+        raise ValueError(f"schedule: callable must have f(0) == 1, got f(0) = {f0!r}")
+
+
 def _call(f: Callable[[float], float], t: float) -> float:
-    v = f(t)
+    try:
+        v = f(t)
+    except TypeError as e:  # e.g. ``lambda: 1.0``: a raw TypeError would not say which argument is wrong
+        raise TypeError(
+            f"schedule: the callable {_callable_name(f)!r} must take one argument t (a float in [0, 1]) and "
+            f"return a float; calling it with t = {t} raised TypeError: {e}"
+        ) from e
     try:
         v = float(v)
     except (TypeError, ValueError) as e:
@@ -251,53 +320,218 @@ def decay_from_merge(c: Sequence[float] | np.ndarray, atol: float = 1e-9) -> np.
 
 
 def merge_coefficients(schedule: Schedule, k: int) -> np.ndarray:
-    """Merge weights ``c_0..c_k`` (float64, shape ``(k + 1,)``) of ``schedule`` for ``k`` updates."""
+    """Merge weights ``c_0..c_k`` (float64, shape ``(k + 1,)``) of ``schedule`` for ``k`` updates.
+
+    ``k + 1 > TABLE_LIMIT`` raises ``ValueError`` (use :func:`weights` for long windows).
+    """
     return merge_weights(decay_weights(schedule, k))
 
 
-# --- lazy weights (interim; the hardening branch replaces this block) ---------------------------
-TABLE_LIMIT = 2**20
+# ------------------------------------------------------------- lazy form
+_DIGEST_SAMPLES = 1025  # c_j hashed for the digest of a window past TABLE_LIMIT
 
 
 class MergeWeights:
-    """Theorem 3.1 weights of ``schedule`` for ``k`` updates, computed on demand (O(1) memory)."""
+    """Theorem 3.1 weights of one schedule and window, computed on demand.
 
-    def __init__(self, schedule: Schedule, k: int) -> None:
-        self.k = int(k)
-        self.name = schedule_name(schedule)
-        self._schedule = schedule
-        spec = resolve(schedule)
-        if isinstance(spec, np.ndarray) or self.k + 1 <= TABLE_LIMIT and not isinstance(schedule, str):
-            self._w = decay_weights(schedule, self.k)
-            self._f = None
-        else:
-            self._w = None
-            self._f = spec
+    Build it with :func:`weights` (the constructor is internal). Immutable;
+    copies and pickles in O(1) for named shapes (stored as the name; a user
+    callable is stored as given, an explicit sequence or a fully validated
+    callable table as its read-only float64 array ``w_1..w_k``). Equality is
+    identity; compare ``digest()`` to compare weights.
 
-    def w(self, i: int) -> float:
+    Attributes:
+        k: updates per window (``k + 1`` checkpoints ``theta_0 .. theta_k``).
+        name: :func:`schedule_name` of the schedule.
+
+    ``c(j)`` and ``w(i)`` are bit-identical to ``merge_coefficients(s, k)[j]``
+    and ``decay_weights(s, k)[i - 1]``: the same scalar call
+    ``f(i / (k + 1))`` and the same float64 subtraction. Values that were not
+    validated when the object was built (named shapes at any ``k``, user
+    callables past ``TABLE_LIMIT``) are checked on every call: ``w(i)`` must be
+    finite and in ``[0, 1]`` and ``c(j)`` must be ``>= 0``, else ``ValueError``
+    with the same wording as :func:`validate_decay`; no invalid weight is ever
+    returned.
+    """
+
+    __slots__ = ("k", "name", "_kind", "_f", "_w", "_digest")
+
+    def __init__(self, k: int, name: str, kind: str, source: Any) -> None:
+        # kind "shape": source is a canonical name in SHAPES (so it pickles as the name);
+        # "lazy": a user callable, checked point by point; "table": validated w_1..w_k (read-only).
+        if kind not in ("shape", "lazy", "table"):
+            raise ValueError(f"MergeWeights: kind must be 'shape', 'lazy' or 'table', got {kind!r}")
+        set_ = object.__setattr__
+        set_(self, "k", k)
+        set_(self, "name", name)
+        set_(self, "_kind", kind)
+        set_(self, "_f", SHAPES[source] if kind == "shape" else source if kind == "lazy" else None)
+        set_(self, "_w", source if kind == "table" else None)
+        set_(self, "_digest", None)
+
+    @property
+    def _source(self) -> Any:
+        return {"shape": self.name, "lazy": self._f, "table": self._w}[self._kind]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"MergeWeights is immutable; cannot set {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"MergeWeights is immutable; cannot delete {name!r}")
+
+    def __reduce__(self):
+        return (_restore_merge_weights, (self.k, self.name, self._kind, self._source, self._digest))
+
+    def __repr__(self) -> str:
+        return f"MergeWeights(name={self.name!r}, k={self.k})"
+
+    # ------------------------------------------------------------ values
+    def _index(self, x: Any, hi: int, what: str) -> int:
+        if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
+            raise TypeError(f"MergeWeights.{what}: index must be an int, got {type(x).__name__}")
+        x = int(x)
+        if not 0 <= x <= hi:
+            raise IndexError(f"MergeWeights.{what}: index {x} is outside 0..{hi} (k = {self.k})")
+        return x
+
+    def _w_at(self, i: int) -> float:
+        """``w_i`` for ``0 <= i <= k + 1`` (no index check)."""
         if i == 0:
             return 1.0
         if i == self.k + 1:
             return 0.0
-        if not 0 < i <= self.k:
-            raise IndexError(f"w_{i}: i must be in 0..{self.k + 1}")
-        return float(self._w[i - 1]) if self._w is not None else float(self._f(i / (self.k + 1)))
+        if self._w is not None:
+            return float(self._w[i - 1])
+        v = _call(self._f, i / (self.k + 1))
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"schedule {self.name!r}: w_{i} = {v!r} is outside [0, 1]")
+        return v
+
+    def w(self, i: int) -> float:
+        """Decay weight ``w_i``, ``0 <= i <= k + 1``; ``w_0 = 1``, ``w_{k+1} = 0``. ``IndexError`` outside."""
+        return self._w_at(self._index(i, self.k + 1, "w"))
 
     def c(self, j: int) -> float:
-        if not 0 <= j <= self.k:
-            raise IndexError(f"c_{j}: j must be in 0..{self.k}")
-        return self.w(j) - self.w(j + 1)
+        """Merge weight ``c_j = w_j - w_{j+1}`` of checkpoint ``theta_j``, ``0 <= j <= k``. ``IndexError`` outside."""
+        j = self._index(j, self.k, "c")
+        a, b = self._w_at(j), self._w_at(j + 1)
+        if self._w is None and b > a:  # a table was validated when built; a lazy value is checked here
+            raise ValueError(
+                f"schedule {self.name!r}: not non-increasing: w_{j + 1} = {b!r} > w_{j} = {a!r} "
+                "(an increasing decay gives a negative merge weight)"
+            )
+        return a - b
 
     def table(self) -> np.ndarray:
-        if self.k + 1 > TABLE_LIMIT:
-            raise ValueError(f"k + 1 = {self.k + 1} merge weights exceed TABLE_LIMIT = {TABLE_LIMIT}")
-        return merge_weights(self._w if self._w is not None else decay_weights(self._schedule, self.k))
+        """``c_0..c_k`` as a fresh float64 array of shape ``(k + 1,)``, equal to :func:`merge_coefficients`.
+
+        Raises ``ValueError`` naming ``TABLE_LIMIT`` when ``k + 1 > TABLE_LIMIT``.
+        """
+        _check_table_limit(self.k, "MergeWeights.table()")
+        if self._w is not None:
+            w = self._w
+        else:
+            w = _sampled_table(self._f, self.name if self._kind == "shape" else self._f, self.k)
+        c = merge_weights(w)
+        if self._digest is None:
+            object.__setattr__(self, "_digest", _table_digest(c))
+        return c
 
     def digest(self) -> str:
-        import hashlib
+        """16 hex characters identifying these weights (stored in state dicts to detect a changed schedule).
 
-        return hashlib.sha256(np.ascontiguousarray(self.table()).tobytes()).hexdigest()[:16]
+        ``k + 1 <= TABLE_LIMIT``: the first 16 hex digits of the SHA-256 of the
+        float64 bytes of :meth:`table` (what v0.1 state dicts store as ``weights_sha256``).
+        Past ``TABLE_LIMIT``: SHA-256 of ``"wsm_optim.MergeWeights/v1|{name}|k={k}|"``
+        followed by either every ``w_i`` (an explicit sequence: already in
+        memory) or the float64 bytes of ``c_j`` at the ``1025`` points
+        ``j = (s * k) // 1024``, ``s = 0..1024`` (named shapes and callables:
+        O(1) time and memory). Computed once, then cached.
+        """
+        if self._digest is None:
+            if self.k + 1 <= TABLE_LIMIT:
+                self.table()  # sets the digest
+            else:
+                h = hashlib.sha256(f"wsm_optim.MergeWeights/v1|{self.name}|k={self.k}|".encode())
+                if self._w is not None:
+                    h.update(np.ascontiguousarray(self._w).data)
+                else:
+                    n = _DIGEST_SAMPLES - 1
+                    h.update(np.array([self.c((s * self.k) // n) for s in range(n + 1)], dtype=np.float64).tobytes())
+                object.__setattr__(self, "_digest", h.hexdigest()[:16])
+        return self._digest
+
+
+def _restore_merge_weights(k: int, name: str, kind: str, source: Any, digest: str | None) -> MergeWeights:
+    """Unpickle / copy: the same weights, with the digest already computed (it can cost a table build)."""
+    mw = MergeWeights(k, name, kind, source)
+    object.__setattr__(mw, "_digest", digest)
+    return mw
+
+
+def _table_digest(c: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(c).tobytes()).hexdigest()[:16]
+
+
+def _check_sample(f: Callable[[float], float], name: str, k: int) -> None:
+    """Check a user callable at ``CALLABLE_SAMPLE_POINTS`` spread-out ``i`` and their right neighbours."""
+    n = CALLABLE_SAMPLE_POINTS - 1
+    points = sorted({1 + (s * (k - 1)) // n for s in range(n + 1)} | {2 + (s * (k - 1)) // n for s in range(n)})
+    prev_i, prev = 0, 1.0
+    for i in points:
+        v = _call(f, i / (k + 1))
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"schedule {name!r}: w_{i} = {v!r} is outside [0, 1]")
+        if v > prev:
+            raise ValueError(
+                f"schedule {name!r}: not non-increasing: w_{i} = {v!r} > w_{prev_i} = {prev!r} "
+                "(an increasing decay gives a negative merge weight)"
+            )
+        prev_i, prev = i, v
 
 
 def weights(schedule: Schedule, k: int) -> MergeWeights:
-    return MergeWeights(schedule, k)
+    """The Theorem 3.1 weights of ``schedule`` for ``k`` updates, in O(1) time and memory for named shapes.
+
+    Args:
+        schedule: a name (see ``SHAPES``/``ALIASES``), a callable ``f(t)`` with
+            ``f(0) == 1`` (within 1e-9), or an explicit sequence ``w_1..w_k``.
+        k: updates per window, an int ``>= 1`` (any size: ``10**12`` is fine).
+
+    Cost and validation:
+
+    * named shapes: O(1); they are valid for every ``k`` (``linear``, ``1-sqrt``
+      and ``inv-sqrt`` are compositions of correctly rounded IEEE operations,
+      hence monotone; ``cosine`` and ``ema`` rely on libm's ``cos``/``pow``,
+      checked over many ``k`` in the tests) and every returned value is
+      re-checked anyway.
+    * user callables: every point is evaluated and validated (O(k) calls, the
+      same errors as :func:`decay_weights`) when ``k + 1 <= TABLE_LIMIT``, and
+      the validated table is kept. Past that, only ``f(0) == 1`` and
+      ``CALLABLE_SAMPLE_POINTS`` evenly spread points ``i_s = 1 + s (k - 1) // 1024``
+      plus their right neighbours ``i_s + 1`` are checked (finite, in ``[0, 1]``,
+      non-increasing); other points are checked when ``c(j)``/``w(i)`` reads them.
+    * explicit sequences: length must be ``k``, every value validated (O(k), the
+      caller's data); a read-only copy is kept.
+
+    Raises:
+        TypeError: ``k`` not an int, a spec that is no schedule, a callable that
+            does not take one argument.
+        ValueError: ``k < 1``, unknown name, wrong length, invalid values.
+    """
+    k = _check_k(k)
+    spec = resolve(schedule)
+    name = schedule_name(schedule)
+    if isinstance(spec, np.ndarray):
+        w = _explicit(spec, k)
+        w.flags.writeable = False
+        return MergeWeights(k, name, "table", w)
+    if isinstance(schedule, str):
+        return MergeWeights(k, name, "shape", name)
+    if k + 1 <= TABLE_LIMIT:
+        w = _sampled_table(spec, schedule, k)
+        w.flags.writeable = False
+        return MergeWeights(k, name, "table", w)
+    _check_f0(spec)
+    _check_sample(spec, name, k)
+    return MergeWeights(k, name, "lazy", spec)

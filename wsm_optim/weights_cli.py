@@ -1,4 +1,10 @@
-"""``wsm-optim weights``: the Theorem 3.1 table of a schedule."""
+"""``wsm-optim weights``: the Theorem 3.1 table of a schedule.
+
+Any window answers at once: values come from the lazy
+:func:`wsm_optim.schedules.weights` (O(1) per value), a table longer than
+``SUMMARY_ROWS`` rows is printed as its first and last rows around one ellipsis
+line, and ``--plot`` of a long window draws ``PLOT_POINTS`` evenly spread points.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,11 @@ import argparse
 import numpy as np
 
 from . import schedules as S
+
+#: Longest table printed in full; a longer one shows its first and last SUMMARY_ROWS // 2 rows.
+SUMMARY_ROWS = 40
+#: Most points ``--plot`` draws; a longer window is sampled at this many evenly spread j.
+PLOT_POINTS = 2001
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,37 +28,69 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def table(schedule: S.Schedule, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(w, c)``: decay weights ``w_1..w_k`` and merge weights ``c_0..c_k``."""
+    """``(w, c)``: decay weights ``w_1..w_k`` and merge weights ``c_0..c_k`` (``k + 1 <= TABLE_LIMIT``)."""
     w = S.decay_weights(schedule, k)
     return w, S.merge_weights(w)
 
 
+def shown_rows(k: int, rows: int = SUMMARY_ROWS) -> tuple[range, range]:
+    """Indices ``j`` printed for ``k + 1`` checkpoints: ``(head, tail)``; ``tail`` is empty for a full table."""
+    if k + 1 <= rows:
+        return range(k + 1), range(0)
+    return range(rows // 2), range(k + 1 - rows // 2, k + 1)
+
+
 def format_table(schedule: S.Schedule, k: int) -> str:
-    w, c = table(schedule, k)
+    """The table ``j, w_j, c_j`` for ``j = 0..k``, summarised past ``SUMMARY_ROWS`` rows.
+
+    Values print as ``%.6f``, or all as ``%.6e`` when a shown nonzero value is
+    below 1e-3 (long windows: ``c_j ~ 1 / k`` would print as 0.000000).
+    """
+    mw = S.weights(schedule, k)
+    head, tail = shown_rows(k)
+    values = {j: (mw.w(j), mw.c(j)) for j in (*head, *tail)}
+    tiny = any(0.0 < abs(v) < 1e-3 for pair in values.values() for v in pair)
+    fmt = ">12.6e" if tiny else ">12.6f"
+    width = max(5, len(str(k)))
     lines = [
-        f"schedule {S.schedule_name(schedule)!r}: k = {k} updates, {k + 1} checkpoints (oldest first)",
-        f"{'j':>5}  {'w_j (decay)':>12}  {'c_j (merge)':>12}",
+        f"schedule {mw.name!r}: k = {k} updates, {k + 1} checkpoints (oldest first)",
+        f"{'j':>{width}}  {'w_j (decay)':>12}  {'c_j (merge)':>12}",
     ]
-    padded = np.concatenate(([1.0], w))
-    for j in range(k + 1):
-        lines.append(f"{j:>5}  {padded[j]:>12.6f}  {c[j]:>12.6f}")
-    lines.append(f"{'sum':>5}  {'':>12}  {c.sum():>12.6f}")
+    lines += [f"{j:>{width}}  {values[j][0]:{fmt}}  {values[j][1]:{fmt}}" for j in head]
+    if tail:
+        lines.append(f"{'...':>{width}}  ({tail.start - head.stop} rows omitted: j = {head.stop} .. {tail.start - 1})")
+        lines += [f"{j:>{width}}  {values[j][0]:{fmt}}  {values[j][1]:{fmt}}" for j in tail]
+        # c_j = w_j - w_{j+1} telescopes: the sum over all j is w_0 - w_{k+1} = 1, without O(k) work
+        total = f"{mw.w(0) - mw.w(k + 1):{fmt}}  (= w_0 - w_{{k+1}}, all {k + 1} rows)"
+    else:
+        total = f"{float(np.sum([values[j][1] for j in head])):{fmt}}"
+    lines.append(f"{'sum':>{width}}  {'':>12}  {total}")
     return "\n".join(lines)
 
 
 def plot(schedule: S.Schedule, k: int, path: str) -> None:
+    """Draw ``w_j`` and ``c_j`` to a PNG; past ``PLOT_POINTS`` checkpoints, at ``PLOT_POINTS`` evenly spread j."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    w, c = table(schedule, k)
+    mw = S.weights(schedule, k)
+    sampled = k + 1 > PLOT_POINTS
+    n = PLOT_POINTS - 1
+    js = np.array([(s * k) // n for s in range(n + 1)] if sampled else range(k + 1), dtype=np.int64)
+    w = np.array([mw.w(int(j)) for j in js])
+    c = np.array([mw.c(int(j)) for j in js])
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
-    ax1.plot(np.arange(k + 1), np.concatenate(([1.0], w)), marker="o", ms=3)
+    ax1.plot(js, w, marker=None if sampled else "o", ms=3)
     ax1.set(title="decay weights w_i (w_0 = 1)", xlabel="update i", ylim=(-0.02, 1.02))
-    ax2.bar(np.arange(k + 1), c)
-    ax2.set(title="merge weights c_j", xlabel="checkpoint j (oldest first)")
-    fig.suptitle(f"{S.schedule_name(schedule)}, k = {k}")
+    if sampled:
+        ax2.plot(js, c)
+        ax2.set(title=f"merge weights c_j ({len(js)} of {k + 1} j)", xlabel="checkpoint j (oldest first)")
+    else:
+        ax2.bar(js, c)
+        ax2.set(title="merge weights c_j", xlabel="checkpoint j (oldest first)")
+    fig.suptitle(f"{mw.name}, k = {k}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
