@@ -153,3 +153,19 @@ def test_plot_of_a_huge_window_samples_it(tmp_path, monkeypatch, capsys):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert counting.calls <= 4 * weights_cli.PLOT_POINTS + 4 * weights_cli.SUMMARY_ROWS
     assert f"wrote {path}" in capsys.readouterr().out
+
+
+def test_weights_command_does_not_import_torch():
+    """``wsm-optim weights`` answers at once: it needs numpy only (torch alone takes seconds to import)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from wsm_optim.cli import main\n"
+        "assert main(['weights', '--schedule', 'cosine', '--window', str(10**12)]) == 0\n"
+        "assert 'torch' not in sys.modules, 'the weights command imported torch'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "1000000000000" in done.stdout

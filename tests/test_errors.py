@@ -223,3 +223,27 @@ def test_edge_misuse(tmp_path, call, exc, fragment):
     assert fragment in str(info.value), (fragment, str(info.value))
     if "corrupt" in fragment:
         assert "--unsafe-pickle" not in str(info.value)  # suggested only for well-formed pickles
+
+
+def test_any_window_costs_o1_to_construct_train_save_and_read():
+    """window=10**12 (a typo) answers at once: no O(k) work anywhere (counted through a callable schedule)."""
+    calls = []
+
+    def shape(t):
+        calls.append(t)
+        return 1.0 - t
+
+    model, opt = _trained(window=10**12, schedule=shape, keep_last=True)
+    sd = opt.state_dict()
+    opt.merged_state_dict()
+    fresh = WSMOptimizer(torch.optim.SGD(model.named_parameters(), lr=0.1), window=10**12, schedule=shape,
+                         keep_last=True)
+    fresh.load_state_dict(sd)
+    assert fresh.merge_status()["checkpoint"] == 2
+    assert len(calls) < 20_000, len(calls)  # sampled validation and a few coefficients, never k
+
+
+def test_triton_refuses_windows_past_its_device_table():
+    with pytest.raises(ValueError, match=r"device table of at most schedules.TABLE_LIMIT = 1048576 entries"):
+        WSMOptimizer(_inner(), window=10**9, backend="triton")
+    assert WSMOptimizer(_inner(), window=10**9).backend == "foreach"  # auto falls back

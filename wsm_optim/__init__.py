@@ -15,12 +15,37 @@ and DCP), ``selection`` / ``unwrap`` / ``integrations`` (trainers), ``offline``
 and ``io`` (saved checkpoints), ``demo`` (never imported by the library).
 """
 
-from . import schedules
-from .offline import merge_checkpoints
-from .optimizer import DEFAULT_MERGE, MergeSpec, NonFiniteMergeError, WSMOptimizer
-from .readout import LiveParamsChangedWarning
-from .selection import MergeScores, evaluate_merges
-from .unwrap import unwrap
+import importlib
+from typing import Any
+
+#: Public names and the modules they live in, imported on first use (PEP 562), so that
+#: ``wsm-optim weights`` and ``import wsm_optim.schedules`` do not pay for importing torch.
+_EXPORTS = {
+    "WSMOptimizer": "optimizer",
+    "MergeSpec": "merge",
+    "DEFAULT_MERGE": "merge",
+    "NonFiniteMergeError": "nonfinite",
+    "LiveParamsChangedWarning": "readout",
+    "merge_checkpoints": "offline",
+    "evaluate_merges": "selection",
+    "MergeScores": "selection",
+    "unwrap": "unwrap",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if name == "schedules":
+        return importlib.import_module(".schedules", __name__)
+    raise AttributeError(f"module 'wsm_optim' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS, "schedules"])
+
 
 __all__ = [
     "WSMOptimizer",

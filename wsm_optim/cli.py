@@ -19,26 +19,28 @@ SUBCOMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; only the subcommand named in ``argv`` is imported (all of them without ``argv``).
+
+    Importing a subcommand can be slow (``torch``): ``wsm-optim weights`` needs
+    only numpy, so it answers in well under a second.
+    """
     parser = argparse.ArgumentParser(
         prog="wsm-optim", description="Warmup-Stable and Merge: decay-free LR training by checkpoint merging."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    wanted = None if argv is None else next((a for a in argv if a in SUBCOMMANDS), "")
     for name, (module, help_text) in SUBCOMMANDS.items():
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:  # a subcommand not built yet
-            if e.name != module:
-                raise
-            continue
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
-        mod.add_arguments(p)
+        if wanted is None or name == wanted:
+            importlib.import_module(module).add_arguments(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     module = importlib.import_module(args._module)
     try:
