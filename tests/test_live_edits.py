@@ -103,7 +103,7 @@ def test_no_false_positive_in_normal_training(no_live_warning):
     fresh.load_state_dict(saved)  # the optimizer first, then the model (Lightning's order)
     fresh_model = next(iter(fresh.param_groups))["params"]
     with torch.no_grad():
-        for p, (k, v) in zip(fresh_model, weights.items()):
+        for p, v in zip(fresh_model, weights.values()):
             p.copy_(v)
     fresh.merged_state_dict()
 

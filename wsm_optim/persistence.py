@@ -37,7 +37,7 @@ from .merge import MergeState
 from .registry import param_numbering
 
 if TYPE_CHECKING:
-    from .optimizer import Runtime
+    from .runtime import Runtime
 
 __all__ = ["VERSION", "save", "load"]
 

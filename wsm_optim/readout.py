@@ -27,7 +27,7 @@ from .warn import warn
 
 if TYPE_CHECKING:
     from .merge import MergeState
-    from .optimizer import Runtime
+    from .runtime import Runtime
 
 __all__ = ["LiveParamsChangedWarning", "state_dict", "swapped", "check_dtype"]
 

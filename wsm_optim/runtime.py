@@ -15,7 +15,7 @@ every merge at a checkpoint), possibly on a side stream.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch

@@ -29,7 +29,6 @@ from . import MergeUpdate
 from .foreach import ForeachBackend
 
 try:
-    import triton
     import triton.language as tl
 except ImportError as e:  # pragma: no cover - exercised only without triton
     raise ImportError("backend='triton' needs the triton package (pip install triton; Linux only)") from e
