@@ -4,6 +4,7 @@ A subpackage of its own: the library core never imports it. ``model.py`` is
 the nanoGPT-style model, ``data.py`` the corpus, ``main.py`` the run.
 """
 
-from .main import UsageError, add_arguments, build_config, run
+from .config import UsageError, add_arguments, build_config
+from .main import run
 
 __all__ = ["UsageError", "add_arguments", "build_config", "run"]
