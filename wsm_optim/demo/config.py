@@ -35,12 +35,12 @@ class UsageError(ValueError):
 
 PRESETS: dict[str, dict[str, Any]] = {
     # smoke run, about a minute on 2 CPU cores (all baselines included)
-    "quick": dict(steps=512, warmup=32, n_layer=2, n_head=4, n_embd=64, block_size=64, batch_size=32,
-                  lr=2e-3, eval_every=64, eval_batches=8, device="cpu"),
+    "quick": dict(steps=384, warmup=16, n_layer=2, n_head=4, n_embd=64, block_size=64, batch_size=32,
+                  lr=2e-3, eval_every=48, eval_batches=8, device="cpu"),
     # about 5 minutes on 2 CPU cores: 0.35M parameters, 1280 steps (~0.6 passes over the text)
     "default": dict(steps=1280, warmup=64, n_layer=3, n_head=4, n_embd=96, block_size=64, batch_size=32,
                     lr=1e-3, eval_every=40, eval_batches=8, device="cpu"),
-    # the quick preset's small model (0.11M parameters) trained 12.5x longer (~2.9 passes over the
+    # the quick preset's small model (0.11M parameters) trained 16.7x longer (~2.9 passes over the
     # text): it saturates early, so most of the run is at constant LR past the fast-improvement
     # phase, the regime of the paper; under 30 minutes on 2 CPU cores even on a shared machine
     "study": dict(steps=6400, warmup=200, n_layer=2, n_head=4, n_embd=64, block_size=64, batch_size=32,
