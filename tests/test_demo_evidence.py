@@ -274,3 +274,14 @@ def test_ablation_regime_reading(losses, regime):
     assert a["live_improvement_over_longest_window"] == pytest.approx(2.3 - 2.1)  # from step 25 = 40 - 15
     lines = report.format_answer_ablations(a)
     assert report.REGIME_TEXT[regime].format(w=a["best_window"]) in lines[2]
+
+
+def test_figures_and_report_can_be_redrawn_from_results(tiny, tmp_path):
+    from wsm_optim.demo import main as demo
+
+    _, out, res = tiny
+    cfg = demo.config_from_results(res)
+    assert cfg == demo.build_config(cli.build_parser().parse_args(["demo", *TINY]))
+    demo.write_figures_and_report(cfg, res, tmp_path)
+    assert (tmp_path / "report.md").read_text() == (out / "report.md").read_text()
+    assert all((tmp_path / f).read_bytes()[:8] == PNG_MAGIC for f in ("loss.png", "ablations.png", "weights.png"))

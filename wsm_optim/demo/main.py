@@ -87,6 +87,22 @@ def _device_name(cfg: Config) -> str:
     return f"CPU ({platform.machine()}, {os.cpu_count()} cores visible)"
 
 
+def write_figures_and_report(cfg: Config, payload: dict, out: Path) -> None:
+    """``loss.png``, ``ablations.png``, ``weights.png`` and ``report.md`` from a run's results."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plot_loss(cfg, payload["curves"], payload["branch_curves"], out / "loss.png")
+        plot_ablations(cfg, payload["answers"]["ablations"], payload["table"], out / "ablations.png")
+        plot_weights(cfg, payload["lr_multipliers"], out / "weights.png")
+    (out / "report.md").write_text(markdown(cfg, payload, payload["command"]))
+
+
+def config_from_results(results: dict) -> Config:
+    """The ``Config`` of a saved ``results.json`` (to redraw its figures and report)."""
+    fields = Config.__dataclass_fields__
+    return Config(**{k: v for k, v in results["config"].items() if k in fields})
+
+
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     load_before = os.getloadavg()[0]
@@ -123,9 +139,6 @@ def run(args: argparse.Namespace) -> int:
         lines = dict(along=format_answer_along(cfg, answers["along"], rows),
                      alternatives=format_answer_alternatives(answers["alternatives"]),
                      ablations=format_answer_ablations(answers["ablations"]))
-        plot_loss(cfg, curves, branch_curves, out / "loss.png")
-        plot_ablations(cfg, answers["ablations"], table, out / "ablations.png")
-        plot_weights(cfg, result["lr_multipliers"], out / "weights.png")
     runtime = time.perf_counter() - t0
     payload = dict(
         config=asdict(cfg) | {"merges": cfg.merges, "branches": cfg.branches, "tracker": cfg.tracker,
@@ -147,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         torch_version=torch.__version__, threads=torch.get_num_threads(),
     )
     (out / "results.json").write_text(json.dumps(payload, indent=1))
-    (out / "report.md").write_text(markdown(cfg, payload, payload["command"]))
+    write_figures_and_report(cfg, payload, out)
     print()
     print(f"validation loss after {cfg.steps} steps (nats per character; ppl = exp(loss)):")
     print(format_table(table))

@@ -102,14 +102,20 @@ def plot_ablations(cfg: Config, abl: dict[str, Any], table: list[dict[str, Any]]
         ax.plot([2 * r["mean_age"] for r in abl["ema"]], [r["val_loss"] for r in abl["ema"]], "s-",
                 color="tab:green", label="EMA, W = 2 x mean age")
     refs(ax)
-    ax.set(xscale="log", xlabel="window W (steps)", ylabel="val loss at the last step",
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([r["window"] for r in abl["windows"]], [str(r["window"]) for r in abl["windows"]])
+    ax.minorticks_off()
+    ax.set(xlabel="window W (steps)", ylabel="val loss at the last step",
            title=f"window length ({abl['regime']} regime)")
     ax.legend(fontsize=7)
     ax = axes[1]
     ks = [r["updates"] for r in abl["counts"]]
     ax.plot(ks, [r["val_loss"] for r in abl["counts"]], "o-", color="tab:blue")
     refs(ax)
-    ax.set(xscale="log", xlabel=f"updates per window of {abl['ablation_window']} steps (k + 1 checkpoints)",
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.minorticks_off()
+    ax.set(xlabel=f"updates k per window of {abl['ablation_window']} steps (k + 1 checkpoints)",
            title="checkpoint count at a fixed window")
     ax = axes[2]
     names = [r["shape"] for r in abl["shapes"]]
