@@ -274,6 +274,7 @@ def test_ablation_regime_reading(losses, regime):
     assert a["live_improvement_over_longest_window"] == pytest.approx(2.3 - 2.1)  # from step 25 = 40 - 15
     lines = report.format_answer_ablations(a)
     assert report.REGIME_TEXT[regime].format(w=a["best_window"]) in lines[2]
+    assert a["windows_within_tolerance"] == [w for w, v in zip((5, 10, 15), losses) if v <= min(losses) * 1.005]
 
 
 def test_figures_and_report_can_be_redrawn_from_results(tiny, tmp_path):
@@ -282,6 +283,8 @@ def test_figures_and_report_can_be_redrawn_from_results(tiny, tmp_path):
     _, out, res = tiny
     cfg = demo.config_from_results(res)
     assert cfg == demo.build_config(cli.build_parser().parse_args(["demo", *TINY]))
-    demo.write_figures_and_report(cfg, res, tmp_path)
+    (tmp_path / "results.json").write_text((out / "results.json").read_text())
+    demo.redraw(tmp_path)
     assert (tmp_path / "report.md").read_text() == (out / "report.md").read_text()
+    assert json.loads((tmp_path / "results.json").read_text()) == res
     assert all((tmp_path / f).read_bytes()[:8] == PNG_MAGIC for f in ("loss.png", "ablations.png", "weights.png"))

@@ -87,6 +87,29 @@ def _device_name(cfg: Config) -> str:
     return f"CPU ({platform.machine()}, {os.cpu_count()} cores visible)"
 
 
+def answer_questions(cfg: Config, curves: dict, branch_curves: dict) -> dict:
+    """``{table, verdict, branches, answers, answer_lines}`` of a run's curves (see ``report``)."""
+    table = make_table(cfg, curves)
+    rows = branch_table(cfg, curves, branch_curves)
+    answers = dict(along=answer_along(cfg, rows), alternatives=answer_alternatives(table),
+                   ablations=ablations(cfg, table, curves))
+    lines = dict(along=format_answer_along(cfg, answers["along"], rows),
+                 alternatives=format_answer_alternatives(answers["alternatives"]),
+                 ablations=format_answer_ablations(answers["ablations"]))
+    return dict(table=table, verdict=verdict(table), branches=rows, answers=answers, answer_lines=lines)
+
+
+def redraw(out: str | Path) -> None:
+    """Recompute the answers, figures and report of a finished run from its ``results.json``
+    (no training: the same numbers, drawn by the current code)."""
+    out = Path(out)
+    payload = json.loads((out / "results.json").read_text())
+    cfg = config_from_results(payload)
+    payload.update(answer_questions(cfg, payload["curves"], payload["branch_curves"]))
+    (out / "results.json").write_text(json.dumps(payload, indent=1))
+    write_figures_and_report(cfg, payload, out)
+
+
 def write_figures_and_report(cfg: Config, payload: dict, out: Path) -> None:
     """``loss.png``, ``ablations.png``, ``weights.png`` and ``report.md`` from a run's results."""
     with warnings.catch_warnings():
@@ -131,14 +154,7 @@ def run(args: argparse.Namespace) -> int:
               f"{', '.join(f'{x:g}x' for x in cfg.sf_lr_factors) or 'none'} the peak LR")
         result = train(cfg, corpus, args.progress)
         curves, branch_curves = result["curves"], result["branch_curves"]
-        table = make_table(cfg, curves)
-        v = verdict(table)
-        rows = branch_table(cfg, curves, branch_curves)
-        answers = dict(along=answer_along(cfg, rows), alternatives=answer_alternatives(table),
-                       ablations=ablations(cfg, table, curves))
-        lines = dict(along=format_answer_along(cfg, answers["along"], rows),
-                     alternatives=format_answer_alternatives(answers["alternatives"]),
-                     ablations=format_answer_ablations(answers["ablations"]))
+        answered = answer_questions(cfg, curves, branch_curves)
     runtime = time.perf_counter() - t0
     payload = dict(
         config=asdict(cfg) | {"merges": cfg.merges, "branches": cfg.branches, "tracker": cfg.tracker,
@@ -148,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         corpus=dict(name=corpus.name, train_chars=len(corpus.train), val_chars=len(corpus.val),
                     vocab_size=corpus.vocab_size),
         n_params=n_params, passes=passes,
-        table=table, verdict=v, branches=rows, answers=answers, answer_lines=lines,
+        **answered,
         final_merge_scores=result["final_scores"], schedule_free_diverged_at=result["sf_diverged"],
         curves=curves, branch_curves=branch_curves, train_loss=result["train_loss"],
         lr_multipliers=result["lr_multipliers"],
@@ -156,23 +172,23 @@ def run(args: argparse.Namespace) -> int:
             n: S.merge_coefficients(s["schedule"], s["window"] // s["interval"]).tolist()
             for n, s in cfg.merges.items()
         },
-        runtime_s=runtime, device_name=_device_name(cfg), load_before=load_before, load_after=os.getloadavg()[0],
+        runtime_s=runtime, cpu_s=time.process_time(), device_name=_device_name(cfg), load_before=load_before, load_after=os.getloadavg()[0],
         torch_version=torch.__version__, threads=torch.get_num_threads(),
     )
     (out / "results.json").write_text(json.dumps(payload, indent=1))
     write_figures_and_report(cfg, payload, out)
     print()
     print(f"validation loss after {cfg.steps} steps (nats per character; ppl = exp(loss)):")
-    print(format_table(table))
+    print(format_table(answered["table"]))
     print()
     print("along the run (WSD branch ends):")
-    print(format_branch_table(rows))
+    print(format_branch_table(answered["branches"]))
     print()
     for key in ("along", "alternatives", "ablations"):
-        for line in lines[key]:
+        for line in answered["answer_lines"][key]:
             print(line)
         print()
-    for line in format_verdict(v):
+    for line in format_verdict(answered["verdict"]):
         print(line)
     print(f"done in {runtime:.0f} s; wrote {out / 'results.json'}, report.md, loss.png, ablations.png, "
           f"weights.png in {out}")

@@ -39,7 +39,8 @@ def merge_label(name: str, spec: dict[str, Any]) -> str:
     interval = spec.get("interval", 1)
     if interval == 1:
         return f"WSM {shape} merge, window {spec['window']}"
-    return f"WSM {shape} merge, window {spec['window']}, {spec['window'] // interval} updates (every {interval})"
+    k = spec["window"] // interval
+    return f"WSM {shape} merge, window {spec['window']}, {k} update{'s' if k > 1 else ''} (every {interval})"
 
 
 def make_table(cfg: Config, curves: dict[str, dict[str, list]]) -> list[dict[str, Any]]:
@@ -198,8 +199,8 @@ def format_answer_alternatives(a: dict[str, Any]) -> list[str]:
         if v["run"] is None:
             lines.append(f"  {KIND_NAMES[kind]}: every run diverged")
             continue
-        of = f"best of {v['candidates']}, " if v["candidates"] > 1 else ""
-        lines.append(f"  vs {KIND_NAMES[kind]} ({of}{v['run']}): {v['val_loss']:.4f}: WSM {v['outcome']} it "
+        of = f" (best of {v['candidates']}: {v['run']})" if v["candidates"] > 1 else ""
+        lines.append(f"  vs {KIND_NAMES[kind]}{of}: {v['val_loss']:.4f}: WSM {v['outcome']} it "
                      f"({100 * v['relative_difference']:+.2f}%)")
     lines.append(f"  -> lowest val loss: {a['winner']} ({KIND_NAMES[a['winner_kind']]})")
     return lines
@@ -234,12 +235,15 @@ def ablations(cfg: Config, table: list[dict[str, Any]], curves: dict) -> dict[st
     back = cfg.steps - max(cfg.windows)
     steps_before = [s for s in live_curve["step"] if s <= back]
     live_then = _at(live_curve, steps_before[-1]) if steps_before else math.nan
+    near = [r["window"] for r in windows if r["val_loss"] <= best_w["val_loss"] * (1 + MATCH_TOLERANCE)]
     every = counts[0]["val_loss"]
     enough = [c["updates"] for c in counts if c["val_loss"] <= every * (1 + MATCH_TOLERANCE)]
     return dict(
         windows=windows, counts=counts, shapes=sorted(shapes, key=lambda r: r["val_loss"]), ema=ema,
-        ablation_window=ref, best_window=best_w["window"], regime=regime, live_val_loss=live,
+        ablation_window=ref, best_window=best_w["window"], windows_within_tolerance=near, regime=regime, live_val_loss=live,
         live_improvement_over_longest_window=live_then - live, longest_window=max(cfg.windows),
+        improvement_to_merge_gain=(live_then - live) / (live - best_w["val_loss"]) if live != best_w["val_loss"]
+        else math.inf,
         fewest_updates_within_tolerance=min(enough),
     )
 
@@ -262,8 +266,11 @@ def format_answer_ablations(a: dict[str, Any]) -> list[str]:
     lines = [f"Q3 which window and shape (val loss at the last step; live model {a['live_val_loss']:.4f}):",
              f"  window (linear, a checkpoint every step): {ws}",
              f"  -> this run is in {REGIME_TEXT[a['regime']].format(w=a['best_window'])}",
-             f"     (the live model improved by {a['live_improvement_over_longest_window']:.4f} nats over the "
-             f"last {a['longest_window']} steps)"]
+             f"     windows within {100 * MATCH_TOLERANCE:.1f}% of the best: "
+             f"{', '.join(str(w) for w in a['windows_within_tolerance'])}",
+             f"     (over the last {a['longest_window']} steps the live model improved by "
+             f"{a['live_improvement_over_longest_window']:.4f} nats, {a['improvement_to_merge_gain']:.2f}x the best "
+             f"merge's gain over it; the smaller this ratio, the more a long window can average)"]
     if len(a["counts"]) > 1:
         lines += [f"  updates per window {a['ablation_window']} (linear): {cs}",
                   f"  -> down to {a['fewest_updates_within_tolerance']} updates per window the merge stays within "
@@ -288,9 +295,9 @@ def markdown(cfg: Config, payload: dict[str, Any], command: str) -> str:
            f"context {cfg.block_size}); {cfg.steps} steps of {cfg.batch_size} sequences "
            f"({t['passes']:.1f} passes over the training text); AdamW, peak LR {cfg.lr:g}, "
            f"warmup {cfg.warmup}, seed {cfg.seed}. Validation loss in nats per character on "
-           f"{cfg.eval_batches} fixed batches. Wall time {t['runtime_s'] / 60:.1f} min on {t['device_name']} "
-           f"({t['threads']} threads; 1-min load average {t['load_before']:.1f} before, "
-           f"{t['load_after']:.1f} after).", "",
+           f"{cfg.eval_batches} fixed batches. Wall time {t['runtime_s'] / 60:.1f} min on {t['device_name']}, "
+           f"{t['threads']} torch thread{'s' if t['threads'] > 1 else ''} (1-min load average "
+           f"{t['load_before']:.1f} before, {t['load_after']:.1f} after).", "",
            "## 1. Does the merge track a real decay along the run?", "",
            f"WSD branches decay the LR ({cfg.wsd_schedule}) to zero over D = {cfg.decay} steps, forked from "
            f"the constant-LR run; WSM is the linear merge of the same D steps of that run "
