@@ -78,7 +78,7 @@ def test_parser_defaults_and_presets():
 
 def test_default_config_compares_at_least_three_windows_and_three_shapes():
     cfg = demo.build_config(cli.build_parser().parse_args(["demo"]))
-    assert cfg.device == "cpu" and cfg.steps == 2000 and cfg.decay == 400
+    assert cfg.device == "cpu" and cfg.steps == 1280 and cfg.decay == 160
     merges = cfg.merges
     linear = sorted(m["window"] for m in merges.values() if m["schedule"] == "linear")
     assert len(linear) >= 3
@@ -162,6 +162,11 @@ BAD_INPUT = [
     (["--decay", "0"], "--decay must be >= 1"),
     (["--seed", "-1"], "--seed must be >= 0"),
     (["--threads", "0"], "--threads must be >= 1"),
+    (["--windows", "16", "--counts", "7"], "--counts: 7 does not divide the longest window (16 steps)"),
+    (["--counts", "0"], "--counts: a count must be >= 1"),
+    (["--branch-at", "0.5,1.5"], "--branch-at: fractions must be in (0, 1], got 1.5"),
+    (["--ema-decays", "0.9,1.0"], "--ema-decays: each decay must be in [0, 1), got 1.0"),
+    (["--sf-lr-factors", "0"], "--sf-lr-factors: each factor must be a finite number > 0"),
 ]
 
 
@@ -212,8 +217,9 @@ def test_tiny_run_is_deterministic(small_text, tmp_path):
         results.append(json.loads((tmp_path / name / "results.json").read_text()))
     a, b = results
     assert a["table"] == b["table"] and a["curves"] == b["curves"] and a["train_loss"] == b["train_loss"]
-    assert [r["run"] for r in a["table"]] == ["constant", "linear-10", "linear-15", "1-sqrt-15", "cosine-15",
-                                              "wsd", "cosine"]
+    assert [r["run"] for r in a["table"]] == [
+        "constant", "linear-10", "linear-15", "1-sqrt-15", "cosine-15", "ema-15", "inv-sqrt-15", "linear-15-k1",
+        "ema_0.8", "ema_0.866667", "sf_x1", "sf_x3", "wsd", "cosine"]
     assert a["corpus"]["name"] == "small.txt"
 
 
@@ -265,7 +271,8 @@ def test_quick_end_to_end(quick_run):
     cfg = res["config"]
     assert cfg["preset"] == "quick"
     runs = [r["run"] for r in res["table"]]
-    assert runs[0] == "constant" and runs[-1] == "wsd" and len(runs) == 2 + len(cfg["merges"])
+    assert runs[0] == "constant" and runs[-1] == "wsd"
+    assert len(runs) == 2 + len(cfg["merges"]) + len(cfg["ema_decays"]) + len(cfg["sf_lr_factors"])
     for row in res["table"]:
         assert math.isfinite(row["val_loss"])
         assert row["perplexity"] == pytest.approx(math.exp(row["val_loss"]))
@@ -284,7 +291,7 @@ def test_quick_end_to_end(quick_run):
     assert np.mean(res["train_loss"][-50:]) < np.mean(res["train_loss"][:50])
     for name, c in res["merge_weights"].items():
         spec = cfg["merges"][name]
-        np.testing.assert_allclose(c, S.merge_coefficients(spec["schedule"], spec["window"]))
+        np.testing.assert_allclose(c, S.merge_coefficients(spec["schedule"], spec["window"] // spec["interval"]))
     v = res["verdict"]
     assert v == demo.verdict(res["table"])
     assert f"Result: WSM {v['outcome']} WSD" in stdout and v["best_merge"] in stdout
