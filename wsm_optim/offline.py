@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import schedules as S
+from . import schedules
 from .io import atomic_save, infer_format
 
 __all__ = [
@@ -161,7 +161,7 @@ def resolve_inputs(
 # --------------------------------------------------------------- weights
 def checkpoint_weights(
     n: int,
-    schedule: S.Schedule | None = None,
+    schedule: schedules.Schedule | None = None,
     weights: Sequence[float] | None = None,
     normalize: bool = False,
 ) -> np.ndarray:
@@ -178,9 +178,9 @@ def checkpoint_weights(
             raise ValueError("--normalize applies to explicit --weights only (schedule weights sum to 1)")
         schedule = "linear" if schedule is None else schedule
         if n == 1:
-            S.resolve(schedule)  # still reject an unknown name
+            schedules.resolve(schedule)  # still reject an unknown name
             return np.ones(1)
-        return S.merge_coefficients(schedule, n - 1)
+        return schedules.merge_coefficients(schedule, n - 1)
     if schedule is not None:
         raise ValueError("pass either a schedule or explicit weights, not both")
     c = np.asarray(weights, dtype=np.float64)
@@ -188,7 +188,7 @@ def checkpoint_weights(
         raise ValueError(
             f"--weights: got {c.size} values for {n} checkpoints; give one weight c_j per checkpoint, oldest first"
         )
-    S.check_nonnegative(c, "--weights")
+    schedules.check_nonnegative(c, "--weights")
     with np.errstate(over="ignore"):  # an overflow is reported below, as an error
         total = float(c.sum())
     if not math.isfinite(total):  # e.g. 1e308 + 1e308: c / inf would silently merge to all zeros
@@ -488,7 +488,7 @@ def _check_finite(t: Tensor, name: str, path: Path) -> None:
 # ----------------------------------------------------------------- merge
 def merge_checkpoints(
     paths: str | os.PathLike | Sequence[str | os.PathLike],
-    schedule: S.Schedule | None = None,
+    schedule: schedules.Schedule | None = None,
     weights: Sequence[float] | None = None,
     normalize: bool = False,
     out: str | os.PathLike | None = None,
@@ -544,7 +544,7 @@ def merge_checkpoints(
     out_dtype = _parse_dtype(dtype)
     out_path = _check_output(out, files) if out is not None else None
     label = "explicit c_j" + (" (normalized)" if normalize else "") if weights is not None else (
-        f"schedule {S.schedule_name('linear' if schedule is None else schedule)!r}, Theorem 3.1 with k = {len(files) - 1}"
+        f"schedule {schedules.schedule_name('linear' if schedule is None else schedule)!r}, Theorem 3.1 with k = {len(files) - 1}"
     )
     if verbose:
         print(format_table(files, c, label), flush=True)
@@ -657,7 +657,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--schedule",
-        help=f"decay shape, one of {', '.join([*S.SHAPES, *S.ALIASES])} (default linear = uniform mean); "
+        help=f"decay shape, one of {', '.join([*schedules.SHAPES, *schedules.ALIASES])} (default linear = uniform mean); "
         "merge weights from Theorem 3.1 with k = number of checkpoints - 1",
     )
     p.add_argument(

@@ -12,7 +12,7 @@ import argparse
 
 import numpy as np
 
-from . import schedules as S
+from . import schedules
 
 #: Longest table printed in full; a longer one shows its first and last SUMMARY_ROWS // 2 rows.
 SUMMARY_ROWS = 40
@@ -21,16 +21,16 @@ PLOT_POINTS = 2001
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--schedule", default="linear", help=f"one of {', '.join([*S.SHAPES, *S.ALIASES])}")
+    p.add_argument("--schedule", default="linear", help=f"one of {', '.join([*schedules.SHAPES, *schedules.ALIASES])}")
     p.add_argument("--window", type=int, default=9, help="optimizer steps per window (default 9)")
     p.add_argument("--interval", type=int, default=1, help="steps between checkpoints (default 1)")
     p.add_argument("--plot", metavar="PNG", help="also draw the weights to this PNG file")
 
 
-def table(schedule: S.Schedule, k: int) -> tuple[np.ndarray, np.ndarray]:
+def table(schedule: schedules.Schedule, k: int) -> tuple[np.ndarray, np.ndarray]:
     """``(w, c)``: decay weights ``w_1..w_k`` and merge weights ``c_0..c_k`` (``k + 1 <= TABLE_LIMIT``)."""
-    w = S.decay_weights(schedule, k)
-    return w, S.merge_weights(w)
+    w = schedules.decay_weights(schedule, k)
+    return w, schedules.merge_weights(w)
 
 
 def shown_rows(k: int, rows: int = SUMMARY_ROWS) -> tuple[range, range]:
@@ -40,13 +40,13 @@ def shown_rows(k: int, rows: int = SUMMARY_ROWS) -> tuple[range, range]:
     return range(rows // 2), range(k + 1 - rows // 2, k + 1)
 
 
-def format_table(schedule: S.Schedule, k: int) -> str:
+def format_table(schedule: schedules.Schedule, k: int) -> str:
     """The table ``j, w_j, c_j`` for ``j = 0..k``, summarised past ``SUMMARY_ROWS`` rows.
 
     Values print as ``%.6f``, or all as ``%.6e`` when a shown nonzero value is
     below 1e-3 (long windows: ``c_j ~ 1 / k`` would print as 0.000000).
     """
-    mw = S.weights(schedule, k)
+    mw = schedules.weights(schedule, k)
     head, tail = shown_rows(k)
     values = {j: (mw.w(j), mw.c(j)) for j in (*head, *tail)}
     tiny = any(0.0 < abs(v) < 1e-3 for pair in values.values() for v in pair)
@@ -68,14 +68,14 @@ def format_table(schedule: S.Schedule, k: int) -> str:
     return "\n".join(lines)
 
 
-def plot(schedule: S.Schedule, k: int, path: str) -> None:
+def plot(schedule: schedules.Schedule, k: int, path: str) -> None:
     """Draw ``w_j`` and ``c_j`` to a PNG; past ``PLOT_POINTS`` checkpoints, at ``PLOT_POINTS`` evenly spread j."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    mw = S.weights(schedule, k)
+    mw = schedules.weights(schedule, k)
     sampled = k + 1 > PLOT_POINTS
     n = PLOT_POINTS - 1
     js = np.array([(s * k) // n for s in range(n + 1)] if sampled else range(k + 1), dtype=np.int64)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from .. import schedules as S
+from .. import schedules
 from .model import GPT
 
 
@@ -61,7 +61,7 @@ class WSDBranch:
         self.opt = adamw(self.model, lr, betas, weight_decay)
         self.opt.load_state_dict(copy.deepcopy(inner.state_dict()))  # own moment buffers
         self.lr, self.start, self.end = lr, start, end
-        self.weights = S.decay_weights(schedule, end - start)
+        self.weights = schedules.decay_weights(schedule, end - start)
 
     def train_step(self, step: int, batch) -> float:
         return train_step(self.model, self.opt, batch, self.lr * float(self.weights[step - self.start]))

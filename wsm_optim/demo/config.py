@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import schedules as S
+from .. import schedules
 
 
 class UsageError(ValueError):
@@ -80,7 +80,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="linear-merge window lengths in steps (default: T/32, T/16, T/8, T/4)")
     p.add_argument("--merge-schedules", metavar="SHAPE,...", default="1-sqrt,cosine,ema,inv-sqrt",
                    help=f"more merge shapes at the longest window (default 1-sqrt,cosine,ema,inv-sqrt; "
-                        f"of {', '.join(S.SHAPES)}; 'none' for none)")
+                        f"of {', '.join(schedules.SHAPES)}; 'none' for none)")
     p.add_argument("--counts", metavar="K,K,...",
                    help="updates per window for the count ablation at the longest window (default "
                         "16,8,4,2,1, those that divide the window; 'none' for none)")
@@ -215,10 +215,10 @@ def _none(text: str | None) -> bool:
 
 def _schedule(option: str, name: str) -> str:
     try:
-        S.resolve(name)
+        schedules.resolve(name)
     except ValueError as e:
         raise UsageError(f"{option}: {e}") from None
-    return S.schedule_name(name)
+    return schedules.schedule_name(name)
 
 
 def _branch_ends(args: argparse.Namespace, steps: int, warmup: int, decay: int) -> list[int]:
@@ -338,7 +338,7 @@ def lr_multipliers(cfg: Config) -> dict[str, np.ndarray]:
     s = np.arange(steps, dtype=np.float64)
     constant = np.where(s < warm, (s + 1) / max(warm, 1), 1.0)
     wsd = constant.copy()
-    wsd[steps - cfg.decay:] = S.decay_weights(cfg.wsd_schedule, cfg.decay)
+    wsd[steps - cfg.decay:] = schedules.decay_weights(cfg.wsd_schedule, cfg.decay)
     progress = np.clip((s - warm + 1) / (steps - warm), 0.0, 1.0)
     cosine = np.where(s < warm, constant, 0.5 * (1.0 + np.cos(np.pi * progress)))
     return {"constant": constant, "wsd": wsd, "cosine": cosine}

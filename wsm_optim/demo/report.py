@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .. import schedules as S
+from .. import schedules
 from .config import Config
 
 #: |WSM - other| / other val loss at or below this counts as a match.
@@ -35,7 +35,7 @@ def outcome(wsm: float, other: float) -> tuple[float, str]:
 
 
 def merge_label(name: str, spec: dict[str, Any]) -> str:
-    shape = S.schedule_name(spec["schedule"])
+    shape = schedules.schedule_name(spec["schedule"])
     interval = spec.get("interval", 1)
     if interval == 1:
         return f"WSM {shape} merge, window {spec['window']}"

@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from .. import schedules as S
+from .. import schedules
 from ..optimizer import WSMOptimizer
 from ..unwrap import unwrap
 from ._schedulers import describe_decay, repoint_scheduler
@@ -69,7 +69,7 @@ class WSMCallback(Callback):
 
     def __init__(
         self,
-        schedule: S.Schedule = "linear",
+        schedule: schedules.Schedule = "linear",
         window: int | None = None,
         interval: int = 1,
         start: int = 0,

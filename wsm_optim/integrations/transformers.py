@@ -33,7 +33,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from .. import schedules as S
+from .. import schedules
 from ..optimizer import WSMOptimizer
 from ..unwrap import unwrap
 from ._schedulers import describe_decay, repoint_scheduler
@@ -51,7 +51,7 @@ def merged_folder(optimizer: Any, merge: str) -> str:
 
 def wrap_trainer(
     trainer: Any,
-    schedule: S.Schedule = "linear",
+    schedule: schedules.Schedule = "linear",
     window: int | None = None,
     interval: int = 1,
     start: int = 0,
