@@ -283,6 +283,12 @@ def _corrupt(sd, how):
         sd["param_groups"][0]["params"] = sd["param_groups"][0]["params"][:-1]
     elif how == "accumulator not a tensor":
         sd["state"][2]["wsm_acc.a"] = [1.0, 2.0]
+    elif how == "meta accumulator":
+        sd["state"][2]["wsm_acc.a"] = torch.empty(sd["state"][2]["wsm_acc.a"].shape, device="meta")
+    elif how == "skipped not numbers":
+        sd["wsm"]["merges"]["b"]["counters"]["skipped"] = ["x", 1]
+    elif how == "inner state refused":
+        sd["state"][0]["step"] = "three"
     return sd
 
 
@@ -297,6 +303,9 @@ def _corrupt(sd, how):
     ("missing state", "lacks the key 'state'"),
     ("fewer params", "3 parameters in its param_groups, this optimizer 4"),
     ("accumulator not a tensor", "is a list, expected a tensor"),
+    ("meta accumulator", "state[2]['wsm_acc.a'] is a meta tensor"),
+    ("skipped not numbers", "counters['skipped'] = ['x', 1] must be [weight, count]"),
+    ("inner state refused", "the inner AdamW refused its part"),
 ])
 def test_a_bad_state_dict_changes_nothing(how, needle):
     model, opt = _trained_state()

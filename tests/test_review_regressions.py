@@ -116,3 +116,119 @@ def test_param_appended_to_param_groups_directly_is_merged():
     merged = opt.merged_state_dict(torch.float32)
     # linear, k = 2: after one step M = 1/3 * anchor + 2/3 * live
     torch.testing.assert_close(merged["b"], torch.full((3,), 2.0 - 2 / 3 * 0.1))
+
+
+# ------------------------------------------------ second review (after the redesign)
+from wsm_optim import LiveParamsChangedWarning  # noqa: E402
+
+
+@pytest.mark.parametrize("keep_last", [False, True])
+def test_skip_mode_completed_readout_at_a_window_end_uses_that_windows_skips(keep_last):
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = WSMOptimizer(torch.optim.SGD([("p", p)], lr=1.0), window=4, nonfinite="skip", keep_last=keep_last)
+    for s in range(1, 5):  # checkpoints 0, 1, (2 skipped), 3, 4 of a linear window
+        p.grad = torch.tensor([float("nan")]) if s == 2 else torch.tensor([-1.0])
+        opt.step()
+        if s == 2:
+            with torch.no_grad():
+                p.fill_(2.0)
+    with pytest.warns(RuntimeWarning, match="1 checkpoint"):
+        assert opt.merged_state_dict()["p"].item() == pytest.approx(2.0)  # mean of 0, 1, 3, 4
+    with pytest.warns(RuntimeWarning, match="1 checkpoint"):
+        assert opt.merged_state_dict(completed=True)["p"].item() == pytest.approx(2.0)
+    if keep_last:
+        for _ in range(4):  # a clean second window: 4, 5, 6, 7, 8 -> 6
+            p.grad = torch.tensor([-1.0])
+            opt.step()
+        p.grad = torch.tensor([-1.0])
+        opt.step()
+        with warnings.catch_warnings():  # the kept window is the clean second one: nothing to renormalise
+            warnings.simplefilter("error", RuntimeWarning)
+            assert opt.merged_state_dict(completed=True)["p"].item() == pytest.approx(6.0)
+
+
+def test_a_refused_add_param_group_leaves_the_inner_optimizer_as_it_was():
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = WSMOptimizer(torch.optim.SGD([("p", p)], lr=0.1), window=2)
+    with pytest.raises(TypeError, match="dtype torch.int64 cannot be merged"):
+        opt.add_param_group({"params": [torch.zeros(2, dtype=torch.int64)]})
+    assert len(opt.inner.param_groups) == 1
+    p.grad = torch.ones(2)
+    opt.step()
+    assert opt.steps == 1
+
+
+def test_a_refused_param_groups_edit_loses_nothing():
+    p, q = torch.nn.Parameter(torch.ones(1)), torch.nn.Parameter(torch.ones(1))
+    opt = WSMOptimizer(torch.optim.SGD(_named(p, q), lr=0.1), window=4)
+    for _ in range(2):
+        p.grad, q.grad = torch.ones(1), torch.ones(1)
+        opt.step()
+    before = opt.merged_state_dict()
+    group = opt.param_groups[0]
+    keep = list(group["params"])
+    group["params"][0] = torch.zeros(1, dtype=torch.int64)
+    with pytest.raises(TypeError, match="cannot be merged"):
+        opt.merged_state_dict()
+    group["params"][:] = keep
+    after = opt.merged_state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_readouts_inside_merged_weights_are_refused():
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = WSMOptimizer(torch.optim.SGD([("p", p)], lr=0.1), window=4)
+    p.grad = torch.ones(2)
+    opt.step()
+    with opt.merged_weights():
+        with pytest.raises(RuntimeError, match=r"merged_state_dict\(\) called inside merged_weights"):
+            opt.merged_state_dict()
+
+
+def test_live_edits_stay_visible_across_regrouping_and_a_swap():
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = WSMOptimizer(torch.optim.SGD([("p", p)], lr=0.1), window=4)
+    p.grad = torch.ones(2)
+    opt.step()
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(1))], "param_names": ["q"]})
+    with torch.no_grad():
+        p.fill_(100.0)
+    with pytest.warns(LiveParamsChangedWarning, match="'p'"):
+        opt.merged_state_dict()
+    with pytest.warns(LiveParamsChangedWarning):
+        with opt.merged_weights():
+            pass
+    with pytest.warns(LiveParamsChangedWarning, match="'p'"):  # the swap's own writes did not hide the edit
+        opt.merged_state_dict()
+
+
+def test_v01_state_dicts_with_a_duplicated_param_still_load():
+    """v0.1 numbered WSM buffers by position among distinct params, torch numbers the inner state."""
+    def build():
+        torch.manual_seed(0)
+        p, q = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            inner = torch.optim.SGD([{"params": [p, q, p], "param_names": ["p", "q", "p"]}], lr=0.1, momentum=0.9)
+        return (p, q), WSMOptimizer(inner, window=4)
+
+    (p, q), opt = build()
+    for s in range(3):
+        p.grad, q.grad = torch.full((3,), float(s + 1)), torch.full((2,), -1.0)
+        opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    legacy = copy.deepcopy(sd)
+    buffers = [{k: v for k, v in legacy["state"][i].items() if k.startswith("wsm_")} for i in (2, 1)]  # p, q
+    for entry in legacy["state"].values():
+        for k in [k for k in entry if k.startswith("wsm_")]:
+            del entry[k]
+    for i, extra in enumerate(buffers):  # distinct params in order: p -> 0, q -> 1
+        legacy["state"].setdefault(i, {}).update(extra)
+    for saved in (sd, legacy):
+        (p2, q2), fresh = build()
+        fresh.load_state_dict(saved)
+        with torch.no_grad():
+            p2.copy_(p)
+            q2.copy_(q)
+        got, want = fresh.merged_state_dict(), opt.merged_state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want)

@@ -91,6 +91,10 @@ def check_copy(dst: Tensor, src: Tensor, what: str) -> None:
     """
     if not isinstance(src, Tensor):
         raise ValueError(f"load_state_dict: {what} is a {type(src).__name__}, expected a tensor")
+    if src.device.type == "meta":
+        raise ValueError(f"load_state_dict: {what} is a meta tensor (no values to load)")
+    if not (src.dtype.is_floating_point or src.dtype.is_complex):
+        raise ValueError(f"load_state_dict: {what} has dtype {src.dtype}, expected a floating point tensor")
     if tuple(src.shape) != tuple(dst.shape):
         raise ValueError(
             f"load_state_dict: {what}: accumulator shape mismatch: saved {tuple(src.shape)}, "

@@ -155,9 +155,13 @@ class WSMOptimizer(torch.optim.Optimizer):
         group = dict(param_group)
         params = group["params"]
         group["params"] = [params] if isinstance(params, Tensor) else list(params)
-        self._runtime.check_capturable(p[1] if isinstance(p, tuple) else p for p in group["params"])
+        rt = self._runtime
+        new = [p[1] if isinstance(p, tuple) else p for p in group["params"]]
+        for p in new:  # refuse before the inner optimizer takes the group
+            rt.registry.check_param(p, allocate=rt.registry.allocated)
+        rt.check_capturable(new)
         self.inner.add_param_group(group)
-        self._runtime.sync(self.inner.param_groups)
+        rt.sync(self.inner.param_groups, allocate=rt.registry.allocated)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
@@ -231,7 +235,7 @@ class WSMOptimizer(torch.optim.Optimizer):
         rt = self._runtime
         state = rt.merge(merge)
         rt.join()
-        rt.sync(self.inner.param_groups)
+        rt.sync(self.inner.param_groups, allocate=rt.registry.allocated)  # before step 1 nothing is anchored
         return state
 
     # ---------------------------------------------------------------- readout

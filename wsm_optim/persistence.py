@@ -136,9 +136,21 @@ def _check_merges(rt: "Runtime", wsm: Mapping[str, Any]) -> tuple[int, dict[str,
             )
         for key in ("skipped", "last_skipped"):
             pair = counters.get(key)
-            if pair is not None and (not isinstance(pair, (list, tuple)) or len(pair) != 2):
-                raise ValueError(f"load_state_dict: merge {name!r}: counters[{key!r}] must be [weight, count] or None")
+            if pair is not None and not (
+                isinstance(pair, (list, tuple)) and len(pair) == 2
+                and all(isinstance(x, (int, float, np.number)) and not isinstance(x, bool) and np.isfinite(x)
+                        for x in pair)
+            ):
+                raise ValueError(
+                    f"load_state_dict: merge {name!r}: counters[{key!r}] = {pair!r} must be [weight, count] "
+                    "(finite numbers) or None"
+                )
     return int(steps), saved
+
+
+def _has_buffers(rt: "Runtime", state: Mapping[Any, Any], key: Any) -> bool:
+    entry = state.get(key)
+    return isinstance(entry, Mapping) and all(_key(ACC, name) in entry for name in rt.merges)
 
 
 def _buffers(rt: "Runtime", inner: torch.optim.Optimizer, state_dict: Mapping[str, Any], saved: Mapping[str, Any]):
@@ -157,8 +169,14 @@ def _buffers(rt: "Runtime", inner: torch.optim.Optimizer, state_dict: Mapping[st
     key_of: dict[Tensor, Any] = {}
     for key, p in zip(saved_keys, flat):
         key_of.setdefault(p, key)
+    unique = list(dict.fromkeys(flat))
+    if len(unique) < len(flat) and not all(_has_buffers(rt, state, key_of[p]) for p in unique):
+        # v0.1 numbered the WSM buffers of duplicated params by their first position among distinct params
+        legacy = {p: i for i, p in enumerate(unique)}
+        if all(_has_buffers(rt, state, i) for i in legacy.values()):
+            key_of = legacy
     copies = []
-    for p in dict.fromkeys(flat):
+    for p in unique:
         key = key_of[p]
         entry = state.get(key, {})
         for name, merge in rt.merges.items():
@@ -188,7 +206,12 @@ def load(rt: "Runtime", inner: torch.optim.Optimizer, state_dict: Mapping[str, A
         plain = {k: v for k, v in entry.items() if not k.startswith((ACC + ".", COMPLETED + "."))}
         if plain:
             inner_sd["state"][pid] = plain
-    inner.load_state_dict(inner_sd)  # validates its own part before changing anything
+    before = {"state": inner.state, "param_groups": inner.param_groups}  # torch's load replaces both
+    try:
+        inner.load_state_dict(inner_sd)
+    except Exception as e:
+        inner.__dict__.update(before)
+        raise ValueError(f"load_state_dict: the inner {type(inner).__name__} refused its part: {e}") from e
     # Nothing below can fail on valid input: the buffers were checked against the params.
     rt.registry.sync(inner.param_groups)
     with torch.no_grad():

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
-from .nonfinite import FiniteCheck, nonfinite_error
+from .nonfinite import FiniteCheck, NonFiniteMergeError, nonfinite_error
 from .warn import warn
 
 if TYPE_CHECKING:
@@ -59,7 +59,8 @@ def _value(rt: "Runtime", state: "MergeState", p: Tensor, completed: bool, scale
             acc = distributed.local_view(rt.registry.accs[state.name][p])
             weight = state.live_weight()
             lp = distributed.local_view(p)
-            v = acc.clone() if weight == 0.0 else torch.add(acc, lp.to(acc.dtype), alpha=weight)
+            # type promotion reads lp in acc's precision on the fly: no converted copy of the param
+            v = acc.clone() if weight == 0.0 else torch.add(acc, lp, alpha=weight)
         else:  # before the first anchor the merge is the live model
             lp = distributed.local_view(p)
             v = lp.to(rt.accumulator_dtype(lp.dtype), copy=True)
@@ -89,12 +90,19 @@ def _completed_buffers(rt: "Runtime", state: "MergeState") -> dict[Tensor, Tenso
 
 def _prepare(rt: "Runtime", state: "MergeState", completed: bool, what: str) -> float | None:
     """Checks shared by every readout; returns the skip-mode scale."""
+    if rt.swapped:
+        raise RuntimeError(
+            f"{what} called inside merged_weights(): the live params are swapped out; read it outside the block"
+        )
+    rt.registry.check_materialised()
     if completed:
         _completed_buffers(rt, state)  # raises if there is none
     elif state.anchored and state.live_weight() != 0.0:
         _warn_if_modified(rt, state, what)
     window = state.windows_completed - 1 if completed else state.window_index
-    return rt.ledgers[state.name].readout_scale(state.name, window, completed) if state.anchored else None
+    # at a window's end the finished window is still the current one in the ledger (rolled at the next anchor)
+    kept = completed and not state.complete
+    return rt.ledgers[state.name].readout_scale(state.name, window, kept) if state.anchored else None
 
 
 def _warn_if_modified(rt: "Runtime", state: "MergeState", what: str) -> None:
@@ -114,6 +122,11 @@ def _warn_if_modified(rt: "Runtime", state: "MergeState", what: str) -> None:
 
 
 def _raise_bad(rt: "Runtime", state: "MergeState", completed: bool, label: str, p: Tensor | None) -> None:
+    if not completed and not state.anchored:
+        raise NonFiniteMergeError(
+            f"merge {state.name!r}: no window is anchored yet (the merge is the live model), and the live "
+            f"value of parameter {label} is NaN/inf"
+        )
     window = state.windows_completed - 1 if completed else state.window_index
     steps = rt.backend.nonfinite_steps(g.cache for g in rt.registry.groups).get(id(p)) if p is not None else None
     raise nonfinite_error(
@@ -228,12 +241,13 @@ def swapped(rt: "Runtime", state: "MergeState", completed: bool) -> Iterator[Non
     scale = _prepare(rt, state, completed, "merged_weights()")
     backup: list[tuple[Tensor, Tensor]] = []
     check = FiniteCheck()
+    before = rt.registry.versions_now()
 
     def restore() -> None:
         with torch.no_grad():
             for p, saved in backup:
                 distributed.local_view(p).copy_(saved)
-        rt.registry.record_versions()  # our own swap is not an edit of the live params
+        rt.registry.absorb(before)  # our own swap is not an edit; an earlier edit stays visible
 
     try:
         with torch.no_grad():

@@ -69,7 +69,6 @@ class Group:
     """
 
     device: torch.device
-    dtype: torch.dtype
     params: list[Tensor]
     local: list[Tensor]
     accs: dict[str, list[Tensor]]
@@ -77,7 +76,6 @@ class Group:
     sharded: bool
     cache: dict[Any, Any] = field(default_factory=dict)
     pointers: list[int] = field(default_factory=list)
-    versions: list[int] | None = None
 
     def moved(self) -> bool:
         """Whether a local tensor was replaced (FSDP2 re-padding, ``p.data = ...``, a device move)."""
@@ -112,6 +110,7 @@ class Registry:
         self.groups: list[Group] = []
         self.names: dict[Tensor, str] | None = None
         self.allocated = False
+        self.versions: dict[int, int] | None = None  # id(param) -> version after the last step()
         self._ids: list[int] | None = None
 
     # ----------------------------------------------------------------- sync
@@ -129,16 +128,16 @@ class Registry:
 
     def _rebuild(self, param_groups: Sequence[dict[str, Any]], ids: list[int], allocate: bool) -> None:
         params = list(dict.fromkeys(p for g in param_groups for p in g["params"]))
+        for p in params:  # validate everything before changing anything
+            self.check_param(p, allocate)
         self._warn_replaced(param_groups, ids)
         current = set(params)
         for buffers in (*self.accs.values(), *self.completed.values()):
             for p in [p for p in buffers if p not in current]:
                 del buffers[p]
         with torch.no_grad():
-            for p in params:
-                self._check_param(p, allocate)
-                if allocate:
-                    self._follow(p)
+            for p in params if allocate else ():
+                self._follow(p)
         self.params = params
         self.allocated = allocate or self.allocated
         self.names = _names(param_groups)
@@ -161,19 +160,22 @@ class Registry:
                 RuntimeWarning,
             )
 
-    @staticmethod
-    def _check_param(p: Tensor, allocate: bool) -> None:
+    def check_param(self, p: Tensor, allocate: bool) -> None:
+        """Raise a clear error for a param that cannot be merged (dtype, meta device, changed shape)."""
         if not isinstance(p, Tensor):
             raise TypeError(f"WSMOptimizer: param_groups hold a {type(p).__name__}, expected tensors")
         if not (p.dtype.is_floating_point or p.dtype.is_complex):
             raise TypeError(f"WSMOptimizer: a parameter of dtype {p.dtype} cannot be merged (floating or complex only)")
         if allocate and p.device.type == "meta":
-            raise ValueError(
-                f"WSMOptimizer: a parameter of shape {tuple(p.shape)} is on the meta device. Build the inner "
-                "optimizer and WSMOptimizer after materialising the model: module.to_empty(device=...) "
-                "replaces meta parameters by new objects that an optimizer built before never sees"
-            )
+            raise _meta_error(p)
         distributed.local_view(p)  # refuses Partial placements
+        old = self.accs[self.merges[0]].get(p)
+        if old is not None and tuple(old.shape) != tuple(p.shape):
+            raise ValueError(
+                f"WSMOptimizer: a parameter changed shape from {tuple(old.shape)} to {tuple(p.shape)} "
+                "after it was wrapped; its merge cannot follow it. Create the WSMOptimizer after "
+                "the model's final shape is set"
+            )
 
     def _follow(self, p: Tensor) -> None:
         """Give ``p`` its buffers, or move/re-lay them after ``p`` changed device, dtype or strides."""
@@ -185,12 +187,6 @@ class Registry:
                 if old is None:
                     buffers[p] = accumulator_like(p)
                     continue
-                if tuple(old.shape) != tuple(p.shape):
-                    raise ValueError(
-                        f"WSMOptimizer: a parameter changed shape from {tuple(old.shape)} to {tuple(p.shape)} "
-                        "after it was wrapped; its merge cannot follow it. Create the WSMOptimizer after "
-                        "the model's final shape is set"
-                    )
                 if distributed.is_dtensor(p):
                     continue  # FSDP2/TP own placement; local views are re-read at regrouping
                 want = accumulator_dtype(p.dtype)
@@ -207,12 +203,11 @@ class Registry:
             lp = distributed.local_view(p)
             members.setdefault((lp.device, lp.dtype), []).append(p)
         groups = []
-        for (device, dtype), ps in members.items():
+        for (device, _), ps in members.items():
             local = [distributed.local_view(p) for p in ps]
             groups.append(
                 Group(
                     device=device,
-                    dtype=dtype,
                     params=ps,
                     local=local,
                     accs={m: [distributed.local_view(self.accs[m][p]) for p in ps] for m in self.merges},
@@ -222,6 +217,12 @@ class Registry:
                 )
             )
         return groups
+
+    def check_materialised(self) -> None:
+        """Raise the meta-device error if a param has no values (readouts of the live model need them)."""
+        meta = next((p for p in self.params if p.device.type == "meta"), None)
+        if meta is not None:
+            raise _meta_error(meta)
 
     # ------------------------------------------------------------ inspection
     @property
@@ -236,23 +237,46 @@ class Registry:
         return f"#{index} (shape {tuple(p.shape)})"
 
     # -------------------------------------------------- live-weight versions
+    def versions_now(self) -> dict[int, int]:
+        """``{id(param): version counter}`` now."""
+        return {id(p): lp._version for g in self.groups for p, lp in zip(g.params, g.local)}
+
     def record_versions(self) -> None:
-        """Remember each param's version counter (after ``step()`` and after a swap restores them)."""
-        for g in self.groups:
-            g.versions = [lp._version for lp in g.local]
+        """Remember each param's version counter (after ``step()``); kept across regrouping."""
+        self.versions = self.versions_now()
 
     def forget_versions(self) -> None:
         """Versions unknown (after ``load_state_dict``: the model may be loaded after the optimizer)."""
-        for g in self.groups:
-            g.versions = None
+        self.versions = None
+
+    def absorb(self, before: dict[int, int]) -> None:
+        """Count our own in-place writes since ``before`` (a swap and its restore) as not an edit."""
+        if self.versions is not None:
+            now = self.versions_now()
+            for key, version in before.items():
+                if key in self.versions and key in now:
+                    self.versions[key] += now[key] - version
 
     def modified(self) -> list[Tensor]:
-        """Params changed in place since the last :meth:`record_versions` (outside ``step()``)."""
-        out = []
-        for g in self.groups:
-            if g.versions is not None:
-                out += [p for p, lp, v in zip(g.params, g.local, g.versions) if lp._version != v]
-        return out
+        """Params changed in place since the last :meth:`record_versions` (outside ``step()``).
+
+        Only in-place ops through the param are seen: ``p.data.copy_(...)`` and
+        ``p.data = ...`` bypass torch's version counter.
+        """
+        if self.versions is None:
+            return []
+        return [
+            p for g in self.groups for p, lp in zip(g.params, g.local)
+            if self.versions.get(id(p), lp._version) != lp._version
+        ]
+
+
+def _meta_error(p: Tensor) -> ValueError:
+    return ValueError(
+        f"WSMOptimizer: a parameter of shape {tuple(p.shape)} is on the meta device. Build the inner "
+        "optimizer and WSMOptimizer after materialising the model: module.to_empty(device=...) "
+        "replaces meta parameters by new objects that an optimizer built before never sees"
+    )
 
 
 def _names(param_groups: Sequence[dict[str, Any]]) -> dict[Tensor, str] | None:

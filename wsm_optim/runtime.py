@@ -107,16 +107,16 @@ class Runtime:
         return self.merges[name]
 
     # ------------------------------------------------------------- params
-    def sync(self, param_groups) -> None:
+    def sync(self, param_groups, allocate: bool = True) -> None:
         """Adopt param changes; an ``"auto"`` backend follows the params to (or from) CUDA."""
-        self.registry.sync(param_groups)
+        self.registry.sync(param_groups, allocate=allocate)
         devices = self.registry.devices
-        if devices != self.devices:
+        if devices and devices != self.devices:
             self.devices = devices
             if self.backend_choice == "auto" and not self.capturable:
                 self.backend = resolve("auto", devices, [m.spec.k + 1 for m in self.merges.values()])
-                if self.backend.clock is not None:
-                    self.backend.clock.set(self.steps)
+            if self.backend.clock is not None and not self.capturable:  # a counter for a new device
+                self.backend.clock.set(self.steps)
 
     def seed(self, name: str, p: Tensor, acc: Tensor, completed: Tensor | None) -> None:
         """A param adopted mid-window counts as constant at its current value since the anchor.
