@@ -181,7 +181,7 @@ def test_readouts_inside_merged_weights_are_refused():
     p.grad = torch.ones(2)
     opt.step()
     with opt.merged_weights():
-        with pytest.raises(RuntimeError, match=r"merged_state_dict\(\) called inside merged_weights"):
+        with pytest.raises(RuntimeError, match=r"merged_state_dict\(\) of the current window called inside"):
             opt.merged_state_dict()
 
 

@@ -29,8 +29,10 @@ _EXPORTS = {
     "merge_checkpoints": "offline",
     "evaluate_merges": "selection",
     "MergeScores": "selection",
-    "unwrap": "unwrap",
 }
+
+
+from .unwrap import unwrap  # noqa: E402  (torch-free; eager so the submodule never shadows the function)
 
 
 def __getattr__(name: str) -> Any:

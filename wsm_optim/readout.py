@@ -90,9 +90,10 @@ def _completed_buffers(rt: "Runtime", state: "MergeState") -> dict[Tensor, Tenso
 
 def _prepare(rt: "Runtime", state: "MergeState", completed: bool, what: str) -> float | None:
     """Checks shared by every readout; returns the skip-mode scale."""
-    if rt.swapped:
+    if rt.swapped and not completed and state.anchored and state.live_weight() != 0.0:
         raise RuntimeError(
-            f"{what} called inside merged_weights(): the live params are swapped out; read it outside the block"
+            f"{what} of the current window called inside merged_weights(): it needs the live params, which "
+            "are swapped out; read it outside the block (completed=True readouts work inside)"
         )
     rt.registry.check_materialised()
     if completed:
