@@ -172,6 +172,15 @@ class MergeState:
         """``w_{t+1}``: the weight the live params get in the current readout (0 at a window end)."""
         return self.weights.w(self.t + 1) if self.anchored else 1.0
 
+    @property
+    def mixes_live(self) -> bool:
+        """The current readout mixes the live params into a window's checkpoints (anchored, mid-window)."""
+        return self.anchored and self.live_weight() != 0.0
+
+    def window_of(self, completed: bool) -> int:
+        """Index of the window a readout refers to: the last completed one, or the current one."""
+        return self.windows_completed - 1 if completed else self.window_index
+
     # ----------------------------------------------------------- incremental
     def anchor_due(self, steps: int) -> bool:
         """Whether the ``step()`` after ``steps`` counted steps anchors a window, before the inner step."""

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from . import schedules
 from .io import atomic_save, infer_format
+from .registry import accumulator_dtype
 
 __all__ = [
     "merge_checkpoints",
@@ -424,12 +425,6 @@ def _averaged(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point or dtype.is_complex
 
 
-def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    if dtype.is_complex:
-        return torch.complex128 if dtype == torch.complex128 else torch.complex64
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _signature(paths: Sequence[Path], key: str | None, unsafe_pickle: set[Path] | None) -> dict[str, tuple]:
     """Names, shapes and dtypes of the first file, checked against every other file (cheap pass)."""
     ref: dict[str, tuple] | None = None
@@ -576,7 +571,7 @@ def merge_checkpoints(
                     _check_finite(t, name, path)
                     a = acc.get(name)
                     if a is None:
-                        a = acc[name] = torch.zeros(shape, dtype=_accumulator_dtype(dt))
+                        a = acc[name] = torch.zeros(shape, dtype=accumulator_dtype(dt))
                     a.add_(t.to(a.dtype), alpha=coef)
                     del t
     bar.close()

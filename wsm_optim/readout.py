@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from . import distributed
 from .nonfinite import FiniteCheck, NonFiniteMergeError, nonfinite_error
+from .registry import accumulator_dtype
 from .warn import warn
 
 if TYPE_CHECKING:
@@ -63,7 +64,7 @@ def _value(rt: "Runtime", state: "MergeState", p: Tensor, completed: bool, scale
             v = acc.clone() if weight == 0.0 else torch.add(acc, lp, alpha=weight)
         else:  # before the first anchor the merge is the live model
             lp = distributed.local_view(p)
-            v = lp.to(rt.accumulator_dtype(lp.dtype), copy=True)
+            v = lp.to(accumulator_dtype(lp.dtype), copy=True)
         if scale is not None:
             v.mul_(scale)
     return distributed.wrap_like(p, v)
@@ -90,7 +91,7 @@ def _completed_buffers(rt: "Runtime", state: "MergeState") -> dict[Tensor, Tenso
 
 def _prepare(rt: "Runtime", state: "MergeState", completed: bool, what: str) -> float | None:
     """Checks shared by every readout; returns the skip-mode scale."""
-    if rt.swapped and not completed and state.anchored and state.live_weight() != 0.0:
+    if rt.swapped and not completed and state.mixes_live:
         raise RuntimeError(
             f"{what} of the current window called inside merged_weights(): it needs the live params, which "
             "are swapped out; read it outside the block (completed=True readouts work inside)"
@@ -98,9 +99,9 @@ def _prepare(rt: "Runtime", state: "MergeState", completed: bool, what: str) -> 
     rt.registry.check_materialised()
     if completed:
         _completed_buffers(rt, state)  # raises if there is none
-    elif state.anchored and state.live_weight() != 0.0:
+    elif state.mixes_live:
         _warn_if_modified(rt, state, what)
-    window = state.windows_completed - 1 if completed else state.window_index
+    window = state.window_of(completed)
     # at a window's end the finished window is still the current one in the ledger (rolled at the next anchor)
     kept = completed and not state.complete
     return rt.ledgers[state.name].readout_scale(state.name, window, kept) if state.anchored else None
@@ -128,7 +129,7 @@ def _raise_bad(rt: "Runtime", state: "MergeState", completed: bool, label: str, 
             f"merge {state.name!r}: no window is anchored yet (the merge is the live model), and the live "
             f"value of parameter {label} is NaN/inf"
         )
-    window = state.windows_completed - 1 if completed else state.window_index
+    window = state.window_of(completed)
     steps = rt.backend.nonfinite_steps(g.cache for g in rt.registry.groups).get(id(p)) if p is not None else None
     raise nonfinite_error(
         state.name, window, state.first_step(window), state.spec.window, label, rt.nonfinite, steps

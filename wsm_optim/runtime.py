@@ -25,7 +25,7 @@ from . import distributed
 from .backends import Backend, MergeUpdate, resolve
 from .merge import MergeSpec, MergeState, check_bool
 from .nonfinite import NONFINITE_MODES, SkipLedger
-from .registry import Group, Registry, accumulator_dtype
+from .registry import Group, Registry
 
 __all__ = ["Runtime"]
 
@@ -47,8 +47,6 @@ class Runtime:
     swapped: bool = False
     side_stream: Any = None
     side_done: Any = None
-
-    accumulator_dtype = staticmethod(accumulator_dtype)
 
     @classmethod
     def create(cls, specs: dict[str, MergeSpec], param_groups, *, backend: str, nonfinite: str, overlap: Any,

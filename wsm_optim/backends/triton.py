@@ -151,7 +151,7 @@ class TritonBackend:
         plan = cache.get("plan")
         if plan is None or plan.params is not params or len(plan.params) != len(params):
             fast = [i for i, p in enumerate(params) if self.handles(p)]
-            slow = [i for i in range(len(params)) if i not in set(fast)]
+            slow = sorted(set(range(len(params))) - set(fast))
             plan = cache["plan"] = _Plan(params, fast, slow, [params[i] for i in fast])
         return plan
 
