@@ -38,7 +38,7 @@ from torch import Tensor
 
 from . import schedules
 from .io import atomic_save, infer_format
-from .registry import accumulator_dtype
+from .precision import accumulator_dtype
 
 __all__ = [
     "merge_checkpoints",

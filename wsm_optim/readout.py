@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from . import distributed
 from .nonfinite import FiniteCheck, NonFiniteMergeError, nonfinite_error
-from .registry import accumulator_dtype
+from .precision import accumulator_dtype
 from .warn import warn
 
 if TYPE_CHECKING:

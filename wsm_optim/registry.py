@@ -21,19 +21,10 @@ import torch
 from torch import Tensor
 
 from . import distributed
+from .precision import accumulator_dtype
 from .warn import warn
 
 __all__ = ["Group", "Registry", "accumulator_like", "accumulator_dtype", "param_numbering"]
-
-
-def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for fp32/bf16/fp16 params, float64 for float64; complex64/complex128 for complex params.
-
-    A bf16 accumulator would round ``c_j ~ 1/k`` terms away; a float64 param
-    keeps its range and precision (1e300 is finite in float64, not in fp32).
-    """
-    floor = torch.complex64 if dtype.is_complex else torch.float32
-    return torch.promote_types(dtype, floor)
 
 
 def accumulator_like(p: Tensor) -> Tensor:
