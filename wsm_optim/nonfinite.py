@@ -82,8 +82,9 @@ class SkipLedger:
     """Skip mode: weight and count of the checkpoints left out of one merge's window.
 
     ``mass``/``count`` belong to the current window, ``completed`` to the last
-    completed one (kept with ``keep_last``). Device scalars: recording costs no
-    host sync; readouts read them (one sync) to renormalise.
+    completed one (kept with ``keep_last``). float64 device scalars: recording
+    costs no host sync, and a float64 merge loses no precision to its ledger;
+    readouts read them (one sync) to renormalise.
     """
 
     def __init__(self) -> None:
@@ -93,7 +94,7 @@ class SkipLedger:
 
     def record(self, coef: float, ok: Tensor, new_window: bool) -> None:
         """Count a checkpoint with weight ``coef``; ``ok`` is its int32 device flag (0 = left out)."""
-        missed = 1 - ok.to(torch.float32)
+        missed = 1 - ok.to(torch.float64)
         if new_window or self.mass is None:
             self.mass, self.count = missed * coef, missed.clone()
         else:
@@ -107,39 +108,42 @@ class SkipLedger:
 
     def skipped_weight(self, completed: bool = False) -> float:
         """Weight left out of the current (or completed) window so far (a host sync)."""
-        mass = self.completed[0] if completed and self.completed is not None else (None if completed else self.mass)
-        return float(mass) if mass is not None else 0.0
+        totals = self.totals(completed)
+        return totals[0] if totals is not None else 0.0
+
+    def totals(self, completed: bool = False) -> tuple[float, int] | None:
+        """``(weight, count)`` left out of the current (or completed) window, ``None`` if never recorded."""
+        pair = self.completed if completed else (self.mass, self.count)
+        if pair is None or pair[0] is None:
+            return None
+        return float(pair[0]), int(pair[1])
+
+    def restore(self, current: tuple[float, int] | None, completed: tuple[float, int] | None,
+                device: torch.device) -> None:
+        """Set both windows' totals (``load_state_dict``, after validation)."""
+
+        def on_device(pair):
+            if pair is None:
+                return None
+            return tuple(torch.tensor(float(x), dtype=torch.float64, device=device) for x in pair)
+
+        self.mass, self.count = on_device(current) or (None, None)
+        self.completed = on_device(completed)
 
     def readout_scale(self, merge: str, window: int, completed: bool) -> float | None:
         """``1 / (1 - skipped weight)`` for a readout (warns), ``None`` if nothing was skipped."""
-        mass, count = (self.mass, self.count) if not completed else (self.completed or (None, None))
-        if mass is None or int(count) == 0:
+        totals = self.totals(completed)
+        if totals is None or totals[1] == 0:
             return None
-        mass = float(mass)
+        mass, count = totals
         if mass >= 1.0 - 1e-12:
             raise NonFiniteMergeError(
                 f"merge {merge!r}, window {window}: every checkpoint with weight was skipped "
                 "(non-finite params); nothing to merge"
             )
         warn(
-            f"merge {merge!r}, window {window}: {int(count)} checkpoint(s) with non-finite params were "
+            f"merge {merge!r}, window {window}: {count} checkpoint(s) with non-finite params were "
             f"skipped (merge weight {mass:.4g}); the remaining weights are renormalized",
             RuntimeWarning,
         )
         return 1.0 / (1.0 - mass)
-
-    # ---------------------------------------------------------- persistence
-    def counters(self) -> dict[str, Any]:
-        def host(pair):
-            return None if pair is None or pair[0] is None else [float(pair[0]), int(pair[1])]
-
-        return {"skipped": host((self.mass, self.count)), "last_skipped": host(self.completed)}
-
-    def restore(self, counters: dict[str, Any], device: torch.device) -> None:
-        def on_device(pair):
-            if not pair:
-                return None
-            return tuple(torch.tensor(float(x), dtype=torch.float32, device=device) for x in pair)
-
-        self.mass, self.count = on_device(counters.get("skipped")) or (None, None)
-        self.completed = on_device(counters.get("last_skipped"))

@@ -1,10 +1,11 @@
 """``WSMOptimizer``: the ``torch.optim`` face of the streaming WSM merge.
 
 This file is the constructor, the ordering of ``step()`` and the public
-readouts. What they rest on lives in one module each: the window arithmetic
-in ``merge``, the params and their accumulators in ``registry``, the NaN/inf
-policy in ``nonfinite``, the readouts in ``readout``, the state-dict format in
-``persistence``, the update arithmetic in ``backends``.
+readouts. What they rest on lives in one module each: the options in
+``spec``, the window arithmetic in ``window``, each merge with its buffers in
+``merge``, the params in ``registry``, the NaN/inf policy in ``nonfinite``,
+the readouts in ``readout``, the state-dict format in ``persistence``, the
+update arithmetic in ``backends``.
 
 All mutable state sits in one :class:`~wsm_optim.runtime.Runtime` object,
 assigned once in the constructor: framework wrappers such as Lightning's
@@ -23,9 +24,10 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed, persistence, readout, schedules
-from .merge import DEFAULT_MERGE, MergeSpec, MergeState, check_bool, specs_from_arguments
+from .merge import Merge
 from .nonfinite import NonFiniteMergeError
 from .runtime import Runtime
+from .spec import DEFAULT_MERGE, MergeSpec, check_bool, specs_from_arguments
 
 __all__ = ["WSMOptimizer", "MergeSpec", "DEFAULT_MERGE", "NonFiniteMergeError"]
 
@@ -158,10 +160,10 @@ class WSMOptimizer(torch.optim.Optimizer):
         rt = self._runtime
         new = [p[1] if isinstance(p, tuple) else p for p in group["params"]]
         for p in new:  # refuse before the inner optimizer takes the group
-            rt.registry.check_param(p, allocate=rt.registry.allocated)
+            rt.registry.check_param(p, place=rt.placed)
         rt.check_capturable(new)
         self.inner.add_param_group(group)
-        rt.sync(self.inner.param_groups, allocate=rt.registry.allocated)
+        rt.follow_params(self.inner.param_groups, place=rt.placed)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
@@ -171,11 +173,7 @@ class WSMOptimizer(torch.optim.Optimizer):
         return {k: v for k, v in self.__dict__.items() if k not in ("step", "_opt_called")}
 
     def __repr__(self) -> str:
-        merges = ", ".join(
-            f"{n}: {schedules.schedule_name(m.spec.schedule)} window={m.spec.window} "
-            f"interval={m.spec.interval} start={m.spec.start}"
-            for n, m in self._runtime.merges.items()
-        )
+        merges = ", ".join(repr(m) for m in self._runtime.merges)
         return f"WSMOptimizer({merges}; backend={self.backend})\n{self.inner!r}"
 
     # ------------------------------------------------------------------ step
@@ -208,7 +206,8 @@ class WSMOptimizer(torch.optim.Optimizer):
         rt.join()  # the previous fold must finish before the inner step changes the params
         if distributed.called_by_dcp_state_init(max_depth=16):
             return True
-        rt.sync(self.inner.param_groups)
+        rt.follow_params(self.inner.param_groups)
+        rt.check_step()
         rt.anchor_windows()
         return False
 
@@ -231,12 +230,12 @@ class WSMOptimizer(torch.optim.Optimizer):
         """Capturable mode: adopt the device step count after CUDA-graph replays (one host sync)."""
         return self._runtime.sync_steps()
 
-    def _prepare_readout(self, merge: str | None) -> MergeState:
+    def _prepare_readout(self, merge: str | None) -> Merge:
         rt = self._runtime
-        state = rt.merge(merge)
+        chosen = rt.merge(merge)
         rt.join()
-        rt.sync(self.inner.param_groups, allocate=rt.registry.allocated)  # before step 1 nothing is anchored
-        return state
+        rt.follow_params(self.inner.param_groups, place=rt.placed)  # before step 1 nothing is anchored
+        return chosen
 
     # ---------------------------------------------------------------- readout
     def merged_state_dict(
@@ -298,9 +297,9 @@ class WSMOptimizer(torch.optim.Optimizer):
                 "sharded readouts (full=False) stay on each rank's device"
             )
         dtype = readout.check_dtype(dtype)
-        state = self._prepare_readout(merge)
+        chosen = self._prepare_readout(merge)
         return readout.state_dict(
-            self._runtime, state, dtype=dtype, model=model if model is not None else self.model,
+            self._runtime, chosen, dtype=dtype, model=model if model is not None else self.model,
             completed=check_bool("completed", completed), full=full, rank0_only=rank0_only,
             cpu_offload=cpu_offload,
         )
@@ -312,12 +311,15 @@ class WSMOptimizer(torch.optim.Optimizer):
         The live values are restored bit-exactly on exit, also on exception.
         Costs one copy of the params (in their dtype) plus one fp32 copy of the
         largest param while inside. ``step()`` raises inside the block.
+
+        Thread safety: one swap at a time per optimizer; a second
+        ``merged_weights()`` (nested, or from another thread while one is
+        active) raises ``RuntimeError`` at once, and ``step()`` raises while a
+        swap is active. Nothing else is thread-safe, as for any
+        ``torch.optim.Optimizer``: do not step and read from two threads.
         """
-        rt = self._runtime
-        if rt.swapped:
-            raise RuntimeError("merged_weights() is already active")
-        state = self._prepare_readout(merge)
-        with readout.swapped(rt, state, check_bool("completed", completed)):
+        completed = check_bool("completed", completed)
+        with readout.swapped(self._runtime, self._prepare_readout(merge), completed):
             yield self
 
     def save_merged(self, path, dtype: torch.dtype | None = None, *, model: nn.Module | None = None,
@@ -336,7 +338,7 @@ class WSMOptimizer(torch.optim.Optimizer):
     @property
     def merges(self) -> tuple[str, ...]:
         """Names of the tracked merges."""
-        return tuple(self._runtime.merges)
+        return tuple(m.name for m in self._runtime.merges)
 
     @property
     def steps(self) -> int:
@@ -349,8 +351,8 @@ class WSMOptimizer(torch.optim.Optimizer):
         return self._runtime.backend.name
 
     def merge_status(self, merge: str | None = None) -> dict[str, Any]:
-        """Counters of one merge (see :meth:`wsm_optim.merge.MergeState.status`)."""
-        return self._runtime.merge(merge).status()
+        """Counters of one merge (see :meth:`wsm_optim.window.Position.status`)."""
+        return self._runtime.merge(merge).position.status()
 
     # ------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
@@ -363,7 +365,7 @@ class WSMOptimizer(torch.optim.Optimizer):
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
         self._runtime.join()
-        self._runtime.sync(self.inner.param_groups)
+        self._runtime.follow_params(self.inner.param_groups)
         sd = persistence.save(self._runtime, self.inner)
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, sd)

@@ -32,11 +32,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import distributed
-from .merge import MergeState
+from . import distributed, schedules
 from .registry import param_numbering
+from .window import Position
 
 if TYPE_CHECKING:
+    from .merge import Merge
     from .runtime import Runtime
 
 __all__ = ["VERSION", "save", "load"]
@@ -45,10 +46,92 @@ VERSION = 1
 ACC = "wsm_acc"
 COMPLETED = "wsm_last"  # format-1 name of the kept completed window
 _CONFIG_KEYS = ("schedule", "window", "interval", "start", "weights_sha256")
+_POSITION_KEYS = ("anchored", "t", "r", "windows_completed", "has_last")  # "has_last": Position.has_completed
+_LEDGER_KEYS = ("skipped", "last_skipped")  # [weight, count] of the current / completed window, or None
 
 
 def _key(prefix: str, merge: str) -> str:
     return f"{prefix}.{merge}"
+
+
+def _config(merge: "Merge") -> dict[str, Any]:
+    """What must match for a saved state to load.
+
+    ``weights_sha256`` is ``MergeWeights.digest()``: for ``k + 1 <= TABLE_LIMIT``
+    the first 16 hex digits of the SHA-256 of the float64 ``c_0..c_k``, as v0.1
+    stored it; ``schedules`` documents the formula past the limit.
+    """
+    spec = merge.spec
+    return {
+        "schedule": schedules.schedule_name(spec.schedule),
+        "weights_sha256": spec.weights.digest(),
+        "window": spec.window,
+        "interval": spec.interval,
+        "start": spec.start,
+    }
+
+
+def _counters(merge: "Merge") -> dict[str, Any]:
+    pos, ledger = merge.position, merge.ledger
+
+    def pair(totals):
+        return None if totals is None else [totals[0], totals[1]]
+
+    return {
+        "anchored": pos.anchored,
+        "t": pos.t,
+        "r": pos.r,
+        "windows_completed": pos.windows_completed,
+        "has_last": pos.has_completed,
+        "skipped": pair(ledger.totals()),
+        "last_skipped": pair(ledger.totals(completed=True)),
+    }
+
+
+def _check_counters(merge: "Merge", counters: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` naming the counter if a saved one cannot belong to this merge."""
+    spec, name = merge.spec, merge.name
+    for key in _POSITION_KEYS:
+        if key not in counters:
+            raise ValueError(f"load_state_dict: merge {name!r}: counters lack {key!r}")
+    for key, top in {"t": spec.k, "r": spec.interval - 1, "windows_completed": None}.items():
+        value = counters[key]
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0 or (
+            top is not None and value > top
+        ):
+            bound = f"0..{top}" if top is not None else ">= 0"
+            raise ValueError(
+                f"load_state_dict: merge {name!r}: counter {key} = {value!r} is outside {bound} "
+                f"for window={spec.window}, interval={spec.interval}"
+            )
+    if counters["t"] == spec.k and counters["r"] != 0:
+        raise ValueError(f"load_state_dict: merge {name!r}: counters t = k and r = {counters['r']} != 0")
+    for key in _LEDGER_KEYS:
+        _check_ledger(name, key, counters.get(key), spec.k)
+
+
+def _check_ledger(name: str, key: str, pair: Any, k: int) -> None:
+    """A skip total is ``[weight, count]``: a weight in ``[0, 1]``, ``0 <= count <= k + 1`` checkpoints."""
+    if pair is None:
+        return
+    numbers = isinstance(pair, (list, tuple)) and len(pair) == 2 and all(
+        isinstance(x, (int, float, np.number)) and not isinstance(x, bool) and np.isfinite(x) for x in pair
+    )
+    if not numbers:
+        raise ValueError(
+            f"load_state_dict: merge {name!r}: counters[{key!r}] = {pair!r} must be [weight, count] "
+            "(finite numbers) or None"
+        )
+    weight, count = pair
+    if not (0.0 <= weight <= 1.0 and 0 <= count <= k + 1 and float(count).is_integer()):
+        raise ValueError(
+            f"load_state_dict: merge {name!r}: counters[{key!r}] = {pair!r} is out of range: the skipped "
+            f"weight must be in [0, 1] and the count an integer in 0..{k + 1} (checkpoints per window)"
+        )
+    if count == 0 and weight != 0.0:
+        raise ValueError(
+            f"load_state_dict: merge {name!r}: counters[{key!r}] = {pair!r}: a weight without skipped checkpoints"
+        )
 
 
 def save(rt: "Runtime", inner: torch.optim.Optimizer) -> dict[str, Any]:
@@ -59,21 +142,18 @@ def save(rt: "Runtime", inner: torch.optim.Optimizer) -> dict[str, Any]:
     for p in rt.registry.params:
         pid = numbering[id(p)]
         entry = dict(state.get(pid, {}))
-        for name, merge in rt.merges.items():
-            entry[_key(ACC, name)] = rt.registry.accs[name][p]
-            if merge.spec.keep_last:
+        for merge in rt.merges:
+            entry[_key(ACC, merge.name)] = merge.acc[p]
+            if merge.completed is not None:
                 # Always present (zeros until a window completes), so that a DCP
                 # load template built before training has the key.
-                entry[_key(COMPLETED, name)] = rt.registry.completed[name][p]
+                entry[_key(COMPLETED, merge.name)] = merge.completed[p]
         state[pid] = entry
     sd["state"] = state
     wsm = {
         "version": VERSION,
         "steps": rt.steps,
-        "merges": {
-            name: {"config": merge.config(), "counters": {**merge.counters(), **rt.ledgers[name].counters()}}
-            for name, merge in rt.merges.items()
-        },
+        "merges": {m.name: {"config": _config(m), "counters": _counters(m)} for m in rt.merges},
     }
     sd["wsm"] = wsm
     sd["param_groups"] = [dict(g, wsm=copy.deepcopy(wsm)) for g in sd["param_groups"]]
@@ -111,13 +191,13 @@ def _check_merges(rt: "Runtime", wsm: Mapping[str, Any]) -> tuple[int, dict[str,
     if steps < 0:
         raise ValueError(f"load_state_dict: 'wsm'['steps'] = {steps} is negative")
     saved = _require(wsm, "merges", "'wsm'", Mapping)
-    if set(saved) != set(rt.merges):
-        raise ValueError(
-            f"load_state_dict: merge names differ: saved {sorted(saved)}, this optimizer {sorted(rt.merges)}"
-        )
-    for name, merge in rt.merges.items():
+    names = [m.name for m in rt.merges]
+    if set(saved) != set(names):
+        raise ValueError(f"load_state_dict: merge names differ: saved {sorted(saved)}, this optimizer {sorted(names)}")
+    for merge in rt.merges:
+        name = merge.name
         config = _require(saved[name], "config", f"'wsm'['merges'][{name!r}]", Mapping)
-        mine = merge.config()
+        mine = _config(merge)
         for key in _CONFIG_KEYS:
             if mine[key] != config.get(key):
                 raise ValueError(
@@ -125,8 +205,8 @@ def _check_merges(rt: "Runtime", wsm: Mapping[str, Any]) -> tuple[int, dict[str,
                     f"this optimizer {mine[key]!r}"
                 )
         counters = _require(saved[name], "counters", f"'wsm'['merges'][{name!r}]", Mapping)
-        merge.check_counters(counters)
-        expected = MergeState(name, merge.spec)
+        _check_counters(merge, counters)
+        expected = Position(merge.spec)
         expected.set_position(int(steps))
         got = (bool(counters["anchored"]), counters["t"], counters["r"], counters["windows_completed"])
         if got != (expected.anchored, expected.t, expected.r, expected.windows_completed):
@@ -134,23 +214,12 @@ def _check_merges(rt: "Runtime", wsm: Mapping[str, Any]) -> tuple[int, dict[str,
                 f"load_state_dict: merge {name!r}: counters (anchored, t, r, windows_completed) = {got} "
                 f"do not match steps = {steps}, which give {(expected.anchored, expected.t, expected.r, expected.windows_completed)}"
             )
-        for key in ("skipped", "last_skipped"):
-            pair = counters.get(key)
-            if pair is not None and not (
-                isinstance(pair, (list, tuple)) and len(pair) == 2
-                and all(isinstance(x, (int, float, np.number)) and not isinstance(x, bool) and np.isfinite(x)
-                        for x in pair)
-            ):
-                raise ValueError(
-                    f"load_state_dict: merge {name!r}: counters[{key!r}] = {pair!r} must be [weight, count] "
-                    "(finite numbers) or None"
-                )
     return int(steps), saved
 
 
 def _has_buffers(rt: "Runtime", state: Mapping[Any, Any], key: Any) -> bool:
     entry = state.get(key)
-    return isinstance(entry, Mapping) and all(_key(ACC, name) in entry for name in rt.merges)
+    return isinstance(entry, Mapping) and all(_key(ACC, m.name) in entry for m in rt.merges)
 
 
 def _buffers(rt: "Runtime", inner: torch.optim.Optimizer, state_dict: Mapping[str, Any], saved: Mapping[str, Any]):
@@ -179,19 +248,19 @@ def _buffers(rt: "Runtime", inner: torch.optim.Optimizer, state_dict: Mapping[st
     for p in unique:
         key = key_of[p]
         entry = state.get(key, {})
-        for name, merge in rt.merges.items():
+        for merge in rt.merges:
             kinds = [(ACC, True)]
-            if merge.spec.keep_last:
-                kinds.append((COMPLETED, bool(saved[name]["counters"]["has_last"])))
+            if merge.completed is not None:
+                kinds.append((COMPLETED, bool(saved[merge.name]["counters"]["has_last"])))
             for prefix, needed in kinds:
-                field = _key(prefix, name)
+                field = _key(prefix, merge.name)
                 if field not in entry:
                     if needed:
                         raise ValueError(f"load_state_dict: parameter {key!r} has no {field!r} entry")
                     continue
                 distributed.check_copy(p, entry[field], f"state[{key!r}][{field!r}]")
                 if needed:
-                    copies.append((p, name, prefix, entry[field]))
+                    copies.append((p, merge, prefix, entry[field]))
     return copies
 
 
@@ -213,21 +282,26 @@ def load(rt: "Runtime", inner: torch.optim.Optimizer, state_dict: Mapping[str, A
         inner.__dict__.update(before)
         raise ValueError(f"load_state_dict: the inner {type(inner).__name__} refused its part: {e}") from e
     # Nothing below can fail on valid input: the buffers were checked against the params.
-    rt.registry.sync(inner.param_groups)
+    rt.follow_params(inner.param_groups)
     with torch.no_grad():
-        for name, merge in rt.merges.items():
-            keep_saved_completed = merge.spec.keep_last and bool(saved[name]["counters"]["has_last"])
-            if merge.spec.keep_last and not keep_saved_completed:
-                for buffer in rt.registry.completed[name].values():
+        for merge in rt.merges:
+            counters = saved[merge.name]["counters"]
+            has_completed = merge.completed is not None and bool(counters["has_last"])
+            if merge.completed is not None and not has_completed:
+                for buffer in merge.completed.values():
                     buffer.zero_()
-            merge.restore(saved[name]["counters"], keep_saved_completed)
-        for p, name, prefix, value in copies:
-            store = rt.registry.accs if prefix == ACC else rt.registry.completed
-            distributed.copy_into(store[name][p], value)
+            merge.position.restore(counters["anchored"], counters["t"], counters["r"],
+                                   counters["windows_completed"], has_completed)
+        for p, merge, prefix, value in copies:
+            store = merge.acc if prefix == ACC else merge.completed
+            distributed.copy_into(store[p], value)
     device = rt.registry.devices[0] if rt.registry.devices else torch.device("cpu")
-    for name in rt.merges:
-        rt.ledgers[name].restore(saved[name]["counters"], device)
-    rt.steps = steps
-    if rt.backend.clock is not None:
-        rt.backend.clock.set(steps)
+    for merge in rt.merges:
+        counters = saved[merge.name]["counters"]
+        merge.ledger.restore(*(_totals(counters.get(key)) for key in _LEDGER_KEYS), device)
+    rt.set_steps(steps)
     rt.registry.forget_versions()
+
+
+def _totals(pair: Any) -> tuple[float, int] | None:
+    return None if not pair else (float(pair[0]), int(pair[1]))

@@ -14,6 +14,7 @@ copy of the params in their dtype (the backup) plus the same temporary.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -24,10 +25,11 @@ from torch import Tensor, nn
 from . import distributed
 from .nonfinite import FiniteCheck, NonFiniteMergeError, nonfinite_error
 from .precision import accumulator_dtype
+from .registry import unique_names
 from .warn import warn
 
 if TYPE_CHECKING:
-    from .merge import MergeState
+    from .merge import Merge
     from .runtime import Runtime
 
 __all__ = ["LiveParamsChangedWarning", "state_dict", "swapped", "check_dtype"]
@@ -51,88 +53,79 @@ def check_dtype(dtype: Any) -> torch.dtype | None:
     return dtype
 
 
-def _value(rt: "Runtime", state: "MergeState", p: Tensor, completed: bool, scale: float | None) -> Tensor:
-    """One param's merged value: a new tensor in accumulator precision, laid out like ``p``."""
+def _value(merge: "Merge", p: Tensor, source: dict[Tensor, Tensor] | None, completed: bool,
+           scale: float | None) -> Tensor:
+    """One param's merged value: a new tensor in accumulator precision, laid out like ``p``.
+
+    Computed where the buffer lives (beside the param, or on the host for an
+    offloaded merge), one tensor at a time.
+    """
     with torch.no_grad():
-        if completed:
-            v = distributed.local_view(_completed_buffers(rt, state)[p]).clone()
-        elif state.anchored:
-            acc = distributed.local_view(rt.registry.accs[state.name][p])
-            weight = state.live_weight()
-            lp = distributed.local_view(p)
-            # type promotion reads lp in acc's precision on the fly: no converted copy of the param
-            v = acc.clone() if weight == 0.0 else torch.add(acc, lp, alpha=weight)
-        else:  # before the first anchor the merge is the live model
-            lp = distributed.local_view(p)
+        lp = distributed.local_view(p)
+        if source is None:  # before the first anchor the merge is the live model
             v = lp.to(accumulator_dtype(lp.dtype), copy=True)
+        else:
+            buffer = distributed.local_view(source[p])
+            weight = 0.0 if completed else merge.position.live_weight()
+            # type promotion reads lp in the buffer's precision on the fly: no converted copy of the param
+            v = buffer.clone() if weight == 0.0 else torch.add(buffer, lp.to(buffer.device), alpha=weight)
         if scale is not None:
             v.mul_(scale)
     return distributed.wrap_like(p, v)
 
 
-def _completed_buffers(rt: "Runtime", state: "MergeState") -> dict[Tensor, Tensor]:
-    """The buffers holding the last completed window's merge, or a ``RuntimeError`` saying why none."""
-    if state.complete:
-        return rt.registry.accs[state.name]
-    if state.has_completed:
-        return rt.registry.completed[state.name]
-    if not state.spec.keep_last and state.windows_completed:
-        raise RuntimeError(
-            f"merge {state.name!r}: the last completed window was overwritten when the next "
-            "window began; construct with keep_last=True to keep it"
-        )
-    if state.windows_completed:
-        raise RuntimeError(
-            f"merge {state.name!r}: the last completed window was not kept (this optimizer resumed from a "
-            "state saved without keep_last); the next window to complete will be"
-        )
-    raise RuntimeError(f"merge {state.name!r}: no window has completed yet")
-
-
-def _prepare(rt: "Runtime", state: "MergeState", completed: bool, what: str) -> float | None:
-    """Checks shared by every readout; returns the skip-mode scale."""
-    if rt.swapped and not completed and state.mixes_live:
+def _prepare(rt: "Runtime", merge: "Merge", completed: bool, what: str):
+    """Checks shared by every readout; returns ``(buffers to read or None, skip-mode scale)``."""
+    pos = merge.position
+    if rt.swapped and not completed and pos.mixes_live:
         raise RuntimeError(
             f"{what} of the current window called inside merged_weights(): it needs the live params, which "
             "are swapped out; read it outside the block (completed=True readouts work inside)"
         )
     rt.registry.check_materialised()
-    if completed:
-        _completed_buffers(rt, state)  # raises if there is none
-    elif state.mixes_live:
-        _warn_if_modified(rt, state, what)
-    window = state.window_of(completed)
-    # at a window's end the finished window is still the current one in the ledger (rolled at the next anchor)
-    kept = completed and not state.complete
-    return rt.ledgers[state.name].readout_scale(state.name, window, kept) if state.anchored else None
+    source = merge.source(completed)  # raises if there is no completed window to read
+    if not completed and pos.mixes_live:
+        _warn_if_modified(rt, merge, what)
+    return source, merge.readout_scale(completed)
 
 
-def _warn_if_modified(rt: "Runtime", state: "MergeState", what: str) -> None:
+def _warn_if_modified(rt: "Runtime", merge: "Merge", what: str) -> None:
     changed = rt.registry.modified()
     if not changed:
         return
     more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
-    keep = "" if state.spec.keep_last else "; outside a window's last step it needs keep_last=True"
+    keep = "" if merge.spec.keep_last else "; outside a window's last step it needs keep_last=True"
     warn(
         f"{what}: parameter {rt.registry.label(changed[0])}{more} changed in place since the last step() "
         "(e.g. a checkpoint or the best model was loaded into the live model). The current window's merge "
-        f"uses the live params as its newest term (weight {state.live_weight():.4g}), so these values are "
+        f"uses the live params as its newest term (weight {merge.position.live_weight():.4g}), so these values are "
         f"mixed in. Read the last completed window instead (completed=True{keep}), or do not edit the "
         "params between steps.",
         LiveParamsChangedWarning,
     )
 
 
-def _raise_bad(rt: "Runtime", state: "MergeState", completed: bool, label: str, p: Tensor | None) -> None:
-    if not completed and not state.anchored:
+def _raise_bad(rt: "Runtime", merge: "Merge", completed: bool, label: str, p: Tensor, dtype: torch.dtype,
+               source: dict[Tensor, Tensor] | None, scale: float | None) -> None:
+    """Raise the error for a non-finite readout value: an overflowing cast, or a non-finite merge."""
+    pos = merge.position
+    if dtype != accumulator_dtype(p.dtype):  # narrower than the merge's precision: did the cast overflow?
+        merged = distributed.local_view(_value(merge, p, source, completed, scale))
+        if bool(torch.isfinite(merged).all()):  # finite before the cast: the requested dtype overflowed
+            raise NonFiniteMergeError(
+                f"merge {merge.name!r}: the merged value of parameter {label} is finite (largest magnitude "
+                f"{float(merged.abs().max()):.4g}) but overflows when cast to {dtype}; read it with a wider "
+                "dtype (dtype=torch.float32, or dtype=None for the parameter's own)"
+            )
+    if not completed and not pos.anchored:
         raise NonFiniteMergeError(
-            f"merge {state.name!r}: no window is anchored yet (the merge is the live model), and the live "
+            f"merge {merge.name!r}: no window is anchored yet (the merge is the live model), and the live "
             f"value of parameter {label} is NaN/inf"
         )
-    window = state.window_of(completed)
-    steps = rt.backend.nonfinite_steps(g.cache for g in rt.registry.groups).get(id(p)) if p is not None else None
+    window = pos.window_of(completed)
+    steps = rt.backend.nonfinite_steps(g.cache for g in rt.registry.groups).get(id(p))
     raise nonfinite_error(
-        state.name, window, state.first_step(window), state.spec.window, label, rt.nonfinite, steps
+        merge.name, window, pos.first_step(window), merge.spec.window, label, rt.nonfinite, steps
     )
 
 
@@ -151,11 +144,15 @@ def _entries(rt: "Runtime", model: nn.Module | None) -> list[tuple[str, Tensor, 
                 "merged_state_dict needs parameter names: build the inner optimizer from "
                 "model.named_parameters(), or pass model= (here or to WSMOptimizer)"
             )
+        unique_names({p: names[p] for p in rt.registry.params}, "merged_state_dict()")
         return [(names[p], p, p) for p in rt.registry.params]
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__} {model!r}")
     tracked = set(rt.registry.params)
     by_name = {n: p for p, n in names.items()} if names is not None else {}
+    if names is not None and len(by_name) < len(names):  # a shared name cannot match a copy's param
+        counts = collections.Counter(names.values())
+        by_name = {n: p for n, p in by_name.items() if counts[n] == 1}
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     entries, untracked = [], []
     for key, value in model.state_dict(keep_vars=True).items():
@@ -193,7 +190,7 @@ def _cast(p: Tensor, value: Tensor, dtype: torch.dtype | None, key: str) -> Tens
 
 def state_dict(
     rt: "Runtime",
-    state: "MergeState",
+    merge: "Merge",
     *,
     dtype: torch.dtype | None,
     model: nn.Module | None,
@@ -204,7 +201,7 @@ def state_dict(
 ) -> dict[str, Tensor]:
     """The readout behind ``WSMOptimizer.merged_state_dict`` (arguments documented there)."""
     entries = _entries(rt, model)
-    scale = _prepare(rt, state, completed, "merged_state_dict()")
+    source, scale = _prepare(rt, merge, completed, "merged_state_dict()")
     out: dict[str, Tensor] = {}
     check = FiniteCheck()
     with torch.no_grad():
@@ -220,7 +217,7 @@ def state_dict(
                 else:
                     out[key] = value.clone()  # never alias live state
                 continue
-            merged = _value(rt, state, param, completed, scale)
+            merged = _value(merge, param, source, completed, scale)
             value = _cast(param, merged, dtype, key)
             del merged
             if full:
@@ -232,15 +229,34 @@ def state_dict(
             check.add((key, param), local, recheck=local)
     bad = check.first_bad()
     if bad is not None:
-        _raise_bad(rt, state, completed, repr(bad[0]) if rt.registry.names or model else rt.registry.label(bad[1]),
-                   bad[1])
+        key, param = bad
+        label = repr(key) if rt.registry.names or model else rt.registry.label(param)
+        _raise_bad(rt, merge, completed, label, param, out[key].dtype, source, scale)
     return out
 
 
 @contextlib.contextmanager
-def swapped(rt: "Runtime", state: "MergeState", completed: bool) -> Iterator[None]:
-    """Swap the merge into the live params for a ``with`` block; restore them bit-exactly on exit."""
-    scale = _prepare(rt, state, completed, "merged_weights()")
+def swapped(rt: "Runtime", merge: "Merge", completed: bool) -> Iterator[None]:
+    """Swap the merge into the live params for a ``with`` block; restore them bit-exactly on exit.
+
+    One swap at a time per optimizer, whatever the thread: a second entry
+    raises at once (the check and the claim are one atomic step).
+    """
+    if not rt.swap_lock.acquire(blocking=False):
+        raise RuntimeError(
+            "merged_weights() is already active for this optimizer (in this thread or another); "
+            "swaps cannot nest or run concurrently. Use merged_state_dict() for a concurrent read"
+        )
+    try:
+        with _swap(rt, merge, completed):
+            yield
+    finally:
+        rt.swap_lock.release()
+
+
+@contextlib.contextmanager
+def _swap(rt: "Runtime", merge: "Merge", completed: bool) -> Iterator[None]:
+    source, scale = _prepare(rt, merge, completed, "merged_weights()")
     backup: list[tuple[Tensor, Tensor]] = []
     check = FiniteCheck()
     before = rt.registry.versions_now()
@@ -254,15 +270,15 @@ def swapped(rt: "Runtime", state: "MergeState", completed: bool) -> Iterator[Non
     try:
         with torch.no_grad():
             for p in rt.registry.params:
-                merged = _value(rt, state, p, completed, scale)
+                merged = _value(merge, p, source, completed, scale)
                 local = distributed.local_view(p)
                 backup.append((p, local.clone()))
-                local.copy_(distributed.local_view(merged))  # shard to shard: no communication
+                local.copy_(distributed.local_view(merged))  # shard to shard, host to device: one tensor at a time
                 del merged
                 check.add(p, local)
         bad = check.first_bad()
         if bad is not None:
-            _raise_bad(rt, state, completed, rt.registry.label(bad), bad)
+            _raise_bad(rt, merge, completed, rt.registry.label(bad), bad, bad.dtype, source, scale)
     except BaseException:
         restore()
         raise

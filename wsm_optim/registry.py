@@ -1,11 +1,12 @@
-"""The parameters a ``WSMOptimizer`` merges, their accumulators and names.
+"""The parameters a ``WSMOptimizer`` merges: who they are, their names, groups and placement.
 
 The one place that adopts parameters, whichever way they arrive (constructor,
 ``add_param_group``, direct edits of ``param_groups``, a parameter replaced by
-another object), and that keeps each parameter's accumulators following it
-(device moves, storage replacement, a dtype change). :meth:`Registry.sync` is
-called explicitly, once per ``step()``, readout and ``state_dict()``; nothing
-here runs from a getter.
+another object), and notices when one changes device, storage or dtype.
+:meth:`Registry.refresh` is called explicitly, once per ``step()``, readout and
+``state_dict()``, and says whether anything changed; the merges then make their
+buffers follow (``merge.Merge.follow``). Nothing here runs from a getter, and
+nothing here knows about merges.
 
 Parameters are grouped by the device and dtype of their local tensor (the
 ``to_local()`` view of a ``DTensor``): one backend call per group.
@@ -13,7 +14,7 @@ Parameters are grouped by the device and dtype of their local tensor (the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,7 @@ from . import distributed
 from .precision import accumulator_dtype
 from .warn import warn
 
-__all__ = ["Group", "Registry", "accumulator_like", "accumulator_dtype", "param_numbering"]
+__all__ = ["Group", "Registry", "accumulator_like", "accumulator_dtype", "param_numbering", "unique_names"]
 
 
 def accumulator_like(p: Tensor) -> Tensor:
@@ -54,7 +55,7 @@ class Group:
 
     ``params`` are the optimizer's params (plain or ``DTensor``). Backends only
     see ``local`` (the ``to_local()`` views; the tensors themselves for plain
-    params) and the local views of the accumulators. ``cache`` belongs to the
+    params) and the merges' buffers aligned with them. ``cache`` belongs to the
     backend (e.g. the Triton launcher's pointer tables): it lives exactly as
     long as this grouping, so nothing ever needs invalidating.
     """
@@ -62,8 +63,6 @@ class Group:
     device: torch.device
     params: list[Tensor]
     local: list[Tensor]
-    accs: dict[str, list[Tensor]]
-    completed: dict[str, list[Tensor]]
     sharded: bool
     cache: dict[Any, Any] = field(default_factory=dict)
     pointers: list[int] = field(default_factory=list)
@@ -75,72 +74,58 @@ class Group:
         return [p.data_ptr() for p in self.params] != self.pointers
 
 
-#: ``seed(merge, param, acc, completed)`` fills the buffers of a param adopted while a window runs.
-Seed = Callable[[str, Tensor, Tensor, Tensor | None], None]
-
-
 class Registry:
-    """Params (deduplicated, in optimizer order), their accumulators per merge, their groups and names.
+    """Params (deduplicated, in optimizer order), their names, shapes and groups, and their version counters.
 
-    ``accs[merge][param]`` is the running sum ``A`` of the current window;
-    ``completed[merge][param]`` (merges with ``keep_last``) the last completed
-    window's merge. Buffers are keyed by the param object and created lazily,
-    at the first :meth:`sync` with ``allocate=True`` (the first ``step()``,
-    ``state_dict()`` or ``load_state_dict()``), so they are born where the
-    params are by then (a model moved to the GPU after wrapping, meta-device
-    params materialised after wrapping).
+    ``placed`` turns true at the first :meth:`refresh` with ``place=True`` (the
+    first ``step()``, ``state_dict()`` or ``load_state_dict()``): from then on the
+    params must hold values (no meta device) and are grouped, so that buffers
+    are born where the params are by then (a model moved to the GPU after
+    wrapping, meta-device params materialised after wrapping).
     """
 
-    def __init__(self, merges: Iterable[str], kept: Iterable[str], seed: Seed | None = None) -> None:
-        self.merges = list(merges)
-        self.kept = list(kept)  # merges with keep_last
-        self.seed = seed
+    def __init__(self) -> None:
         self.params: list[Tensor] = []
-        self.accs: dict[str, dict[Tensor, Tensor]] = {m: {} for m in self.merges}
-        self.completed: dict[str, dict[Tensor, Tensor]] = {m: {} for m in self.kept}
         self.groups: list[Group] = []
         self.names: dict[Tensor, str] | None = None
-        self.allocated = False
+        self.placed = False
         self.versions: dict[int, int] | None = None  # id(param) -> version after the last step()
+        self._shapes: dict[Tensor, tuple[int, ...]] = {}
         self._ids: list[int] | None = None
 
-    # ----------------------------------------------------------------- sync
-    def sync(self, param_groups: Sequence[dict[str, Any]], *, allocate: bool = True) -> None:
-        """Adopt what changed in ``param_groups`` since the last call; cheap when nothing did.
+    # -------------------------------------------------------------- refresh
+    def refresh(self, param_groups: Sequence[dict[str, Any]], *, place: bool = True) -> bool:
+        """Adopt what changed in ``param_groups`` since the last call; returns whether anything did.
 
         The check per call is one identity list and one data-pointer list: new,
         removed or replaced params, and params whose storage, device or dtype
-        changed, are all caught.
+        changed, are all caught. Cheap when nothing changed.
         """
         ids = [id(p) for g in param_groups for p in g["params"]]
-        if ids == self._ids and (self.allocated or not allocate) and not any(g.moved() for g in self.groups):
-            return
-        self._rebuild(param_groups, ids, allocate)
+        if ids == self._ids and (self.placed or not place) and not any(g.moved() for g in self.groups):
+            return False
+        self._rebuild(param_groups, ids, place)
+        return True
 
-    def _rebuild(self, param_groups: Sequence[dict[str, Any]], ids: list[int], allocate: bool) -> None:
+    def _rebuild(self, param_groups: Sequence[dict[str, Any]], ids: list[int], place: bool) -> None:
         params = list(dict.fromkeys(p for g in param_groups for p in g["params"]))
         for p in params:  # validate everything before changing anything
-            self.check_param(p, allocate)
+            self.check_param(p, place)
         self._warn_replaced(param_groups, ids)
-        current = set(params)
-        for buffers in (*self.accs.values(), *self.completed.values()):
-            for p in [p for p in buffers if p not in current]:
-                del buffers[p]
-        with torch.no_grad():
-            for p in params if allocate else ():
-                self._follow(p)
         self.params = params
-        self.allocated = allocate or self.allocated
+        self.placed = place or self.placed
         self.names = _names(param_groups)
         self._ids = ids
-        self.groups = self._group(params) if self.allocated else []
+        if self.placed:
+            self._shapes = {p: tuple(p.shape) for p in params}
+        self.groups = self._group(params) if self.placed else []
 
     def _warn_replaced(self, param_groups: Sequence[dict[str, Any]], ids: list[int]) -> None:
-        if self._ids is None or len(ids) != len(self._ids) or not self.allocated:
+        if self._ids is None or len(ids) != len(self._ids) or not self.placed:
             return
-        tracked = set(self.accs[self.merges[0]])
+        known = set(self.params)
         flat = [p for g in param_groups for p in g["params"]]
-        replaced = [i for i, (new, old) in enumerate(zip(ids, self._ids)) if new != old and flat[i] not in tracked]
+        replaced = [i for i, (new, old) in enumerate(zip(ids, self._ids)) if new != old and flat[i] not in known]
         if replaced:
             names = _names(param_groups) or {}
             label = ", ".join(names.get(flat[i], f"#{i}") for i in replaced[:5])
@@ -151,42 +136,22 @@ class Registry:
                 RuntimeWarning,
             )
 
-    def check_param(self, p: Tensor, allocate: bool) -> None:
+    def check_param(self, p: Tensor, place: bool) -> None:
         """Raise a clear error for a param that cannot be merged (dtype, meta device, changed shape)."""
         if not isinstance(p, Tensor):
             raise TypeError(f"WSMOptimizer: param_groups hold a {type(p).__name__}, expected tensors")
         if not (p.dtype.is_floating_point or p.dtype.is_complex):
             raise TypeError(f"WSMOptimizer: a parameter of dtype {p.dtype} cannot be merged (floating or complex only)")
-        if allocate and p.device.type == "meta":
+        if place and p.device.type == "meta":
             raise _meta_error(p)
         distributed.local_view(p)  # refuses Partial placements
-        old = self.accs[self.merges[0]].get(p)
-        if old is not None and tuple(old.shape) != tuple(p.shape):
+        old = self._shapes.get(p)
+        if old is not None and old != tuple(p.shape):
             raise ValueError(
-                f"WSMOptimizer: a parameter changed shape from {tuple(old.shape)} to {tuple(p.shape)} "
+                f"WSMOptimizer: a parameter changed shape from {old} to {tuple(p.shape)} "
                 "after it was wrapped; its merge cannot follow it. Create the WSMOptimizer after "
                 "the model's final shape is set"
             )
-
-    def _follow(self, p: Tensor) -> None:
-        """Give ``p`` its buffers, or move/re-lay them after ``p`` changed device, dtype or strides."""
-        for merge in self.merges:
-            store = [self.accs[merge]] + ([self.completed[merge]] if merge in self.completed else [])
-            fresh = p not in self.accs[merge]
-            for buffers in store:
-                old = buffers.get(p)
-                if old is None:
-                    buffers[p] = accumulator_like(p)
-                    continue
-                if distributed.is_dtensor(p):
-                    continue  # FSDP2/TP own placement; local views are re-read at regrouping
-                want = accumulator_dtype(p.dtype)
-                if old.device != p.device or old.dtype != want or old.stride() != p.stride():
-                    new = accumulator_like(p)
-                    new.copy_(old)  # by logical index: values kept whatever the layout
-                    buffers[p] = new
-            if fresh:
-                self.seed(merge, p, self.accs[merge][p], self.completed[merge][p] if merge in self.completed else None)
 
     def _group(self, params: list[Tensor]) -> list[Group]:
         members: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
@@ -195,16 +160,14 @@ class Registry:
             members.setdefault((lp.device, lp.dtype), []).append(p)
         groups = []
         for (device, _), ps in members.items():
-            local = [distributed.local_view(p) for p in ps]
+            sharded = any(distributed.is_dtensor(p) for p in ps)
             groups.append(
                 Group(
                     device=device,
                     params=ps,
-                    local=local,
-                    accs={m: [distributed.local_view(self.accs[m][p]) for p in ps] for m in self.merges},
-                    completed={m: [distributed.local_view(self.completed[m][p]) for p in ps] for m in self.kept},
-                    sharded=any(distributed.is_dtensor(p) for p in ps),
-                    pointers=[p.data_ptr() for p in ps] if not any(distributed.is_dtensor(p) for p in ps) else [],
+                    local=[distributed.local_view(p) for p in ps],
+                    sharded=sharded,
+                    pointers=[] if sharded else [p.data_ptr() for p in ps],
                 )
             )
         return groups
@@ -268,6 +231,21 @@ def _meta_error(p: Tensor) -> ValueError:
         "optimizer and WSMOptimizer after materialising the model: module.to_empty(device=...) "
         "replaces meta parameters by new objects that an optimizer built before never sees"
     )
+
+
+def unique_names(names: dict[Tensor, str], what: str) -> None:
+    """Raise ``ValueError`` naming the params that share a name (a readout keyed by name would drop some)."""
+    seen: dict[str, list[int]] = {}
+    for i, name in enumerate(names.values()):
+        seen.setdefault(name, []).append(i)
+    clashes = {n: idx for n, idx in seen.items() if len(idx) > 1}
+    if clashes:
+        shown = "; ".join(f"{n!r} is shared by params #{', #'.join(map(str, idx))}" for n, idx in list(clashes.items())[:5])
+        raise ValueError(
+            f"{what}: {len(clashes)} parameter name(s) are used by more than one parameter ({shown}), so a dict "
+            "keyed by name would silently keep only one of them. Give each param group unique names, e.g. "
+            "[(f'gen.{n}', p) for n, p in gen.named_parameters()], or pass model= (keys from model.state_dict())"
+        )
 
 
 def _names(param_groups: Sequence[dict[str, Any]]) -> dict[Tensor, str] | None:

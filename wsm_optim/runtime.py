@@ -4,28 +4,32 @@ Framework wrappers (Lightning's ``LightningOptimizer``, accelerate's
 ``AcceleratedOptimizer``) forward or copy the optimizer's attributes; an
 attribute assigned inside a method entered through such a proxy would land on
 the proxy. So the optimizer assigns attributes only in its constructor, and
-everything that changes later (counters, buffers, the swap flag, the side
+everything that changes later (counters, merges, the swap lock, the side
 stream) lives here, reached through one shared reference.
 
-A ``step()`` is: :meth:`Runtime.anchor_windows` (before the inner step: merges
-whose window is complete, or whose ``start`` is reached, anchor at the current
-params), the inner step, then :meth:`Runtime.fold` (``A <- A + c_t theta`` for
-every merge at a checkpoint), possibly on a side stream.
+A ``step()`` is: :meth:`Runtime.check_step` (every weight the step needs is
+computed first, so a bad one raises before anything moves),
+:meth:`Runtime.anchor_windows` (before the inner step: merges whose window is
+complete, or whose ``start`` is reached, anchor at the current params), the
+inner step, then :meth:`Runtime.fold` (``A <- A + c_t theta`` for every merge
+at a checkpoint), possibly on a side stream.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import distributed
-from .backends import Backend, MergeUpdate, resolve
-from .merge import MergeSpec, MergeState, check_bool
-from .nonfinite import NONFINITE_MODES, SkipLedger
-from .registry import Group, Registry
+from .backends import Backend, select
+from .merge import Merge
+from .nonfinite import NONFINITE_MODES
+from .registry import Registry
+from .spec import MergeSpec, check_bool
 
 __all__ = ["Runtime"]
 
@@ -34,11 +38,10 @@ __all__ = ["Runtime"]
 class Runtime:
     """Everything a ``WSMOptimizer`` changes while it runs."""
 
-    merges: dict[str, MergeState]
-    ledgers: dict[str, SkipLedger]
+    merges: list[Merge]
     registry: Registry
     backend: Backend
-    backend_choice: str  # as given: "auto" re-resolves when the params change device
+    backend_choice: str  # as given: "auto" re-selects when the params change device
     nonfinite: str
     capturable: bool
     overlap: bool
@@ -47,28 +50,28 @@ class Runtime:
     swapped: bool = False
     side_stream: Any = None
     side_done: Any = None
+    swap_lock: Any = field(default_factory=threading.Lock)
 
     @classmethod
     def create(cls, specs: dict[str, MergeSpec], param_groups, *, backend: str, nonfinite: str, overlap: Any,
                capturable: Any) -> "Runtime":
         """Validate the options against the params and build the runtime (no buffers yet: they come at the first step)."""
         if nonfinite not in NONFINITE_MODES:
-            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+            raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
         overlap, capturable = check_bool("overlap", overlap), check_bool("capturable", capturable)
         params = list(dict.fromkeys(p for g in param_groups for p in g["params"]))
         devices = list(dict.fromkeys(distributed.local_view(p).device for p in params))
-        chosen = resolve(backend, devices, [s.k + 1 for s in specs.values()])
-        if capturable and (chosen.name != "triton" or nonfinite == "skip"):
+        chosen = select(backend, devices, [s.k + 1 for s in specs.values()])
+        if capturable and (not chosen.capturable or nonfinite == "skip"):
             raise ValueError(
-                "capturable=True needs backend='triton' and nonfinite='raise' "
+                "capturable=True needs a capturable backend (backend='triton') and nonfinite='raise' "
                 f"(got backend={chosen.name!r}, nonfinite={nonfinite!r})"
             )
         if overlap and not any(d.type == "cuda" for d in devices):
             raise ValueError("overlap=True needs CUDA parameters (it uses a side CUDA stream)")
         rt = cls(
-            merges={n: MergeState(n, s) for n, s in specs.items()},
-            ledgers={n: SkipLedger() for n in specs},
-            registry=Registry(specs, [n for n, s in specs.items() if s.keep_last]),
+            merges=[Merge(n, s) for n, s in specs.items()],
+            registry=Registry(),
             backend=chosen,
             backend_choice=backend,
             nonfinite=nonfinite,
@@ -77,12 +80,12 @@ class Runtime:
             devices=devices,
         )
         rt.check_capturable(params)
-        rt.registry.seed = rt.seed
-        rt.registry.sync(param_groups, allocate=False)
+        rt._plan()
+        rt.registry.refresh(param_groups, place=False)
         return rt
 
     def check_capturable(self, params) -> None:
-        """``capturable=True``: refuse params the Triton kernel cannot update inside a CUDA graph."""
+        """``capturable=True``: refuse params the backend cannot update inside a CUDA graph."""
         for p in params if self.capturable else ():
             if not self.backend.handles(distributed.local_view(p)):
                 raise ValueError(
@@ -91,60 +94,71 @@ class Runtime:
                     "in memory); the foreach fallback cannot run inside a CUDA graph"
                 )
 
-    def __getstate__(self) -> dict[str, Any]:  # CUDA streams and events cannot be pickled
-        return dict(self.__dict__, side_stream=None, side_done=None)
+    def _plan(self) -> None:
+        for m in self.merges:
+            m.plan = self.backend.plan(m.name, m.spec)
 
-    def merge(self, name: str | None) -> MergeState:
+    def __getstate__(self) -> dict[str, Any]:  # CUDA streams, events and locks cannot be pickled
+        return dict(self.__dict__, side_stream=None, side_done=None, swap_lock=None)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, swap_lock=threading.Lock())
+
+    def merge(self, name: str | None) -> Merge:
         """The merge called ``name`` (``None``: the only one), or a ``ValueError`` listing the names."""
+        names = [m.name for m in self.merges]
         if name is None:
             if len(self.merges) == 1:
-                return next(iter(self.merges.values()))
-            raise ValueError(f"merge: several merges are tracked, name one of {list(self.merges)}")
-        if name not in self.merges:
-            raise ValueError(f"merge: unknown name {name!r}; tracked merges are {list(self.merges)}")
-        return self.merges[name]
+                return self.merges[0]
+            raise ValueError(f"merge: several merges are tracked, name one of {names}")
+        for m in self.merges:
+            if m.name == name:
+                return m
+        raise ValueError(f"merge: unknown name {name!r}; tracked merges are {names}")
 
     # ------------------------------------------------------------- params
-    def sync(self, param_groups, allocate: bool = True) -> None:
-        """Adopt param changes; an ``"auto"`` backend follows the params to (or from) CUDA."""
-        self.registry.sync(param_groups, allocate=allocate)
+    @property
+    def placed(self) -> bool:
+        """Whether the buffers exist (from the first ``step()``, ``state_dict()`` or ``load_state_dict()``)."""
+        return self.registry.placed
+
+    def follow_params(self, param_groups, place: bool = True) -> None:
+        """Adopt param changes; buffers follow them; an ``"auto"`` backend follows the params to (or from) CUDA."""
+        if not self.registry.refresh(param_groups, place=place) or not self.registry.placed:
+            return
         devices = self.registry.devices
         if devices and devices != self.devices:
             self.devices = devices
             if self.backend_choice == "auto" and not self.capturable:
-                self.backend = resolve("auto", devices, [m.spec.k + 1 for m in self.merges.values()])
+                self.backend.join()
+                self.backend = select("auto", devices, [m.spec.k + 1 for m in self.merges])
+                self._plan()
             if self.backend.clock is not None and not self.capturable:  # a counter for a new device
                 self.backend.clock.set(self.steps)
-
-    def seed(self, name: str, p: Tensor, acc: Tensor, completed: Tensor | None) -> None:
-        """A param adopted mid-window counts as constant at its current value since the anchor.
-
-        Skip mode divides readouts by ``1 - skipped weight``: seed so that they return ``p``.
-        """
-        merge, ledger = self.merges[name], self.ledgers[name]
-        if merge.anchored:
-            acc.copy_(p).mul_(1.0 - ledger.skipped_weight() - merge.live_weight())
-        if completed is not None and merge.has_completed:
-            completed.copy_(p).mul_(1.0 - ledger.skipped_weight(completed=True))
+        for m in self.merges:
+            m.follow(self.registry.params, self.backend)
 
     # ------------------------------------------------------------- passes
+    def check_step(self) -> None:
+        """Compute every weight the next step needs; a weight that cannot be computed raises here, before anything moves."""
+        for m in self.merges:
+            m.position.upcoming(self.steps)
+
     def anchor_windows(self) -> None:
         """Before the inner step: anchor every merge whose window is due (``A <- c_0 theta``)."""
-        due = [m for m in self.merges.values() if m.anchor_due(self.steps)]
-        run = list(self.merges.values()) if self.capturable else due  # capturable: the kernel decides
+        due = [m for m in self.merges if m.position.anchor_due(self.steps)]
+        run = self.merges if self.capturable else due  # capturable: the kernel decides
         ok = self._checkpoint_ok() if run else None
         for g in self.registry.groups:
-            updates = [
-                self._update(m, g, m.weights.c(0), keep=m.spec.keep_last and (m.complete or self.capturable))
-                for m in run
-            ]
+            keep = [m.spec.keep_last and (m.position.complete or self.capturable) for m in run]
+            updates = [m.update(g, m.weights.c(0), k) for m, k in zip(run, keep)]
             self.backend.anchor(g.local, updates, None if ok is None else ok[g.device], cache=g.cache)
         for m in due:
-            if m.complete and m.spec.keep_last:
-                self.ledgers[m.name].roll()
-            c0 = m.begin_window()
+            if m.position.complete and m.spec.keep_last:
+                m.ledger.roll()
+            c0 = m.position.begin_window()
             if ok is not None:  # skip mode (never capturable): ``run`` is ``due``
-                self.ledgers[m.name].record(c0, ok[self.registry.devices[0]], new_window=True)
+                m.ledger.record(c0, ok[self.registry.devices[0]], new_window=True)
 
     def count_step(self) -> None:
         """After the inner step: count it, on the host and on the device clock."""
@@ -154,23 +168,17 @@ class Runtime:
 
     def fold(self) -> None:
         """After the inner step: ``A <- A + c_t theta`` for every merge at a checkpoint."""
-        due = [(m, c) for m in self.merges.values() if (c := m.advance()) is not None]
-        run = [(m, 0.0) for m in self.merges.values()] if self.capturable else due
+        due = [(m, c) for m in self.merges if (c := m.position.advance()) is not None]
+        run = [(m, 0.0) for m in self.merges] if self.capturable else due
         if not run:
             return
         ok = self._checkpoint_ok()
         for g in self.registry.groups:
-            updates = [self._update(m, g, c) for m, c in run]
+            updates = [m.update(g, c) for m, c in run]
             self.backend.accumulate(g.local, updates, None if ok is None else ok[g.device], cache=g.cache)
         if ok is not None:
             for m, c in due:
-                self.ledgers[m.name].record(c, ok[self.registry.devices[0]], new_window=False)
-
-    def _update(self, m: MergeState, g: Group, coef: float, keep: bool = False) -> MergeUpdate:
-        return MergeUpdate(
-            accs=g.accs[m.name], coef=coef, completed=g.completed[m.name] if keep else None, name=m.name,
-            start=m.spec.start, interval=m.spec.interval, k=m.spec.k, table=m.weights,
-        )
+                m.ledger.record(c, ok[self.registry.devices[0]], new_window=False)
 
     def _checkpoint_ok(self) -> dict[torch.device, Tensor] | None:
         """Skip mode: an int32 flag per device, 1 iff every param is finite (device only)."""
@@ -195,16 +203,24 @@ class Runtime:
         return self.side_stream
 
     def join(self) -> None:
-        """Make the current stream wait for an update still running on the side stream."""
+        """Wait for checkpoint work still running (side stream, backend), before params change or buffers are read."""
         if self.side_done is not None:
             torch.cuda.current_stream(self.side_stream.device).wait_event(self.side_done)
             self.side_done = None
+        self.backend.join()
+
+    # ------------------------------------------------------------ counting
+    def set_steps(self, steps: int) -> None:
+        """Set the counted steps on the host and the device clock (``load_state_dict``)."""
+        self.steps = steps
+        if self.backend.clock is not None:
+            self.backend.clock.set(steps)
 
     def sync_steps(self) -> int:
         """Capturable mode: adopt the device step count after CUDA-graph replays (one host sync)."""
         steps = self.backend.clock.read() if self.backend.clock is not None else None
         if steps is not None and steps != self.steps:
             self.steps = steps
-            for m in self.merges.values():
-                m.set_position(steps)
+            for m in self.merges:
+                m.position.set_position(steps)
         return self.steps

@@ -9,77 +9,77 @@ one accumulator list per merge (see ``docs/method.md``, streaming form):
 with an optional int32 device flag ``ok`` (skip mode: 0 leaves the checkpoint
 out). Readouts (``A + w_{t+1} theta``) are plain torch ops in ``readout.py``.
 
-``resolve()`` is the one switch between them: ``"foreach"`` (torch
-``_foreach_*`` ops, any device, coefficients from the host) and ``"triton"``
-(one fused launch per group; coefficients found on the device from a step
-counter, so no host value changes between steps and a step can be captured in
-a CUDA graph).
+A backend is one file in this package and one entry in :data:`BACKENDS`; the
+rest of the package sees only the :class:`Backend` surface and its
+capabilities (``capturable``, ``clock``, where buffers live, ``join``), never a
+backend's name. :func:`select` is the one switch between them: ``"foreach"``
+(torch ``_foreach_*`` ops, any device, coefficients from the host) and
+``"triton"`` (one fused launch per group; coefficients found on the device from
+a step counter, so no host value changes between steps and a step can be
+captured in a CUDA graph).
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Backend", "MergeUpdate", "resolve", "BACKEND_NAMES"]
+from ..precision import accumulator_dtype
 
-BACKEND_NAMES = ("auto", "foreach", "triton")
+__all__ = ["Backend", "BackendBase", "MergeUpdate", "select", "resolve", "BACKEND_NAMES", "BACKENDS"]
+
+#: ``backend=`` name -> ``module:class`` of this package (imported on use: Triton is optional).
+BACKENDS = {"foreach": "foreach:ForeachBackend", "triton": "triton:TritonBackend"}
+BACKEND_NAMES = ("auto", *BACKENDS)
 
 
 @dataclass
 class MergeUpdate:
     """One merge's share of a pass over a group.
 
-    ``accs``: accumulators aligned with the group's tensors (fp32, or wider
-    for float64/complex params). ``coef``: ``c_0`` for an anchor pass, ``c_j``
-    for a checkpoint pass (host float, used by foreach). ``completed``:
-    buffers that receive the finished window's ``A`` before an anchor
-    overwrites it, else ``None``. ``name``, ``start``, ``interval``, ``k`` and
-    ``table`` (``c_0..c_k``, anything ``numpy.asarray`` takes, materialised only
-    by the Triton launcher): what the kernel needs to find the coefficient
-    from the device step counter.
+    ``plan``: what this backend built once for the merge (:meth:`Backend.plan`;
+    ``None`` for backends that need nothing). ``coef``: ``c_0`` for an anchor
+    pass, ``c_j`` for a checkpoint pass (host float). ``accs``: accumulators
+    aligned with the group's tensors (fp32, or wider for float64/complex
+    params). ``completed``: buffers that receive the finished window's ``A``
+    before an anchor overwrites it, else ``None``.
     """
 
-    accs: list[Tensor]
+    plan: Any
     coef: float
+    accs: list[Tensor]
     completed: list[Tensor] | None = None
-    name: str = ""
-    start: int = 0
-    interval: int = 1
-    k: int = 1
-    table: Any = ()
 
     def subset(self, idx: list[int]) -> "MergeUpdate":
+        """The same update restricted to the group's tensors at ``idx``."""
         if len(idx) == len(self.accs):
             return self
-        return MergeUpdate(
-            accs=[self.accs[i] for i in idx],
-            coef=self.coef,
-            completed=[self.completed[i] for i in idx] if self.completed is not None else None,
-            name=self.name,
-            start=self.start,
-            interval=self.interval,
-            k=self.k,
-            table=self.table,
-        )
-
-    def coefficients(self) -> np.ndarray:
-        """``c_0..c_k`` as float64 (materialised)."""
-        table = self.table.table() if hasattr(self.table, "table") else self.table
-        return np.asarray(table, dtype=np.float64)
+        completed = [self.completed[i] for i in idx] if self.completed is not None else None
+        return MergeUpdate(self.plan, self.coef, [self.accs[i] for i in idx], completed)
 
 
 class Backend(Protocol):
-    """What the optimizer calls; ``cache`` is a dict that lives as long as the group's layout."""
+    """What the optimizer calls. ``cache`` is a dict that lives exactly as long as the group's layout."""
 
     name: str
-    #: The device step counter the kernel reads (Triton), or ``None`` (coefficients come from the host).
+    #: Whether a step can be captured in a CUDA graph (no host value changes between steps).
+    capturable: bool
+    #: The device step counter the kernel reads, or ``None`` (coefficients come from the host).
     clock: Any
+
+    def plan(self, name: str, spec: Any) -> Any:
+        """What this backend needs about one merge (a ``MergeSpec``), built once per merge."""
+
+    def buffer_like(self, p: Tensor) -> Tensor:
+        """A zeroed accumulator for param ``p`` (a ``DTensor`` for a ``DTensor`` param), where this backend keeps it."""
+
+    def buffer_fits(self, buffer: Tensor, p: Tensor) -> bool:
+        """Whether ``buffer`` can stay the accumulator of ``p`` (else it is re-placed, values kept)."""
 
     def handles(self, p: Tensor) -> bool: ...
 
@@ -91,10 +91,49 @@ class Backend(Protocol):
 
     def all_finite(self, params: Sequence[Tensor], ok: Tensor, cache: dict | None = None) -> None: ...
 
+    def join(self) -> None:
+        """Wait for work this backend still runs asynchronously (before buffers are read or params change)."""
+
     def nonfinite_steps(self, caches: Iterable[dict]) -> dict[int, tuple[int, int]]: ...
 
 
-def resolve(name: str, devices: Iterable[torch.device], table_sizes: Iterable[int]) -> Backend:
+class BackendBase:
+    """Defaults for a backend that keeps accumulators beside their params and works synchronously."""
+
+    name = ""
+    capturable = False
+    clock: Any = None
+
+    def plan(self, name: str, spec: Any) -> Any:
+        return None
+
+    @staticmethod
+    def buffer_like(p: Tensor) -> Tensor:
+        return torch.zeros_like(p, dtype=accumulator_dtype(p.dtype), memory_format=torch.preserve_format)
+
+    @staticmethod
+    def buffer_fits(buffer: Tensor, p: Tensor) -> bool:
+        # a DTensor's placement is FSDP2's/TP's business; local views are re-read at regrouping
+        from ..distributed import is_dtensor
+
+        if is_dtensor(p):
+            return True
+        return buffer.device == p.device and buffer.dtype == accumulator_dtype(p.dtype) and buffer.stride() == p.stride()
+
+    def join(self) -> None:
+        pass
+
+    def nonfinite_steps(self, caches: Iterable[dict]) -> dict[int, tuple[int, int]]:
+        """Steps at which non-finite values were read, per ``id(param)``: not recorded by default."""
+        return {}
+
+
+def _load(name: str, **options: Any) -> Backend:
+    module, cls = BACKENDS[name].split(":")
+    return getattr(importlib.import_module(f".{module}", __name__), cls)(**options)
+
+
+def select(name: str, devices: Iterable[torch.device], table_sizes: Iterable[int]) -> Backend:
     """The backend for ``name`` given the params' devices and the merges' ``k + 1``.
 
     ``"auto"``: Triton when every param is on CUDA, Triton imports and every
@@ -117,10 +156,8 @@ def resolve(name: str, devices: Iterable[torch.device], table_sizes: Iterable[in
                 name = "triton"
             except ImportError:
                 pass
-    if name == "foreach":
-        from .foreach import ForeachBackend
-
-        return ForeachBackend()
+    if name != "triton":
+        return _load(name)
     from . import triton
 
     if too_long:
@@ -134,4 +171,8 @@ def resolve(name: str, devices: Iterable[torch.device], table_sizes: Iterable[in
             "backend='triton' needs CUDA parameters (CPU parameters only under "
             "TRITON_INTERPRET=1, Triton's interpreter for testing); use backend='foreach' or 'auto'"
         )
-    return triton.TritonBackend()
+    return _load("triton")
+
+
+#: Deprecated name of :func:`select` (``resolve`` also names schedule and input lookups).
+resolve = select

@@ -1,8 +1,8 @@
 """Launchers for the Triton kernels in ``wsm_optim.kernels`` (``backend="triton"``).
 
 One kernel launch per (device, dtype) group and phase, whatever the number of
-tensors and merges, under the device guard of the group's device. Tables
-(data pointers, chunk table, merge metadata and weights) are built once per
+tensors and merges, under the device guard of the group's device. Launch
+tables (data pointers, chunk table, merge metadata and weights) are built once per
 group layout and kept in the group's ``cache``; pointers are re-validated on
 the host each launch (cheap ``data_ptr()`` calls, no device access), so a
 parameter whose storage was replaced is never written through a stale pointer.
@@ -20,13 +20,14 @@ import contextlib
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from . import MergeUpdate
-from .foreach import ForeachBackend
+from . import BackendBase, MergeUpdate
+from . import foreach
 
 try:
     import triton.language as tl
@@ -95,8 +96,26 @@ class DeviceClock:
         return int(next(iter(self._counters.values())).item()) if self._counters else None
 
 
+@dataclass(frozen=True)
+class MergePlan:
+    """What the kernel needs about one merge to find its coefficient from the device step counter.
+
+    ``weights`` (``c_0..c_k``) is materialised only when a launch table is built.
+    """
+
+    name: str
+    start: int
+    interval: int
+    k: int
+    weights: Any
+
+    def coefficients(self) -> np.ndarray:
+        """``c_0..c_k`` as float64 (materialised)."""
+        return np.asarray(self.weights.table(), dtype=np.float64)
+
+
 @dataclass
-class _Plan:
+class _Split:
     """Which tensors of a group the kernel handles (``fast``) and which go to foreach (``slow``)."""
 
     params: Sequence[Tensor]
@@ -106,8 +125,8 @@ class _Plan:
 
 
 @dataclass
-class _Tables:
-    """Device tables of one group for one tuple of merges."""
+class _Launch:
+    """Device pointer, chunk and coefficient tables of one group for one tuple of merges."""
 
     ptr_key: tuple[int, ...]  # data_ptrs the pointer tables were built from
     param_ids: tuple[int, ...]  # id() of each param, to name it in errors
@@ -124,16 +143,17 @@ class _Tables:
     bad_step: Tensor  # i64 [2, n_tensors]: first / last step a NaN/inf was read
 
 
-class TritonBackend:
+class TritonBackend(BackendBase):
     """Fused one-launch update, same interface as :class:`~wsm_optim.backends.foreach.ForeachBackend`.
 
     The kernel ignores ``MergeUpdate.coef``: it reads the merge weights from a
-    device table at the index given by :attr:`clock`. Parameters that are not
+    device table (built from each merge's :class:`MergePlan`) at the index given by :attr:`clock`. Parameters that are not
     dense in memory, or of a dtype the kernel does not handle (float64,
     complex), go through the foreach path instead (still correct).
     """
 
     name = "triton"
+    capturable = True
 
     def __init__(self, block: int | None = None, num_warps: int = 8) -> None:
         self.block = block or (1024 if interpreted() else 4096)
@@ -146,29 +166,32 @@ class TritonBackend:
         """Whether the kernel updates ``p`` (else the foreach path does)."""
         return p.dtype in _TL_DTYPES and is_dense(p) and (p.is_cuda or interpreted())
 
+    def plan(self, name: str, spec: Any) -> MergePlan:
+        return MergePlan(name, spec.start, spec.interval, spec.k, spec.weights)
+
     # ------------------------------------------------------------------ tables
-    def _plan(self, params: Sequence[Tensor], cache: dict) -> _Plan:
-        plan = cache.get("plan")
-        if plan is None or plan.params is not params or len(plan.params) != len(params):
+    def _split(self, params: Sequence[Tensor], cache: dict) -> _Split:
+        split = cache.get("split")
+        if split is None or split.params is not params or len(split.params) != len(params):
             fast = [i for i, p in enumerate(params) if self.handles(p)]
             slow = sorted(set(range(len(params))) - set(fast))
-            plan = cache["plan"] = _Plan(params, fast, slow, [params[i] for i in fast])
-        return plan
+            split = cache["split"] = _Split(params, fast, slow, [params[i] for i in fast])
+        return split
 
-    def _tables(self, plan: _Plan, updates: Sequence[MergeUpdate], cache: dict) -> _Tables:
+    def _launch_tables(self, split: _Split, updates: Sequence[MergeUpdate], cache: dict) -> _Launch:
         key = (
-            tuple(up.name for up in updates),
+            tuple(up.plan.name for up in updates),
             tuple(up.completed is not None for up in updates),
             tuple(id(up.accs[0]) if up.accs else 0 for up in updates),
         )
-        tables = cache.setdefault("tables", {})
-        cached = tables.get(key)
-        if cached is None or cached.ptr_key != tuple(p.data_ptr() for p in plan.fast_params):
-            subsets = [up.subset(plan.fast) for up in updates]
-            cached = tables[key] = self._build(plan.fast_params, subsets, tables.get(key))
+        launches = cache.setdefault("launches", {})
+        cached = launches.get(key)
+        if cached is None or cached.ptr_key != tuple(p.data_ptr() for p in split.fast_params):
+            subsets = [up.subset(split.fast) for up in updates]
+            cached = launches[key] = self._build(split.fast_params, subsets, launches.get(key))
         return cached
 
-    def _build(self, params: list[Tensor], updates: Sequence[MergeUpdate], previous: _Tables | None) -> _Tables:
+    def _build(self, params: list[Tensor], updates: Sequence[MergeUpdate], previous: _Launch | None) -> _Launch:
         device = params[0].device
         n = len(params)
         numels = np.array([p.numel() for p in params], dtype=np.int64)
@@ -181,10 +204,10 @@ class TritonBackend:
             for a, p in zip(up.accs, params):
                 if a.stride() != p.stride() or a.dtype != torch.float32:
                     raise RuntimeError("internal: accumulator layout differs from its parameter")
-            table = up.coefficients()
+            table = up.plan.coefficients()
             acc += [a.data_ptr() for a in up.accs]
             completed += [x.data_ptr() for x in up.completed] if up.completed is not None else [0] * n
-            meta += [up.start, up.interval, up.k, offset, int(up.completed is not None)]
+            meta += [up.plan.start, up.plan.interval, up.plan.k, offset, int(up.completed is not None)]
             tables.append(table)
             offset += len(table)
 
@@ -193,7 +216,7 @@ class TritonBackend:
 
         param_ptrs = [p.data_ptr() for p in params]
         pointers = param_ptrs + acc + [x for x in completed if x]
-        return _Tables(
+        return _Launch(
             ptr_key=tuple(param_ptrs),
             param_ids=tuple(id(p) for p in params),
             param_ptrs=dev(param_ptrs, torch.int64),
@@ -215,17 +238,17 @@ class TritonBackend:
     # ------------------------------------------------------------------ launch
     def _launch(self, phase: int, params: Sequence[Tensor], updates: Sequence[MergeUpdate], ok, cache) -> None:
         cache = {} if cache is None else cache
-        plan = self._plan(params, cache)
-        if plan.slow:
-            sub = [params[i] for i in plan.slow]
-            subsets = [up.subset(plan.slow) for up in updates]
-            (ForeachBackend.anchor if phase == 0 else ForeachBackend.accumulate)(sub, subsets, ok)
-        if not plan.fast or not updates:
+        split = self._split(params, cache)
+        if split.slow:
+            sub = [params[i] for i in split.slow]
+            subsets = [up.subset(split.slow) for up in updates]
+            (foreach.anchor if phase == 0 else foreach.accumulate)(sub, subsets, ok)
+        if not split.fast or not updates:
             return
-        tab = self._tables(plan, updates, cache)
+        tab = self._launch_tables(split, updates, cache)
         if tab.n_chunks == 0:
             return
-        ps = plan.fast_params
+        ps = split.fast_params
         device = ps[0].device
         with _guard(device):
             wsm_update_kernel[(tab.n_chunks,)](
@@ -267,13 +290,13 @@ class TritonBackend:
     def all_finite(self, params: Sequence[Tensor], ok: Tensor, cache: dict | None = None) -> None:
         """Clear the int32 device flag ``ok`` if any value of ``params`` is NaN/inf."""
         cache = {} if cache is None else cache
-        plan = self._plan(params, cache)
-        if plan.slow:
-            ForeachBackend.all_finite([params[i] for i in plan.slow], ok)
-        if not plan.fast:
+        split = self._split(params, cache)
+        if split.slow:
+            foreach.all_finite([params[i] for i in split.slow], ok)
+        if not split.fast:
             return
-        ps = plan.fast_params
-        tab = self._tables(plan, [], cache)
+        ps = split.fast_params
+        tab = self._launch_tables(split, [], cache)
         if tab.n_chunks:
             with _guard(ps[0].device):
                 nonfinite_check_kernel[(tab.n_chunks,)](
@@ -289,12 +312,11 @@ class TritonBackend:
                     enable_fp_fusion=True,
                 )
 
-    @staticmethod
-    def nonfinite_steps(caches: Iterable[dict]) -> dict[int, tuple[int, int]]:
+    def nonfinite_steps(self, caches: Iterable[dict]) -> dict[int, tuple[int, int]]:
         """``{id(param): (first, last) step a NaN/inf was read}`` (host sync: readouts only)."""
         out: dict[int, tuple[int, int]] = {}
         for cache in caches:
-            for key, tab in cache.get("tables", {}).items():
+            for key, tab in cache.get("launches", {}).items():
                 if not key[0]:
                     continue
                 firsts, lasts = tab.bad_step.tolist()

@@ -1,0 +1,145 @@
+"""What a merge is configured to do: :class:`MergeSpec`, validated once, and the argument rules.
+
+The single-merge arguments of ``WSMOptimizer`` (``schedule, window, interval,
+start, keep_last``) and its ``merges=`` dict go through
+:func:`specs_from_arguments` alone, and so do the trainer integrations: one
+rule, one message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import schedules
+
+__all__ = ["MergeSpec", "DEFAULT_MERGE", "specs_from_arguments", "check_name", "check_int", "check_bool"]
+
+#: Name of the merge built from the single-merge arguments of ``WSMOptimizer``.
+DEFAULT_MERGE = "default"
+
+
+#: A merge name becomes a state-dict key suffix and, in the trainer integrations, a folder name.
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+
+
+def check_name(name: Any) -> str:
+    """``name`` if it is a valid merge name: letters, digits, ``_``, ``-`` and ``.``, not starting with ``.``.
+
+    Names end up in paths (``merged/<name>/`` folders of the integrations), so
+    path separators, ``.``/``..`` and hidden names are refused.
+    """
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(
+            f"merges: invalid merge name {name!r}: use letters, digits, '_', '-' and '.' "
+            "(not first), e.g. 'linear_1k'; names become folder names, so no path separators"
+        )
+    return name
+
+
+def check_int(name: str, value: Any, minimum: int) -> int:
+    """``value`` as a Python int ``>= minimum`` (numpy ints accepted, bools refused)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` as a Python bool; only ``True``/``False`` (and numpy bools) are accepted.
+
+    Strings such as ``"False"`` or ints such as ``2`` are refused: their truth
+    value is rarely what the user meant.
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    """Configuration of one merge: a decay shape over tumbling windows.
+
+    ``window`` optimizer steps per window, a checkpoint every ``interval``
+    steps (``k = window // interval`` updates, ``k + 1`` checkpoints), the first
+    window anchored after ``start`` steps. ``keep_last`` keeps the last
+    completed window's merge readable in one more fp32 buffer per parameter.
+    ``schedule``: a shape name, a callable ``f(t)`` with ``f(0) = 1``, or the
+    explicit decay weights ``w_1..w_k``.
+
+    Validated on construction (``TypeError`` / ``ValueError`` naming the field);
+    numpy ints and bools are normalised to Python ones.
+    """
+
+    schedule: schedules.Schedule = "linear"
+    window: int = 1000
+    interval: int = 1
+    start: int = 0
+    keep_last: bool = False
+
+    def __post_init__(self) -> None:
+        window = check_int("window", self.window, 1)
+        interval = check_int("interval", self.interval, 1)
+        start = check_int("start", self.start, 0)
+        keep_last = check_bool("keep_last", self.keep_last)
+        if window % interval:
+            raise ValueError(
+                f"window must be a positive multiple of interval, got window={window}, interval={interval}"
+            )
+        # Plain Python values, so that the config in state_dict() loads with weights_only=True.
+        for name, value in (("window", window), ("interval", interval), ("start", start), ("keep_last", keep_last)):
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "_weights", schedules.weights(self.schedule, window // interval))
+
+    @property
+    def k(self) -> int:
+        """Updates per window (``k + 1`` checkpoints)."""
+        return self.window // self.interval
+
+    @property
+    def weights(self) -> schedules.MergeWeights:
+        """The Theorem 3.1 weights ``c_0..c_k`` / ``w_0..w_{k+1}``, computed on demand."""
+        return self._weights  # type: ignore[attr-defined]
+
+    @classmethod
+    def named(cls, name: str, config: Any) -> "MergeSpec":
+        """``config`` (a ``MergeSpec`` or a dict of its fields) for ``merges[name]``; errors name the merge."""
+        if isinstance(config, MergeSpec):
+            return config
+        if not isinstance(config, Mapping):
+            raise TypeError(f"merges[{name!r}] must be a dict or a MergeSpec, got {type(config).__name__}")
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(config) - set(allowed))
+        if unknown:
+            raise TypeError(f"merges[{name!r}]: unknown keys {unknown}; allowed: {sorted(allowed)}")
+        if "window" not in config:
+            raise TypeError(f"merges[{name!r}]: 'window' is required")
+        try:
+            return cls(**config)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"merges[{name!r}].{e} (merge {name!r})") from None
+
+
+def specs_from_arguments(schedule, window, interval, start, keep_last, merges) -> dict[str, MergeSpec]:
+    """``{name: MergeSpec}`` from ``WSMOptimizer``'s single-merge arguments or its ``merges=`` dict."""
+    if merges is None:
+        if window is None:
+            raise TypeError("window is required: optimizer steps per merge window, e.g. window=1000")
+        return {DEFAULT_MERGE: MergeSpec(schedule, window, interval, start, keep_last)}
+    default_schedule = isinstance(schedule, str) and schedule == "linear"  # may be an array: no ==
+    if window is not None or not default_schedule or interval != 1 or start != 0 or keep_last is not False:
+        raise TypeError(
+            "pass either merges={...} or the single-merge arguments "
+            "(schedule, window, interval, start, keep_last), not both"
+        )
+    if not isinstance(merges, Mapping) or not merges:
+        raise ValueError("merges must be a non-empty dict {name: dict(schedule=..., window=...)}")
+    for name in merges:
+        check_name(name)
+    return {name: MergeSpec.named(name, config) for name, config in merges.items()}
