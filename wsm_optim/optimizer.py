@@ -76,6 +76,14 @@ class WSMOptimizer(torch.optim.Optimizer):
             decide on the device whether a checkpoint is due, so a step can be
             captured in a CUDA graph. After graph replays call :meth:`sync_steps`
             before reading the merge. Needs the Triton backend.
+        offload: ``None`` (default): buffers beside their params. ``"cpu"``:
+            every buffer of every merge in host memory (pinned with CUDA; the
+            local shard's for ``DTensor`` params), none on the GPU. At a
+            checkpoint the params are copied to a host staging buffer on a
+            side stream and a host worker thread folds them; ``step()`` does
+            not wait for the fold. Readouts then return host (CPU) tensors,
+            ``merged_weights()`` copies them in one tensor at a time. Not with
+            ``capturable=True`` or ``overlap=True``.
 
     Counting: only calls of :meth:`step` count. A step that
     ``torch.amp.GradScaler`` skips for inf/NaN gradients never calls it with an
@@ -110,6 +118,7 @@ class WSMOptimizer(torch.optim.Optimizer):
         nonfinite: str = "raise",
         overlap: bool = False,
         capturable: bool = False,
+        offload: str | None = None,
     ) -> None:
         if not isinstance(inner, torch.optim.Optimizer):
             raise TypeError(f"inner must be a torch.optim.Optimizer, got {type(inner).__name__}")
@@ -122,7 +131,8 @@ class WSMOptimizer(torch.optim.Optimizer):
         self.model = model
         self._init_hooks()
         self._runtime = Runtime.create(
-            specs, inner.param_groups, backend=backend, nonfinite=nonfinite, overlap=overlap, capturable=capturable
+            specs, inner.param_groups, backend=backend, nonfinite=nonfinite, overlap=overlap, capturable=capturable,
+            offload=offload,
         )
 
     def _init_hooks(self) -> None:
@@ -203,7 +213,7 @@ class WSMOptimizer(torch.optim.Optimizer):
         rt = self._runtime
         if rt.swapped:
             raise RuntimeError("step() called inside merged_weights(): the live params are swapped out")
-        rt.join()  # the previous fold must finish before the inner step changes the params
+        rt.fence()  # the previous checkpoint's reads of the params come before the inner step changes them
         if distributed.called_by_dcp_state_init(max_depth=16):
             return True
         rt.follow_params(self.inner.param_groups)
@@ -347,7 +357,7 @@ class WSMOptimizer(torch.optim.Optimizer):
 
     @property
     def backend(self) -> str:
-        """The update backend in use: ``"foreach"`` or ``"triton"``."""
+        """The update backend in use: ``"foreach"``, ``"triton"`` or ``"offload"`` (``offload="cpu"``)."""
         return self._runtime.backend.name
 
     def merge_status(self, merge: str | None = None) -> dict[str, Any]:

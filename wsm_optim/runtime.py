@@ -42,6 +42,7 @@ class Runtime:
     registry: Registry
     backend: Backend
     backend_choice: str  # as given: "auto" re-selects when the params change device
+    offload: str | None
     nonfinite: str
     capturable: bool
     overlap: bool
@@ -54,14 +55,20 @@ class Runtime:
 
     @classmethod
     def create(cls, specs: dict[str, MergeSpec], param_groups, *, backend: str, nonfinite: str, overlap: Any,
-               capturable: Any) -> "Runtime":
+               capturable: Any, offload: str | None = None) -> "Runtime":
         """Validate the options against the params and build the runtime (no buffers yet: they come at the first step)."""
         if nonfinite not in NONFINITE_MODES:
-            raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
         overlap, capturable = check_bool("overlap", overlap), check_bool("capturable", capturable)
         params = list(dict.fromkeys(p for g in param_groups for p in g["params"]))
         devices = list(dict.fromkeys(distributed.local_view(p).device for p in params))
-        chosen = select(backend, devices, [s.k + 1 for s in specs.values()])
+        chosen = select(backend, devices, [s.k + 1 for s in specs.values()], offload)
+        if offload is not None and (capturable or overlap):
+            raise ValueError(
+                f"offload={offload!r} cannot be combined with capturable=True (host work cannot be captured in "
+                "a CUDA graph) or overlap=True (the offloaded copy already overlaps training): got "
+                f"capturable={capturable}, overlap={overlap}"
+            )
         if capturable and (not chosen.capturable or nonfinite == "skip"):
             raise ValueError(
                 "capturable=True needs a capturable backend (backend='triton') and nonfinite='raise' "
@@ -74,6 +81,7 @@ class Runtime:
             registry=Registry(),
             backend=chosen,
             backend_choice=backend,
+            offload=offload,
             nonfinite=nonfinite,
             capturable=capturable,
             overlap=overlap,
@@ -126,12 +134,12 @@ class Runtime:
         """Adopt param changes; buffers follow them; an ``"auto"`` backend follows the params to (or from) CUDA."""
         if not self.registry.refresh(param_groups, place=place) or not self.registry.placed:
             return
+        self.backend.join()  # buffers may be re-placed below: no fold may still write the old ones
         devices = self.registry.devices
         if devices and devices != self.devices:
             self.devices = devices
             if self.backend_choice == "auto" and not self.capturable:
-                self.backend.join()
-                self.backend = select("auto", devices, [m.spec.k + 1 for m in self.merges])
+                self.backend = select("auto", devices, [m.spec.k + 1 for m in self.merges], self.offload)
                 self._plan()
             if self.backend.clock is not None and not self.capturable:  # a counter for a new device
                 self.backend.clock.set(self.steps)
@@ -202,11 +210,16 @@ class Runtime:
             self.side_stream = torch.cuda.Stream(device=next(d for d in self.devices if d.type == "cuda"))
         return self.side_stream
 
-    def join(self) -> None:
-        """Wait for checkpoint work still running (side stream, backend), before params change or buffers are read."""
+    def fence(self) -> None:
+        """Before the params change: order the next kernels after every read of the params still in flight."""
         if self.side_done is not None:
             torch.cuda.current_stream(self.side_stream.device).wait_event(self.side_done)
             self.side_done = None
+        self.backend.fence()
+
+    def join(self) -> None:
+        """Before buffers are read or replaced: wait for all checkpoint work still running."""
+        self.fence()
         self.backend.join()
 
     # ------------------------------------------------------------ counting

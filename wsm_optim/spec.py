@@ -36,8 +36,8 @@ def check_name(name: Any) -> str:
     """
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ValueError(
-            f"merges: invalid merge name {name!r}: use letters, digits, '_', '-' and '.' "
-            "(not first), e.g. 'linear_1k'; names become folder names, so no path separators"
+            "merges: names must be non-empty strings of letters, digits, '_', '-' and '.' (not first), "
+            f"e.g. 'linear_1k', got {name!r}: names become file and folder names, so no path separators"
         )
     return name
 

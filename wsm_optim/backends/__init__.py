@@ -31,11 +31,12 @@ from torch import Tensor
 
 from ..precision import accumulator_dtype
 
-__all__ = ["Backend", "BackendBase", "MergeUpdate", "select", "resolve", "BACKEND_NAMES", "BACKENDS"]
+__all__ = ["Backend", "BackendBase", "MergeUpdate", "select", "resolve", "BACKEND_NAMES", "BACKENDS", "OFFLOAD_CHOICES"]
 
 #: ``backend=`` name -> ``module:class`` of this package (imported on use: Triton is optional).
-BACKENDS = {"foreach": "foreach:ForeachBackend", "triton": "triton:TritonBackend"}
-BACKEND_NAMES = ("auto", *BACKENDS)
+BACKENDS = {"foreach": "foreach:ForeachBackend", "triton": "triton:TritonBackend", "offload": "offload:OffloadBackend"}
+BACKEND_NAMES = ("auto", "foreach", "triton")  # what ``backend=`` accepts; ``offload`` is chosen by ``offload="cpu"``
+OFFLOAD_CHOICES = (None, "cpu")
 
 
 @dataclass
@@ -91,8 +92,11 @@ class Backend(Protocol):
 
     def all_finite(self, params: Sequence[Tensor], ok: Tensor, cache: dict | None = None) -> None: ...
 
+    def fence(self) -> None:
+        """Order what comes next after this backend's reads of the params (before the params change)."""
+
     def join(self) -> None:
-        """Wait for work this backend still runs asynchronously (before buffers are read or params change)."""
+        """Wait for all work this backend still runs asynchronously (before buffers are read or replaced)."""
 
     def nonfinite_steps(self, caches: Iterable[dict]) -> dict[int, tuple[int, int]]: ...
 
@@ -120,6 +124,9 @@ class BackendBase:
             return True
         return buffer.device == p.device and buffer.dtype == accumulator_dtype(p.dtype) and buffer.stride() == p.stride()
 
+    def fence(self) -> None:
+        pass
+
     def join(self) -> None:
         pass
 
@@ -133,18 +140,29 @@ def _load(name: str, **options: Any) -> Backend:
     return getattr(importlib.import_module(f".{module}", __name__), cls)(**options)
 
 
-def select(name: str, devices: Iterable[torch.device], table_sizes: Iterable[int]) -> Backend:
+def select(name: str, devices: Iterable[torch.device], table_sizes: Iterable[int], offload: str | None = None) -> Backend:
     """The backend for ``name`` given the params' devices and the merges' ``k + 1``.
 
     ``"auto"``: Triton when every param is on CUDA, Triton imports and every
     merge's weight table fits on the device (``schedules.TABLE_LIMIT``);
     foreach otherwise. ``"triton"`` on CPU params works only under
-    ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests).
+    ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests). ``offload="cpu"``:
+    the host-resident backend (with ``"auto"`` or ``"foreach"``: it folds with
+    the foreach arithmetic on the host).
     """
     from ..schedules import TABLE_LIMIT
 
     if name not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
+    if offload not in OFFLOAD_CHOICES:
+        raise ValueError(f"offload must be one of {OFFLOAD_CHOICES}, got {offload!r}")
+    if offload is not None:
+        if name == "triton":
+            raise ValueError(
+                "offload='cpu' folds on the host with torch ops; it cannot be combined with backend='triton' "
+                "(use backend='auto' or 'foreach')"
+            )
+        return _load("offload")
     devices, sizes = list(devices), list(table_sizes)
     too_long = [n for n in sizes if n > TABLE_LIMIT]
     if name == "auto":
