@@ -71,7 +71,7 @@ class Runtime:
             )
         if capturable and (not chosen.capturable or nonfinite == "skip"):
             raise ValueError(
-                "capturable=True needs a capturable backend (backend='triton') and nonfinite='raise' "
+                "capturable=True needs backend='triton' (a capturable backend) and nonfinite='raise' "
                 f"(got backend={chosen.name!r}, nonfinite={nonfinite!r})"
             )
         if overlap and not any(d.type == "cuda" for d in devices):
