@@ -107,6 +107,7 @@ class Runtime:
             m.plan = self.backend.plan(m.name, m.spec)
 
     def __getstate__(self) -> dict[str, Any]:  # CUDA streams, events and locks cannot be pickled
+        self.join()  # a copy holds every fold that was started
         return dict(self.__dict__, side_stream=None, side_done=None, swap_lock=None)
 
     def __setstate__(self, state: dict[str, Any]) -> None:

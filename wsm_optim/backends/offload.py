@@ -50,6 +50,9 @@ class _Slot:
     ok: Tensor
     job: Future | None = None
 
+    def __getstate__(self) -> dict[str, Any]:  # a copy starts idle (the backend joined first)
+        return dict(self.__dict__, job=None)
+
 
 @dataclass
 class _Staging:
