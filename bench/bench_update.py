@@ -56,7 +56,8 @@ from torch import nn  # noqa: E402
 
 import common as C  # noqa: E402
 from wsm_optim import WSMOptimizer  # noqa: E402
-from wsm_optim.backends import MergeUpdate, resolve  # noqa: E402
+from wsm_optim.backends import MergeUpdate, select  # noqa: E402
+from wsm_optim.spec import MergeSpec  # noqa: E402
 from wsm_optim.registry import accumulator_like  # noqa: E402
 from wsm_optim.schedules import merge_coefficients  # noqa: E402
 
@@ -76,12 +77,12 @@ TARGETS = {
 # ------------------------------------------------------------------- backends
 
 
-def resolve_backend(name: str, device: torch.device):
+def select_backend(name: str, device: torch.device):
     """The backend object ``WSMOptimizer(..., backend=name)`` picks on ``device``, and its name.
 
-    ``wsm_optim.backends.resolve``, the switch ``WSMOptimizer`` itself uses.
+    ``wsm_optim.backends.select``, the switch ``WSMOptimizer`` itself uses.
     """
-    be = resolve(name, [device], [2])
+    be = select(name, [device], [2])
     return be, be.name
 
 
@@ -95,7 +96,7 @@ def available_backends(device: torch.device) -> tuple[list[tuple[str, object, st
     out, notes, seen = [], [], set()
     for name in backend_names(device):
         try:
-            be, resolved = resolve_backend(name, device)
+            be, resolved = select_backend(name, device)
         except Exception as e:  # noqa: BLE001 - report, keep benchmarking the rest
             notes.append(f"backend {name!r} not available: {type(e).__name__}: {e}")
             continue
@@ -125,7 +126,7 @@ def calibrate_inner(timer, fn, target_s: float, cap: int = 100) -> int:
     return max(1, min(cap, math.ceil(target_s / max(t, 1e-9))))
 
 
-def checkpoint_target(accs, coef, index=0):
+def checkpoint_target(backend, accs, coef, index=0):
     """A ``MergeUpdate`` that every backend applies as ``A += coef * theta``.
 
     The Triton kernel ignores ``coef`` and reads the weight from a device table
@@ -133,7 +134,8 @@ def checkpoint_target(accs, coef, index=0):
     (``k = 1``, weights ``(1 - coef, coef)``) with the counter at 1 makes it
     read ``coef`` (see ``bench_update``, which sets the counter).
     """
-    return MergeUpdate(accs, coef, name=f"bench{index}", start=0, interval=1, k=1, table=(1.0 - coef, coef))
+    spec = MergeSpec(schedule=[coef], window=1)  # decay w_1 = coef: c = (1 - coef, coef)
+    return MergeUpdate(backend.plan(f"bench{index}", spec), coef, accs)
 
 
 def bench_update(args, device, timer, peak, backends, model, dtype_name, rows, notes):
@@ -158,7 +160,7 @@ def bench_update(args, device, timer, peak, backends, model, dtype_name, rows, n
     for label, be, _ in backends:
         if be.clock is not None:
             be.clock.set(1)  # device counter at the first checkpoint of a k = 1 window
-        targets = [checkpoint_target(accs, coef)]
+        targets = [checkpoint_target(be, accs, coef)]
         fn = functools.partial(be.accumulate, params, targets, cache={})  # tables built once, as in training
         try:
             with torch.no_grad():
@@ -172,7 +174,7 @@ def bench_update(args, device, timer, peak, backends, model, dtype_name, rows, n
         if wsm_auto is None:
             wsm_auto = name
         if args.multi > 1:
-            many = [checkpoint_target(a, coef, i) for i, a in enumerate([accs, *extra_accs])]
+            many = [checkpoint_target(be, a, coef, i) for i, a in enumerate([accs, *extra_accs])]
             name_m = f"WSM update, {args.multi} merges in one call [{label}]"
             fns[name_m] = functools.partial(be.accumulate, params, many, cache={})
             nbytes[name_m], kind[name_m] = n * (pbytes + 8 * args.multi), "wsm-multi"
@@ -283,9 +285,9 @@ def bench_explicit(args, device, timer, backends, rows, notes):
                 t_save += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 if j == 0:
-                    be.anchor(plist, [MergeUpdate(accs, float(c[0]))])
+                    be.anchor(plist, [MergeUpdate(None, float(c[0]), accs)])
                 else:
-                    be.accumulate(plist, [MergeUpdate(accs, float(c[j]))])
+                    be.accumulate(plist, [MergeUpdate(None, float(c[j]), accs)])
                 t_wsm += time.perf_counter() - t0
             t0 = time.perf_counter()
             merged = explicit_merge(paths, c)
@@ -690,14 +692,14 @@ def child_main(args) -> int:
         del merged
     elif args.child == "wsm-stream":
         plist = list(C.make_params(C.MODELS[args.models[0]](), torch.float32, torch.device("cpu")).values())
-        be, _ = resolve_backend("auto", torch.device("cpu"))
+        be, _ = select_backend("auto", torch.device("cpu"))
         c = merge_coefficients("linear", args.n_ckpt - 1)
         t0 = time.perf_counter()
         with C.RssPeak() as r:
             accs = [accumulator_like(p) for p in plist]
-            be.anchor(plist, [MergeUpdate(accs, float(c[0]))])
+            be.anchor(plist, [MergeUpdate(None, float(c[0]), accs)])
             for j in range(1, args.n_ckpt):
-                be.accumulate(plist, [MergeUpdate(accs, float(c[j]))])
+                be.accumulate(plist, [MergeUpdate(None, float(c[j]), accs)])
         seconds = time.perf_counter() - t0
     else:
         raise SystemExit(f"--child must be explicit-merge or wsm-stream, got {args.child!r}")

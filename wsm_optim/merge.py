@@ -57,7 +57,7 @@ class Merge:
                 f"interval={s.interval} start={s.start}")
 
     @property
-    def weights(self) -> schedules.MergeWeights:
+    def weights(self) -> schedules.WindowWeights:
         return self.spec.weights
 
     # ------------------------------------------------------------- buffers

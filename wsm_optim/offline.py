@@ -179,7 +179,7 @@ def checkpoint_weights(
             raise ValueError("--normalize applies to explicit --weights only (schedule weights sum to 1)")
         schedule = "linear" if schedule is None else schedule
         if n == 1:
-            schedules.resolve(schedule)  # still reject an unknown name
+            schedules.parse(schedule)  # still reject an unknown name
             return np.ones(1)
         return schedules.merge_coefficients(schedule, n - 1)
     if schedule is not None:

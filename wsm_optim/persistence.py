@@ -57,7 +57,7 @@ def _key(prefix: str, merge: str) -> str:
 def _config(merge: "Merge") -> dict[str, Any]:
     """What must match for a saved state to load.
 
-    ``weights_sha256`` is ``MergeWeights.digest()``: for ``k + 1 <= TABLE_LIMIT``
+    ``weights_sha256`` is ``WindowWeights.digest()``: for ``k + 1 <= TABLE_LIMIT``
     the first 16 hex digits of the SHA-256 of the float64 ``c_0..c_k``, as v0.1
     stored it; ``schedules`` documents the formula past the limit.
     """

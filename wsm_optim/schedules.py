@@ -18,12 +18,12 @@ A decay *shape* is ``f: [0, 1] -> [0, 1]``; the paper samples it at
 
 Two forms of the same numbers:
 
-* :func:`weights` returns a lazy :class:`MergeWeights`: ``c(j)`` and ``w(i)``
+* :func:`weights` returns a lazy :class:`WindowWeights`: ``c(j)`` and ``w(i)``
   cost O(1) time and memory each, whatever ``k`` (``window=10**12`` answers at
   once). This is what long windows must use.
 * :func:`decay_weights` / :func:`merge_coefficients` materialise float64
   arrays; they refuse ``k + 1 > TABLE_LIMIT`` with a ``ValueError`` instead of
-  spending minutes and gigabytes. ``MergeWeights.table()`` is the same array.
+  spending minutes and gigabytes. ``WindowWeights.coefficients()`` is the same array.
 
 Both give bit-identical values: ``weights(s, k).c(j) == merge_coefficients(s, k)[j]``.
 """
@@ -47,16 +47,16 @@ __all__ = [
     "one_minus_sqrt",
     "ema",
     "inv_sqrt",
-    "resolve",
+    "parse",
     "schedule_name",
     "decay_weights",
-    "merge_weights",
-    "decay_from_merge",
+    "coefficients_from_decay",
+    "decay_from_coefficients",
     "merge_coefficients",
     "validate_decay",
     "check_nonnegative",
     "weights",
-    "MergeWeights",
+    "WindowWeights",
     "TABLE_LIMIT",
     "CALLABLE_SAMPLE_POINTS",
 ]
@@ -68,12 +68,12 @@ INV_SQRT_TAU = 0.1
 
 #: Largest ``k + 1`` (checkpoints per window) for which a float64 table of
 #: merge weights is ever materialised (by :func:`decay_weights`,
-#: :func:`merge_coefficients`, ``MergeWeights.table()``, and for validating
+#: :func:`merge_coefficients`, ``WindowWeights.coefficients()``, and for validating
 #: every point of a user callable). ``2**20``: the table is 8 MiB, and building
 #: it with one scalar Python call of the shape per point takes about 0.3 s for
 #: the named shapes and under a second for a simple user lambda on one core
 #: (``bench/bench_weights.py``). Longer windows use the lazy
-#: :class:`MergeWeights` form.
+#: :class:`WindowWeights` form.
 TABLE_LIMIT = 2**20
 
 #: Points at which a user callable is checked when ``k + 1 > TABLE_LIMIT``
@@ -139,7 +139,7 @@ def _valid_names() -> str:
     return ", ".join(repr(n) for n in [*SHAPES, *ALIASES])
 
 
-def resolve(schedule: Schedule) -> Callable[[float], float] | np.ndarray:
+def parse(schedule: Schedule) -> Callable[[float], float] | np.ndarray:
     """Turn a schedule spec into a shape ``f`` or an explicit float64 ``w`` array.
 
     Raises ``ValueError`` for an unknown name and ``TypeError`` for a spec that
@@ -245,7 +245,7 @@ def decay_weights(schedule: Schedule, k: int) -> np.ndarray:
     ``ValueError`` (use :func:`weights` for long windows).
     """
     k = _check_k(k)
-    spec = resolve(schedule)
+    spec = parse(schedule)
     if isinstance(spec, np.ndarray):
         w = _explicit(spec, k)
         _check_table_limit(k, "decay_weights")
@@ -281,7 +281,7 @@ def _call(f: Callable[[float], float], t: float) -> float:
     return v
 
 
-def merge_weights(w: Sequence[float] | np.ndarray) -> np.ndarray:
+def coefficients_from_decay(w: Sequence[float] | np.ndarray) -> np.ndarray:
     """Theorem 3.1, decay -> merge: ``c_j = w_j - w_{j+1}`` (``w_0 = 1``, ``w_{k+1} = 0``).
 
     ``w``: shape ``(k,)``. Returns ``c``: float64, shape ``(k + 1,)``, oldest first.
@@ -300,7 +300,7 @@ def check_nonnegative(c: np.ndarray, what: str) -> np.ndarray:
     return c
 
 
-def decay_from_merge(c: Sequence[float] | np.ndarray, atol: float = 1e-9) -> np.ndarray:
+def decay_from_coefficients(c: Sequence[float] | np.ndarray, atol: float = 1e-9) -> np.ndarray:
     """Theorem 3.1, merge -> decay: ``w_i = sum_{j >= i} c_j``, ``i = 1..k``.
 
     ``c``: shape ``(k + 1,)``, non-negative, summing to 1 (within ``atol``).
@@ -324,14 +324,14 @@ def merge_coefficients(schedule: Schedule, k: int) -> np.ndarray:
 
     ``k + 1 > TABLE_LIMIT`` raises ``ValueError`` (use :func:`weights` for long windows).
     """
-    return merge_weights(decay_weights(schedule, k))
+    return coefficients_from_decay(decay_weights(schedule, k))
 
 
 # ------------------------------------------------------------- lazy form
 _DIGEST_SAMPLES = 1025  # c_j hashed for the digest of a window past TABLE_LIMIT
 
 
-class MergeWeights:
+class WindowWeights:
     """Theorem 3.1 weights of one schedule and window, computed on demand.
 
     Build it with :func:`weights` (the constructor is internal). Immutable;
@@ -360,7 +360,7 @@ class MergeWeights:
         # kind "shape": source is a canonical name in SHAPES (so it pickles as the name);
         # "lazy": a user callable, checked point by point; "table": validated w_1..w_k (read-only).
         if kind not in ("shape", "lazy", "table"):
-            raise ValueError(f"MergeWeights: kind must be 'shape', 'lazy' or 'table', got {kind!r}")
+            raise ValueError(f"WindowWeights: kind must be 'shape', 'lazy' or 'table', got {kind!r}")
         set_ = object.__setattr__
         set_(self, "k", k)
         set_(self, "name", name)
@@ -374,24 +374,24 @@ class MergeWeights:
         return {"shape": self.name, "lazy": self._f, "table": self._w}[self._kind]
 
     def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError(f"MergeWeights is immutable; cannot set {name!r}")
+        raise AttributeError(f"WindowWeights is immutable; cannot set {name!r}")
 
     def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"MergeWeights is immutable; cannot delete {name!r}")
+        raise AttributeError(f"WindowWeights is immutable; cannot delete {name!r}")
 
     def __reduce__(self):
-        return (_restore_merge_weights, (self.k, self.name, self._kind, self._source, self._digest))
+        return (_restore_window_weights, (self.k, self.name, self._kind, self._source, self._digest))
 
     def __repr__(self) -> str:
-        return f"MergeWeights(name={self.name!r}, k={self.k})"
+        return f"WindowWeights(name={self.name!r}, k={self.k})"
 
     # ------------------------------------------------------------ values
     def _index(self, x: Any, hi: int, what: str) -> int:
         if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
-            raise TypeError(f"MergeWeights.{what}: index must be an int, got {type(x).__name__}")
+            raise TypeError(f"WindowWeights.{what}: index must be an int, got {type(x).__name__}")
         x = int(x)
         if not 0 <= x <= hi:
-            raise IndexError(f"MergeWeights.{what}: index {x} is outside 0..{hi} (k = {self.k})")
+            raise IndexError(f"WindowWeights.{what}: index {x} is outside 0..{hi} (k = {self.k})")
         return x
 
     def _w_at(self, i: int) -> float:
@@ -422,20 +422,25 @@ class MergeWeights:
             )
         return a - b
 
-    def table(self) -> np.ndarray:
+    def coefficients(self) -> np.ndarray:
         """``c_0..c_k`` as a fresh float64 array of shape ``(k + 1,)``, equal to :func:`merge_coefficients`.
 
         Raises ``ValueError`` naming ``TABLE_LIMIT`` when ``k + 1 > TABLE_LIMIT``.
         """
-        _check_table_limit(self.k, "MergeWeights.table()")
+        _check_table_limit(self.k, "WindowWeights.coefficients()")
         if self._w is not None:
             w = self._w
         else:
             w = _sampled_table(self._f, self.name if self._kind == "shape" else self._f, self.k)
-        c = merge_weights(w)
+        c = coefficients_from_decay(w)
         if self._digest is None:
             object.__setattr__(self, "_digest", _table_digest(c))
         return c
+
+    def table(self) -> np.ndarray:
+        """Deprecated name of :meth:`coefficients` (its errors keep the old name)."""
+        _check_table_limit(self.k, "MergeWeights.table()")
+        return self.coefficients()
 
     def digest(self) -> str:
         """16 hex characters identifying these weights (stored in state dicts to detect a changed schedule).
@@ -450,7 +455,7 @@ class MergeWeights:
         """
         if self._digest is None:
             if self.k + 1 <= TABLE_LIMIT:
-                self.table()  # sets the digest
+                self.coefficients()  # sets the digest
             else:
                 h = hashlib.sha256(f"wsm_optim.MergeWeights/v1|{self.name}|k={self.k}|".encode())
                 if self._w is not None:
@@ -462,9 +467,9 @@ class MergeWeights:
         return self._digest
 
 
-def _restore_merge_weights(k: int, name: str, kind: str, source: Any, digest: str | None) -> MergeWeights:
+def _restore_window_weights(k: int, name: str, kind: str, source: Any, digest: str | None) -> WindowWeights:
     """Unpickle / copy: the same weights, with the digest already computed (it can cost a table build)."""
-    mw = MergeWeights(k, name, kind, source)
+    mw = WindowWeights(k, name, kind, source)
     object.__setattr__(mw, "_digest", digest)
     return mw
 
@@ -490,7 +495,7 @@ def _check_sample(f: Callable[[float], float], name: str, k: int) -> None:
         prev_i, prev = i, v
 
 
-def weights(schedule: Schedule, k: int) -> MergeWeights:
+def weights(schedule: Schedule, k: int) -> WindowWeights:
     """The Theorem 3.1 weights of ``schedule`` for ``k`` updates, in O(1) time and memory for named shapes.
 
     Args:
@@ -520,18 +525,27 @@ def weights(schedule: Schedule, k: int) -> MergeWeights:
         ValueError: ``k < 1``, unknown name, wrong length, invalid values.
     """
     k = _check_k(k)
-    spec = resolve(schedule)
+    spec = parse(schedule)
     name = schedule_name(schedule)
     if isinstance(spec, np.ndarray):
         w = _explicit(spec, k)
         w.flags.writeable = False
-        return MergeWeights(k, name, "table", w)
+        return WindowWeights(k, name, "table", w)
     if isinstance(schedule, str):
-        return MergeWeights(k, name, "shape", name)
+        return WindowWeights(k, name, "shape", name)
     if k + 1 <= TABLE_LIMIT:
         w = _sampled_table(spec, schedule, k)
         w.flags.writeable = False
-        return MergeWeights(k, name, "table", w)
+        return WindowWeights(k, name, "table", w)
     _check_f0(spec)
     _check_sample(spec, name, k)
-    return MergeWeights(k, name, "lazy", spec)
+    return WindowWeights(k, name, "lazy", spec)
+
+
+# Deprecated names, kept for compatibility: one word per idea ("coefficients" c_j, "decay" w_i,
+# "parse" a schedule argument; ``merged_weights`` is the optimizer's swap).
+resolve = parse
+merge_weights = coefficients_from_decay
+decay_from_merge = decay_from_coefficients
+MergeWeights = WindowWeights
+_restore_merge_weights = _restore_window_weights  # pickles written before the rename

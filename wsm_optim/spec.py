@@ -103,7 +103,7 @@ class MergeSpec:
         return self.window // self.interval
 
     @property
-    def weights(self) -> schedules.MergeWeights:
+    def weights(self) -> schedules.WindowWeights:
         """The Theorem 3.1 weights ``c_0..c_k`` / ``w_0..w_{k+1}``, computed on demand."""
         return self._weights  # type: ignore[attr-defined]
 

@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def table(schedule: schedules.Schedule, k: int) -> tuple[np.ndarray, np.ndarray]:
     """``(w, c)``: decay weights ``w_1..w_k`` and merge weights ``c_0..c_k`` (``k + 1 <= TABLE_LIMIT``)."""
     w = schedules.decay_weights(schedule, k)
-    return w, schedules.merge_weights(w)
+    return w, schedules.coefficients_from_decay(w)
 
 
 def shown_rows(k: int, rows: int = SUMMARY_ROWS) -> tuple[range, range]:

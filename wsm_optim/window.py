@@ -46,7 +46,7 @@ class Position:
     has_completed: bool = False
 
     @property
-    def weights(self) -> schedules.MergeWeights:
+    def weights(self) -> schedules.WindowWeights:
         return self.spec.weights
 
     @property

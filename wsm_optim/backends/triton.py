@@ -111,7 +111,7 @@ class MergePlan:
 
     def coefficients(self) -> np.ndarray:
         """``c_0..c_k`` as float64 (materialised)."""
-        return np.asarray(self.weights.table(), dtype=np.float64)
+        return np.asarray(self.weights.coefficients(), dtype=np.float64)
 
 
 @dataclass

@@ -215,7 +215,7 @@ def _none(text: str | None) -> bool:
 
 def _schedule(option: str, name: str) -> str:
     try:
-        schedules.resolve(name)
+        schedules.parse(name)
     except ValueError as e:
         raise UsageError(f"{option}: {e}") from None
     return schedules.schedule_name(name)
