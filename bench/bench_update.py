@@ -384,6 +384,68 @@ def bench_step(args, device, timer, model, rows, notes):
         del wsm, fns
 
 
+def bench_offload(args, device, timer, model, rows, notes):
+    """Section 5: ``offload="cpu"`` vs the inline fold: buffer bytes per param and step time at interval 1/10/100."""
+    cuda = device.type == "cuda"
+    shapes = C.MODELS[model]()
+    n = C.numel(shapes)
+    params = [nn.Parameter(t) for t in C.make_params(shapes, torch.float32, device).values()]
+    for p in params:
+        p.grad = torch.empty_like(p).normal_(0.0, 1e-3)
+    inner = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.1, fused=cuda or None, foreach=None if cuda else True)
+    kmax = 4096  # no window completes while timing
+
+    def buffer_bytes(opt):
+        sd = opt.state_dict()  # joins the worker; tensors are references to the live buffers
+        where: dict[str, int] = {}
+        for entry in sd["state"].values():
+            for k, v in entry.items():
+                if k.startswith("wsm_"):
+                    where[v.device.type] = where.get(v.device.type, 0) + v.numel() * v.element_size()
+        return where
+
+    for keep in (False, True):  # memory per param and merge, by placement
+        for offload in (None, "cpu"):
+            base = torch.cuda.memory_allocated(device) if cuda else 0
+            opt = WSMOptimizer(inner, window=kmax, keep_last=keep, offload=offload)
+            opt.step()
+            where = buffer_bytes(opt)
+            gpu = (torch.cuda.memory_allocated(device) - base) if cuda else 0
+            rows.append({"model": model, "variant": f"memory, keep_last={keep}, offload={offload}",
+                         "host_B_per_param": where.get("cpu", 0) / n if (offload or not cuda) else 0.0,
+                         "gpu_B_per_param": gpu / n if cuda else "",
+                         "note": "host bytes of the merge's buffers (state_dict); GPU bytes by memory_allocated"})
+            del opt
+    for interval, block in ((1, 10), (10, 10), (100, 100)):
+        variants = {"inline": WSMOptimizer(inner, window=interval * kmax, interval=interval),
+                    "offload": WSMOptimizer(inner, window=interval * kmax, interval=interval, offload="cpu")}
+
+        def steps(opt, count=block):  # a sample ends when the merge's work is done (state_dict joins)
+            def run():
+                for _ in range(count):
+                    opt.step()
+                opt.state_dict()
+            return run
+
+        fns = {"inner AdamW": steps(inner), **{k: steps(v) for k, v in variants.items()}}
+        rounds = args.step_rounds or (3 if interval == 100 else 5)
+        s = C.interleaved(fns, timer, rounds=rounds, warmup=1, inner=1, wall=True)
+        for v, ts in s.items():
+            rows.append({"model": model, "variant": f"interval {interval}: {v}", "step_ms": C.median(ts) / block * 1e3,
+                         "ratio_vs_inner": C.paired_ratio(ts, s["inner AdamW"]),
+                         "note": f"{block} steps per sample, {len(ts)} rounds, wall clock incl. the worker's fold"})
+        del variants, fns
+    if cuda:  # device-to-host bandwidth reached by the staging copy vs a plain pinned copy_ of the same bytes
+        host = [torch.empty(p.shape, dtype=p.dtype, pin_memory=True) for p in params]
+        plain = lambda: torch._foreach_copy_(host, params, non_blocking=True)  # noqa: E731
+        opt = WSMOptimizer(inner, window=kmax, offload="cpu")
+        t = C.interleaved({"pinned copy_": plain, "offload step": opt.step, "inner AdamW": inner.step}, timer, rounds=10)
+        nbytes = n * 4
+        rows.append({"model": model, "variant": "D2H: pinned copy_", "GB_per_s": nbytes / C.median(t["pinned copy_"]) / 1e9})
+        rows.append({"model": model, "variant": "D2H: offload step - AdamW step",
+                     "GB_per_s": nbytes / max(C.median(t["offload step"]) - C.median(t["inner AdamW"]), 1e-9) / 1e9})
+
+
 def bench_e2e(args, device, timer, rows, notes):
     """Section 4: GPT-2 training step, bf16 autocast, with/without WSM and overlap."""
     cuda = device.type == "cuda"
@@ -543,6 +605,8 @@ SECTION_COLS = {
     "explicit": ["variant", "time_s", "time_over_wsm", "disk_GiB", "peak_rss_delta_GiB"],
     "step": ["model", "backend", "variant", "step_ms", "ratio_vs_inner", "ratio_vs_inner_cputime"],
     "e2e": ["model", "batch", "seq", "variant", "backend", "step_ms", "overhead_pct", "note"],
+    "offload": ["model", "variant", "host_B_per_param", "gpu_B_per_param", "step_ms", "ratio_vs_inner", "GB_per_s",
+                "note"],
 }
 
 SECTION_TEXT = {
@@ -573,6 +637,15 @@ SECTION_TEXT = {
         "accumulator r+w), so 40/28 = 1.43x at interval 1 and 1.04x at interval 10. "
         "`ratio_vs_inner_cputime` (CPU only) uses process CPU time, which excludes time this process "
         "spent descheduled by other processes on a shared machine."
+    ),
+    "offload": (
+        "### 5. Accumulators on the host (`offload=\"cpu\"`)\n\n"
+        "Buffer bytes per parameter by placement (one merge, with and without `keep_last`), then step time "
+        "of the inline fold vs `offload=\"cpu\"` vs the inner AdamW alone, at interval 1, 10 and 100. A "
+        "sample is a block of steps followed by `state_dict()`, which waits for the worker, so the host "
+        "fold's time is inside the sample; on a CPU-only machine the worker competes with training for the "
+        "same cores. On CUDA: GPU bytes by `torch.cuda.memory_allocated`, and the device-to-host bandwidth "
+        "of the staging copy vs a plain pinned `copy_` of the same bytes."
     ),
     "e2e": (
         "### 4. End to end\n\n"
@@ -722,7 +795,7 @@ def parse_args(argv=None):
                    help=f"comma list from {sorted(C.MODELS)} (default: cpu gpt2-124m; cuda gpt2-124m,llama-1b)")
     p.add_argument("--dtypes", default=None, help="param dtypes for section 1, from fp32,bf16,fp16 "
                    "(default: cpu fp32; cuda fp32,bf16)")
-    p.add_argument("--sections", default="update,explicit,step,e2e", help="comma list of sections to run")
+    p.add_argument("--sections", default="update,explicit,step,e2e,offload", help="comma list of sections to run")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds in section 1")
     p.add_argument("--step-rounds", type=int, default=None, help="timed rounds in section 3")
     p.add_argument("--e2e-rounds", type=int, default=None, help="timed rounds in section 4")
@@ -838,6 +911,13 @@ def main(argv=None) -> int:
 
     run("step", sec_step)
     run("e2e", lambda: bench_e2e(args, device, timer, results["e2e"], notes))
+
+    def sec_offload():
+        for model in args.models:
+            bench_offload(args, device, timer, model, results["offload"], notes)
+            free(device)
+
+    run("offload", sec_offload)
     free(device)
 
     env["load_end"] = C.loadavg()
