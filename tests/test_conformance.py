@@ -158,20 +158,23 @@ CONFIGS = [
     # interval 1, start 0; poison a checkpoint mid-window; resumed right after it
     MergeConfig("one-merge", {"default": R.Window("linear", 4)}, steps=10, resume_at=6, poison=(6,),
                 single_api=True),
-    # interval > 1, start > 0, keep_last; poison a checkpoint (5) and a step between checkpoints (12)
+    # interval > 1, start > 0, keep_last; poison checkpoints in windows 0 and 1 (5, 11) and a step between
+    # checkpoints (12); resumed with a skipped checkpoint in the current window
     MergeConfig("interval-start-keep", {"default": R.Window("1-sqrt", 6, 2, 3, keep_last=True)}, steps=19,
-                resume_at=12, poison=(5, 12), single_api=True),
-    # three merges side by side; 7 and 13 are window ends of one merge, mid-window of another
+                resume_at=12, poison=(5, 11, 12), single_api=True),
+    # three merges side by side; 7, 9 and 13 are window ends of one merge, mid-window of another;
+    # resumed with a skipped checkpoint in b's current window and in c's kept window
     MergeConfig("three-merges", {
         "a": R.Window("cosine", 6, 3, 1, keep_last=True),
         "b": R.Window("ema", 4, 1, 0),
         "c": R.Window("inv-sqrt", 4, 2, 5, keep_last=True),
-    }, steps=18, resume_at=10, poison=(7, 13)),
-    # explicit decay weights (with a repeated value) and a callable shape
+    }, steps=18, resume_at=10, poison=(7, 9, 13)),
+    # explicit decay weights (with a repeated value) and a callable shape; resumed with a skipped
+    # checkpoint in both current windows
     MergeConfig("explicit-and-callable", {
         "explicit": R.Window([0.9, 0.6, 0.6, 0.2], 4, 1, 2, keep_last=True),
         "callable": R.Window(_square, 3, 1, 0),
-    }, steps=13, resume_at=8, poison=(4, 10)),
+    }, steps=13, resume_at=8, poison=(4, 7, 10)),
 ]
 
 #: nonfinite mode, and whether a NaN is injected at the configuration's poison steps
