@@ -55,6 +55,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import harness as H
@@ -417,26 +419,30 @@ def _same(a, b) -> bool:
 _RUNS: dict[tuple[str, str], Run] = {}
 
 
-def run_row(backend: BackendCase, row: Row) -> Run:
+def _save(params, opt) -> bytes:
+    buf = io.BytesIO()
+    torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict()}, buf)
+    return buf.getvalue()
+
+
+def run_row(backend: BackendCase, row: Row, cache: bool = True) -> Run:
     """Train the row straight, checking every step, then resume from ``resume_at`` and compare bitwise."""
     key = (backend.name, row.id)
-    if key in _RUNS:
+    if cache and key in _RUNS:
         return _RUNS[key]
     cfg = row.config
     params, opt = _build(backend, row, seed=0)
     snaps = [_snapshot(params)]
     run = Run()
-    blob = None
     run.readouts[0] = _check_step(opt, params, snaps, row, 0, backend, run.scales.setdefault(0, {}))
+    blob = _save(params, opt) if cfg.resume_at == 0 else None
     for s in range(1, cfg.steps + 1):
         _step(params, opt, row, s, snaps[-1])
         snaps.append(_snapshot(params))
         assert all(torch.isfinite(x).all() for x in snaps[-1]), "params diverged (test setup)"
         run.readouts[s] = _check_step(opt, params, snaps, row, s, backend, run.scales.setdefault(s, {}))
         if s == cfg.resume_at:
-            buf = io.BytesIO()
-            torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict()}, buf)
-            blob = buf.getvalue()
+            blob = _save(params, opt)
             _check_merged_weights(opt, params, row, run.readouts[s], f"{backend.name} {row.id} step {s}")
     _check_merged_weights(opt, params, row, run.readouts[cfg.steps], f"{backend.name} {row.id} end")
     run.final_wsm = opt.state_dict()["wsm"]
@@ -466,7 +472,8 @@ def run_row(backend: BackendCase, row: Row) -> Run:
                 assert _same(v, run.readouts[s][k]), f"{backend.name} {row.id}: {k} differs after resume, step {s}"
             H._check_status(opt2.merge_status(merge), spec, s, name)
     assert opt2.state_dict()["wsm"] == run.final_wsm
-    _RUNS[key] = run
+    if cache:
+        _RUNS[key] = run
     return run
 
 
@@ -508,3 +515,35 @@ def test_matrix_covers_every_pairing() -> None:
         assert {r.dtype.name for r in rows} == {d.name for d in DTYPES}
         assert {r.config.name for r in rows} == {c.name for c in CONFIGS}
         assert {_mode_name(m) for m in MODES} == {_mode_name((r.nonfinite, r.inject_nan)) for r in rows}
+
+
+# ------------------------------------------------- random configurations
+@st.composite
+def random_rows(draw) -> Row:
+    """A random row: 1-3 merges (named shapes, interval, start, keep_last), dtype, mode, poison and resume steps."""
+    merges = {}
+    for i in range(draw(st.integers(1, 3))):
+        interval = draw(st.integers(1, 3))
+        merges[f"m{i}"] = R.Window(
+            schedule=draw(st.sampled_from(["linear", "cosine", "1-sqrt", "inv-sqrt", "ema"])),  # all have c_0 > 0
+            window=interval * draw(st.integers(1, 4)), interval=interval, start=draw(st.integers(0, 4)),
+            keep_last=draw(st.booleans()),
+        )
+    slowest = max(s.start + 2 * s.window for s in merges.values())
+    steps = draw(st.integers(1, min(24, slowest + 3)))
+    single = len(merges) == 1 and draw(st.booleans())
+    if single:
+        merges = {"default": merges["m0"]}
+    cfg = MergeConfig("random", merges, steps=steps, resume_at=draw(st.integers(0, steps)),
+                      poison=tuple(draw(st.sets(st.integers(1, steps), max_size=3))), single_api=single)
+    nonfinite, nan = draw(st.sampled_from(MODES))
+    return Row(draw(st.sampled_from(DTYPES)), cfg, nonfinite, nan, draw(st.sampled_from(H.INNERS)), covering=True)
+
+
+@pytest.mark.parametrize("backend", [pytest.param(b, id=b.name) for b in BACKENDS if b.available and not b.covering])
+@settings(deadline=None, max_examples=60, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(row=random_rows())
+def test_random_configurations_conform(backend: BackendCase, row: Row) -> None:
+    """The same checks as ``test_conforms`` on random merge configurations, poison and resume steps."""
+    assume(not any(bug(backend, row) for bug, _ in KNOWN_BUGS))
+    run_row(backend, row, cache=False)
