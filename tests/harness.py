@@ -221,3 +221,49 @@ def _check_status(status: dict, spec: R.Window, s: int, name: str) -> None:
     w, c = spec.decay(), spec.merge()
     expected = [*c[: t + 1], w[t] if t < spec.k else 0.0]
     np.testing.assert_allclose(status["weights"], expected, rtol=0, atol=1e-15, err_msg=where)
+
+
+# ------------------------------------------- a tiny model, for behaviour tests
+#: A merge with interval > 1 and keep_last, the default of the tiny-model tests.
+TINY_SPEC = dict(schedule="1-sqrt", window=6, interval=2, keep_last=True)
+
+
+def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """``Linear(4, 5) -> Tanh -> Linear(5, 3)``: four params, named ``0.weight`` .. ``2.bias``."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(dtype)
+
+
+def model_grads(model: nn.Module, step: int) -> None:
+    """Seeded gradients for ``step`` (the same in every run)."""
+    g = torch.Generator().manual_seed(1000 + step)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+
+
+def train_model(model: nn.Module, opt, steps: int, first: int = 0) -> None:
+    """``steps`` steps with :func:`model_grads` of steps ``first ..``."""
+    for s in range(first, first + steps):
+        model_grads(model, s)
+        opt.step()
+        opt.zero_grad()
+
+
+def model_snapshot(model: nn.Module) -> list[Tensor]:
+    return [p.detach().double().clone() for p in model.parameters()]
+
+
+def model_readout(snaps, steps: int, spec: dict = TINY_SPEC) -> list[Tensor]:
+    """Float64 explicit merge of stored checkpoints (``reference.readout``), one tensor per param."""
+    w = R.Window(spec["schedule"], spec["window"], spec.get("interval", 1), spec.get("start", 0))
+    return R.readout(w, snaps, steps)
+
+
+def assert_matches(merged: dict, names, expected, rtol: float = 1e-6) -> None:
+    for name, e in zip(names, expected):
+        torch.testing.assert_close(merged[name].double(), e, rtol=rtol, atol=1e-7)
+
+
+def named_groups(*params: Tensor) -> list[dict]:
+    """One param group naming ``params`` ``p0, p1, ...`` (readouts keyed by those names)."""
+    return [{"params": list(params), "param_names": [f"p{i}" for i in range(len(params))]}]

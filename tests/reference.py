@@ -200,3 +200,62 @@ def completed_windows(spec: Window, s: int) -> int:
 
 def at_window_end(spec: Window, s: int) -> bool:
     return s > spec.start and (s - spec.start) % spec.window == 0
+
+
+# ------------------------------------------------------------ nonfinite="skip"
+# A checkpoint whose params held a NaN/inf is left out of the merge and the
+# remaining weights are renormalised (docs/method.md, "Non-finite checkpoints").
+# The anchor of a window (checkpoint 0) is the params at the *next* step's start,
+# so a bad checkpoint k of one window does not poison the next window's anchor
+# when the user repairs the params in between: only checkpoints j >= 1, taken
+# right after the step that produced them, can be left out here.
+
+
+def readout_terms(spec: Window, s: int) -> list[tuple[int, float, int | None]]:
+    """The readout after ``s`` steps as ``(snapshot index, weight, j)`` terms.
+
+    ``j`` is the checkpoint number within the window, ``None`` for the live
+    params standing in for checkpoint ``t + 1`` (weight ``w_{t+1}``).
+    """
+    if s <= spec.start:
+        return [(s, 1.0, None)]
+    w, c = spec.decay(), spec.merge()
+    m = (s - spec.start - 1) // spec.window
+    anchor = spec.start + m * spec.window
+    t = (s - anchor) // spec.interval
+    terms: list[tuple[int, float, int | None]] = [(anchor + j * spec.interval, float(c[j]), j) for j in range(t + 1)]
+    if t < spec.k:
+        terms.append((s, float(w[t]), None))
+    return terms
+
+
+def skipped_checkpoints(spec: Window, s: int, bad_steps) -> int:
+    """How many checkpoints (``j >= 1``) of the readout after ``s`` steps were taken at ``bad_steps``."""
+    return sum(1 for idx, _, j in readout_terms(spec, s) if j and idx in bad_steps)
+
+
+def readout_skipping(
+    spec: Window, snapshots: Sequence[Sequence[Tensor]], s: int, bad_steps=frozenset()
+) -> tuple[list[Tensor], list[Tensor]]:
+    """``(M, scale)`` after ``s`` steps with the checkpoints taken at ``bad_steps`` left out.
+
+    ``M = sum_kept weight * theta / sum_kept weight`` (float64), one tensor per
+    param; ``scale`` is the elementwise ``max |theta|`` over the kept terms
+    (it bounds ``|M|``). With no bad steps this is :func:`readout`.
+    """
+    kept = [(idx, wt) for idx, wt, j in readout_terms(spec, s) if not (j and idx in bad_steps)]
+    total = sum(wt for _, wt in kept)
+    assert total > 0, "every weighted checkpoint was left out (test setup)"
+    values, scales = [], []
+    for i in range(len(snapshots[0])):
+        acc = torch.zeros_like(snapshots[0][i], dtype=F64)
+        for idx, wt in kept:
+            acc = acc + (wt / total) * snapshots[idx][i]
+        values.append(acc)
+        scales.append(torch.stack([snapshots[idx][i] for idx, _ in kept]).abs().amax(0))
+    return values, scales
+
+
+def window_end(spec: Window, m: int) -> int:
+    """Counted steps at the end (last checkpoint) of window ``m``."""
+    return spec.start + (m + 1) * spec.window

@@ -11,7 +11,8 @@ from torch import nn
 
 from safetensors.torch import save_file
 
-from wsm_optim import WSMOptimizer
+import harness as H
+from wsm_optim import NonFiniteMergeError, WSMOptimizer
 from wsm_optim import io as wio
 from wsm_optim import schedules
 from wsm_optim.offline import merge_checkpoints
@@ -247,3 +248,18 @@ def test_triton_refuses_windows_past_its_device_table():
     with pytest.raises(ValueError, match=r"device table of at most schedules.TABLE_LIMIT = 1048576 entries"):
         WSMOptimizer(_inner(), window=10**9, backend="triton")
     assert WSMOptimizer(_inner(), window=10**9).backend == "foreach"  # auto falls back
+
+
+# ---------------------------------------------------------- nonfinite errors
+
+
+def test_skip_mode_error_blames_the_live_params():
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = WSMOptimizer(torch.optim.SGD(H.named_groups(p), lr=0.1), window=4, nonfinite="skip")
+    p.grad = torch.ones(2)
+    opt.step()
+    with torch.no_grad():
+        p[0] = float("inf")
+    with pytest.raises(NonFiniteMergeError, match="live params themselves are non-finite") as e:
+        opt.merged_state_dict()
+    assert "construct with nonfinite='skip'" not in str(e.value)

@@ -133,3 +133,20 @@ def test_fused_inner_optimizer_keeps_gradscalers_fast_path():
         assert torch.equal(a, b)
     assert opt.steps == 6  # the overflow step reached step() and left the params unchanged
     assert not WSMOptimizer(torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1), window=2)._step_supports_amp_scaling
+
+
+def test_live_edits_stay_visible_across_regrouping_and_a_swap():
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = WSMOptimizer(torch.optim.SGD([("p", p)], lr=0.1), window=4)
+    p.grad = torch.ones(2)
+    opt.step()
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(1))], "param_names": ["q"]})
+    with torch.no_grad():
+        p.fill_(100.0)
+    with pytest.warns(LiveParamsChangedWarning, match="'p'"):
+        opt.merged_state_dict()
+    with pytest.warns(LiveParamsChangedWarning):
+        with opt.merged_weights():
+            pass
+    with pytest.warns(LiveParamsChangedWarning, match="'p'"):  # the swap's own writes did not hide the edit
+        opt.merged_state_dict()

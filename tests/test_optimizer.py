@@ -3,16 +3,26 @@
 Every readout (current window at every step, the completed window, the
 default param-dtype readout) is compared with ``tests/reference.py``; see
 ``harness.run_case`` for the checks and ``harness`` for the tolerance table.
+(Every backend, dtype and nonfinite mode: ``test_conformance.py``.)
+
+Last section: ``WSMOptimizer`` as a ``torch.optim.Optimizer`` seen through
+framework proxies (Lightning's ``LightningOptimizer``) and copies.
 """
 
 from __future__ import annotations
 
+import copy
+import pickle
+
+import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 import harness as H
 import reference as R
+from wsm_optim import WSMOptimizer
 
 NAMED = ["linear", "mean", "cosine", "1-sqrt", "minus-sqrt", "inv-sqrt", "ema"]
 SHAPES = [(), (1,), (1, 1), (5,), (2, 3), (3, 1, 2)]
@@ -185,3 +195,80 @@ def test_report_max_errors(capsys) -> None:
                 f"\n[wsm max rel error vs float64] {dtype}: fp32 readout {e['fp32_readout']:.3g}, "
                 f"param-dtype readout {e['native_readout']:.3g}"
             )
+
+
+# -------- WSMOptimizer as a torch.optim.Optimizer: framework proxies, copies
+
+
+class _CopiedDictProxy:
+    """What LightningOptimizer did up to 2.5: copy the wrapped optimizer's __dict__, subclass its class."""
+
+    def __init__(self, optimizer):
+        self.__dict__ = {k: v for k, v in optimizer.__dict__.items() if k not in ("step", "__del__")}
+        self.__class__ = type("Proxy" + optimizer.__class__.__name__, (self.__class__, optimizer.__class__), {})
+        self._optimizer = optimizer
+
+    def step(self, closure=None):
+        return self._optimizer.step(closure)
+
+
+def _proxies():
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    return {"copied-dict": _CopiedDictProxy, "lightning": LightningOptimizer}
+
+
+@pytest.mark.parametrize("kind", ["copied-dict", "lightning"])
+def test_step_inside_merged_weights_is_refused_through_a_proxy(kind):
+    model = H.tiny_model()
+    opt = WSMOptimizer(torch.optim.SGD(model.named_parameters(), lr=0.1), **H.TINY_SPEC)
+    proxy = _proxies()[kind](opt)
+    # LightningOptimizer.step needs a Trainer's strategy: the Lightning proxy steps the optimizer itself
+    stepper = proxy if kind == "copied-dict" else opt
+    H.train_model(model, stepper, 3)
+    assert opt.steps == proxy.steps == 3
+    before = H.model_snapshot(model)
+    with proxy.merged_weights():
+        H.model_grads(model, 99)
+        with pytest.raises(RuntimeError, match=r"step\(\) called inside merged_weights"):
+            stepper.step()
+        with pytest.raises(RuntimeError, match=r"step\(\) called inside merged_weights"):
+            opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, H.model_snapshot(model)))  # nothing lost on exit
+    assert opt.steps == 3
+
+
+@pytest.mark.parametrize("kind", ["copied-dict", "lightning"])
+def test_add_param_group_through_a_proxy(kind):
+    model = H.tiny_model()
+    extra = nn.Parameter(torch.randn(3))
+    opt = WSMOptimizer(torch.optim.SGD(model.named_parameters(), lr=0.1), window=4)
+    proxy = _proxies()[kind](opt)
+    stepper = proxy if kind == "copied-dict" else opt
+    H.train_model(model, stepper, 2)
+    proxy.add_param_group({"params": [extra], "param_names": ["extra"]})
+    merged = opt.merged_state_dict()
+    assert torch.equal(merged["extra"], extra.detach())  # joined mid-window: constant since the anchor
+    assert set(proxy.merged_state_dict()) == set(merged)
+    H.train_model(model, stepper, 2, first=2)
+    extra.grad = None
+    assert opt.steps == 4 and len(opt.state_dict()["state"]) == 5
+    assert torch.equal(opt.merged_state_dict()["extra"], extra.detach())  # never stepped: constant
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copy_with_an_lr_scheduler_attached_steps_the_copy(how):
+    model = torch.nn.Linear(2, 1)
+    opt = WSMOptimizer(torch.optim.SGD(model.named_parameters(), lr=0.5), window=3)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)  # wraps opt.step on the instance
+    if how == "deepcopy":
+        twin = copy.deepcopy(opt)
+    else:
+        twin = pickle.loads(pickle.dumps(opt))
+    twin_params = [p for g in twin.param_groups for p in g["params"]]
+    before = [p.detach().clone() for p in twin_params]
+    for p in twin_params:
+        p.grad = torch.ones_like(p)
+    twin.step()
+    assert (twin.steps, opt.steps) == (1, 0)
+    assert all(not torch.equal(p, q) for p, q in zip(twin_params, before))

@@ -1,9 +1,17 @@
-"""Resume mid-window: save, rebuild, load, continue == an uninterrupted run, bitwise (CPU)."""
+"""Resume mid-window: save, rebuild, load, continue == an uninterrupted run, bitwise (CPU).
+
+Also the state dict itself: config mismatches named, hooks, numpy config
+values, duplicate params numbered as torch numbers them, v0.1 state dicts,
+and validate-then-load (a bad state dict changes nothing).
+"""
 
 from __future__ import annotations
 
+import copy
 import io
+import warnings
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -232,3 +240,177 @@ def test_keep_last_may_change_on_resume():
     assert kept_now.keys() == finished.keys()
     assert all(torch.equal(kept_now[k], finished[k]) for k in finished)
     assert not torch.equal(enabled.merged_state_dict(torch.float32)["weight"], finished["weight"])
+
+
+# ---- state-dict hooks, numpy config values, duplicate params, v0.1 state dicts
+
+
+def test_state_dict_hooks_registered_on_the_wrapper_run():
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = WSMOptimizer(torch.optim.SGD(H.named_groups(p), lr=0.1), window=2)
+    ran = []
+    opt.register_state_dict_pre_hook(lambda o: ran.append("sd_pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: (ran.append("sd_post"), sd.setdefault("extra", 1))[0])
+    opt.register_load_state_dict_pre_hook(lambda o, sd: ran.append("load_pre"))
+    opt.register_load_state_dict_post_hook(lambda o: ran.append("load_post"))
+    sd = opt.state_dict()
+    assert sd["extra"] == 1
+    opt.load_state_dict(sd)
+    assert ran == ["sd_pre", "sd_post", "load_pre", "load_post"]
+
+
+def test_numpy_int_config_loads_with_weights_only():
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = WSMOptimizer(torch.optim.SGD(H.named_groups(p), lr=0.1), window=np.int64(4), interval=np.int32(2),
+                       start=np.int64(1))
+    p.grad = torch.ones(2)
+    opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    again = WSMOptimizer(torch.optim.SGD(H.named_groups(p), lr=0.1), window=4, interval=2, start=1)
+    again.load_state_dict(torch.load(buf, weights_only=True))
+    assert again.steps == 1
+
+
+def test_duplicate_params_are_numbered_as_torch_numbers_them_and_resume_exactly():
+    def build():
+        model = H.tiny_model()
+        ps = list(model.parameters())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about the duplicate and accepts it
+            inner = torch.optim.SGD([{"params": [ps[0], ps[1], ps[0]]}, {"params": ps[2:]}], lr=0.1, momentum=0.9)
+        return model, WSMOptimizer(inner, window=4, keep_last=True, model=model)
+
+    model, opt = build()
+    H.train_model(model, opt, 5)
+    sd = opt.state_dict()
+    numbering = {k for k, v in opt.inner.state_dict()["state"].items()}
+    assert {k for k, v in sd["state"].items() if "momentum_buffer" in v} == numbering
+    for key, entry in sd["state"].items():
+        assert entry["wsm_acc.default"].shape == entry["momentum_buffer"].shape, key
+    saved = copy.deepcopy(sd)
+    H.train_model(model, opt, 4, first=5)
+
+    resumed_model, resumed = build()
+    resumed_model.load_state_dict(_model_at(5))
+    resumed.load_state_dict(saved)
+    H.train_model(resumed_model, resumed, 4, first=5)
+    for (k, a), (_, b) in zip(opt.merged_state_dict().items(), resumed.merged_state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def _model_at(steps):
+    model = H.tiny_model()
+    ps = list(model.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        inner = torch.optim.SGD([{"params": [ps[0], ps[1], ps[0]]}, {"params": ps[2:]}], lr=0.1, momentum=0.9)
+    H.train_model(model, inner, steps)
+    return model.state_dict()
+
+
+def test_v01_state_dicts_with_a_duplicated_param_still_load():
+    """v0.1 numbered WSM buffers by position among distinct params, torch numbers the inner state."""
+    def build():
+        torch.manual_seed(0)
+        p, q = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            inner = torch.optim.SGD([{"params": [p, q, p], "param_names": ["p", "q", "p"]}], lr=0.1, momentum=0.9)
+        return (p, q), WSMOptimizer(inner, window=4)
+
+    (p, q), opt = build()
+    for s in range(3):
+        p.grad, q.grad = torch.full((3,), float(s + 1)), torch.full((2,), -1.0)
+        opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    legacy = copy.deepcopy(sd)
+    buffers = [{k: v for k, v in legacy["state"][i].items() if k.startswith("wsm_")} for i in (2, 1)]  # p, q
+    for entry in legacy["state"].values():
+        for k in [k for k in entry if k.startswith("wsm_")]:
+            del entry[k]
+    for i, extra in enumerate(buffers):  # distinct params in order: p -> 0, q -> 1
+        legacy["state"].setdefault(i, {}).update(extra)
+    for saved in (sd, legacy):
+        (p2, q2), fresh = build()
+        fresh.load_state_dict(saved)
+        with torch.no_grad():
+            p2.copy_(p)
+            q2.copy_(q)
+        got, want = fresh.merged_state_dict(), opt.merged_state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+# --------------------- validate, then load: a bad state dict changes nothing
+
+
+def _trained_state():
+    model = H.tiny_model()
+    opt = WSMOptimizer(torch.optim.AdamW(model.named_parameters(), lr=0.05), merges={
+        "a": dict(schedule="1-sqrt", window=6, interval=2, keep_last=True), "b": dict(window=4)})
+    H.train_model(model, opt, 9)
+    return model, opt
+
+
+def _corrupt(sd, how):
+    sd = copy.deepcopy(sd)
+    if how == "missing counters key":
+        del sd["wsm"]["merges"]["a"]["counters"]["t"]
+    elif how == "counter out of range":
+        sd["wsm"]["merges"]["a"]["counters"]["t"] = 7
+    elif how == "counters disagree with steps":
+        sd["wsm"]["steps"] = 8
+    elif how == "negative steps":
+        sd["wsm"]["steps"] = -1
+    elif how == "accumulator shape":
+        sd["state"][1]["wsm_acc.b"] = torch.zeros(2)
+    elif how == "missing accumulator":
+        del sd["state"][3]["wsm_acc.a"]
+    elif how == "missing completed window":
+        del sd["state"][0]["wsm_last.a"]
+    elif how == "missing state":
+        del sd["state"]
+    elif how == "fewer params":
+        sd["param_groups"][0]["params"] = sd["param_groups"][0]["params"][:-1]
+    elif how == "accumulator not a tensor":
+        sd["state"][2]["wsm_acc.a"] = [1.0, 2.0]
+    elif how == "meta accumulator":
+        sd["state"][2]["wsm_acc.a"] = torch.empty(sd["state"][2]["wsm_acc.a"].shape, device="meta")
+    elif how == "skipped not numbers":
+        sd["wsm"]["merges"]["b"]["counters"]["skipped"] = ["x", 1]
+    elif how == "inner state refused":
+        sd["state"][0]["step"] = "three"
+    return sd
+
+
+@pytest.mark.parametrize("how, needle", [
+    ("missing counters key", "lack 't'"),
+    ("counter out of range", "counter t = 7 is outside 0..3"),
+    ("counters disagree with steps", "do not match steps = 8"),
+    ("negative steps", "'steps'] = -1"),
+    ("accumulator shape", "state[1]['wsm_acc.b']: accumulator shape mismatch: saved (2,), parameter (5,)"),
+    ("missing accumulator", "parameter 3 has no 'wsm_acc.a' entry"),
+    ("missing completed window", "parameter 0 has no 'wsm_last.a' entry"),
+    ("missing state", "lacks the key 'state'"),
+    ("fewer params", "3 parameters in its param_groups, this optimizer 4"),
+    ("accumulator not a tensor", "is a list, expected a tensor"),
+    ("meta accumulator", "state[2]['wsm_acc.a'] is a meta tensor"),
+    ("skipped not numbers", "counters['skipped'] = ['x', 1] must be [weight, count]"),
+    ("inner state refused", "the inner AdamW refused its part"),
+])
+def test_a_bad_state_dict_changes_nothing(how, needle):
+    model, opt = _trained_state()
+    good = copy.deepcopy(opt.state_dict())
+    _, target = _trained_state()
+    H.train_model(model, target, 1, first=9)  # a different state, to see that nothing of it changes
+    before = copy.deepcopy(target.state_dict())
+    with pytest.raises(ValueError) as info:
+        target.load_state_dict(_corrupt(good, how))
+    assert needle in str(info.value)
+    after = target.state_dict()
+    assert after["wsm"] == before["wsm"]
+    for key, entry in before["state"].items():
+        for field, value in entry.items():
+            assert torch.equal(after["state"][key][field], value), (key, field)
+    assert after["param_groups"] == before["param_groups"]
