@@ -107,6 +107,8 @@ BACKENDS = [
         reason="triton is not installed, or neither CUDA nor TRITON_INTERPRET=1",
         device="cuda" if HAS_CUDA else "cpu", reports="triton", covering=not HAS_CUDA,
     ),
+    BackendCase("offload", dict(backend="foreach", offload="cpu"), device="cuda" if HAS_CUDA else "cpu",
+                reports="offload", bitwise_with_foreach=True),
 ]
 FOREACH = BACKENDS[0]
 
@@ -233,12 +235,7 @@ ROWS = _rows()
 
 #: Library bugs this matrix found: ``(predicate(backend, row), reason)``; matching rows are
 #: ``xfail(strict=True)``, so the fix must delete the entry.
-KNOWN_BUGS = [
-    (lambda b, r: r.dtype.dtype == torch.float64 and r.nonfinite == "skip",
-     "library bug: with nonfinite='skip' the foreach update scales by ok.to(torch.float32) * coef "
-     "(backends/foreach.py anchor/accumulate), rounding c_j to fp32, so float64 params merge with "
-     "~3e-8 relative error instead of float64 precision (the triton backend sends float64 to foreach)"),
-]
+KNOWN_BUGS: list = []  # the float64 skip-mode precision bug it found is fixed (issue 16)
 
 
 def _matrix():
