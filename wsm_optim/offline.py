@@ -17,28 +17,22 @@ with :func:`wsm_optim.io.atomic_save` (never half-written).
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import io
 import json
 import math
 import os
-import pickletools
 import re
-import sys
 import warnings
-import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from . import schedules
-from .io import atomic_save, infer_format
+from .io import UnsafePickleWarning, atomic_save, infer_format, open_checkpoint, write_target
 from .precision import accumulator_dtype
+from .progress import Progress
 
 __all__ = [
     "merge_checkpoints",
@@ -68,10 +62,6 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 _INT_RE = re.compile(r"\d+")
-
-
-class UnsafePickleWarning(UserWarning):
-    """A checkpoint was unpickled with ``weights_only=False`` (it can run arbitrary code)."""
 
 
 # ---------------------------------------------------------------- inputs
@@ -224,203 +214,7 @@ def format_table(paths: Sequence[Path], c: np.ndarray, label: str) -> str:
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------- reading
-def _select(obj: Any, key: str, path: Path, full_key: str | None = None) -> Any:
-    """``obj[key]``, where a dotted ``key`` may also walk nested dicts (``"state.model"``)."""
-    full_key = key if full_key is None else full_key
-    where = "" if key == full_key else f" (looking up {key!r} inside {full_key[: -len(key) - 1]!r})"
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"--key {full_key!r}: {path} holds a {type(obj).__name__}, not a dict{where}")
-    if key in obj:
-        return obj[key]
-    parts = key.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        head = ".".join(parts[:i])
-        if head in obj and isinstance(obj[head], Mapping):
-            return _select(obj[head], ".".join(parts[i:]), path, full_key)
-    shown = ", ".join(repr(k) for k in list(obj)[:20])
-    raise ValueError(f"--key {full_key!r} not found in {path}{where}; available keys: {shown}")
-
-
-def _check_state_dict(obj: Any, path: Path, key: str | None) -> dict[str, Tensor]:
-    where = f"{path}" + (f" (under --key {key!r})" if key else "")
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{where} holds a {type(obj).__name__}, not a state dict {{name: tensor}}")
-    for name, value in obj.items():
-        if not isinstance(name, str):
-            raise ValueError(f"{where}: key {name!r} is not a string; not a state dict")
-        if not isinstance(value, Tensor):
-            hint = (
-                "; this looks like a training checkpoint: pick the model's state dict with --key "
-                f"(top-level keys: {', '.join(repr(k) for k in list(obj)[:20])})"
-                if isinstance(value, Mapping) and key is None
-                else ""
-            )
-            raise ValueError(f"{where}: entry {name!r} is a {type(value).__name__}, not a tensor{hint}")
-        if value.is_sparse or value.layout != torch.strided:
-            raise ValueError(f"{where}: entry {name!r} is a {value.layout} tensor; only dense tensors merge")
-    return dict(obj)
-
-
-def _load_error_reason(e: BaseException) -> str:
-    """The informative part of a ``torch.load`` error: the weights-only unpickler's reason, else line 1."""
-    text = str(e)
-    marker = "WeightsUnpickler error:"
-    if marker in text:
-        after = text.split(marker, 1)[1].split("Check the documentation of torch.load", 1)[0]
-        reason = " ".join(ln.strip() for ln in after.splitlines() if ln.strip())
-        if reason:
-            return reason
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return f"{type(e).__name__}: {lines[0] if lines else repr(e)}"
-
-
-def _parse_pickles(stream: Any, count: int | None) -> None:
-    """Walk ``count`` consecutive pickles (``None``: exactly one, then end of data) without executing any.
-
-    ``pickletools.genops`` decodes opcodes and their arguments only (no
-    globals imported, nothing called), so this is safe on untrusted files.
-    Raises ``ValueError`` on an invalid opcode or a truncated pickle.
-    """
-    for _ in range(1 if count is None else count):
-        stopped = False
-        for op, _arg, _pos in pickletools.genops(stream):
-            stopped = op.name == "STOP"
-        if not stopped:
-            raise ValueError("pickle data ends without STOP")
-    if count is None and stream.read(1):
-        raise ValueError("data after the end of the pickle")
-
-
-def _is_valid_pickle_checkpoint(path: Path) -> bool:
-    """Whether ``path`` is a well-formed ``torch.save`` file, judged without unpickling anything.
-
-    zip format (torch >= 1.6): the archive and its ``*/data.pkl`` member (CRC
-    checked) must read, and that member must be one complete pickle. Legacy
-    format: the magic-number, protocol and system-info pickles, then the object
-    pickle and the storage-keys pickle must all decode.
-    """
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as z:
-                members = [n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
-                if len(members) != 1:
-                    return False
-                _parse_pickles(io.BytesIO(z.read(members[0])), None)
-            return True
-        with open(path, "rb") as f:
-            _parse_pickles(f, 5)
-        return True
-    except Exception:  # noqa: BLE001 - any decoding failure means "not a valid file"
-        return False
-
-
-def _torch_load(path: Path, unsafe_pickle: bool, warned: set[Path]) -> Any:
-    mmap = zipfile.is_zipfile(path)  # mmap needs the zip format (torch.save's default since 1.6)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:  # noqa: BLE001 - re-raised with a message naming the file
-        text = str(e)
-        # Random bytes also fail inside the weights-only unpickler ("Unsupported operand"), so its
-        # refusal alone does not mean "valid but unsafe": only a file whose pickles decode is.
-        refused = "Weights only load failed" in text and _is_valid_pickle_checkpoint(path)
-        if not refused:
-            size = path.stat().st_size
-            detail = "it is empty (0 bytes)" if size == 0 else f"{size} bytes; torch.load: {_load_error_reason(e)}"
-            raise ValueError(
-                f"cannot read {path}: the file is corrupt or not a torch.save checkpoint (a safetensors file needs the "
-                f".safetensors suffix): {detail}"
-            ) from e
-        reason = _load_error_reason(e)
-        if not unsafe_pickle:
-            raise ValueError(
-                f"{path} holds objects that safe loading (torch.load weights_only=True) refuses"
-                f"{': ' + reason if reason else ''}. Loading it means unpickling, which can execute "
-                "arbitrary code stored in the file; only if you trust where it comes from, pass "
-                "--unsafe-pickle (unsafe_pickle=True)"
-            ) from e
-    if path not in warned:  # once per file, though it is opened twice (check pass, merge pass)
-        warned.add(path)
-        warnings.warn(
-            f"--unsafe-pickle: loading {path} with torch.load(weights_only=False). Unpickling runs any code "
-            "stored in the file; do this only for files you created or fully trust",
-            UnsafePickleWarning,
-            stacklevel=4,
-        )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"cannot unpickle {path}: {type(e).__name__}: {e}") from e
-
-
-class _Reader:
-    """One open checkpoint: ``names`` (in file order), ``meta(name)`` and ``tensor(name)``."""
-
-    def __init__(
-        self, path: Path, key: str | None, unsafe_pickle: set[Path] | None, stack: contextlib.ExitStack
-    ):
-        self.path = path
-        self._st = None
-        self._sd: dict[str, Tensor] | None = None
-        if path.suffix.lower() == ".safetensors":
-            from safetensors import safe_open
-            from safetensors.torch import _TYPES
-
-            try:
-                self._st = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
-            except Exception as e:  # noqa: BLE001
-                raise ValueError(f"cannot read {path} as a safetensors file: {e}") from e
-            self._types = _TYPES
-            names = list(self._st.keys())
-            if key is not None:
-                prefix = key + "."
-                self._full = {n[len(prefix):]: n for n in names if n.startswith(prefix)}
-                if not self._full:
-                    tops = sorted({n.split(".")[0] for n in names})[:20]
-                    raise ValueError(
-                        f"--key {key!r}: no tensor in {path} is named {prefix + '*'!r} "
-                        f"(safetensors files are flat; first name parts present: {tops})"
-                    )
-            else:
-                self._full = {n: n for n in names}
-            self.names = list(self._full)
-        else:
-            obj = _torch_load(path, unsafe_pickle is not None, set() if unsafe_pickle is None else unsafe_pickle)
-            if key is not None:
-                obj = _select(obj, key, path)
-            self._sd = _check_state_dict(obj, path, key)
-            self.names = list(self._sd)
-
-    def meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
-        if self._st is not None:
-            sl = self._st.get_slice(self._full[name])
-            dt = sl.get_dtype()
-            if dt not in self._types:
-                raise ValueError(f"{self.path}: tensor {name!r} has unsupported safetensors dtype {dt}")
-            return tuple(sl.get_shape()), self._types[dt]
-        t = self._sd[name]
-        return tuple(t.shape), t.dtype
-
-    def tensor(self, name: str) -> Tensor:
-        if self._st is not None:
-            return self._st.get_tensor(self._full[name])
-        return self._sd[name]
-
-
-@contextlib.contextmanager
-def _open(path: Path, key: str | None, unsafe_pickle: set[Path] | None) -> Iterator[_Reader]:
-    """``unsafe_pickle``: None = refuse unsafe pickles; a set = allow them, warning once per file in it."""
-    with contextlib.ExitStack() as stack:
-        reader = _Reader(path, key, unsafe_pickle, stack)
-        try:
-            yield reader
-        finally:
-            # Drop the tensors now: a name still bound to the reader must not keep
-            # this checkpoint in memory while the next one loads.
-            reader._sd = None
-            reader._st = None
-
-
+# ----------------------------------------------------------------- merge
 def _averaged(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point or dtype.is_complex
 
@@ -429,7 +223,7 @@ def _signature(paths: Sequence[Path], key: str | None, unsafe_pickle: set[Path] 
     """Names, shapes and dtypes of the first file, checked against every other file (cheap pass)."""
     ref: dict[str, tuple] | None = None
     for path in paths:
-        with _open(path, key, unsafe_pickle) as r:
+        with open_checkpoint(path, key, unsafe_pickle) as r:
             sig = {n: r.meta(n) for n in r.names}
         if ref is None:
             if not sig:
@@ -480,7 +274,6 @@ def _check_finite(t: Tensor, name: str, path: Path) -> None:
         )
 
 
-# ----------------------------------------------------------------- merge
 def merge_checkpoints(
     paths: str | os.PathLike | Sequence[str | os.PathLike],
     schedule: schedules.Schedule | None = None,
@@ -516,7 +309,9 @@ def merge_checkpoints(
             tensor's input dtype. Accumulation is float32 (float64 for float64 inputs).
         unsafe_pickle: allow ``torch.load(weights_only=False)`` for files safe
             loading refuses. This executes code stored in the file.
-        progress: show a progress bar over the files (stderr).
+        progress: show progress over the files on stderr: a bar on a terminal,
+            a plain line with elapsed time and ETA every 30 s (and at the end)
+            in a log (:class:`wsm_optim.progress.Progress`).
         glob: pattern for a directory input.
         verbose: print the weights table, the list of non-float tensors copied
             from the newest checkpoint and the output path (stdout). Defaults to ``progress``.
@@ -531,8 +326,6 @@ def merge_checkpoints(
             output equal to an input, refused pickle.
         FileNotFoundError: a missing input or output directory.
     """
-    from tqdm.auto import tqdm
-
     verbose = progress if verbose is None else verbose
     files = resolve_inputs(paths, glob)
     c = checkpoint_weights(len(files), schedule, weights, normalize)
@@ -557,11 +350,11 @@ def merge_checkpoints(
     acc: dict[str, Tensor] = {}
     kept: dict[str, Tensor] = {}
     newest = len(files) - 1
-    bar = tqdm(files, desc="merging", unit="file", disable=not progress, file=sys.stderr, leave=False)
-    with torch.no_grad():
-        for j, path in enumerate(bar):
+    bar = Progress(len(files), "merging", unit="file", enabled=progress)
+    with torch.no_grad(), bar:
+        for j, path in enumerate(files):
             coef = float(c[j])
-            with _open(path, key, unsafe) as reader:
+            with open_checkpoint(path, key, unsafe) as reader:
                 for name, (shape, dt) in signature.items():
                     t = reader.tensor(name)
                     if not _averaged(dt):
@@ -574,7 +367,7 @@ def merge_checkpoints(
                         a = acc[name] = torch.zeros(shape, dtype=accumulator_dtype(dt))
                     a.add_(t.to(a.dtype), alpha=coef)
                     del t
-    bar.close()
+            bar.update()
 
     merged: dict[str, Tensor] = {}
     for name, (_, dt) in signature.items():
@@ -622,88 +415,5 @@ def _check_output(out: str | os.PathLike, files: Sequence[Path]) -> Path:
             raise ValueError(f"output {str(out_path)!r} is one of the input checkpoints ({f}); choose another path")
     if out_path.is_dir():
         raise ValueError(f"output {str(out_path)!r} is a directory; give a file name")
-    if not resolved.parent.is_dir():
-        raise FileNotFoundError(f"output directory {str(out_path.parent)!r} does not exist")
+    write_target(out_path)  # names the path that is wrong (a dangling symlink, a missing directory)
     return out_path
-
-
-# ------------------------------------------------------------------- CLI
-def _parse_weights(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.replace(" ", "").split(",") if x != ""]
-    except ValueError as e:
-        raise ValueError(f"--weights: expected comma-separated numbers like 0.5,0.3,0.2, got {text!r}") from e
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "inputs",
-        nargs="+",
-        metavar="CKPT",
-        help="checkpoint files, oldest first (.safetensors, or torch.save .pt/.pth/.bin state dicts); "
-        "or ONE directory: its files (see --glob) sorted by step number = the last integer in the "
-        "name (2 < 10 < 100)",
-    )
-    p.add_argument(
-        "--glob",
-        metavar="PATTERN",
-        help="with a directory: which files, e.g. 'step_*.pt' or '**/model.safetensors' "
-        f"(default: all {', '.join('*' + s for s in CHECKPOINT_SUFFIXES)})",
-    )
-    p.add_argument(
-        "--schedule",
-        help=f"decay shape, one of {', '.join([*schedules.SHAPES, *schedules.ALIASES])} (default linear = uniform mean); "
-        "merge weights from Theorem 3.1 with k = number of checkpoints - 1",
-    )
-    p.add_argument(
-        "--weights",
-        metavar="C0,C1,...",
-        help="explicit merge weights c_j, one per checkpoint oldest first, >= 0, "
-        f"summing to 1 (within {WEIGHT_SUM_ATOL:g}) unless --normalize",
-    )
-    p.add_argument("--normalize", action="store_true", help="rescale --weights to sum to 1")
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output file: .safetensors or .pt/.pth/.bin")
-    p.add_argument(
-        "--key",
-        metavar="KEY",
-        help="take the state dict under this key of each checkpoint, e.g. model or state.model "
-        "(safetensors: the tensors named KEY.*)",
-    )
-    p.add_argument(
-        "--dtype",
-        choices=list(DTYPES),
-        help="output dtype of the averaged tensors (default: input dtype); accumulation is float32",
-    )
-    p.add_argument(
-        "--unsafe-pickle",
-        action="store_true",
-        help="allow loading .pt files that torch.load(weights_only=True) refuses. DANGER: unpickling "
-        "runs any code stored in the file; use only for files you trust",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but warnings and errors")
-
-
-def run(args: argparse.Namespace) -> int:
-    weights = _parse_weights(args.weights) if args.weights is not None else None
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        print(f"wsm-optim merge: warning: {message}", file=sys.stderr)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.showwarning = show
-        merge_checkpoints(
-            args.inputs,
-            schedule=args.schedule,
-            weights=weights,
-            normalize=args.normalize,
-            out=args.output,
-            key=args.key,
-            dtype=args.dtype,
-            unsafe_pickle=args.unsafe_pickle,
-            progress=not (args.no_progress or args.quiet),
-            glob=args.glob,
-            verbose=not args.quiet,
-        )
-    return 0
