@@ -430,7 +430,7 @@ def test_progress_in_a_log_is_plain_lines_not_a_frozen_bar(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "0%|" not in err and "|" not in err
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("merging: 3/3 files (100%), elapsed 0:00:0"), err
+    assert len(lines) == 1 and lines[0].startswith("merging: 5/5 tensors (100%), elapsed 0:00:0"), err
     merge_checkpoints(paths, progress=False, verbose=False)
     assert capsys.readouterr().err == ""
 

@@ -37,6 +37,7 @@ import hashlib
 import os
 import pickletools
 import re
+import shutil
 import socket
 import stat
 import tempfile
@@ -52,6 +53,8 @@ from torch import Tensor
 
 __all__ = [
     "atomic_save",
+    "atomic_file",
+    "atomic_directory",
     "remove_stale_temp_files",
     "infer_format",
     "open_checkpoint",
@@ -153,7 +156,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temp_files(path: str | os.PathLike) -> list[Path]:
-    """Remove temp files of :func:`atomic_save` for ``path`` left by dead writers on this host.
+    """Remove temp files of :func:`atomic_save` (and directories of :func:`atomic_directory`) for ``path`` left by dead writers on this host.
 
     Only names ``.NAME.wsmtmp-HOST-PID-RAND.tmp`` with this host's ``HOST`` and a
     ``PID`` that no process has any more; nothing on Windows (where signal 0
@@ -177,16 +180,23 @@ def remove_stale_temp_files(path: str | os.PathLike) -> list[Path]:
             if entry.is_file(follow_symlinks=False):
                 os.unlink(entry.path)
                 removed.append(Path(entry.path))
+            elif entry.is_dir(follow_symlinks=False):  # an atomic_directory in progress when its writer died
+                shutil.rmtree(entry.path)
+                removed.append(Path(entry.path))
         except OSError:  # raced with another cleaner, or no permission: not ours to fight over
             pass
     return removed
 
 
-def _file_mode() -> int:
-    """Permissions a plain ``open(path, "w")`` would give (mkstemp uses 0o600)."""
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+def _file_mode() -> int:
+    """Permissions a plain ``open(path, "w")`` would give (mkstemp uses 0o600)."""
+    return 0o666 & ~_umask()
 
 
 def _mode_for(target: Path) -> int:
@@ -270,14 +280,27 @@ def atomic_save(
         if bad:
             raise TypeError(f"atomic_save: metadata must map str to str; bad entries: {bad}")
         metadata = dict(metadata)
-    target = write_target(path, "atomic_save: ")
-    directory = target.parent
     writer = globals()[_WRITERS[fmt]]  # looked up at call time so tests can patch it
+    with atomic_file(path) as tmp:
+        writer(state_dict, tmp, metadata)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, who: str = "atomic_save: ") -> Iterator[str]:
+    """Yield a temporary file name to write; on success it replaces ``path`` (fsync, rename, fsync dir).
+
+    The crash-safety of :func:`atomic_save` for any writer: on an exception the
+    temporary file is removed and ``path`` is untouched. ``path`` may be a
+    symlink (its target is replaced) and keeps its permission bits.
+    """
+    target = write_target(Path(path), who)
+    directory = target.parent
     remove_stale_temp_files(target)  # before writing: a crashed write may have left a file as big as ours
     fd, tmp = tempfile.mkstemp(prefix=f"{_temp_stem(target)}{os.getpid()}-", suffix=".tmp", dir=directory)
     try:
         os.close(fd)
-        writer(state_dict, tmp, metadata)
+        yield tmp
         _fsync_path(tmp)
         os.chmod(tmp, _mode_for(target))
         os.replace(tmp, target)
@@ -288,7 +311,41 @@ def atomic_save(
             pass
         raise
     _fsync_path(directory, directory=True)
-    return path
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, who: str = "") -> Iterator[Path]:
+    """Yield a temporary directory to fill; on success it is renamed to ``path`` (complete or not at all).
+
+    ``path`` must not exist, or be an empty directory (replaced); a non-empty
+    one is refused (never deleted). The files written inside must be fsynced
+    by their writers; the directory entries are fsynced here. On an exception
+    the temporary directory and everything in it are removed. Stale temporary
+    directories of dead writers on this host are removed first, as for files.
+    """
+    target = Path(path)
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise ValueError(f"{who}output {str(target)!r} exists and is not a directory; choose a new path")
+    if target.is_dir() and any(target.iterdir()):
+        raise ValueError(
+            f"{who}output directory {str(target)!r} exists and is not empty; remove it or choose a new path "
+            "(the output is written to a temporary directory and renamed, so it never mixes with old files)"
+        )
+    if not target.parent.is_dir():
+        raise FileNotFoundError(f"{who}output directory {str(target.parent)!r} does not exist")
+    remove_stale_temp_files(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_temp_stem(target)}{os.getpid()}-", suffix=".tmp", dir=target.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp gives 0o700; a plain mkdir follows the umask
+        yield tmp
+        _fsync_path(tmp, directory=True)
+        if target.is_dir():
+            target.rmdir()  # empty (checked above); rename cannot replace a directory on every system
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_path(target.parent, directory=True)
 
 
 # ------------------------------------------------------------------ reading

@@ -1,18 +1,25 @@
-"""Offline WSM merge of saved checkpoint files (``wsm-optim merge``).
+"""Offline WSM merge of saved checkpoints (``wsm-optim merge``): inputs, weights and the merge.
 
 The same Theorem 3.1 weights as :class:`~wsm_optim.WSMOptimizer`, applied to a
 list of existing checkpoints ``theta_0 .. theta_k`` (oldest first,
 ``k = n - 1``): ``merged = sum_j c_j * theta_j``.
 
-Memory: files are streamed one at a time into one accumulator per floating
-tensor (float32; float64 for float64 inputs), so the peak is one accumulator
-plus one loaded checkpoint whatever the number of files. Non-float tensors
-(integer buffers, step counters, masks) are copied from the newest checkpoint,
-never averaged.
+Inputs (:func:`resolve_inputs`): safetensors or ``torch.save`` files, Hugging
+Face ``save_pretrained`` folders (sharded or not) and
+``torch.distributed.checkpoint`` directories, in any mix, given oldest first
+or as one parent folder sorted by step number (:mod:`wsm_optim.checkpoint_readers`).
 
-Every input is checked before anything is written: same keys, shapes and
-dtypes in every file, no NaN/inf in any floating tensor. The output is written
-with :func:`wsm_optim.io.atomic_save` (never half-written).
+Memory: the merge streams block by block (:mod:`wsm_optim.streaming_merge`):
+each block of rows of each tensor is read from every input in turn and added
+into a float32 accumulator (float64 for float64 inputs), then written out
+(:mod:`wsm_optim.checkpoint_writers`), so the peak is about ``block_size`` of
+accumulators plus one block read, whatever the model size and the number of
+inputs. Non-float tensors (integer buffers, step counters, masks) are copied
+from the newest checkpoint, never averaged.
+
+Every input's names, shapes and dtypes are checked before anything is read;
+NaN/inf refuse the merge. Outputs appear complete or not at all (temporary
+file or directory, then rename) and inputs are never modified.
 """
 
 from __future__ import annotations
@@ -30,9 +37,10 @@ import torch
 from torch import Tensor
 
 from . import schedules
-from .io import UnsafePickleWarning, atomic_save, infer_format, open_checkpoint, write_target
-from .precision import accumulator_dtype
-from .progress import Progress
+from . import checkpoint_writers as writers
+from .checkpoint_readers import checkpoint_kind, open_reader
+from .io import TORCH_SUFFIXES, UnsafePickleWarning, write_target
+from .streaming_merge import averaged, merged_blocks, plan_batches, plan_blocks
 
 __all__ = [
     "merge_checkpoints",
@@ -43,10 +51,13 @@ __all__ = [
     "UnsafePickleWarning",
     "CHECKPOINT_SUFFIXES",
     "WEIGHT_SUM_ATOL",
+    "OUT_FORMATS",
 ]
 
 #: Suffixes a directory input picks up when no glob is given.
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+#: Output formats: one safetensors file, one torch.save file, a sharded safetensors folder, a DCP directory.
+OUT_FORMATS = ("safetensors", "torch", "sharded", "dcp")
 #: Explicit weights (without ``normalize``) must sum to 1 within this absolute tolerance.
 WEIGHT_SUM_ATOL = 1e-6
 
@@ -102,36 +113,44 @@ def _sort_by_step(files: list[Path], root: Path) -> list[Path]:
 def resolve_inputs(
     paths: str | os.PathLike | Sequence[str | os.PathLike], glob: str | None = None
 ) -> list[Path]:
-    """Checkpoint files, oldest first.
+    """Checkpoints, oldest first: files, Hugging Face folders or DCP directories.
 
-    ``paths`` is either files in merge order (oldest first), or ONE directory:
-    its files matching ``glob`` (default: every ``*.safetensors``, ``*.pt``,
-    ``*.pth``, ``*.bin``; ``**`` recurses) sorted by :func:`step_number`.
+    ``paths`` is either checkpoints in merge order (oldest first), or ONE parent
+    directory: its entries matching ``glob`` (default: every ``*.safetensors``,
+    ``*.pt``, ``*.pth``, ``*.bin`` file and every sub-folder that is a
+    checkpoint, e.g. torchtitan's ``step-1000/`` or HF's ``checkpoint-1000/``;
+    ``**`` recurses) sorted by :func:`step_number`. A single folder that is itself
+    a checkpoint (it holds ``.metadata``, ``*.safetensors.index.json`` or
+    ``model.safetensors``) is one input unless ``glob`` is given.
     Raises ``ValueError`` for an empty list, a name without a step number or
-    two files with the same step number, ``FileNotFoundError`` for a missing path.
+    two entries with the same step number, ``FileNotFoundError`` for a missing path.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     paths = [Path(p) for p in paths]
     if not paths:
-        raise ValueError("no checkpoints given: pass files (oldest first) or one directory")
-    dirs = [p for p in paths if p.is_dir()]
-    if dirs:
+        raise ValueError("no checkpoints given: pass checkpoints (oldest first) or one directory")
+    parents = [p for p in paths if p.is_dir() and (glob is not None or checkpoint_kind(p) is None)]
+    if parents:
         if len(paths) != 1:
             raise ValueError(
-                f"pass either checkpoint files or a single directory, not both / several: got {len(dirs)} "
-                f"director{'y' if len(dirs) == 1 else 'ies'} among {len(paths)} paths"
+                f"pass either checkpoints or a single parent directory, not both / several: got {str(parents[0])!r}, "
+                f"which is not a checkpoint folder, among {len(paths)} paths"
             )
         root = paths[0]
         if glob is None:
-            files = [f for f in root.iterdir() if f.is_file() and f.suffix.lower() in CHECKPOINT_SUFFIXES]
-            what = f"no checkpoint files ({', '.join('*' + s for s in CHECKPOINT_SUFFIXES)}) in {str(root)!r}"
+            found = [
+                f for f in root.iterdir()
+                if (f.is_file() and f.suffix.lower() in CHECKPOINT_SUFFIXES) or (f.is_dir() and checkpoint_kind(f))
+            ]
+            what = (f"no checkpoint files ({', '.join('*' + s for s in CHECKPOINT_SUFFIXES)}) or checkpoint "
+                    f"folders in {str(root)!r}")
         else:
-            files = [f for f in root.glob(glob) if f.is_file()]
-            what = f"no files match --glob {glob!r} in {str(root)!r}"
-        if not files:
+            found = [f for f in root.glob(glob) if f.is_file() or (f.is_dir() and checkpoint_kind(f))]
+            what = f"no files match --glob {glob!r} in {str(root)!r} (nor do any checkpoint folders)"
+        if not found:
             raise ValueError(f"empty checkpoint list: {what}")
-        return _sort_by_step(files, root)
+        return _sort_by_step(found, root)
     if glob is not None:
         raise ValueError("--glob needs a single directory argument (the files to match live in it)")
     for p in paths:
@@ -215,16 +234,11 @@ def format_table(paths: Sequence[Path], c: np.ndarray, label: str) -> str:
 
 
 # ----------------------------------------------------------------- merge
-def _averaged(dtype: torch.dtype) -> bool:
-    return dtype.is_floating_point or dtype.is_complex
-
-
-def _signature(paths: Sequence[Path], key: str | None, unsafe_pickle: set[Path] | None) -> dict[str, tuple]:
-    """Names, shapes and dtypes of the first file, checked against every other file (cheap pass)."""
+def _layout(readers: Sequence, paths: Sequence[Path], key: str | None) -> dict[str, tuple]:
+    """``{name: (shape, dtype)}`` of the oldest input, checked against every other input (metadata only)."""
     ref: dict[str, tuple] | None = None
-    for path in paths:
-        with open_checkpoint(path, key, unsafe_pickle) as r:
-            sig = {n: r.meta(n) for n in r.names}
+    for path, r in zip(paths, readers):
+        sig = {n: r.meta(n) for n in r.names}
         if ref is None:
             if not sig:
                 raise ValueError(f"{path} holds no tensors" + (f" under --key {key!r}" if key else ""))
@@ -253,27 +267,6 @@ def _signature(paths: Sequence[Path], key: str | None, unsafe_pickle: set[Path] 
     return ref
 
 
-def _check_finite(t: Tensor, name: str, path: Path) -> None:
-    """Refuse NaN/inf. Fast path: one min/max reduction (NaN and +-inf show up in it,
-    about 9x faster than ``isfinite().all()``); exact counts only for the error message."""
-    if t.numel() == 0:
-        return
-    values = torch.view_as_real(t) if t.is_complex() else t
-    try:
-        lo, hi = torch.aminmax(values)
-        if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
-            return
-    except (RuntimeError, NotImplementedError):  # a dtype without aminmax (e.g. float8)
-        values = values.float()
-    finite = torch.isfinite(values)
-    if not bool(finite.all()):
-        n_nan = int(torch.isnan(values).sum())
-        n_bad = int(finite.numel() - finite.sum())
-        raise ValueError(
-            f"{path}: tensor {name!r} has {n_nan} NaN and {n_bad - n_nan} inf values; refusing to merge"
-        )
-
-
 def merge_checkpoints(
     paths: str | os.PathLike | Sequence[str | os.PathLike],
     schedule: schedules.Schedule | None = None,
@@ -287,112 +280,124 @@ def merge_checkpoints(
     *,
     glob: str | None = None,
     verbose: bool | None = None,
+    out_format: str | None = None,
+    max_shard_size: str | int = "5GB",
+    workers: int = 1,
+    optimizer_state: bool = False,
+    block_size: str | int = "256MiB",
 ) -> dict[str, Tensor] | Path:
-    """Merge checkpoint files with WSM weights: ``sum_j c_j * theta_j``, streaming one file at a time.
+    """Merge checkpoints with WSM weights: ``sum_j c_j * theta_j``, streaming block by block.
 
     Args:
-        paths: checkpoint files oldest first, or one directory whose files
-            (matching ``glob``) are sorted by step number; see :func:`resolve_inputs`.
-            safetensors files (``.safetensors``) or ``torch.save`` state dicts (any other suffix).
+        paths: checkpoints oldest first (safetensors / ``torch.save`` files, HF
+            ``save_pretrained`` folders, DCP directories), or one parent folder
+            whose entries (matching ``glob``) are sorted by step number; see :func:`resolve_inputs`.
         schedule: decay shape (``"linear"``/``"mean"``, ``"cosine"``,
             ``"1-sqrt"``, ``"inv-sqrt"``, ``"ema"``, a callable ``f(t)`` or
             explicit ``w_1..w_k``); weights from Theorem 3.1 with ``k = n - 1``.
             Default ``"linear"`` (uniform mean). Exclusive with ``weights``.
         weights: explicit merge weights ``c_0..c_{n-1}``, oldest first, ``>= 0``.
         normalize: rescale ``weights`` to sum to 1 (otherwise they must, within 1e-6).
-        out: output file (``.safetensors`` or ``.pt``/``.pth``/``.bin``), written
-            atomically; must not be one of the inputs. ``None``: return the dict.
-        key: pick a sub-dict of each checkpoint, e.g. ``"model"``; dotted paths
-            walk nested dicts (``"state.model"``). In a safetensors file it
-            selects the tensors named ``key.*`` (prefix stripped).
+        out: output path, written crash-safely, never one of the inputs;
+            ``None``: return the dict. Its format is ``out_format``, else
+            inferred: ``.safetensors`` -> one safetensors file (streamed),
+            ``.pt``/``.pth``/``.bin`` -> ``torch.save`` file, no suffix -> a
+            sharded safetensors folder (``model.safetensors.index.json``).
+        key: pick a sub-tree of each checkpoint, e.g. ``"model"``; in a
+            ``torch.save`` file dotted paths walk nested dicts (``"state.model"``);
+            in flat formats (safetensors, HF folders, DCP) it selects the tensors
+            named ``key.*`` (prefix stripped).
         dtype: output dtype of the averaged (floating) tensors; default: each
             tensor's input dtype. Accumulation is float32 (float64 for float64 inputs).
         unsafe_pickle: allow ``torch.load(weights_only=False)`` for files safe
-            loading refuses. This executes code stored in the file.
-        progress: show progress over the files on stderr: a bar on a terminal,
+            loading refuses (and unrestricted unpickling of DCP ``.metadata``).
+            This executes code stored in the file.
+        progress: show progress over the tensors on stderr: a bar on a terminal,
             a plain line with elapsed time and ETA every 30 s (and at the end)
             in a log (:class:`wsm_optim.progress.Progress`).
-        glob: pattern for a directory input.
+        glob: pattern for a parent-folder input.
         verbose: print the weights table, the list of non-float tensors copied
-            from the newest checkpoint and the output path (stdout). Defaults to ``progress``.
+            from the newest checkpoint, skipped entries and the output path (stdout).
+            Defaults to ``progress``.
+        out_format: one of :data:`OUT_FORMATS` (``"dcp"`` writes a
+            ``torch.distributed.checkpoint`` directory); ``None`` infers it from ``out``.
+        max_shard_size: largest shard of a sharded output, e.g. ``"5GB"``, ``"512MiB"``, or bytes.
+        workers: processes that merge blocks in parallel (the result is bitwise the serial one).
+        optimizer_state: also merge a DCP checkpoint's optimizer state (skipped by default).
+        block_size: accumulator memory per batch of blocks (``"256MiB"``); a
+            tensor larger than that is merged in row blocks.
 
     Returns:
         ``{name: tensor}`` when ``out`` is None (float tensors in the output
         dtype, non-float ones from the newest checkpoint), else the output ``Path``.
 
     Raises:
-        ValueError: empty list, bad weights, missing key (names key and file),
-            shape/dtype mismatch (key, shapes, file), NaN/inf (file and key),
-            output equal to an input, refused pickle.
+        ValueError: empty list, bad weights or arguments, missing key (names key
+            and input), shape/dtype mismatch (key, shapes, input), NaN/inf (input
+            and key), output equal to an input or a non-empty existing folder, refused pickle.
         FileNotFoundError: a missing input or output directory.
     """
     verbose = progress if verbose is None else verbose
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"--workers must be a positive integer, got {workers!r}")
     files = resolve_inputs(paths, glob)
     c = checkpoint_weights(len(files), schedule, weights, normalize)
     out_dtype = _parse_dtype(dtype)
-    out_path = _check_output(out, files) if out is not None else None
+    fmt = _output_format(out, out_format)
+    shard_bytes = writers.parse_size(max_shard_size)
+    block_bytes = writers.parse_size(block_size)
+    out_path = _check_output(out, files, fmt) if out is not None else None
     label = "explicit c_j" + (" (normalized)" if normalize else "") if weights is not None else (
         f"schedule {schedules.schedule_name('linear' if schedule is None else schedule)!r}, Theorem 3.1 with k = {len(files) - 1}"
     )
     if verbose:
         print(format_table(files, c, label), flush=True)
 
-    unsafe = set() if unsafe_pickle else None  # files already warned about
-    signature = _signature(files, key, unsafe)
-    copied = [n for n, (_, dt) in signature.items() if not _averaged(dt)]
+    unsafe = set() if unsafe_pickle else None  # inputs already warned about
+    readers = [open_reader(p, key, unsafe_pickle=unsafe, optimizer_state=optimizer_state) for p in files]
+    layout = _layout(readers, files, key)
+    copied = [n for n, (_, dt) in layout.items() if not averaged(dt)]
+    skipped = readers[-1].skipped
     if verbose and copied:
         print(
             f"{len(copied)} non-float tensor{'s' if len(copied) != 1 else ''} taken from the newest "
             f"checkpoint ({files[-1].name}), not averaged: {', '.join(copied)}",
             flush=True,
         )
-
-    acc: dict[str, Tensor] = {}
-    kept: dict[str, Tensor] = {}
-    newest = len(files) - 1
-    bar = Progress(len(files), "merging", unit="file", enabled=progress)
-    with torch.no_grad(), bar:
-        for j, path in enumerate(files):
-            coef = float(c[j])
-            with open_checkpoint(path, key, unsafe) as reader:
-                for name, (shape, dt) in signature.items():
-                    t = reader.tensor(name)
-                    if not _averaged(dt):
-                        if j == newest:
-                            kept[name] = t.clone()
-                        continue
-                    _check_finite(t, name, path)
-                    a = acc.get(name)
-                    if a is None:
-                        a = acc[name] = torch.zeros(shape, dtype=accumulator_dtype(dt))
-                    a.add_(t.to(a.dtype), alpha=coef)
-                    del t
-            bar.update()
-
-    merged: dict[str, Tensor] = {}
-    for name, (_, dt) in signature.items():
-        if name in kept:
-            merged[name] = kept.pop(name)
-            continue
-        a = acc.pop(name)  # pop: free each fp32 buffer as soon as it is converted
-        target = dt if (out_dtype is None or dt.is_complex) else out_dtype
-        merged[name] = a if a.dtype == target else a.to(target)
-        del a
-    if out_path is None:
-        return merged
-    metadata = {
-        "wsm_merge": json.dumps(
-            {
-                "weights": label,
-                "c": [float(x) for x in c],
-                "files": [p.name for p in files],
-                "non_float_from_newest": copied,
-            }
+    if verbose and skipped:
+        print(
+            f"{len(skipped)} entr{'ies' if len(skipped) != 1 else 'y'} of {files[-1].name} skipped (optimizer "
+            f"state unless --optimizer-state, non-tensor objects): {', '.join(skipped[:20])}"
+            + (f" ... ({len(skipped) - 20} more)" if len(skipped) > 20 else ""),
+            flush=True,
         )
-    }
-    atomic_save(merged, out_path, metadata=metadata)
+
+    def target(dt: torch.dtype) -> torch.dtype:
+        return dt if (out_dtype is None or not averaged(dt) or dt.is_complex) else out_dtype
+
+    plan = [(n, shape, dt, target(dt)) for n, (shape, dt) in layout.items()]
+    blocks = plan_blocks(plan, readers, block_bytes)
+    stream = merged_blocks(readers, plan_batches(blocks, block_bytes), c, workers=workers, progress=progress,
+                           reader_args=(files, key, unsafe_pickle, optimizer_state))
+    provenance = {"weights": label, "c": [float(x) for x in c], "files": [p.name for p in files],
+                  "non_float_from_newest": copied}
+    metadata = {"format": "pt", "wsm_merge": json.dumps(provenance)}
+    out_layout = [(n, shape, od) for n, shape, _, od in plan]
+    if out_path is None:
+        return writers.MemoryOutput(out_layout).write(stream)
+    if fmt == "torch":
+        output = writers.TorchFileOutput(out_path, out_layout)
+    elif fmt == "safetensors":
+        output = writers.SafetensorsOutput(out_path, out_layout, metadata)
+    elif fmt == "sharded":
+        newest = files[-1] if files[-1].is_dir() else None
+        side = [newest / f for f in writers.HF_SIDE_FILES if newest is not None and (newest / f).is_file()]
+        output = writers.ShardedOutput(out_path, out_layout, shard_bytes, metadata, side)
+    else:
+        output = writers.DCPOutput(out_path, out_layout, [(b.name, b.start, b.stop) for b in blocks], provenance)
+    output.write(stream)
     if verbose:
-        print(f"wrote {out_path} ({infer_format(out_path)}, {len(merged)} tensors)", flush=True)
+        print(f"wrote {out_path} ({fmt}, {len(out_layout)} tensors)", flush=True)
     return out_path
 
 
@@ -407,13 +412,47 @@ def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return DTYPES[name]
 
 
-def _check_output(out: str | os.PathLike, files: Sequence[Path]) -> Path:
+def _output_format(out: str | os.PathLike | None, out_format: str | None) -> str | None:
+    if out_format is not None and out_format not in OUT_FORMATS:
+        raise ValueError(f"--out-format: unknown {out_format!r}; choose one of {', '.join(OUT_FORMATS)}")
+    if out is None:
+        if out_format is not None:
+            raise ValueError("--out-format needs an output path (-o / out=)")
+        return None
+    if out_format is not None:
+        return out_format
+    suffix = Path(out).suffix.lower()
+    if suffix == ".safetensors":
+        return "safetensors"
+    if suffix in TORCH_SUFFIXES:
+        return "torch"
+    if suffix == "" or Path(out).is_dir():
+        return "sharded"
+    raise ValueError(
+        f"output {str(out)!r}: cannot tell the format from the suffix {suffix!r}; use .safetensors or "
+        f".pt/.pth/.bin for one file, a name without a suffix for a sharded folder, or pass --out-format "
+        f"({', '.join(OUT_FORMATS)})"
+    )
+
+
+def _check_output(out: str | os.PathLike, files: Sequence[Path], fmt: str | None) -> Path:
     out_path = Path(out)
     resolved = out_path.resolve()
     for f in files:
         if f.resolve() == resolved or (out_path.exists() and os.path.samefile(f, out_path)):
             raise ValueError(f"output {str(out_path)!r} is one of the input checkpoints ({f}); choose another path")
+        if f.is_dir() and resolved.is_relative_to(f.resolve()):
+            raise ValueError(f"output {str(out_path)!r} is inside the input checkpoint {f}; choose another path")
+    if fmt in ("sharded", "dcp"):
+        if out_path.exists() and (not out_path.is_dir() or any(out_path.iterdir())):
+            raise ValueError(
+                f"output {str(out_path)!r} exists and is not an empty directory; a {fmt} output is a new folder "
+                "(written to a temporary folder, then renamed): remove it or choose a new path"
+            )
+        if not resolved.parent.is_dir():
+            raise FileNotFoundError(f"output directory {str(out_path.parent)!r} does not exist")
+        return out_path
     if out_path.is_dir():
-        raise ValueError(f"output {str(out_path)!r} is a directory; give a file name")
+        raise ValueError(f"output {str(out_path)!r} is a directory; give a file name or --out-format sharded/dcp")
     write_target(out_path)  # names the path that is wrong (a dangling symlink, a missing directory)
     return out_path
