@@ -215,6 +215,61 @@ def test_save_merged_failure_keeps_previous(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["m.safetensors"]
 
 
+# ------------------------------------------------- symlinks and permissions (issue 16, item 7)
+@pytest.mark.parametrize("name", ["m.safetensors", "m.pt"])
+def test_save_through_a_symlink_writes_the_target_and_keeps_the_link(tmp_path, name):
+    real = tmp_path / "store" / name
+    real.parent.mkdir()
+    wio.atomic_save(_state(0), real)
+    link = tmp_path / ("link_" + name)
+    link.symlink_to(Path("store") / name)  # relative, as `ln -s` users write it
+    wio.atomic_save(_state(1), link)
+    assert link.is_symlink() and os.readlink(link) == str(Path("store") / name)
+    _assert_equal(_load(real), _state(1))  # the file the link points to has the new content
+    assert sorted(os.listdir(real.parent)) == [name] and sorted(os.listdir(tmp_path)) == sorted(["store", link.name])
+
+
+def test_save_merged_through_a_symlink_chain_keeps_mode_0600(tmp_path):
+    model = nn.Linear(5, 2)
+    opt = _trained_optimizer(model)
+    real = tmp_path / "real.safetensors"
+    wio.atomic_save(_state(0), real)
+    os.chmod(real, 0o600)
+    hop = tmp_path / "hop.safetensors"
+    hop.symlink_to(real)
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(hop)
+    opt.save_merged(link)
+    assert link.is_symlink() and hop.is_symlink()
+    _assert_equal(load_file(real), opt.merged_state_dict())
+    assert (real.stat().st_mode & 0o777) == 0o600
+
+
+def test_existing_file_keeps_its_mode_new_file_follows_umask(tmp_path):
+    path = wio.atomic_save(_state(0), tmp_path / "m.pt")
+    os.chmod(path, 0o640)
+    wio.atomic_save(_state(1), path)
+    assert (path.stat().st_mode & 0o777) == 0o640
+    _assert_equal(_load(path), _state(1))
+
+
+def test_dangling_symlink_is_written_through_or_names_the_missing_directory(tmp_path):
+    link = tmp_path / "out.safetensors"
+    link.symlink_to(tmp_path / "later.safetensors")  # target does not exist yet: created, like open(link, "w")
+    wio.atomic_save(_state(0), link)
+    assert link.is_symlink()
+    _assert_equal(load_file(tmp_path / "later.safetensors"), _state(0))
+    broken = tmp_path / "broken.safetensors"
+    broken.symlink_to(tmp_path / "gone" / "x.safetensors")
+    with pytest.raises(FileNotFoundError) as info:
+        wio.atomic_save(_state(0), broken)
+    assert str(info.value) == (
+        f"atomic_save: output {str(broken)!r} is a symlink to {str(tmp_path / 'gone' / 'x.safetensors')!r}, "
+        f"whose directory {str(tmp_path / 'gone')!r} does not exist"
+    )
+    assert broken.is_symlink()
+
+
 # ----------------------------------------------- stale temp files after kill -9
 _BLOCKED_WRITER = r"""
 import sys, time

@@ -404,6 +404,50 @@ def test_cli_prints_warnings_as_one_line(tmp_path, capsys):
     assert "wsm-optim merge: warning: the files are merged in the order given" in capsys.readouterr().err
 
 
+def test_cli_output_through_a_dangling_symlink_names_the_wrong_path(tmp_path, capsys):
+    """Issue 16, item 9: the message names the link and its missing target directory, not the link's (existing) one."""
+    paths = _write(tmp_path, 2)
+    out = tmp_path / "out"
+    out.mkdir()
+    link = out / "merged.safetensors"
+    link.symlink_to(tmp_path / "gone" / "merged.safetensors")
+    assert cli_main(["merge", *map(str, paths), "-o", str(link), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"wsm-optim merge: error: output {str(link)!r} is a symlink to "
+        f"{str(tmp_path / 'gone' / 'merged.safetensors')!r}, whose directory {str(tmp_path / 'gone')!r} does not exist"
+    )
+    (tmp_path / "gone").mkdir()  # once the directory exists, the merge is written through the link
+    assert cli_main(["merge", *map(str, paths), "-o", str(link), "-q"]) == 0
+    assert link.is_symlink()
+    _assert_close(load_file(tmp_path / "gone" / "merged.safetensors"), _expected([_ckpt(0), _ckpt(1)], np.array([0.5, 0.5])))
+
+
+def test_progress_in_a_log_is_plain_lines_not_a_frozen_bar(tmp_path, capsys):
+    """Issue 16: stderr is not a terminal here, as in a log: a final plain line, no tqdm bar at 0%."""
+    paths = _write(tmp_path, 3)
+    merge_checkpoints(paths, progress=True, verbose=False)
+    err = capsys.readouterr().err
+    assert "0%|" not in err and "|" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("merging: 5/5 tensors (100%), elapsed 0:00:0"), err
+    merge_checkpoints(paths, progress=False, verbose=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_file_tools_do_not_import_the_training_engine():
+    """offline, io and the CLIs must stay usable without the engine (issue 15, point 3)."""
+    code = (
+        "import sys, wsm_optim.offline, wsm_optim.io, wsm_optim.merge_cli, wsm_optim.weights_cli, wsm_optim.cli\n"
+        "engine = ('registry', 'runtime', 'optimizer', 'readout', 'persistence', 'backends')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'wsm_optim' and m.split('.')[1:2] and m.split('.')[1] in engine))"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
 # ----------------------------------------------- consistency with the optimizer
 @pytest.mark.parametrize("schedule, interval, start", [("1-sqrt", 2, 2), ("cosine", 1, 0), ("ema", 2, 1)])
 def test_offline_merge_equals_streaming_optimizer(tmp_path, schedule, interval, start):

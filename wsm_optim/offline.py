@@ -1,44 +1,46 @@
-"""Offline WSM merge of saved checkpoint files (``wsm-optim merge``).
+"""Offline WSM merge of saved checkpoints (``wsm-optim merge``): inputs, weights and the merge.
 
 The same Theorem 3.1 weights as :class:`~wsm_optim.WSMOptimizer`, applied to a
 list of existing checkpoints ``theta_0 .. theta_k`` (oldest first,
 ``k = n - 1``): ``merged = sum_j c_j * theta_j``.
 
-Memory: files are streamed one at a time into one accumulator per floating
-tensor (float32; float64 for float64 inputs), so the peak is one accumulator
-plus one loaded checkpoint whatever the number of files. Non-float tensors
-(integer buffers, step counters, masks) are copied from the newest checkpoint,
-never averaged.
+Inputs (:func:`resolve_inputs`): safetensors or ``torch.save`` files, Hugging
+Face ``save_pretrained`` folders (sharded or not) and
+``torch.distributed.checkpoint`` directories, in any mix, given oldest first
+or as one parent folder sorted by step number (:mod:`wsm_optim.checkpoint_readers`).
 
-Every input is checked before anything is written: same keys, shapes and
-dtypes in every file, no NaN/inf in any floating tensor. The output is written
-with :func:`wsm_optim.io.atomic_save` (never half-written).
+Memory: the merge streams block by block (:mod:`wsm_optim.streaming_merge`):
+each block of rows of each tensor is read from every input in turn and added
+into a float32 accumulator (float64 for float64 inputs), then written out
+(:mod:`wsm_optim.checkpoint_writers`), so the peak is about ``block_size`` of
+accumulators plus one block read, whatever the model size and the number of
+inputs. Non-float tensors (integer buffers, step counters, masks) are copied
+from the newest checkpoint, never averaged.
+
+Every input's names, shapes and dtypes are checked before anything is read;
+NaN/inf refuse the merge. Outputs appear complete or not at all (temporary
+file or directory, then rename) and inputs are never modified.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import io
 import json
 import math
 import os
-import pickletools
 import re
-import sys
 import warnings
-import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from . import schedules
-from .io import atomic_save, infer_format
-from .precision import accumulator_dtype
+from . import checkpoint_writers as writers
+from .checkpoint_readers import checkpoint_kind, open_reader
+from .io import TORCH_SUFFIXES, UnsafePickleWarning, write_target
+from .streaming_merge import averaged, merged_blocks, plan_batches, plan_blocks
 
 __all__ = [
     "merge_checkpoints",
@@ -49,10 +51,13 @@ __all__ = [
     "UnsafePickleWarning",
     "CHECKPOINT_SUFFIXES",
     "WEIGHT_SUM_ATOL",
+    "OUT_FORMATS",
 ]
 
 #: Suffixes a directory input picks up when no glob is given.
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+#: Output formats: one safetensors file, one torch.save file, a sharded safetensors folder, a DCP directory.
+OUT_FORMATS = ("safetensors", "torch", "sharded", "dcp")
 #: Explicit weights (without ``normalize``) must sum to 1 within this absolute tolerance.
 WEIGHT_SUM_ATOL = 1e-6
 
@@ -68,10 +73,6 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 _INT_RE = re.compile(r"\d+")
-
-
-class UnsafePickleWarning(UserWarning):
-    """A checkpoint was unpickled with ``weights_only=False`` (it can run arbitrary code)."""
 
 
 # ---------------------------------------------------------------- inputs
@@ -112,36 +113,44 @@ def _sort_by_step(files: list[Path], root: Path) -> list[Path]:
 def resolve_inputs(
     paths: str | os.PathLike | Sequence[str | os.PathLike], glob: str | None = None
 ) -> list[Path]:
-    """Checkpoint files, oldest first.
+    """Checkpoints, oldest first: files, Hugging Face folders or DCP directories.
 
-    ``paths`` is either files in merge order (oldest first), or ONE directory:
-    its files matching ``glob`` (default: every ``*.safetensors``, ``*.pt``,
-    ``*.pth``, ``*.bin``; ``**`` recurses) sorted by :func:`step_number`.
+    ``paths`` is either checkpoints in merge order (oldest first), or ONE parent
+    directory: its entries matching ``glob`` (default: every ``*.safetensors``,
+    ``*.pt``, ``*.pth``, ``*.bin`` file and every sub-folder that is a
+    checkpoint, e.g. torchtitan's ``step-1000/`` or HF's ``checkpoint-1000/``;
+    ``**`` recurses) sorted by :func:`step_number`. A single folder that is itself
+    a checkpoint (it holds ``.metadata``, ``*.safetensors.index.json`` or
+    ``model.safetensors``) is one input unless ``glob`` is given.
     Raises ``ValueError`` for an empty list, a name without a step number or
-    two files with the same step number, ``FileNotFoundError`` for a missing path.
+    two entries with the same step number, ``FileNotFoundError`` for a missing path.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     paths = [Path(p) for p in paths]
     if not paths:
-        raise ValueError("no checkpoints given: pass files (oldest first) or one directory")
-    dirs = [p for p in paths if p.is_dir()]
-    if dirs:
+        raise ValueError("no checkpoints given: pass checkpoints (oldest first) or one directory")
+    parents = [p for p in paths if p.is_dir() and (glob is not None or checkpoint_kind(p) is None)]
+    if parents:
         if len(paths) != 1:
             raise ValueError(
-                f"pass either checkpoint files or a single directory, not both / several: got {len(dirs)} "
-                f"director{'y' if len(dirs) == 1 else 'ies'} among {len(paths)} paths"
+                f"pass either checkpoints or a single parent directory, not both / several: got {str(parents[0])!r}, "
+                f"which is not a checkpoint folder, among {len(paths)} paths"
             )
         root = paths[0]
         if glob is None:
-            files = [f for f in root.iterdir() if f.is_file() and f.suffix.lower() in CHECKPOINT_SUFFIXES]
-            what = f"no checkpoint files ({', '.join('*' + s for s in CHECKPOINT_SUFFIXES)}) in {str(root)!r}"
+            found = [
+                f for f in root.iterdir()
+                if (f.is_file() and f.suffix.lower() in CHECKPOINT_SUFFIXES) or (f.is_dir() and checkpoint_kind(f))
+            ]
+            what = (f"no checkpoint files ({', '.join('*' + s for s in CHECKPOINT_SUFFIXES)}) or checkpoint "
+                    f"folders in {str(root)!r}")
         else:
-            files = [f for f in root.glob(glob) if f.is_file()]
-            what = f"no files match --glob {glob!r} in {str(root)!r}"
-        if not files:
+            found = [f for f in root.glob(glob) if f.is_file() or (f.is_dir() and checkpoint_kind(f))]
+            what = f"no files match --glob {glob!r} in {str(root)!r} (nor do any checkpoint folders)"
+        if not found:
             raise ValueError(f"empty checkpoint list: {what}")
-        return _sort_by_step(files, root)
+        return _sort_by_step(found, root)
     if glob is not None:
         raise ValueError("--glob needs a single directory argument (the files to match live in it)")
     for p in paths:
@@ -224,213 +233,12 @@ def format_table(paths: Sequence[Path], c: np.ndarray, label: str) -> str:
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------- reading
-def _select(obj: Any, key: str, path: Path, full_key: str | None = None) -> Any:
-    """``obj[key]``, where a dotted ``key`` may also walk nested dicts (``"state.model"``)."""
-    full_key = key if full_key is None else full_key
-    where = "" if key == full_key else f" (looking up {key!r} inside {full_key[: -len(key) - 1]!r})"
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"--key {full_key!r}: {path} holds a {type(obj).__name__}, not a dict{where}")
-    if key in obj:
-        return obj[key]
-    parts = key.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        head = ".".join(parts[:i])
-        if head in obj and isinstance(obj[head], Mapping):
-            return _select(obj[head], ".".join(parts[i:]), path, full_key)
-    shown = ", ".join(repr(k) for k in list(obj)[:20])
-    raise ValueError(f"--key {full_key!r} not found in {path}{where}; available keys: {shown}")
-
-
-def _check_state_dict(obj: Any, path: Path, key: str | None) -> dict[str, Tensor]:
-    where = f"{path}" + (f" (under --key {key!r})" if key else "")
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{where} holds a {type(obj).__name__}, not a state dict {{name: tensor}}")
-    for name, value in obj.items():
-        if not isinstance(name, str):
-            raise ValueError(f"{where}: key {name!r} is not a string; not a state dict")
-        if not isinstance(value, Tensor):
-            hint = (
-                "; this looks like a training checkpoint: pick the model's state dict with --key "
-                f"(top-level keys: {', '.join(repr(k) for k in list(obj)[:20])})"
-                if isinstance(value, Mapping) and key is None
-                else ""
-            )
-            raise ValueError(f"{where}: entry {name!r} is a {type(value).__name__}, not a tensor{hint}")
-        if value.is_sparse or value.layout != torch.strided:
-            raise ValueError(f"{where}: entry {name!r} is a {value.layout} tensor; only dense tensors merge")
-    return dict(obj)
-
-
-def _load_error_reason(e: BaseException) -> str:
-    """The informative part of a ``torch.load`` error: the weights-only unpickler's reason, else line 1."""
-    text = str(e)
-    marker = "WeightsUnpickler error:"
-    if marker in text:
-        after = text.split(marker, 1)[1].split("Check the documentation of torch.load", 1)[0]
-        reason = " ".join(ln.strip() for ln in after.splitlines() if ln.strip())
-        if reason:
-            return reason
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return f"{type(e).__name__}: {lines[0] if lines else repr(e)}"
-
-
-def _parse_pickles(stream: Any, count: int | None) -> None:
-    """Walk ``count`` consecutive pickles (``None``: exactly one, then end of data) without executing any.
-
-    ``pickletools.genops`` decodes opcodes and their arguments only (no
-    globals imported, nothing called), so this is safe on untrusted files.
-    Raises ``ValueError`` on an invalid opcode or a truncated pickle.
-    """
-    for _ in range(1 if count is None else count):
-        stopped = False
-        for op, _arg, _pos in pickletools.genops(stream):
-            stopped = op.name == "STOP"
-        if not stopped:
-            raise ValueError("pickle data ends without STOP")
-    if count is None and stream.read(1):
-        raise ValueError("data after the end of the pickle")
-
-
-def _is_valid_pickle_checkpoint(path: Path) -> bool:
-    """Whether ``path`` is a well-formed ``torch.save`` file, judged without unpickling anything.
-
-    zip format (torch >= 1.6): the archive and its ``*/data.pkl`` member (CRC
-    checked) must read, and that member must be one complete pickle. Legacy
-    format: the magic-number, protocol and system-info pickles, then the object
-    pickle and the storage-keys pickle must all decode.
-    """
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as z:
-                members = [n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
-                if len(members) != 1:
-                    return False
-                _parse_pickles(io.BytesIO(z.read(members[0])), None)
-            return True
-        with open(path, "rb") as f:
-            _parse_pickles(f, 5)
-        return True
-    except Exception:  # noqa: BLE001 - any decoding failure means "not a valid file"
-        return False
-
-
-def _torch_load(path: Path, unsafe_pickle: bool, warned: set[Path]) -> Any:
-    mmap = zipfile.is_zipfile(path)  # mmap needs the zip format (torch.save's default since 1.6)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:  # noqa: BLE001 - re-raised with a message naming the file
-        text = str(e)
-        # Random bytes also fail inside the weights-only unpickler ("Unsupported operand"), so its
-        # refusal alone does not mean "valid but unsafe": only a file whose pickles decode is.
-        refused = "Weights only load failed" in text and _is_valid_pickle_checkpoint(path)
-        if not refused:
-            size = path.stat().st_size
-            detail = "it is empty (0 bytes)" if size == 0 else f"{size} bytes; torch.load: {_load_error_reason(e)}"
-            raise ValueError(
-                f"cannot read {path}: the file is corrupt or not a torch.save checkpoint (a safetensors file needs the "
-                f".safetensors suffix): {detail}"
-            ) from e
-        reason = _load_error_reason(e)
-        if not unsafe_pickle:
-            raise ValueError(
-                f"{path} holds objects that safe loading (torch.load weights_only=True) refuses"
-                f"{': ' + reason if reason else ''}. Loading it means unpickling, which can execute "
-                "arbitrary code stored in the file; only if you trust where it comes from, pass "
-                "--unsafe-pickle (unsafe_pickle=True)"
-            ) from e
-    if path not in warned:  # once per file, though it is opened twice (check pass, merge pass)
-        warned.add(path)
-        warnings.warn(
-            f"--unsafe-pickle: loading {path} with torch.load(weights_only=False). Unpickling runs any code "
-            "stored in the file; do this only for files you created or fully trust",
-            UnsafePickleWarning,
-            stacklevel=4,
-        )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"cannot unpickle {path}: {type(e).__name__}: {e}") from e
-
-
-class _Reader:
-    """One open checkpoint: ``names`` (in file order), ``meta(name)`` and ``tensor(name)``."""
-
-    def __init__(
-        self, path: Path, key: str | None, unsafe_pickle: set[Path] | None, stack: contextlib.ExitStack
-    ):
-        self.path = path
-        self._st = None
-        self._sd: dict[str, Tensor] | None = None
-        if path.suffix.lower() == ".safetensors":
-            from safetensors import safe_open
-            from safetensors.torch import _TYPES
-
-            try:
-                self._st = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
-            except Exception as e:  # noqa: BLE001
-                raise ValueError(f"cannot read {path} as a safetensors file: {e}") from e
-            self._types = _TYPES
-            names = list(self._st.keys())
-            if key is not None:
-                prefix = key + "."
-                self._full = {n[len(prefix):]: n for n in names if n.startswith(prefix)}
-                if not self._full:
-                    tops = sorted({n.split(".")[0] for n in names})[:20]
-                    raise ValueError(
-                        f"--key {key!r}: no tensor in {path} is named {prefix + '*'!r} "
-                        f"(safetensors files are flat; first name parts present: {tops})"
-                    )
-            else:
-                self._full = {n: n for n in names}
-            self.names = list(self._full)
-        else:
-            obj = _torch_load(path, unsafe_pickle is not None, set() if unsafe_pickle is None else unsafe_pickle)
-            if key is not None:
-                obj = _select(obj, key, path)
-            self._sd = _check_state_dict(obj, path, key)
-            self.names = list(self._sd)
-
-    def meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
-        if self._st is not None:
-            sl = self._st.get_slice(self._full[name])
-            dt = sl.get_dtype()
-            if dt not in self._types:
-                raise ValueError(f"{self.path}: tensor {name!r} has unsupported safetensors dtype {dt}")
-            return tuple(sl.get_shape()), self._types[dt]
-        t = self._sd[name]
-        return tuple(t.shape), t.dtype
-
-    def tensor(self, name: str) -> Tensor:
-        if self._st is not None:
-            return self._st.get_tensor(self._full[name])
-        return self._sd[name]
-
-
-@contextlib.contextmanager
-def _open(path: Path, key: str | None, unsafe_pickle: set[Path] | None) -> Iterator[_Reader]:
-    """``unsafe_pickle``: None = refuse unsafe pickles; a set = allow them, warning once per file in it."""
-    with contextlib.ExitStack() as stack:
-        reader = _Reader(path, key, unsafe_pickle, stack)
-        try:
-            yield reader
-        finally:
-            # Drop the tensors now: a name still bound to the reader must not keep
-            # this checkpoint in memory while the next one loads.
-            reader._sd = None
-            reader._st = None
-
-
-def _averaged(dtype: torch.dtype) -> bool:
-    return dtype.is_floating_point or dtype.is_complex
-
-
-def _signature(paths: Sequence[Path], key: str | None, unsafe_pickle: set[Path] | None) -> dict[str, tuple]:
-    """Names, shapes and dtypes of the first file, checked against every other file (cheap pass)."""
+# ----------------------------------------------------------------- merge
+def _layout(readers: Sequence, paths: Sequence[Path], key: str | None) -> dict[str, tuple]:
+    """``{name: (shape, dtype)}`` of the oldest input, checked against every other input (metadata only)."""
     ref: dict[str, tuple] | None = None
-    for path in paths:
-        with _open(path, key, unsafe_pickle) as r:
-            sig = {n: r.meta(n) for n in r.names}
+    for path, r in zip(paths, readers):
+        sig = {n: r.meta(n) for n in r.names}
         if ref is None:
             if not sig:
                 raise ValueError(f"{path} holds no tensors" + (f" under --key {key!r}" if key else ""))
@@ -459,28 +267,6 @@ def _signature(paths: Sequence[Path], key: str | None, unsafe_pickle: set[Path] 
     return ref
 
 
-def _check_finite(t: Tensor, name: str, path: Path) -> None:
-    """Refuse NaN/inf. Fast path: one min/max reduction (NaN and +-inf show up in it,
-    about 9x faster than ``isfinite().all()``); exact counts only for the error message."""
-    if t.numel() == 0:
-        return
-    values = torch.view_as_real(t) if t.is_complex() else t
-    try:
-        lo, hi = torch.aminmax(values)
-        if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
-            return
-    except (RuntimeError, NotImplementedError):  # a dtype without aminmax (e.g. float8)
-        values = values.float()
-    finite = torch.isfinite(values)
-    if not bool(finite.all()):
-        n_nan = int(torch.isnan(values).sum())
-        n_bad = int(finite.numel() - finite.sum())
-        raise ValueError(
-            f"{path}: tensor {name!r} has {n_nan} NaN and {n_bad - n_nan} inf values; refusing to merge"
-        )
-
-
-# ----------------------------------------------------------------- merge
 def merge_checkpoints(
     paths: str | os.PathLike | Sequence[str | os.PathLike],
     schedule: schedules.Schedule | None = None,
@@ -494,112 +280,124 @@ def merge_checkpoints(
     *,
     glob: str | None = None,
     verbose: bool | None = None,
+    out_format: str | None = None,
+    max_shard_size: str | int = "5GB",
+    workers: int = 1,
+    optimizer_state: bool = False,
+    block_size: str | int = "256MiB",
 ) -> dict[str, Tensor] | Path:
-    """Merge checkpoint files with WSM weights: ``sum_j c_j * theta_j``, streaming one file at a time.
+    """Merge checkpoints with WSM weights: ``sum_j c_j * theta_j``, streaming block by block.
 
     Args:
-        paths: checkpoint files oldest first, or one directory whose files
-            (matching ``glob``) are sorted by step number; see :func:`resolve_inputs`.
-            safetensors files (``.safetensors``) or ``torch.save`` state dicts (any other suffix).
+        paths: checkpoints oldest first (safetensors / ``torch.save`` files, HF
+            ``save_pretrained`` folders, DCP directories), or one parent folder
+            whose entries (matching ``glob``) are sorted by step number; see :func:`resolve_inputs`.
         schedule: decay shape (``"linear"``/``"mean"``, ``"cosine"``,
             ``"1-sqrt"``, ``"inv-sqrt"``, ``"ema"``, a callable ``f(t)`` or
             explicit ``w_1..w_k``); weights from Theorem 3.1 with ``k = n - 1``.
             Default ``"linear"`` (uniform mean). Exclusive with ``weights``.
         weights: explicit merge weights ``c_0..c_{n-1}``, oldest first, ``>= 0``.
         normalize: rescale ``weights`` to sum to 1 (otherwise they must, within 1e-6).
-        out: output file (``.safetensors`` or ``.pt``/``.pth``/``.bin``), written
-            atomically; must not be one of the inputs. ``None``: return the dict.
-        key: pick a sub-dict of each checkpoint, e.g. ``"model"``; dotted paths
-            walk nested dicts (``"state.model"``). In a safetensors file it
-            selects the tensors named ``key.*`` (prefix stripped).
+        out: output path, written crash-safely, never one of the inputs;
+            ``None``: return the dict. Its format is ``out_format``, else
+            inferred: ``.safetensors`` -> one safetensors file (streamed),
+            ``.pt``/``.pth``/``.bin`` -> ``torch.save`` file, no suffix -> a
+            sharded safetensors folder (``model.safetensors.index.json``).
+        key: pick a sub-tree of each checkpoint, e.g. ``"model"``; in a
+            ``torch.save`` file dotted paths walk nested dicts (``"state.model"``);
+            in flat formats (safetensors, HF folders, DCP) it selects the tensors
+            named ``key.*`` (prefix stripped).
         dtype: output dtype of the averaged (floating) tensors; default: each
             tensor's input dtype. Accumulation is float32 (float64 for float64 inputs).
         unsafe_pickle: allow ``torch.load(weights_only=False)`` for files safe
-            loading refuses. This executes code stored in the file.
-        progress: show a progress bar over the files (stderr).
-        glob: pattern for a directory input.
+            loading refuses (and unrestricted unpickling of DCP ``.metadata``).
+            This executes code stored in the file.
+        progress: show progress over the tensors on stderr: a bar on a terminal,
+            a plain line with elapsed time and ETA every 30 s (and at the end)
+            in a log (:class:`wsm_optim.progress.Progress`).
+        glob: pattern for a parent-folder input.
         verbose: print the weights table, the list of non-float tensors copied
-            from the newest checkpoint and the output path (stdout). Defaults to ``progress``.
+            from the newest checkpoint, skipped entries and the output path (stdout).
+            Defaults to ``progress``.
+        out_format: one of :data:`OUT_FORMATS` (``"dcp"`` writes a
+            ``torch.distributed.checkpoint`` directory); ``None`` infers it from ``out``.
+        max_shard_size: largest shard of a sharded output, e.g. ``"5GB"``, ``"512MiB"``, or bytes.
+        workers: processes that merge blocks in parallel (the result is bitwise the serial one).
+        optimizer_state: also merge a DCP checkpoint's optimizer state (skipped by default).
+        block_size: accumulator memory per batch of blocks (``"256MiB"``); a
+            tensor larger than that is merged in row blocks.
 
     Returns:
         ``{name: tensor}`` when ``out`` is None (float tensors in the output
         dtype, non-float ones from the newest checkpoint), else the output ``Path``.
 
     Raises:
-        ValueError: empty list, bad weights, missing key (names key and file),
-            shape/dtype mismatch (key, shapes, file), NaN/inf (file and key),
-            output equal to an input, refused pickle.
+        ValueError: empty list, bad weights or arguments, missing key (names key
+            and input), shape/dtype mismatch (key, shapes, input), NaN/inf (input
+            and key), output equal to an input or a non-empty existing folder, refused pickle.
         FileNotFoundError: a missing input or output directory.
     """
-    from tqdm.auto import tqdm
-
     verbose = progress if verbose is None else verbose
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"--workers must be a positive integer, got {workers!r}")
     files = resolve_inputs(paths, glob)
     c = checkpoint_weights(len(files), schedule, weights, normalize)
     out_dtype = _parse_dtype(dtype)
-    out_path = _check_output(out, files) if out is not None else None
+    fmt = _output_format(out, out_format)
+    shard_bytes = writers.parse_size(max_shard_size)
+    block_bytes = writers.parse_size(block_size)
+    out_path = _check_output(out, files, fmt) if out is not None else None
     label = "explicit c_j" + (" (normalized)" if normalize else "") if weights is not None else (
         f"schedule {schedules.schedule_name('linear' if schedule is None else schedule)!r}, Theorem 3.1 with k = {len(files) - 1}"
     )
     if verbose:
         print(format_table(files, c, label), flush=True)
 
-    unsafe = set() if unsafe_pickle else None  # files already warned about
-    signature = _signature(files, key, unsafe)
-    copied = [n for n, (_, dt) in signature.items() if not _averaged(dt)]
+    unsafe = set() if unsafe_pickle else None  # inputs already warned about
+    readers = [open_reader(p, key, unsafe_pickle=unsafe, optimizer_state=optimizer_state) for p in files]
+    layout = _layout(readers, files, key)
+    copied = [n for n, (_, dt) in layout.items() if not averaged(dt)]
+    skipped = readers[-1].skipped
     if verbose and copied:
         print(
             f"{len(copied)} non-float tensor{'s' if len(copied) != 1 else ''} taken from the newest "
             f"checkpoint ({files[-1].name}), not averaged: {', '.join(copied)}",
             flush=True,
         )
-
-    acc: dict[str, Tensor] = {}
-    kept: dict[str, Tensor] = {}
-    newest = len(files) - 1
-    bar = tqdm(files, desc="merging", unit="file", disable=not progress, file=sys.stderr, leave=False)
-    with torch.no_grad():
-        for j, path in enumerate(bar):
-            coef = float(c[j])
-            with _open(path, key, unsafe) as reader:
-                for name, (shape, dt) in signature.items():
-                    t = reader.tensor(name)
-                    if not _averaged(dt):
-                        if j == newest:
-                            kept[name] = t.clone()
-                        continue
-                    _check_finite(t, name, path)
-                    a = acc.get(name)
-                    if a is None:
-                        a = acc[name] = torch.zeros(shape, dtype=accumulator_dtype(dt))
-                    a.add_(t.to(a.dtype), alpha=coef)
-                    del t
-    bar.close()
-
-    merged: dict[str, Tensor] = {}
-    for name, (_, dt) in signature.items():
-        if name in kept:
-            merged[name] = kept.pop(name)
-            continue
-        a = acc.pop(name)  # pop: free each fp32 buffer as soon as it is converted
-        target = dt if (out_dtype is None or dt.is_complex) else out_dtype
-        merged[name] = a if a.dtype == target else a.to(target)
-        del a
-    if out_path is None:
-        return merged
-    metadata = {
-        "wsm_merge": json.dumps(
-            {
-                "weights": label,
-                "c": [float(x) for x in c],
-                "files": [p.name for p in files],
-                "non_float_from_newest": copied,
-            }
+    if verbose and skipped:
+        print(
+            f"{len(skipped)} entr{'ies' if len(skipped) != 1 else 'y'} of {files[-1].name} skipped (optimizer "
+            f"state unless --optimizer-state, non-tensor objects): {', '.join(skipped[:20])}"
+            + (f" ... ({len(skipped) - 20} more)" if len(skipped) > 20 else ""),
+            flush=True,
         )
-    }
-    atomic_save(merged, out_path, metadata=metadata)
+
+    def target(dt: torch.dtype) -> torch.dtype:
+        return dt if (out_dtype is None or not averaged(dt) or dt.is_complex) else out_dtype
+
+    plan = [(n, shape, dt, target(dt)) for n, (shape, dt) in layout.items()]
+    blocks = plan_blocks(plan, readers, block_bytes)
+    stream = merged_blocks(readers, plan_batches(blocks, block_bytes), c, workers=workers, progress=progress,
+                           reader_args=(files, key, unsafe_pickle, optimizer_state))
+    provenance = {"weights": label, "c": [float(x) for x in c], "files": [p.name for p in files],
+                  "non_float_from_newest": copied}
+    metadata = {"format": "pt", "wsm_merge": json.dumps(provenance)}
+    out_layout = [(n, shape, od) for n, shape, _, od in plan]
+    if out_path is None:
+        return writers.MemoryOutput(out_layout).write(stream)
+    if fmt == "torch":
+        output = writers.TorchFileOutput(out_path, out_layout)
+    elif fmt == "safetensors":
+        output = writers.SafetensorsOutput(out_path, out_layout, metadata)
+    elif fmt == "sharded":
+        newest = files[-1] if files[-1].is_dir() else None
+        side = [newest / f for f in writers.HF_SIDE_FILES if newest is not None and (newest / f).is_file()]
+        output = writers.ShardedOutput(out_path, out_layout, shard_bytes, metadata, side)
+    else:
+        output = writers.DCPOutput(out_path, out_layout, [(b.name, b.start, b.stop) for b in blocks], provenance)
+    output.write(stream)
     if verbose:
-        print(f"wrote {out_path} ({infer_format(out_path)}, {len(merged)} tensors)", flush=True)
+        print(f"wrote {out_path} ({fmt}, {len(out_layout)} tensors)", flush=True)
     return out_path
 
 
@@ -614,96 +412,47 @@ def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return DTYPES[name]
 
 
-def _check_output(out: str | os.PathLike, files: Sequence[Path]) -> Path:
+def _output_format(out: str | os.PathLike | None, out_format: str | None) -> str | None:
+    if out_format is not None and out_format not in OUT_FORMATS:
+        raise ValueError(f"--out-format: unknown {out_format!r}; choose one of {', '.join(OUT_FORMATS)}")
+    if out is None:
+        if out_format is not None:
+            raise ValueError("--out-format needs an output path (-o / out=)")
+        return None
+    if out_format is not None:
+        return out_format
+    suffix = Path(out).suffix.lower()
+    if suffix == ".safetensors":
+        return "safetensors"
+    if suffix in TORCH_SUFFIXES:
+        return "torch"
+    if suffix == "" or Path(out).is_dir():
+        return "sharded"
+    raise ValueError(
+        f"output {str(out)!r}: cannot tell the format from the suffix {suffix!r}; use .safetensors or "
+        f".pt/.pth/.bin for one file, a name without a suffix for a sharded folder, or pass --out-format "
+        f"({', '.join(OUT_FORMATS)})"
+    )
+
+
+def _check_output(out: str | os.PathLike, files: Sequence[Path], fmt: str | None) -> Path:
     out_path = Path(out)
     resolved = out_path.resolve()
     for f in files:
         if f.resolve() == resolved or (out_path.exists() and os.path.samefile(f, out_path)):
             raise ValueError(f"output {str(out_path)!r} is one of the input checkpoints ({f}); choose another path")
+        if f.is_dir() and resolved.is_relative_to(f.resolve()):
+            raise ValueError(f"output {str(out_path)!r} is inside the input checkpoint {f}; choose another path")
+    if fmt in ("sharded", "dcp"):
+        if out_path.exists() and (not out_path.is_dir() or any(out_path.iterdir())):
+            raise ValueError(
+                f"output {str(out_path)!r} exists and is not an empty directory; a {fmt} output is a new folder "
+                "(written to a temporary folder, then renamed): remove it or choose a new path"
+            )
+        if not resolved.parent.is_dir():
+            raise FileNotFoundError(f"output directory {str(out_path.parent)!r} does not exist")
+        return out_path
     if out_path.is_dir():
-        raise ValueError(f"output {str(out_path)!r} is a directory; give a file name")
-    if not resolved.parent.is_dir():
-        raise FileNotFoundError(f"output directory {str(out_path.parent)!r} does not exist")
+        raise ValueError(f"output {str(out_path)!r} is a directory; give a file name or --out-format sharded/dcp")
+    write_target(out_path)  # names the path that is wrong (a dangling symlink, a missing directory)
     return out_path
-
-
-# ------------------------------------------------------------------- CLI
-def _parse_weights(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.replace(" ", "").split(",") if x != ""]
-    except ValueError as e:
-        raise ValueError(f"--weights: expected comma-separated numbers like 0.5,0.3,0.2, got {text!r}") from e
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "inputs",
-        nargs="+",
-        metavar="CKPT",
-        help="checkpoint files, oldest first (.safetensors, or torch.save .pt/.pth/.bin state dicts); "
-        "or ONE directory: its files (see --glob) sorted by step number = the last integer in the "
-        "name (2 < 10 < 100)",
-    )
-    p.add_argument(
-        "--glob",
-        metavar="PATTERN",
-        help="with a directory: which files, e.g. 'step_*.pt' or '**/model.safetensors' "
-        f"(default: all {', '.join('*' + s for s in CHECKPOINT_SUFFIXES)})",
-    )
-    p.add_argument(
-        "--schedule",
-        help=f"decay shape, one of {', '.join([*schedules.SHAPES, *schedules.ALIASES])} (default linear = uniform mean); "
-        "merge weights from Theorem 3.1 with k = number of checkpoints - 1",
-    )
-    p.add_argument(
-        "--weights",
-        metavar="C0,C1,...",
-        help="explicit merge weights c_j, one per checkpoint oldest first, >= 0, "
-        f"summing to 1 (within {WEIGHT_SUM_ATOL:g}) unless --normalize",
-    )
-    p.add_argument("--normalize", action="store_true", help="rescale --weights to sum to 1")
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output file: .safetensors or .pt/.pth/.bin")
-    p.add_argument(
-        "--key",
-        metavar="KEY",
-        help="take the state dict under this key of each checkpoint, e.g. model or state.model "
-        "(safetensors: the tensors named KEY.*)",
-    )
-    p.add_argument(
-        "--dtype",
-        choices=list(DTYPES),
-        help="output dtype of the averaged tensors (default: input dtype); accumulation is float32",
-    )
-    p.add_argument(
-        "--unsafe-pickle",
-        action="store_true",
-        help="allow loading .pt files that torch.load(weights_only=True) refuses. DANGER: unpickling "
-        "runs any code stored in the file; use only for files you trust",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but warnings and errors")
-
-
-def run(args: argparse.Namespace) -> int:
-    weights = _parse_weights(args.weights) if args.weights is not None else None
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        print(f"wsm-optim merge: warning: {message}", file=sys.stderr)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.showwarning = show
-        merge_checkpoints(
-            args.inputs,
-            schedule=args.schedule,
-            weights=weights,
-            normalize=args.normalize,
-            out=args.output,
-            key=args.key,
-            dtype=args.dtype,
-            unsafe_pickle=args.unsafe_pickle,
-            progress=not (args.no_progress or args.quiet),
-            glob=args.glob,
-            verbose=not args.quiet,
-        )
-    return 0

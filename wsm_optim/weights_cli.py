@@ -27,12 +27,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", metavar="PNG", help="also draw the weights to this PNG file")
 
 
-def table(schedule: schedules.Schedule, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(w, c)``: decay weights ``w_1..w_k`` and merge weights ``c_0..c_k`` (``k + 1 <= TABLE_LIMIT``)."""
-    w = schedules.decay_weights(schedule, k)
-    return w, schedules.coefficients_from_decay(w)
-
-
 def shown_rows(k: int, rows: int = SUMMARY_ROWS) -> tuple[range, range]:
     """Indices ``j`` printed for ``k + 1`` checkpoints: ``(head, tail)``; ``tail`` is empty for a full table."""
     if k + 1 <= rows:

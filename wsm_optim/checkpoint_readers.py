@@ -1,0 +1,459 @@
+"""Reading any checkpoint layout tensor by tensor, a block of rows at a time.
+
+One interface for every input the offline merge accepts (:func:`open_reader`):
+
+* a safetensors file (``.safetensors``): header parsed here, tensor bytes read
+  with plain file reads (no memory map), so a read costs exactly the rows asked for;
+* a ``torch.save`` file (any other suffix): loaded with ``weights_only=True``
+  (memory-mapped for the zip format) by :func:`wsm_optim.io.open_checkpoint`;
+* a Hugging Face folder: ``*.safetensors.index.json`` and its shards, or
+  ``model.safetensors`` (``save_pretrained``);
+* a ``torch.distributed.checkpoint`` (DCP) directory (holds ``.metadata``):
+  tensors are read by FQN at their global shape, whatever sharding layout
+  (world size, FSDP/TP) wrote them.
+
+A reader exposes ``names`` (after ``key`` selection), ``meta(name) -> (shape,
+dtype)`` and ``row_blocks(name)`` (where a tensor may be cut along dim 0
+without re-reading saved data), cheaply and without loading tensors. Data is
+read inside ``with reader.reading() as read: read(name, start, stop)``, which
+returns rows ``start:stop`` (dim 0) of the tensor as a new CPU tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .io import UnsafePickleWarning, open_checkpoint
+
+__all__ = [
+    "open_reader",
+    "checkpoint_kind",
+    "SafetensorsFile",
+    "TorchFile",
+    "HFFolder",
+    "DCPDirectory",
+    "SAFETENSORS_DTYPES",
+    "OPTIMIZER_PREFIXES",
+]
+
+Read = Callable[[str, int, int], Tensor]
+
+#: safetensors dtype codes and the torch dtypes they store (little-endian).
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "C64": torch.complex64,
+}
+#: First name parts under which a DCP checkpoint keeps optimizer state (skipped unless asked for).
+OPTIMIZER_PREFIXES = ("optim", "optimizer", "optimizers", "optim_state", "optimizer_state")
+# A safetensors header is JSON of a few MB at most; anything larger is a corrupt length field.
+_MAX_HEADER_BYTES = 100 * 2**20
+
+
+def checkpoint_kind(path: Path) -> str | None:
+    """``"dcp"``, ``"hf"``, ``"safetensors"``, ``"torch"`` for a checkpoint at ``path``; ``None`` for other folders."""
+    if path.is_dir():
+        if (path / ".metadata").is_file():
+            return "dcp"
+        if _hf_index(path) is not None or (path / "model.safetensors").is_file():
+            return "hf"
+        return None
+    return "safetensors" if path.suffix.lower() == ".safetensors" else "torch"
+
+
+def open_reader(path: Path, key: str | None = None, *, unsafe_pickle: set[Path] | None = None,
+                optimizer_state: bool = False) -> "SafetensorsFile | TorchFile | HFFolder | DCPDirectory":
+    """The reader for ``path`` (see the module docstring); ``key`` picks a sub-tree.
+
+    ``unsafe_pickle``: ``None`` refuses pickles that safe loading refuses; a set
+    allows them, warning once per path (the set remembers which).
+    ``optimizer_state``: keep a DCP checkpoint's optimizer state (skipped by default).
+    """
+    kind = checkpoint_kind(path)
+    if kind == "dcp":
+        return DCPDirectory(path, key, unsafe_pickle=unsafe_pickle, optimizer_state=optimizer_state)
+    if kind == "hf":
+        return HFFolder(path, key)
+    if kind == "safetensors":
+        return SafetensorsFile(path, key)
+    if kind == "torch":
+        return TorchFile(path, key, unsafe_pickle)
+    raise ValueError(
+        f"{path} is a directory but not a checkpoint: no .metadata (DCP), no *.safetensors.index.json "
+        "and no model.safetensors (Hugging Face folder)"
+    )
+
+
+def _select_prefix(names: list[str], key: str | None, path: Path, what: str) -> dict[str, str]:
+    """``{name below key: full name}`` for the flat ``names`` of a file or folder."""
+    if key is None:
+        return {n: n for n in names}
+    prefix = key + "."
+    chosen = {n[len(prefix):]: n for n in names if n.startswith(prefix)}
+    if not chosen:
+        tops = sorted({n.split(".")[0] for n in names})[:20]
+        raise ValueError(
+            f"--key {key!r}: no tensor in {path} is named {prefix + '*'!r} "
+            f"({what} are flat; first name parts present: {tops})"
+        )
+    return chosen
+
+
+def _rows(shape: tuple[int, ...], start: int, stop: int) -> tuple[int, ...]:
+    return (stop - start, *shape[1:]) if shape else ()
+
+
+# ---------------------------------------------------------------- safetensors
+class SafetensorsFile:
+    """A safetensors file read with ``pread`` (exactly the rows asked for, no memory map)."""
+
+    def __init__(self, path: Path, key: str | None = None) -> None:
+        if sys.byteorder != "little":  # pragma: no cover - safetensors stores little-endian data
+            raise ValueError("reading safetensors files needs a little-endian machine")
+        self.path = path
+        self.entries = self._parse_header(path)
+        self._full = _select_prefix(list(self.entries), key, path, "safetensors files")
+        self.names = list(self._full)
+        self.skipped: list[str] = []
+
+    @staticmethod
+    def _parse_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int]]:
+        """``{name: (dtype, shape, absolute byte offset)}`` in file order; every entry checked against the file size."""
+
+        def bad(reason: str) -> ValueError:
+            return ValueError(f"cannot read {path} as a safetensors file: {reason}")
+
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise bad(f"{size} bytes, shorter than the 8-byte header length")
+            n = int.from_bytes(head, "little")
+            if n > _MAX_HEADER_BYTES or 8 + n > size:
+                raise bad(f"header length {n} does not fit the file ({size} bytes)")
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise bad(f"the header is not JSON ({e})") from e
+        if not isinstance(header, dict):
+            raise bad("the header is not a JSON object")
+        entries: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
+        spans = []
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype = SAFETENSORS_DTYPES[info["dtype"]]
+                shape = tuple(int(s) for s in info["shape"])
+                begin, end = (int(x) for x in info["data_offsets"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise bad(f"entry {name!r} has no valid dtype/shape/data_offsets ({e!r})") from e
+            numel = 1
+            for s in shape:
+                numel *= s
+            if min(shape, default=0) < 0 or end - begin != numel * dtype.itemsize or begin < 0:
+                raise bad(f"entry {name!r}: data_offsets {[begin, end]} do not hold shape {list(shape)} of {dtype}")
+            if 8 + n + end > size:
+                raise bad(f"entry {name!r} ends at byte {8 + n + end}, past the end of the file ({size} bytes)")
+            entries[name] = (dtype, shape, 8 + n + begin)
+            spans.append((begin, end, name))
+        spans.sort()
+        for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
+            if b1 < e0:
+                raise bad(f"entries {n0!r} and {n1!r} overlap")
+        return entries
+
+    def meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        dtype, shape, _ = self.entries[self._full[name]]
+        return shape, dtype
+
+    def row_blocks(self, name: str) -> list[int] | None:
+        """``None``: any row boundary reads without waste."""
+        return None
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[Read]:
+        with open(self.path, "rb", buffering=0) as f:
+            yield lambda name, start, stop: self.read_rows(f, self._full[name], start, stop)
+
+    def read_rows(self, f: Any, full_name: str, start: int, stop: int) -> Tensor:
+        dtype, shape, offset = self.entries[full_name]
+        out = torch.empty(_rows(shape, start, stop), dtype=dtype)
+        if out.numel() == 0:
+            return out
+        row_bytes = out.numel() // max(stop - start, 1) * dtype.itemsize if shape else 0
+        buf = memoryview(out.view(-1).view(torch.uint8).numpy())
+        at, pos = offset + start * row_bytes, 0
+        while pos < len(buf):  # os.preadv may return short reads
+            got = os.preadv(f.fileno(), [buf[pos:]], at + pos)
+            if got <= 0:
+                raise ValueError(f"cannot read {self.path}: tensor {full_name!r} is cut short (file truncated?)")
+            pos += got
+        return out
+
+
+# ---------------------------------------------------------------- torch.save
+class TorchFile:
+    """A ``torch.save`` state dict; opened again for each block of reads (memory-mapped when it can be)."""
+
+    def __init__(self, path: Path, key: str | None, unsafe_pickle: set[Path] | None) -> None:
+        self.path, self.key, self.unsafe = path, key, unsafe_pickle
+        with open_checkpoint(path, key, unsafe_pickle) as r:
+            self._meta = {n: r.meta(n) for n in r.names}
+        self.names = list(self._meta)
+        self.skipped: list[str] = []
+
+    def meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        return self._meta[name]
+
+    def row_blocks(self, name: str) -> list[int] | None:
+        return None
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[Read]:
+        # Closing after each block drops the memory map: touched pages of every
+        # input would otherwise stay resident for the whole merge.
+        with open_checkpoint(self.path, self.key, self.unsafe) as r:
+            def read(name: str, start: int, stop: int) -> Tensor:
+                t = r.tensor(name)
+                return (t[start:stop] if t.dim() else t).clone()
+
+            yield read
+
+
+# ------------------------------------------------------------- HF folders
+def _hf_index(path: Path) -> Path | None:
+    found = sorted(path.glob("*.safetensors.index.json"))
+    return found[0] if found else None
+
+
+class HFFolder:
+    """A ``save_pretrained`` folder: ``*.safetensors.index.json`` + shards, or ``model.safetensors``."""
+
+    def __init__(self, path: Path, key: str | None = None) -> None:
+        self.path = path
+        index = _hf_index(path)
+        if index is not None:
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"cannot read {index}: not a safetensors index with a weight_map ({e!r})") from e
+            files = {f: SafetensorsFile(path / f) for f in sorted(set(weight_map.values()))}
+            for name, f in weight_map.items():
+                if name not in files[f].entries:
+                    raise ValueError(f"{index} maps {name!r} to {f}, which does not hold it")
+            self.index: Path | None = index
+        else:
+            only = path / "model.safetensors"
+            files = {only.name: SafetensorsFile(only)}
+            weight_map = {n: only.name for n in files[only.name].entries}
+            self.index = None
+        self._files, self._where = files, weight_map
+        self._full = _select_prefix(list(weight_map), key, path, "safetensors folders")
+        self.names = list(self._full)
+        self.skipped: list[str] = []
+
+    def meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        full = self._full[name]
+        dtype, shape, _ = self._files[self._where[full]].entries[full]
+        return shape, dtype
+
+    def row_blocks(self, name: str) -> list[int] | None:
+        return None
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[Read]:
+        with contextlib.ExitStack() as stack:
+            handles: dict[str, Any] = {}
+
+            def read(name: str, start: int, stop: int) -> Tensor:
+                full = self._full[name]
+                shard = self._where[full]
+                if shard not in handles:
+                    handles[shard] = stack.enter_context(open(self.path / shard, "rb", buffering=0))
+                return self._files[shard].read_rows(handles[shard], full, start, stop)
+
+            yield read
+
+
+# -------------------------------------------------------------------- DCP
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles a DCP ``.metadata`` file, allowing only the classes such a file holds (no code runs)."""
+
+    _ALLOWED = {
+        "torch.distributed.checkpoint.metadata": None,  # any name: dataclasses and enums of the format
+        "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+        "torch.serialization": {"_get_layout"},
+        "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path"},
+        "collections": {"OrderedDict"},
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
+            return getattr(torch, name)
+        allowed = self._ALLOWED.get(module, ())
+        if module in self._ALLOWED and (allowed is None or name in allowed):
+            return getattr(__import__(module, fromlist=[name]), name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not part of a DCP metadata file")
+
+
+class _RowsPlanner:
+    """The part of ``LoadPlanner`` that ``FileSystemReader.read_data`` calls: it copies into ``dest``."""
+
+    def __init__(self, dest: Tensor, start: tuple[int, ...]) -> None:
+        self.dest, self.start = dest, start
+
+    def resolve_tensor(self, item: Any) -> Tensor:
+        t = self.dest
+        for dim, (off, length) in enumerate(zip(item.dest_offsets, item.lengths)):
+            t = t.narrow(dim, off, length)
+        return t
+
+    def commit_tensor(self, item: Any, tensor: Tensor) -> None:
+        pass
+
+    def load_bytes(self, item: Any, value: Any) -> None:  # pragma: no cover - tensors only are planned
+        raise AssertionError("DCP reader asked to load bytes")
+
+
+class DCPDirectory:
+    """A ``torch.distributed.checkpoint`` directory, read by FQN at global shapes.
+
+    Non-tensor entries (pickled objects such as ``train_state``) and optimizer
+    state (names under :data:`OPTIMIZER_PREFIXES`, or ``X.state.*`` beside
+    ``X.param_groups.*``) are listed in ``skipped`` and not merged, unless
+    ``optimizer_state`` is set or ``key`` points into them.
+    """
+
+    def __init__(self, path: Path, key: str | None = None, *, unsafe_pickle: set[Path] | None = None,
+                 optimizer_state: bool = False) -> None:
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        self.path = path
+        self._reader = FileSystemReader(str(path))
+        self.metadata = self._read_metadata(path, unsafe_pickle)
+        self._reader.set_up_storage_reader(self.metadata, is_coordinator=True)
+        all_names = list(self.metadata.state_dict_metadata)
+        tensors = [n for n, md in self.metadata.state_dict_metadata.items() if isinstance(md, TensorStorageMetadata)]
+        asked_for_optimizer = key is not None and key.split(".")[0] in OPTIMIZER_PREFIXES
+        optimizer = set() if (optimizer_state or asked_for_optimizer) else _optimizer_names(all_names)
+        self.skipped = [n for n in all_names if n not in set(tensors) or n in optimizer]
+        if key is not None:
+            self.skipped = [n for n in self.skipped if n.startswith(key + ".")]
+        self._full = _select_prefix([n for n in tensors if n not in optimizer], key, path, "DCP names")
+        self.names = list(self._full)
+
+    @staticmethod
+    def _read_metadata(path: Path, unsafe_pickle: set[Path] | None) -> Any:
+        meta = path / ".metadata"
+        with open(meta, "rb") as f:
+            try:
+                return _MetadataUnpickler(f).load()
+            except pickle.UnpicklingError as e:
+                refusal = e
+            except Exception as e:  # noqa: BLE001 - truncated or garbage metadata
+                raise ValueError(f"cannot read {meta}: not a DCP metadata file ({type(e).__name__}: {e})") from e
+        if unsafe_pickle is None:
+            raise ValueError(
+                f"{meta} holds objects that safe loading refuses ({refusal}). Loading it means unpickling, which "
+                "can execute arbitrary code stored in the file; only if you trust where it comes from, pass "
+                "--unsafe-pickle (unsafe_pickle=True)"
+            )
+        if path not in unsafe_pickle:
+            unsafe_pickle.add(path)
+            import warnings
+
+            warnings.warn(f"--unsafe-pickle: unpickling {meta} without restrictions; it can run any code stored "
+                          "in the file", UnsafePickleWarning, stacklevel=4)
+        with open(meta, "rb") as f:
+            return pickle.load(f)
+
+    def _md(self, name: str) -> Any:
+        return self.metadata.state_dict_metadata[self._full[name]]
+
+    def meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        md = self._md(name)
+        return tuple(md.size), md.properties.dtype
+
+    def row_blocks(self, name: str) -> list[int] | None:
+        """Row boundaries of the saved chunks, when every chunk spans whole rows (dim-0 sharding, as FSDP).
+
+        A read inside one block loads only that block's saved chunks; a read
+        across a saved chunk's boundary would load the chunk again. Other
+        layouts (TP column shards) return ``[0, rows]``: read whole.
+        """
+        md = self._md(name)
+        shape = tuple(md.size)
+        if not shape:
+            return [0, 1]
+        full_rows = all(
+            tuple(c.offsets[1:]) == (0,) * (len(shape) - 1) and tuple(c.sizes[1:]) == shape[1:] for c in md.chunks
+        )
+        if not full_rows:
+            return [0, shape[0]]
+        return sorted({0, shape[0], *(int(c.offsets[0]) for c in md.chunks)})
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[Read]:
+        yield self.read
+
+    def read(self, name: str, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` of ``name`` at its global shape, assembled from the saved chunks that overlap them."""
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+        from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
+
+        md = self._md(name)
+        fqn = self._full[name]
+        shape = tuple(md.size)
+        want_off = (start, *(0,) * (len(shape) - 1)) if shape else ()
+        want_len = _rows(shape, start, stop)
+        dest = torch.empty(want_len, dtype=md.properties.dtype)
+        items, covered = [], 0
+        for chunk in md.chunks:
+            lo = [max(o, w) for o, w in zip(chunk.offsets, want_off)]
+            hi = [min(o + s, w + n) for o, s, w, n in zip(chunk.offsets, chunk.sizes, want_off, want_len)]
+            if any(h <= lo_ for lo_, h in zip(lo, hi)) and shape:
+                continue
+            lengths = [h - lo_ for lo_, h in zip(lo, hi)]
+            items.append(ReadItem(
+                type=LoadItemType.TENSOR,
+                dest_index=MetadataIndex(fqn, torch.Size(want_off)),
+                dest_offsets=torch.Size([a - w for a, w in zip(lo, want_off)]),
+                storage_index=MetadataIndex(fqn, chunk.offsets),
+                storage_offsets=torch.Size([a - o for a, o in zip(lo, chunk.offsets)]),
+                lengths=torch.Size(lengths),
+            ))
+            covered += int(torch.Size(lengths).numel())
+        if covered != dest.numel():
+            raise ValueError(
+                f"{self.path}: the saved chunks of {fqn!r} cover {covered} of the {dest.numel()} values of "
+                f"rows {start}:{stop}; the checkpoint is incomplete"
+            )
+        if items:
+            self._reader.read_data(LoadPlan(items), _RowsPlanner(dest, want_off)).wait()
+        return dest
+
+
+def _optimizer_names(names: list[str]) -> set[str]:
+    """Names of optimizer state: under an optimizer prefix, or ``X.state.*`` where ``X.param_groups.*`` exists."""
+    roots = {n.rsplit(".param_groups.", 1)[0] for n in names if ".param_groups." in n}
+    roots |= {""} if any(n.startswith("param_groups.") for n in names) else set()
+    out = set()
+    for n in names:
+        if n.split(".")[0] in OPTIMIZER_PREFIXES:
+            out.add(n)
+        elif any(n.startswith(f"{r}.state." if r else "state.") or n.startswith(f"{r}.param_groups." if r else "param_groups.") for r in roots):
+            out.add(n)
+    return out

@@ -1,0 +1,319 @@
+"""Writing a merged checkpoint block by block, in any layout, crash-safely.
+
+The merge produces ``blocks``: ``(name, start, stop, tensor)`` in ``layout``
+order, rows ``start:stop`` (dim 0) of each output tensor, consecutive. An
+output consumes them with ``write(blocks)`` and returns what the caller gets:
+
+* :class:`MemoryOutput`: ``{name: tensor}`` (``out=None``);
+* :class:`TorchFileOutput`: one ``torch.save`` file (held in memory, then :func:`~wsm_optim.io.atomic_save`);
+* :class:`SafetensorsOutput`: one safetensors file written streaming, the header
+  first (every shape is known before the first block), then block after block;
+* :class:`ShardedOutput`: a folder of safetensors shards with
+  ``model.safetensors.index.json`` (``save_pretrained`` layout, ``--max-shard-size``),
+  plus the input's ``config.json`` and friends, so ``from_pretrained`` loads it;
+* :class:`DCPOutput`: a ``torch.distributed.checkpoint`` directory, one saved
+  chunk per block, that ``dcp.load`` reads into any layout.
+
+Files are written through :func:`~wsm_optim.io.atomic_file`, folders through
+:func:`~wsm_optim.io.atomic_directory`: an output appears complete or not at all.
+Only the block being written is held in memory (except the two in-memory outputs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+from torch import Tensor
+
+from .io import atomic_directory, atomic_file, atomic_save
+
+__all__ = [
+    "MemoryOutput",
+    "TorchFileOutput",
+    "SafetensorsOutput",
+    "ShardedOutput",
+    "DCPOutput",
+    "SafetensorsWriter",
+    "parse_size",
+    "HF_SIDE_FILES",
+]
+
+Layout = Sequence[tuple[str, tuple[int, ...], torch.dtype]]
+Block = tuple[str, int, int, Tensor]
+
+_ST_CODES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64", torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.complex64: "C64",
+}
+#: Files copied from the newest Hugging Face input folder into a sharded output (``from_pretrained`` needs them).
+HF_SIDE_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+    "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
+    "chat_template.json", "chat_template.jinja", "preprocessor_config.json", "spiece.model",
+)
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """``"5GB"`` -> 5 * 10**9, ``"512MiB"`` -> 512 * 2**20, ``1000`` -> 1000 (bytes, ``> 0``)."""
+    if isinstance(text, int):
+        value = text
+    else:
+        s = text.strip().upper().replace(" ", "")
+        unit = s.lstrip("0123456789.")
+        number = s[: len(s) - len(unit)]
+        if unit not in _SIZE_UNITS or not number:
+            raise ValueError(
+                f"--max-shard-size: cannot read {text!r}; give a number of bytes with an optional unit, "
+                f"one of {', '.join(u for u in _SIZE_UNITS if u)} (e.g. 5GB, 512MiB)"
+            )
+        value = int(float(number) * _SIZE_UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"--max-shard-size must be positive, got {text!r}")
+    return value
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n * dtype.itemsize
+
+
+def _bytes_of(t: Tensor) -> memoryview:
+    t = t.detach().contiguous().cpu()
+    return memoryview(t.view(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+
+
+def _in_order(blocks: Iterable[Block], layout: Layout) -> Iterator[Block]:
+    """``blocks`` checked to tile each tensor of ``layout`` row by row, in order (a bug guard, not user input)."""
+    it = iter(blocks)
+    for name, shape, dtype in layout:
+        rows, at = (shape[0] if shape else 1), 0
+        while at < rows or (rows == 0 and at == 0):
+            b_name, start, stop, t = next(it)
+            if b_name != name or start != at or t.dtype != dtype:
+                raise AssertionError(f"block {b_name}[{start}:{stop}] {t.dtype} out of order, expected {name}[{at}:] {dtype}")
+            yield b_name, start, stop, t
+            at = stop
+            if rows == 0:
+                break
+    if next(it, None) is not None:
+        raise AssertionError("more blocks than the layout holds")
+
+
+class SafetensorsWriter:
+    """One safetensors file on an open binary stream: header from ``layout`` first, then tensor bytes in order."""
+
+    def __init__(self, f: BinaryIO, layout: Layout, metadata: Mapping[str, str] | None = None) -> None:
+        header: dict[str, Any] = {}
+        if metadata:
+            header["__metadata__"] = dict(metadata)
+        offset = 0
+        for name, shape, dtype in layout:
+            if dtype not in _ST_CODES:
+                raise ValueError(f"safetensors cannot store {name!r} of dtype {dtype}; use a .pt output")
+            size = _nbytes(shape, dtype)
+            header[name] = {"dtype": _ST_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # safetensors aligns the data start to 8 bytes
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        self.f, self.end = f, 8 + len(raw) + offset
+
+    def write(self, tensor: Tensor) -> None:
+        self.f.write(_bytes_of(tensor))
+
+    def finish(self) -> None:
+        self.f.flush()
+        if self.f.tell() != self.end:
+            raise AssertionError(f"safetensors file ends at {self.f.tell()}, header promised {self.end}")
+
+
+class MemoryOutput:
+    """``{name: tensor}``, assembled from the blocks."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+
+    def write(self, blocks: Iterable[Block]) -> dict[str, Tensor]:
+        shapes = {name: shape for name, shape, _ in self.layout}
+        out: dict[str, Tensor] = {}
+        for name, start, stop, t in _in_order(blocks, self.layout):
+            shape = shapes[name]
+            if name not in out:
+                if not shape or (start, stop) == (0, shape[0]):
+                    out[name] = t  # the whole tensor in one block: no copy
+                    continue
+                out[name] = torch.empty(shape, dtype=t.dtype)
+            out[name][start:stop] = t
+        return out
+
+
+class TorchFileOutput(MemoryOutput):
+    """A ``torch.save`` file: the format has no streaming writer, so the merged dict is held, then saved atomically."""
+
+    def __init__(self, path: Path, layout: Layout) -> None:
+        super().__init__(layout)
+        self.path = path
+
+    def write(self, blocks: Iterable[Block]) -> Path:  # type: ignore[override]
+        return atomic_save(super().write(blocks), self.path, format="torch")
+
+
+class SafetensorsOutput:
+    """One safetensors file, streamed; ``metadata`` goes into its header."""
+
+    def __init__(self, path: Path, layout: Layout, metadata: Mapping[str, str] | None = None) -> None:
+        self.path, self.layout, self.metadata = path, layout, metadata
+
+    def write(self, blocks: Iterable[Block]) -> Path:
+        with atomic_file(self.path, "") as tmp, open(tmp, "wb") as f:
+            writer = SafetensorsWriter(f, self.layout, self.metadata)
+            for _, _, _, t in _in_order(blocks, self.layout):
+                writer.write(t)
+            writer.finish()
+        return self.path
+
+
+class ShardedOutput:
+    """A ``save_pretrained``-style folder: ``model-0000i-of-0000n.safetensors`` + index, or one ``model.safetensors``.
+
+    Tensors go to shards in layout order; a shard closes before it would pass
+    ``max_shard_bytes`` (a tensor larger than that gets a shard of its own).
+    ``side_files`` (e.g. ``config.json``) are copied in.
+    """
+
+    def __init__(self, path: Path, layout: Layout, max_shard_bytes: int, metadata: Mapping[str, str] | None = None,
+                 side_files: Sequence[Path] = ()) -> None:
+        self.path, self.layout, self.metadata, self.side_files = path, layout, metadata, side_files
+        shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
+        size = 0
+        for entry in layout:
+            n = _nbytes(entry[1], entry[2])
+            if shards[-1] and size + n > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(entry)
+            size += n
+        self.shards = shards
+        total = len(shards)
+        self.names = ["model.safetensors"] if total == 1 else [
+            f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)
+        ]
+
+    def write(self, blocks: Iterable[Block]) -> Path:
+        it = _in_order(blocks, self.layout)
+        with atomic_directory(self.path) as tmp:
+            weight_map = {}
+            for file_name, shard in zip(self.names, self.shards):
+                with open(tmp / file_name, "wb") as f:
+                    writer = SafetensorsWriter(f, shard, self.metadata)
+                    for name, shape, _ in shard:
+                        rows, done = (shape[0] if shape else 1), 0
+                        while True:
+                            _, _, stop, t = next(it)
+                            writer.write(t)
+                            done = stop
+                            if done >= rows:
+                                break
+                        weight_map[name] = file_name
+                    writer.finish()
+                    os.fsync(f.fileno())
+            if len(self.names) > 1:
+                index = {
+                    "metadata": {"total_size": sum(_nbytes(s, d) for _, s, d in self.layout), **(self.metadata or {})},
+                    "weight_map": weight_map,
+                }
+                _write_json(tmp / "model.safetensors.index.json", index)
+            for side in self.side_files:
+                shutil.copyfile(side, tmp / side.name)
+                _fsync_file(tmp / side.name)
+        return self.path
+
+
+class DCPOutput:
+    """A ``torch.distributed.checkpoint`` directory, one saved chunk per block (``dcp.load`` reshards it).
+
+    ``dcp.save`` pulls each tensor from the planner (``resolve_data``) in plan
+    order, one file per item, so the merge streams into it: only the block
+    being written is in memory. ``sidecar`` is written as ``wsm_merge.json``.
+    """
+
+    def __init__(self, path: Path, layout: Layout, block_rows: Sequence[tuple[str, int, int]],
+                 sidecar: Mapping[str, Any] | None = None) -> None:
+        self.path, self.layout, self.block_rows, self.sidecar = path, layout, block_rows, sidecar
+
+    def write(self, blocks: Iterable[Block]) -> Path:
+        import torch.distributed.checkpoint as dcp
+
+        with atomic_directory(self.path) as tmp:
+            writer = dcp.FileSystemWriter(str(tmp), single_file_per_rank=False, sync_files=True, thread_count=1)
+            planner = _pulling_planner(self.layout, self.block_rows, _in_order(blocks, self.layout))
+            dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
+            if self.sidecar is not None:
+                _write_json(tmp / "wsm_merge.json", self.sidecar)
+        return self.path
+
+
+def _pulling_planner(layout: Layout, block_rows: Sequence[tuple[str, int, int]], blocks: Iterator[Block]) -> Any:
+    """A ``DefaultSavePlanner`` whose plan is the blocks and whose data comes from ``blocks`` on demand."""
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+    from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
+
+    shapes = {name: (shape, dtype) for name, shape, dtype in layout}
+    items = []
+    for name, start, stop in block_rows:
+        shape, dtype = shapes[name]
+        offsets = torch.Size((start, *(0,) * (len(shape) - 1)) if shape else ())
+        sizes = torch.Size((stop - start, *shape[1:]) if shape else ())
+        items.append(WriteItem(
+            index=MetadataIndex(name, offsets),
+            type=WriteItemType.SHARD,
+            tensor_data=TensorWriteData(
+                chunk=ChunkStorageMetadata(offsets=offsets, sizes=sizes),
+                properties=TensorProperties(dtype=dtype),
+                size=torch.Size(shape),
+            ),
+        ))
+
+    class PullingPlanner(DefaultSavePlanner):
+        def create_local_plan(self) -> SavePlan:
+            self.plan = SavePlan(items, planner_data={})
+            return self.plan
+
+        def resolve_data(self, write_item: WriteItem) -> Tensor:
+            name, start, _, tensor = next(blocks)
+            want = write_item.index
+            if name != want.fqn or (tensor.dim() and start != want.offset[0]):
+                raise AssertionError(f"DCP asked for {want}, the merge produced {name}[{start}:]")
+            return tensor
+
+    return PullingPlanner()
+
+
+def _write_json(path: Path, value: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(value, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

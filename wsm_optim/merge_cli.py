@@ -1,0 +1,98 @@
+"""``wsm-optim merge``: the command line of :func:`wsm_optim.offline.merge_checkpoints`.
+
+Arguments map one to one onto the function's; warnings print as one line
+(``wsm-optim merge: warning: ...``), errors as one line with exit code 2 (see
+:mod:`wsm_optim.cli`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+from . import schedules
+from .offline import CHECKPOINT_SUFFIXES, DTYPES, WEIGHT_SUM_ATOL, merge_checkpoints
+
+__all__ = ["add_arguments", "run"]
+
+
+def _parse_weights(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.replace(" ", "").split(",") if x != ""]
+    except ValueError as e:
+        raise ValueError(f"--weights: expected comma-separated numbers like 0.5,0.3,0.2, got {text!r}") from e
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="CKPT",
+        help="checkpoint files, oldest first (.safetensors, or torch.save .pt/.pth/.bin state dicts); "
+        "or ONE directory: its files (see --glob) sorted by step number = the last integer in the "
+        "name (2 < 10 < 100)",
+    )
+    p.add_argument(
+        "--glob",
+        metavar="PATTERN",
+        help="with a directory: which files, e.g. 'step_*.pt' or '**/model.safetensors' "
+        f"(default: all {', '.join('*' + s for s in CHECKPOINT_SUFFIXES)})",
+    )
+    p.add_argument(
+        "--schedule",
+        help=f"decay shape, one of {', '.join([*schedules.SHAPES, *schedules.ALIASES])} (default linear = uniform mean); "
+        "merge weights from Theorem 3.1 with k = number of checkpoints - 1",
+    )
+    p.add_argument(
+        "--weights",
+        metavar="C0,C1,...",
+        help="explicit merge weights c_j, one per checkpoint oldest first, >= 0, "
+        f"summing to 1 (within {WEIGHT_SUM_ATOL:g}) unless --normalize",
+    )
+    p.add_argument("--normalize", action="store_true", help="rescale --weights to sum to 1")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output file: .safetensors or .pt/.pth/.bin")
+    p.add_argument(
+        "--key",
+        metavar="KEY",
+        help="take the state dict under this key of each checkpoint, e.g. model or state.model "
+        "(safetensors: the tensors named KEY.*)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        help="output dtype of the averaged tensors (default: input dtype); accumulation is float32",
+    )
+    p.add_argument(
+        "--unsafe-pickle",
+        action="store_true",
+        help="allow loading .pt files that torch.load(weights_only=True) refuses. DANGER: unpickling "
+        "runs any code stored in the file; use only for files you trust",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but warnings and errors")
+
+
+def run(args: argparse.Namespace) -> int:
+    weights = _parse_weights(args.weights) if args.weights is not None else None
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"wsm-optim merge: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        merge_checkpoints(
+            args.inputs,
+            schedule=args.schedule,
+            weights=weights,
+            normalize=args.normalize,
+            out=args.output,
+            key=args.key,
+            dtype=args.dtype,
+            unsafe_pickle=args.unsafe_pickle,
+            progress=not (args.no_progress or args.quiet),
+            glob=args.glob,
+            verbose=not args.quiet,
+        )
+    return 0
