@@ -103,7 +103,8 @@ def train(cfg: Config, corpus: Corpus, progress: bool | None) -> dict[str, Any]:
             for n in names:
                 record(n, done, scores.scores[n])
             if done == cfg.steps:
-                final_scores = dict(scores=scores.scores, best=scores.best, live=scores.live)
+                final_scores = dict(scores=scores.scores, best=scores.best, live=scores.live,
+                                    live_wins=scores.live_wins, summary=scores.summary())
         for name, e in emas.items():
             record(name, done, ev(e.model))
         for name, sf in sfs.items():
