@@ -302,7 +302,7 @@ def test_busy_hint(load, cores, threads, busy):
 
 
 def test_progress_period_gives_about_twenty_lines_within_10_to_60_s():
-    assert [timing.progress_period(s) for s in (5, 60, 400, 1500, 7200)] == [10, 10, 20, 60, 60]
+    assert [timing.progress_period(s) for s in (5, 60, 220, 400, 1500, 7200)] == [10, 10, 10, 20, 60, 60]
 
 
 def test_quick_end_to_end(quick_run):

@@ -118,8 +118,9 @@ def _minutes(seconds: float) -> str:
 
 
 def progress_period(expected_seconds: float) -> float:
-    """Seconds between two progress lines in a log: about 20 lines per run, one every 10 to 60 s."""
-    return min(60.0, max(10.0, expected_seconds / 20))
+    """Seconds between two progress lines in a log: about 20 lines per run, one every 10 to 60 s
+    (a multiple of 5 s, so the lines read as a steady rhythm)."""
+    return min(60.0, max(10.0, 5.0 * round(expected_seconds / 20 / 5)))
 
 
 def available_cores() -> int:
