@@ -157,9 +157,9 @@ def run(args: argparse.Namespace) -> int:
               f"{', '.join(f'{x:g}x' for x in cfg.sf_lr_factors) or 'none'} the peak LR")
         expected = estimate(cfg, model_config(cfg, corpus))
         print(expected.line())
-        hint = busy_hint(load_before, available_cores(), torch.get_num_threads()) if args.threads is None \
-            and cfg.device == "cpu" else None
-        if hint:
+        # only when torch chose the thread count: an explicit --threads is the user's decision
+        hint = busy_hint(load_before, available_cores(), torch.get_num_threads())
+        if hint and args.threads is None and cfg.device == "cpu":
             print(hint)
         period = progress_period(expected.seconds)
         if args.progress is not False:
@@ -185,7 +185,8 @@ def run(args: argparse.Namespace) -> int:
             n: schedules.merge_coefficients(s["schedule"], s["window"] // s["interval"]).tolist()
             for n, s in cfg.merges.items()
         },
-        runtime_s=runtime, estimated_s=expected.seconds, cpu_s=time.process_time(), device_name=_device_name(cfg), load_before=load_before, load_after=os.getloadavg()[0],
+        runtime_s=runtime, estimated_s=expected.seconds, cpu_s=time.process_time(),
+        device_name=_device_name(cfg), load_before=load_before, load_after=os.getloadavg()[0],
         torch_version=torch.__version__, threads=torch.get_num_threads(),
     )
     (out / "results.json").write_text(json.dumps(payload, indent=1))
@@ -203,6 +204,6 @@ def run(args: argparse.Namespace) -> int:
         print()
     for line in format_verdict(answered["verdict"]):
         print(line)
-    print(f"done in {runtime:.0f} s (expected {expected.seconds:.0f} s for training and evaluation); wrote {out / 'results.json'}, report.md, loss.png, ablations.png, "
-          f"weights.png in {out}")
+    print(f"done in {runtime:.0f} s (expected {expected.seconds:.0f} s for training and evaluation); wrote "
+          f"{out / 'results.json'}, report.md, loss.png, ablations.png, weights.png in {out}")
     return 0
