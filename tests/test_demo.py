@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 import wsm_optim
 from wsm_optim import cli
 from wsm_optim.demo import main as demo
+from wsm_optim.demo import timing
 from wsm_optim import schedules as S
 from wsm_optim.demo.data import split_corpus, strip_markdown
 
@@ -258,6 +260,49 @@ def test_merged_curves_are_merges_of_the_live_run(small_text, tmp_path):
     # the final values differ from the live model: the merges and the decay did something
     finals = {r["run"]: r["val_loss"] for r in res["table"]}
     assert all(finals[n] != finals["constant"] for n in finals if n != "constant")
+
+
+def test_a_log_shows_the_expected_time_and_progress_lines(small_text, tmp_path):
+    """Run with stdout and stderr going to files (not terminals), as `demo > log 2>&1` does: the
+    expected time comes before training, progress lines (step, loss, val, elapsed) on stderr."""
+    argv = [a for a in TINY if a != "--no-progress"]
+    rc, stdout, stderr = _main(["demo", *argv, "--data", str(small_text), "--out", str(tmp_path)])
+    assert rc == 0, stderr
+    res = json.loads((tmp_path / "results.json").read_text())
+    expected = [ln for ln in stdout.splitlines() if ln.startswith("expected time: about ")]
+    assert len(expected) == 1 and "timed just now on this machine: 40 WSM steps x " in expected[0]
+    lines = stdout.splitlines()
+    assert lines.index(expected[0]) < lines.index(next(ln for ln in lines if ln.startswith("validation loss")))
+    assert "progress: on stderr, every 10 s (a bar on a terminal)" in stdout
+    progress = [ln for ln in stderr.splitlines() if ln.startswith("training: ")]
+    assert progress, stderr
+    assert re.fullmatch(r"training: 40/40 steps \(100%\), elapsed \d+:\d\d:\d\d, loss \d\.\d+, val \d\.\d+",
+                        progress[-1]), progress[-1]
+    assert f"val {res['curves']['constant']['val_loss'][-1]:.4g}" in progress[-1]
+    assert "\r" not in stderr and "%|" not in stderr  # plain lines, no tqdm bar
+    # the tip about threads appears exactly when the machine was busy at the start
+    busy = res["load_before"] > timing.available_cores() and res["threads"] > 1
+    assert ("--threads 1 is often faster here" in stdout) == busy
+    assert res["estimated_s"] > 0 and f"(expected {res['estimated_s']:.0f} s for training" in stdout
+    # the estimate counts exactly the evaluations the run made (one per recorded point)
+    cfg = demo.config_from_results(res)
+    recorded = sum(len(c["step"]) for c in [*res["curves"].values(), *res["branch_curves"].values()])
+    assert timing.workload(cfg).val_batches == recorded * cfg.eval_batches
+    assert timing.workload(cfg).baseline_steps == 40 * 3 + 3 * 10  # sf x1, x3, cosine; three 10-step branches
+
+
+@pytest.mark.parametrize("load, cores, threads, busy", [(4.6, 2, 2, True), (2.0, 2, 2, False), (9.0, 2, 1, False),
+                                                       (17.0, 16, 16, True)])
+def test_busy_hint(load, cores, threads, busy):
+    hint = timing.busy_hint(load, cores, threads)
+    assert (hint is not None) == busy
+    if busy:
+        assert hint.startswith(f"note: this machine is busy (1-minute load average {load:.1f} on {cores} cores)")
+        assert f"torch uses {threads} threads" in hint and "--threads 1 is often faster here" in hint
+
+
+def test_progress_period_gives_about_twenty_lines_within_10_to_60_s():
+    assert [timing.progress_period(s) for s in (5, 60, 220, 400, 1500, 7200)] == [10, 10, 10, 20, 60, 60]
 
 
 def test_quick_end_to_end(quick_run):

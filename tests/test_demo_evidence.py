@@ -208,6 +208,8 @@ def test_final_scores_come_from_evaluate_merges(tiny):
         assert score == res["curves"][name]["val_loss"][-1]
     assert final["best"] == min(final["scores"], key=final["scores"].get)
     assert final["live"] == res["curves"]["constant"]["val_loss"][-1]
+    assert final["live_wins"] == (final["live"] < final["scores"][final["best"]])
+    assert final["summary"].startswith(f"best merge {final['best']!r}: ")
     abl = res["answers"]["ablations"]
     assert [r["window"] for r in abl["windows"]] == [10, 15]
     assert [(r["updates"], r["interval"]) for r in abl["counts"]] == [(15, 1), (1, 15)]
@@ -288,3 +290,69 @@ def test_figures_and_report_can_be_redrawn_from_results(tiny, tmp_path):
     assert (tmp_path / "report.md").read_text() == (out / "report.md").read_text()
     assert json.loads((tmp_path / "results.json").read_text()) == res
     assert all((tmp_path / f).read_bytes()[:8] == PNG_MAGIC for f in ("loss.png", "ablations.png", "weights.png"))
+
+
+# ---------------------------------------------------------------- figures read at a glance
+def test_loss_figure_colours_only_the_comparison(tiny, tmp_path):
+    """Left: WSM's tracker (blue) against every WSD branch (red) with the live run (black), nothing
+    else; right: the best merge and WSD in colour, each other family's best in grey."""
+    from matplotlib.colors import to_rgba
+
+    from wsm_optim.demo import main as demo, plots
+
+    _, _, res = tiny
+    cfg = demo.config_from_results(res)
+    fig = plots.plot_loss(cfg, res["curves"], res["branch_curves"], tmp_path / "loss.png")
+    left, right = fig.axes
+    colour = {ln.get_label(): to_rgba(ln.get_color()) for ax in (left, right) for ln in ax.get_lines()
+              if not ln.get_label().startswith("_")}
+    assert [t.get_text() for t in left.get_legend().get_texts()] == [
+        "constant LR (live model)", "WSD: LR decayed to 0 over D=10 steps",
+        "WSM linear-10: merge of the last D steps"]
+    assert colour["WSM linear-10: merge of the last D steps"] == to_rgba(plots.WSM)
+    assert colour["WSD: LR decayed to 0 over D=10 steps"] == to_rgba(plots.WSD)
+    # one labelled difference per branch end, read from the curves
+    notes = [t.get_text() for t in left.texts]
+    tracker = dict(zip(res["curves"]["linear-10"]["step"], res["curves"]["linear-10"]["val_loss"]))
+    assert notes == [f"WSM {100 * (tracker[r['end']] - r['wsd']) / r['wsd']:+.2f}%\nvs WSD" for r in res["branches"]]
+    best = res["verdict"]["best_merge"]
+    labels = [t.get_text() for t in right.get_legend().get_texts()]
+    assert labels[0] == "constant LR (live model)" and labels[-2:] == ["WSD (D=10)", f"best WSM merge ({best})"]
+    assert len(labels) <= 6
+    for label in labels[1:-2]:  # the other families: muted
+        assert colour[label] == to_rgba(plots.MUTED), label
+
+
+def test_ablation_figure_shows_percent_from_wsd_with_zero_on_every_axis(tiny, tmp_path):
+    from wsm_optim.demo import main as demo, plots
+
+    _, _, res = tiny
+    cfg = demo.config_from_results(res)
+    fig = plots.plot_ablations(cfg, res["answers"]["ablations"], res["table"], tmp_path / "ablations.png")
+    wsd = res["verdict"]["wsd_val_loss"]
+    for ax in fig.axes:
+        lo, hi = ax.get_ylim()
+        assert lo <= 0 <= hi and hi - lo < 100, (ax.get_title(), lo, hi)
+    assert "vs WSD (%)" in fig.axes[0].get_ylabel()
+    bars = fig.axes[2].patches
+    shapes = res["answers"]["ablations"]["shapes"]
+    assert len(bars) == len(shapes)
+    for bar, row in zip(bars, shapes):
+        assert bar.get_y() == 0 and bar.get_height() == pytest.approx(100 * (row["val_loss"] - wsd) / wsd)
+    windows = fig.axes[0].get_lines()[0]
+    assert list(windows.get_ydata()) == pytest.approx(
+        [100 * (r["val_loss"] - wsd) / wsd for r in res["answers"]["ablations"]["windows"]])
+
+
+def test_weights_figure_puts_merge_weights_on_a_log_scale(tiny, tmp_path):
+    """inv-sqrt puts ~30% of a window's weight on its last checkpoint: on a linear axis every other
+    merge's weights (0.06% each for a 1600-step linear window) lie flat on zero."""
+    from wsm_optim.demo import main as demo, plots
+
+    _, _, res = tiny
+    fig = plots.plot_weights(demo.config_from_results(res), res["lr_multipliers"], tmp_path / "weights.png")
+    coefficients, decays = fig.axes
+    assert coefficients.get_yscale() == "log" and decays.get_yscale() == "linear"
+    lo, hi = coefficients.get_ylim()
+    smallest = min(min(c) for c in res["merge_weights"].values() if min(c) > 0)
+    assert lo <= max(smallest, 1e-5) and hi >= max(max(c) for c in res["merge_weights"].values())

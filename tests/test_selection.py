@@ -117,3 +117,35 @@ def test_evaluate_merges_through_a_wrapper(accelerator):
     direct = evaluate_merges(opt, lambda: _loss(model, data))
     wrapped = evaluate_merges(AcceleratedOptimizer(opt, device_placement=False), lambda: _loss(model, data))
     assert wrapped == direct
+
+
+def _distance_to(model, target):
+    """A real score: how far the model's weights are from ``target`` (0 at the target)."""
+    with torch.no_grad():
+        return float(sum((p - target[n]).abs().sum() for n, p in model.named_parameters()))
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_says_when_the_live_weights_beat_every_merge(mode):
+    model, opt, _ = _trained()
+    live = {n: p.detach().clone() for n, p in model.named_parameters()}
+    sign = 1.0 if mode == "min" else -1.0
+    res = evaluate_merges(opt, lambda: sign * _distance_to(model, live), include_live=True, mode=mode)
+    assert res.live == 0.0 and all(abs(s) > 0 for s in res.scores.values())
+    assert res.live_wins is True and res.mode == mode
+    text = str(res)
+    assert text == res.summary()
+    assert f"best merge {res.best!r}: {res.best_score:.6g}" in text
+    assert f"the live weights scored better: {res.live:.6g}" in text and "no tracked merge beats" in text
+
+
+def test_says_when_a_merge_beats_the_live_weights_and_when_live_was_not_scored():
+    model, opt, _ = _trained()
+    target = opt.merged_state_dict(merge="lin4", model=model)
+    res = evaluate_merges(opt, lambda: _distance_to(model, target), include_live=True)
+    assert res.best == "lin4" and res.best_score == 0.0 and res.live > 0
+    assert res.live_wins is False
+    assert str(res) == f"best merge 'lin4': 0; live weights: {res.live:.6g}"
+    unscored = evaluate_merges(opt, lambda: _distance_to(model, target))
+    assert unscored.live is None and unscored.live_wins is None
+    assert "live weights not scored; include_live=True compares them" in str(unscored)

@@ -18,16 +18,42 @@ class MergeScores:
 
     ``scores``: ``{merge name: score}``; ``best``: the name with the best score
     (lowest with ``mode="min"``, highest with ``"max"``; the first on ties);
-    ``live``: the score of the live weights, when asked for (else ``None``).
+    ``live``: the score of the live weights, when asked for (else ``None``);
+    ``mode``: the ``mode`` the scores were compared with.
+
+    ``str(result)`` (and :meth:`summary`) says which merge is best and whether
+    the live weights scored better than every merge (:attr:`live_wins`).
     """
 
     scores: dict[str, float]
     best: str
     live: float | None = None
+    mode: str = "min"
 
     @property
     def best_score(self) -> float:
         return self.scores[self.best]
+
+    @property
+    def live_wins(self) -> bool | None:
+        """``True`` when the live weights scored strictly better than the best merge,
+        ``False`` when they did not, ``None`` when they were not scored (``include_live=False``)."""
+        if self.live is None:
+            return None
+        return self.live < self.best_score if self.mode == "min" else self.live > self.best_score
+
+    def summary(self) -> str:
+        """One line: the best merge, and how the live weights compare with it."""
+        best = f"best merge {self.best!r}: {self.best_score:.6g}"
+        if self.live is None:
+            return f"{best} (live weights not scored; include_live=True compares them)"
+        if self.live_wins:
+            return (f"{best}; the live weights scored better: {self.live:.6g}, so no tracked merge beats "
+                    f"the live model here (keep the live weights, or track shorter windows)")
+        return f"{best}; live weights: {self.live:.6g}"
+
+    def __str__(self) -> str:
+        return self.summary()
 
 
 def evaluate_merges(
@@ -49,7 +75,8 @@ def evaluate_merges(
         merges: names to evaluate (default: every tracked merge).
         completed: evaluate each merge's last *completed* window instead of
             the current one (see ``merged_state_dict(completed=True)``).
-        include_live: also evaluate the live weights (``MergeScores.live``).
+        include_live: also evaluate the live weights (``MergeScores.live``;
+            ``MergeScores.live_wins`` then says whether they beat every merge).
         mode: ``"min"`` (lower is better, e.g. a loss) or ``"max"``.
 
     Between evaluations the live weights are restored bit-exactly (also when
@@ -73,7 +100,7 @@ def evaluate_merges(
     live = _score(evaluate(), "live weights") if include_live else None
     pick = min if mode == "min" else max
     best = pick(names, key=lambda n: scores[n])
-    return MergeScores(scores=scores, best=best, live=live)
+    return MergeScores(scores=scores, best=best, live=live, mode=mode)
 
 
 def _score(value: Any, what: str) -> float:

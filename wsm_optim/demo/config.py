@@ -102,7 +102,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seed of init, batches and split (default 0)")
     p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's default)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="tqdm progress bar (default: only on a terminal)")
+                   help="show progress on stderr: a bar on a terminal, else a plain line every 10-60 s "
+                        "(default: on; --no-progress: none)")
 
 
 @dataclass

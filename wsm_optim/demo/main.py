@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 import warnings
 from dataclasses import asdict
@@ -33,6 +34,7 @@ from .plots import plot_ablations, plot_loss, plot_weights
 from .report import (MATCH_TOLERANCE, ablations, answer_alternatives, answer_along, branch_table,
                      format_answer_ablations, format_answer_alternatives, format_answer_along,
                      format_branch_table, format_table, format_verdict, make_table, markdown, verdict)
+from .timing import available_cores, busy_hint, estimate, progress_period
 from .training import Batches, evaluate, model_config, train
 
 __all__ = ["BETAS", "MATCH_TOLERANCE", "PRESETS", "WEIGHT_DECAY", "Batches", "Config", "UsageError",
@@ -145,14 +147,25 @@ def run(args: argparse.Namespace) -> int:
         print(f"model: {n_params / 1e6:.2f}M parameters, {cfg.n_layer} layers, {cfg.n_embd} wide, "
               f"context {cfg.block_size}")
         print(f"training: {cfg.steps} steps of {cfg.batch_size} sequences ({passes:.1f} passes), peak LR "
-              f"{cfg.lr:g}, on {cfg.device} ({torch.get_num_threads()} threads)")
+              f"{cfg.lr:g}, on {cfg.device} ({torch.get_num_threads()} thread"
+              f"{'s' if torch.get_num_threads() > 1 else ''})")
         print(f"WSM merges (name = shape-window[-k updates]): {', '.join(cfg.merges)}")
         print(f"WSD branches: {cfg.wsd_schedule} LR decay over {cfg.decay} steps ending at "
               f"{', '.join(str(e) for e in cfg.branch_ends)}" + ("; cosine-to-zero baseline" if cfg.with_cosine
                                                                 else ""))
         print(f"EMA decays: {', '.join(f'{b:.6g}' for b in cfg.ema_decays) or 'none'}; schedule-free AdamW at "
               f"{', '.join(f'{x:g}x' for x in cfg.sf_lr_factors) or 'none'} the peak LR")
-        result = train(cfg, corpus, args.progress)
+        expected = estimate(cfg, model_config(cfg, corpus))
+        print(expected.line())
+        # only when torch chose the thread count: an explicit --threads is the user's decision
+        hint = busy_hint(load_before, available_cores(), torch.get_num_threads())
+        if hint and args.threads is None and cfg.device == "cpu":
+            print(hint)
+        period = progress_period(expected.seconds)
+        if args.progress is not False:
+            print(f"progress: on stderr, every {period:.0f} s (a bar on a terminal)")
+        sys.stdout.flush()  # the header lands in a log before the progress lines that follow it
+        result = train(cfg, corpus, args.progress, period)
         curves, branch_curves = result["curves"], result["branch_curves"]
         answered = answer_questions(cfg, curves, branch_curves)
     runtime = time.perf_counter() - t0
@@ -172,7 +185,8 @@ def run(args: argparse.Namespace) -> int:
             n: schedules.merge_coefficients(s["schedule"], s["window"] // s["interval"]).tolist()
             for n, s in cfg.merges.items()
         },
-        runtime_s=runtime, cpu_s=time.process_time(), device_name=_device_name(cfg), load_before=load_before, load_after=os.getloadavg()[0],
+        runtime_s=runtime, estimated_s=expected.seconds, cpu_s=time.process_time(),
+        device_name=_device_name(cfg), load_before=load_before, load_after=os.getloadavg()[0],
         torch_version=torch.__version__, threads=torch.get_num_threads(),
     )
     (out / "results.json").write_text(json.dumps(payload, indent=1))
@@ -190,6 +204,6 @@ def run(args: argparse.Namespace) -> int:
         print()
     for line in format_verdict(answered["verdict"]):
         print(line)
-    print(f"done in {runtime:.0f} s; wrote {out / 'results.json'}, report.md, loss.png, ablations.png, "
-          f"weights.png in {out}")
+    print(f"done in {runtime:.0f} s (expected {expected.seconds:.0f} s for training and evaluation); wrote "
+          f"{out / 'results.json'}, report.md, loss.png, ablations.png, weights.png in {out}")
     return 0

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .. import WSMOptimizer, evaluate_merges
+from ..progress import Progress
 from .baselines import CosineRun, EMAWeights, ScheduleFreeRun, WSDBranch, adamw, train_step
 from .config import BETAS, WEIGHT_DECAY, Config, UsageError, lr_multipliers
 from .data import Corpus
@@ -55,16 +56,18 @@ def model_config(cfg: Config, corpus: Corpus) -> GPTConfig:
     return GPTConfig(corpus.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd)
 
 
-def train(cfg: Config, corpus: Corpus, progress: bool | None) -> dict[str, Any]:
+def train(cfg: Config, corpus: Corpus, progress: bool | None, progress_period: float = 30.0) -> dict[str, Any]:
     """Train everything in one pass; evaluate along the way.
+
+    ``progress``: ``None`` shows a bar on a terminal and a line every
+    ``progress_period`` seconds in a log or pipe (``wsm_optim.progress.Progress``,
+    on stderr), ``True`` always shows, ``False`` never.
 
     Returns ``{"curves": {run: {"step": [...], "val_loss": [...]}}`` (runs that reach
     ``T``), ``"branch_curves"`` (WSD branches ending before ``T``), ``"final_scores"``
     (``evaluate_merges`` at ``T``: every merge, the live model and the best name),
     ``"train_loss"``, ``"lr_multipliers"``, ``"sf_diverged"`` ({run: step or None})}``.
     """
-    from tqdm import tqdm
-
     torch.manual_seed(cfg.seed)
     batches = Batches(corpus, cfg)
     model = GPT(model_config(cfg, corpus)).to(cfg.device)
@@ -103,7 +106,8 @@ def train(cfg: Config, corpus: Corpus, progress: bool | None) -> dict[str, Any]:
             for n in names:
                 record(n, done, scores.scores[n])
             if done == cfg.steps:
-                final_scores = dict(scores=scores.scores, best=scores.best, live=scores.live)
+                final_scores = dict(scores=scores.scores, best=scores.best, live=scores.live,
+                                    live_wins=scores.live_wins, summary=scores.summary())
         for name, e in emas.items():
             record(name, done, ev(e.model))
         for name, sf in sfs.items():
@@ -122,41 +126,36 @@ def train(cfg: Config, corpus: Corpus, progress: bool | None) -> dict[str, Any]:
     model.train()
     fork(0)
     eval_all(0)
-    bar = tqdm(total=cfg.steps, desc="training", unit="step", disable=False if progress else None,
-               leave=False, dynamic_ncols=True) if progress is not False else None
-    smooth = None
-    for step in range(cfg.steps):
-        batch = batches.train(step)
-        loss = train_step(model, wsm, batch, cfg.lr * mult["constant"][step])
-        if not math.isfinite(loss):
-            raise UsageError(f"training diverged at step {step + 1} (loss {loss}); try a smaller --lr")
-        for e in emas.values():
-            e.update(model)
-        for b in branches.values():
-            b.train_step(step, batch)
-        for sf in sfs.values():
-            sf.train_step(step, batch)
-        if cosine is not None:
-            cosine.train_step(step, batch)
-        train_loss.append(loss)
-        done = step + 1
-        fork(done)  # before the evaluation, so a branch's curve starts at its branch point
-        if done in eval_steps:
-            eval_all(done)
-        elif done in window_end_steps:  # only the merges whose window just ended, and the live model
-            record("constant", done, ev(model))
-            ends = window_end_steps[done]
-            for n, score in evaluate_merges(wsm, lambda: ev(model), merges=ends).scores.items():
-                record(n, done, score)
-        for name in [n for n, b in branches.items() if b.end == done]:
-            del branches[name]  # decayed to zero: done
-        if bar is not None:
+    with Progress(cfg.steps, "training", "step", enabled=progress, period=progress_period) as bar:
+        smooth = None
+        for step in range(cfg.steps):
+            batch = batches.train(step)
+            loss = train_step(model, wsm, batch, cfg.lr * mult["constant"][step])
+            if not math.isfinite(loss):
+                raise UsageError(f"training diverged at step {step + 1} (loss {loss}); try a smaller --lr")
+            for e in emas.values():
+                e.update(model)
+            for b in branches.values():
+                b.train_step(step, batch)
+            for sf in sfs.values():
+                sf.train_step(step, batch)
+            if cosine is not None:
+                cosine.train_step(step, batch)
+            train_loss.append(loss)
+            done = step + 1
+            fork(done)  # before the evaluation, so a branch's curve starts at its branch point
+            if done in eval_steps:
+                eval_all(done)
+            elif done in window_end_steps:  # only the merges whose window just ended, and the live model
+                record("constant", done, ev(model))
+                ends = window_end_steps[done]
+                for n, score in evaluate_merges(wsm, lambda: ev(model), merges=ends).scores.items():
+                    record(n, done, score)
+            for name in [n for n, b in branches.items() if b.end == done]:
+                del branches[name]  # decayed to zero: done
             smooth = loss if smooth is None else 0.9 * smooth + 0.1 * loss
-            bar.update(1)
-            if done % 10 == 0 or done == cfg.steps:
-                bar.set_postfix(loss=f"{smooth:.3f}", val=f"{curves['constant']['val_loss'][-1]:.3f}")
-    if bar is not None:
-        bar.close()
+            # loss: smoothed training loss; val: the live model's latest validation loss
+            bar.update(1, loss=smooth, val=curves["constant"]["val_loss"][-1])
     for name in cfg.merges:  # the windows were aligned to end at the last step
         status = wsm.merge_status(name)
         assert status["complete"], (name, status)
