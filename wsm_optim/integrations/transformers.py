@@ -36,6 +36,7 @@ from typing import Any
 from .. import schedules
 from ..optimizer import WSMOptimizer
 from ..unwrap import unwrap
+from ._arguments import merge_config
 from ._schedulers import describe_decay, repoint_scheduler
 
 __all__ = ["wrap_trainer", "WSMTrainerMixin", "merged_folder"]
@@ -83,23 +84,7 @@ def wrap_trainer(
         raise TypeError(f"wrap_trainer: trainer must be a transformers.Trainer, got {type(trainer).__name__}")
     if isinstance(trainer, WSMTrainerMixin):
         raise TypeError("wrap_trainer: this trainer is already wrapped")
-    if window is None and merges is None:
-        if schedule != "linear" or interval != 1 or start != 0 or keep_last:
-            raise TypeError("wrap_trainer: window is required (optimizer steps per merge window, e.g. window=1000)")
-        config = None
-    elif merges is not None:
-        if window is not None:
-            raise TypeError("wrap_trainer: pass either merges={...} or window=..., not both")
-        config = dict(merges=merges, backend=backend, nonfinite=nonfinite)
-    else:
-        config = dict(
-            schedule=schedule, window=window, interval=interval, start=start, keep_last=keep_last,
-            backend=backend, nonfinite=nonfinite,
-        )
-    if config is not None:  # fail now, not at train(): build a throwaway optimizer to check the arguments
-        import torch
-
-        WSMOptimizer(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0), **config)
+    config = merge_config(schedule, window, interval, start, keep_last, merges, backend, nonfinite)
     cls = type(trainer)
     trainer.__class__ = _WRAPPED.setdefault(cls, type(f"WSM{cls.__name__}", (WSMTrainerMixin, cls), {}))
     trainer._wsm_config = config
