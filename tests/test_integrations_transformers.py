@@ -164,8 +164,11 @@ def test_load_best_model_at_end_loads_the_best_merged_model(tmp_path, metric):
     merged, live = record.at_save[best["step"]]
     assert not _equal(merged, live)
     assert _equal(trainer.model.state_dict(), live if metric == "eval_loss" else merged)
-    # the model in the trainer was replaced: no merged metrics from a stale merge any more
-    assert "eval_merged_loss" not in trainer.evaluate()
+    # the model in the trainer was replaced; the merged metrics still score the run's final merge
+    final = unwrap(trainer.optimizer).merged_state_dict(model=trainer.model)
+    assert _equal(final, record.at_save[8][0])
+    metrics = trainer.evaluate()
+    assert metrics["eval_merged_loss"] == pytest.approx(Evaluator(tmp_path)(final), rel=1e-6)
 
 
 def test_decaying_scheduler_warns_with_the_constant_with_warmup_way(tmp_path):
@@ -237,3 +240,75 @@ def test_several_merges_get_their_own_metrics_folders_and_best_model(tmp_path):
     assert not _equal(GPT2LMHeadModel.from_pretrained(folder).state_dict(), loaded)  # not the live weights
     assert not _equal(GPT2LMHeadModel.from_pretrained(folder / "merged_short").state_dict(), loaded)
     assert wsm.merges == ("short", "long")
+
+
+class RecordFinal(TrainerCallback):
+    """The merged readouts at the last step, before the trainer loads the best checkpoint."""
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if state.global_step == args.max_steps:
+            wsm = unwrap(optimizer)
+            self.merged = {m: wsm.merged_state_dict(model=model, merge=m) for m in wsm.merges}
+            self.live = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("metric", ["eval_loss", "eval_merged_loss"])
+def test_after_load_best_model_at_end_readouts_and_metrics_are_the_runs_final_merge(tmp_path, metric):
+    """Mid-window at the end (7 steps, window 4): the current merge leans on the live params the load replaces."""
+    record, final = RecordMerged(), RecordFinal()
+    trainer = _trainer(
+        tmp_path, callbacks=[record, final], load_best_model_at_end=True, metric_for_best_model=metric,
+        save_steps=2, eval_steps=2, max_steps=7, learning_rate=3e-2,
+    )
+    trainer.train()
+    wsm = unwrap(trainer.optimizer)
+    assert wsm.merge_status()["checkpoint"] == 3  # mid-window: the live params weigh in the readout
+    best_step = int(trainer.state.best_model_checkpoint.rsplit("-", 1)[1])
+    assert best_step != 7
+    best = record.at_save[best_step][0 if metric == "eval_merged_loss" else 1]
+    assert _equal(trainer.model.state_dict(), best)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no LiveParamsChangedWarning: nothing mixes in the loaded weights
+        assert _equal(wsm.merged_state_dict(model=trainer.model), final.merged["default"])
+        path = wsm.save_merged(tmp_path / "final.safetensors")
+        import safetensors.torch
+
+        saved = safetensors.torch.load_file(path)
+        assert all(torch.equal(saved[k], final.merged["default"][k]) for k in saved)
+        metrics = trainer.evaluate()
+    evaluate = Evaluator(tmp_path)
+    assert metrics["eval_merged_loss"] == pytest.approx(evaluate(final.merged["default"]), rel=1e-6)
+    assert metrics["eval_loss"] == pytest.approx(evaluate(best), rel=1e-6)
+    assert _equal(trainer.model.state_dict(), best), "readouts must leave the loaded best model in place"
+    # training on (a second train() runs max_steps more): the merge follows the model's weights again
+    trainer.train()
+    assert wsm.steps == 14
+    assert _equal(wsm.merged_state_dict(model=trainer.model), final.merged["default"])  # the new run's last step
+
+
+def test_merged_folder_of_a_tied_embedding_model_is_complete_and_loads_silently(tmp_path):
+    import logging
+
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda r: messages.append(r.getMessage())
+    hf_logger = logging.getLogger("transformers")
+    hf_logger.addHandler(handler)
+    record = RecordMerged()
+    trainer = _trainer(
+        tmp_path, callbacks=[record], load_best_model_at_end=True, metric_for_best_model="eval_merged_loss",
+        save_steps=2, eval_steps=2, max_steps=4, learning_rate=3e-2,
+    )
+    try:
+        trainer.train()
+    finally:
+        hf_logger.removeHandler(handler)
+    model = trainer.model
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.transformer.wte.weight
+    assert not [m for m in messages if "missing keys" in m or "unexpected keys" in m], messages
+    best_step = int(trainer.state.best_model_checkpoint.rsplit("-", 1)[1])
+    assert _equal(model.state_dict(), record.at_save[best_step][0])
+    # the folder itself: from_pretrained restores the tie and every tensor
+    loaded = GPT2LMHeadModel.from_pretrained(tmp_path / f"checkpoint-{best_step}" / "merged")
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    assert _equal(loaded.state_dict(), record.at_save[best_step][0])

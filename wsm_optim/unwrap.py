@@ -39,6 +39,13 @@ def unwrap(optimizer: Any) -> Any:
         if inner is None or inner is current:
             break
         current = inner
+    if any(name.startswith("DeepSpeed") for name in chain):
+        raise TypeError(
+            f"unwrap: no WSMOptimizer inside {' -> '.join(chain)}: DeepSpeed stepped an optimizer of its own, "
+            "so no merge was kept. With the Hugging Face Trainer, DeepSpeed discards the optimizer given in "
+            "optimizers=(...) and builds one with create_optimizer(): call "
+            "wsm_optim.integrations.transformers.wrap_trainer(trainer, window=...) before train()"
+        )
     raise TypeError(
         f"unwrap: no WSMOptimizer inside {' -> '.join(chain)}; wrap the optimizer with "
         "WSMOptimizer(inner, ...) before handing it to the framework"

@@ -24,6 +24,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from .. import schedules
 from ..optimizer import WSMOptimizer
 from ..unwrap import unwrap
+from ._arguments import merge_config
 from ._schedulers import describe_decay, repoint_scheduler
 
 __all__ = ["WSMCallback"]
@@ -82,27 +83,12 @@ class WSMCallback(Callback):
         swap_for_validation: bool = True,
         merged_after_fit: bool = True,
     ) -> None:
-        self._config: dict[str, Any] | None
-        if window is None and merges is None:
-            if schedule != "linear" or interval != 1 or start != 0 or keep_last:
-                raise TypeError(
-                    "WSMCallback: window is required (optimizer steps per merge window, e.g. window=1000), "
-                    "or merges={...}; with neither, configure_optimizers must return a WSMOptimizer"
-                )
-            self._config = None
-        else:
-            self._config = dict(
-                schedule=schedule, window=window, interval=interval, start=start, keep_last=keep_last,
-                merges=merges, backend=backend, nonfinite=nonfinite,
-            )
-            if merges is not None:
-                if window is not None:
-                    raise TypeError("WSMCallback: pass either merges={...} or window=..., not both")
-                self._config = {k: v for k, v in self._config.items() if k in ("merges", "backend", "nonfinite")}
-                if merge is None and len(merges) > 1:
-                    raise ValueError(f"WSMCallback: several merges {list(merges)}: name the one to validate with merge=")
-                if merge is not None and merge not in merges:
-                    raise ValueError(f"WSMCallback: merge {merge!r} is not one of merges {list(merges)}")
+        self._config = merge_config(schedule, window, interval, start, keep_last, merges, backend, nonfinite)
+        if merges is not None:
+            if merge is None and len(merges) > 1:
+                raise ValueError(f"WSMCallback: several merges {list(merges)}: name the one to validate with merge=")
+            if merge is not None and merge not in merges:
+                raise ValueError(f"WSMCallback: merge {merge!r} is not one of merges {list(merges)}")
         self.merge = merge
         self.swap_for_validation = bool(swap_for_validation)
         self.merged_after_fit = bool(merged_after_fit)

@@ -36,6 +36,9 @@ from typing import Any
 from .. import schedules
 from ..optimizer import WSMOptimizer
 from ..unwrap import unwrap
+from ._arguments import merge_config
+from ._final_weights import forget_final_weights, keep_final_weights
+from ._saved_model import load_saved_model
 from ._schedulers import describe_decay, repoint_scheduler
 
 __all__ = ["wrap_trainer", "WSMTrainerMixin", "merged_folder"]
@@ -83,28 +86,12 @@ def wrap_trainer(
         raise TypeError(f"wrap_trainer: trainer must be a transformers.Trainer, got {type(trainer).__name__}")
     if isinstance(trainer, WSMTrainerMixin):
         raise TypeError("wrap_trainer: this trainer is already wrapped")
-    if window is None and merges is None:
-        if schedule != "linear" or interval != 1 or start != 0 or keep_last:
-            raise TypeError("wrap_trainer: window is required (optimizer steps per merge window, e.g. window=1000)")
-        config = None
-    elif merges is not None:
-        if window is not None:
-            raise TypeError("wrap_trainer: pass either merges={...} or window=..., not both")
-        config = dict(merges=merges, backend=backend, nonfinite=nonfinite)
-    else:
-        config = dict(
-            schedule=schedule, window=window, interval=interval, start=start, keep_last=keep_last,
-            backend=backend, nonfinite=nonfinite,
-        )
-    if config is not None:  # fail now, not at train(): build a throwaway optimizer to check the arguments
-        import torch
-
-        WSMOptimizer(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0), **config)
+    _check_engine(trainer)
+    config = merge_config(schedule, window, interval, start, keep_last, merges, backend, nonfinite)
     cls = type(trainer)
     trainer.__class__ = _WRAPPED.setdefault(cls, type(f"WSM{cls.__name__}", (WSMTrainerMixin, cls), {}))
     trainer._wsm_config = config
     trainer._wsm_save_merged = bool(save_merged)
-    trainer._wsm_live_replaced = False
     trainer._wsm_evaluating = False
     trainer._wsm_created = None
     return trainer
@@ -118,7 +105,6 @@ class WSMTrainerMixin:
 
     _wsm_config: dict[str, Any] | None
     _wsm_save_merged: bool
-    _wsm_live_replaced: bool  # the live weights were replaced (best model loaded): the merge no longer applies
     _wsm_evaluating: bool
     _wsm_created: WSMOptimizer | None  # the one create_optimizer made (a later train() keeps it)
 
@@ -199,7 +185,7 @@ class WSMTrainerMixin:
             metric_key_prefix=metric_key_prefix,
         )
         wsm = self.wsm_optimizer()
-        if not self._wsm_evaluating or wsm is None or self._wsm_live_replaced:
+        if not self._wsm_evaluating or wsm is None:
             return output
         for merge in wsm.merges:
             prefix = f"{metric_key_prefix}_{merged_folder(wsm, merge)}"
@@ -215,7 +201,7 @@ class WSMTrainerMixin:
     def _save_checkpoint(self, model, trial):
         """Write ``merged/`` (``save_model`` under the merged weights) into the checkpoint, then the checkpoint."""
         wsm = self.wsm_optimizer()
-        if self._wsm_save_merged and wsm is not None and not self._wsm_live_replaced:
+        if self._wsm_save_merged and wsm is not None:
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
@@ -225,10 +211,15 @@ class WSMTrainerMixin:
         super()._save_checkpoint(model, trial)
 
     def _load_best_model(self):
-        """With a merged ``metric_for_best_model``, load the best checkpoint's merged model."""
-        # Either way the live weights are replaced: the merge's newest term would be foreign.
-        self._wsm_live_replaced = True
+        """Load the best checkpoint (its merged model with a merged metric), keeping the run's merge readable.
+
+        The final live weights are kept aside first (:mod:`._final_weights`):
+        readouts and ``eval_merged_*`` metrics afterwards are the run's final
+        merge, not one that mixes in the loaded weights.
+        """
         wsm = self.wsm_optimizer()
+        if wsm is not None:
+            keep_final_weights(wsm)
         folder = None if wsm is None else _folder_of_metric(wsm, self.args.metric_for_best_model)
         if folder is None:
             return super()._load_best_model()
@@ -239,6 +230,8 @@ class WSMTrainerMixin:
                 f"load_best_model_at_end: metric_for_best_model={self.args.metric_for_best_model!r} is a merged "
                 f"metric but {merged_dir} does not exist (wrap_trainer(..., save_merged=False)?)"
             )
+        if load_saved_model(self, merged_dir):
+            return
         self.state.best_model_checkpoint = merged_dir
         try:
             super()._load_best_model()
@@ -246,17 +239,24 @@ class WSMTrainerMixin:
             self.state.best_model_checkpoint = best
 
     def train(self, *args, **kwargs):
-        if getattr(self, "is_deepspeed_enabled", False):
-            raise NotImplementedError(
-                "wrap_trainer: DeepSpeed builds and wraps the optimizer itself (deepspeed_init), so it "
-                "cannot be wrapped in WSMOptimizer; use DDP or FSDP2"
-            )
-        if getattr(self, "is_fsdp_enabled", False) and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) == 1:
-            raise NotImplementedError(
-                "wrap_trainer: FSDP1 (flat parameters) is not supported by WSMOptimizer; use FSDP2 (fsdp_version=2)"
-            )
-        self._wsm_live_replaced = False
+        _check_engine(self)
+        wsm = self.wsm_optimizer()
+        if wsm is not None:
+            forget_final_weights(wsm)  # training goes on from the weights the model holds now
         return super().train(*args, **kwargs)
+
+
+def _check_engine(trainer: Any) -> None:
+    """Refuse the engines under which the merge would stand still or cannot follow the params."""
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        raise NotImplementedError(
+            "wrap_trainer: DeepSpeed builds and wraps the optimizer itself (deepspeed_init), so it "
+            "cannot be wrapped in WSMOptimizer; use DDP or FSDP2"
+        )
+    if getattr(trainer, "is_fsdp_enabled", False) and getattr(trainer.accelerator.state.fsdp_plugin, "fsdp_version", 1) == 1:
+        raise NotImplementedError(
+            "wrap_trainer: FSDP1 (flat parameters) is not supported by WSMOptimizer; use FSDP2 (fsdp_version=2)"
+        )
 
 
 def _folder_of_metric(wsm: WSMOptimizer, metric: str | None) -> str | None:
