@@ -143,6 +143,7 @@ class Pipeline:
             )
         # Per-stage readout: only this stage's names, sharded like its params, no communication.
         own = self.opt.merged_state_dict(torch.float32, merge="sq", model=self.module)
+        self.check_merged_weights(own)
         stage_keys = gather_to_rank0({f"stage{self.stage}": sorted(own)}, self.pp_group)
         if dist.get_rank() == 0:
             self.record["snapshots"][s] = snapshot
@@ -153,6 +154,16 @@ class Pipeline:
                 self.record["completed"][s] = completed
         else:
             assert assembled == {m: {} for m in MERGES}, "only global rank 0 keeps the assembled model"
+
+    def check_merged_weights(self, own: dict) -> None:
+        """Inside ``merged_weights()`` this stage's params hold its merged readout; on exit the live bits come back."""
+        local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
+        live = {k: local(v).detach().clone() for k, v in self.module.named_parameters()}
+        with self.opt.merged_weights(merge="sq"):
+            for k, v in self.module.named_parameters():
+                assert torch.equal(local(v), local(own[k])), f"stage {self.stage} {k}: merged_weights value"
+        for k, v in self.module.named_parameters():
+            assert torch.equal(local(v), live[k]), f"stage {self.stage} {k}: live value not restored"
 
     def save(self, path: Path) -> None:
         import torch.distributed.checkpoint as dcp

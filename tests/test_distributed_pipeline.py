@@ -5,7 +5,9 @@ Two launches of ``tests/_wsm_pipeline_worker.py``: 2 stages on 2 ranks, and
 model assembled by ``wsm_optim.pipeline.merged_pipeline_state_dict`` loads
 into the unsplit model with ``strict=True`` and equals the float64 explicit
 merge of the gathered parameters of all stages (both merges, current and last
-completed window); each stage's own readout holds its names only; a DCP
+completed window); each stage's own readout holds its names only, and
+``merged_weights()`` swaps exactly that readout into the stage (asserted in
+the worker) and restores the live bits; a DCP
 checkpoint of all stages, resumed by fresh stages and optimizers, continues
 bit for bit like the uninterrupted run.
 """
