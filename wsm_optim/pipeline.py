@@ -60,9 +60,12 @@ def merged_pipeline_state_dict(
     pickles them); the other pipeline groups (other data-parallel replicas of
     the same stages) send nothing. A name in several stages (a buffer each
     stage keeps a copy of, such as a RoPE table) must have equal values there.
+    With NCCL, set each rank's CUDA device first (``torch.cuda.set_device``),
+    as for any ``gather_object``.
 
     Raises:
-        ValueError: if two stages hold different values under one name.
+        ValueError: on global rank 0, if two stages hold different values under one name.
+        RuntimeError: if ``torch.distributed`` is not initialised.
     """
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()):
