@@ -156,7 +156,7 @@ class Recorder:
         self.record["status"][s] = {m: opt.merge_status(m) for m in MERGES}
 
     def train(self, last: int) -> None:
-        """Steps ``opt.steps .. last - 1``; the dp rank takes its slice of each global batch (all of it when dp_size is 1)."""
+        """Steps ``opt.steps .. last - 1``; the dp rank takes its slice of each global batch (dp_size 1: all of it)."""
         per = GLOBAL_BATCH // self.dp_size
         for step in range(self.opt.steps, last):
             x, y = batch(step)
@@ -307,7 +307,7 @@ def case_resume(world: int, out_dir: Path, source_world: int) -> dict:
 
 
 def _check_state_dict_round_trips(model, opt, full_state_dict: bool = True) -> None:
-    """A DCP ``full_state_dict=True`` dict (plain, gathered tensors) and a per-rank ``torch.save`` restore every buffer.
+    """A DCP ``full_state_dict=True`` dict (plain, gathered tensors) and a per-rank ``torch.save`` restore all buffers.
 
     From the full dict each rank cuts its own slice, without communication.
     ``full_state_dict=False`` checks the per-rank ``torch.save`` only: under

@@ -98,7 +98,9 @@ class Pipeline:
                 fully_shard(layer, mesh=mesh["dp"])
             fully_shard(self.module, mesh=mesh["dp"])
         self.pp_group = mesh["pp"].get_group()
-        pipe_stage = PipelineStage(self.module, self.stage, len(STAGE_LAYERS), torch.device("cpu"), group=self.pp_group)
+        pipe_stage = PipelineStage(
+            self.module, self.stage, len(STAGE_LAYERS), torch.device("cpu"), group=self.pp_group
+        )
         self.schedule = ScheduleGPipe(pipe_stage, n_microbatches=MICROBATCHES, loss_fn=F.mse_loss)
         inner = torch.optim.SGD(self.module.named_parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)
         self.opt = WSMOptimizer(inner, merges=MERGES, backend="foreach")
@@ -169,10 +171,9 @@ class Pipeline:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-        dcp.save(
-            {"model": get_model_state_dict(self.module), self.state_key: get_optimizer_state_dict(self.module, self.opt)},
-            checkpoint_id=str(path),
-        )
+        state = {"model": get_model_state_dict(self.module),
+                 self.state_key: get_optimizer_state_dict(self.module, self.opt)}
+        dcp.save(state, checkpoint_id=str(path))
 
     def load(self, path: Path) -> None:
         import torch.distributed.checkpoint as dcp
@@ -223,7 +224,7 @@ def run(out_dir: Path, scenario: str) -> dict:
 
 
 def conflicting_stages_error(mesh) -> str | None:
-    """Both stages claim ``layers.0`` with different values: rank 0 must refuse to assemble (its message, else None)."""
+    """Both stages claim ``layers.0`` with other values: rank 0 must refuse to assemble (its message; else None)."""
     from wsm_optim import WSMOptimizer
     from wsm_optim.pipeline import merged_pipeline_state_dict
 
