@@ -10,9 +10,6 @@ on the same global batches.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,79 +23,16 @@ pytestmark = pytest.mark.skipif(
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import _dist_launch  # noqa: E402
 import _wsm_dist_worker as W  # noqa: E402
 
 from wsm_optim import WSMOptimizer  # noqa: E402
 
-JOB_TIMEOUT_S = 120
 FP32_TOL = dict(rtol=1e-5, atol=1e-6)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_job(scenario: str, world: int, out_dir: Path, attempts: int = 2) -> None:
-    """Run ``world`` ranks of ``scenario``; fail with every rank's output on error or timeout.
-
-    The free port is found by binding port 0 and released before the ranks bind
-    it; if another process grabs it in between, the job is retried on a new port.
-    """
-    for attempt in range(attempts):
-        failure = _run_job_once(scenario, world, out_dir)
-        if failure is None:
-            return
-        if "address already in use" not in failure.lower() or attempt == attempts - 1:
-            pytest.fail(failure)
-
-
-def _run_job_once(scenario: str, world: int, out_dir: Path) -> str | None:
-    port = _free_port()
-    repo_root = str(HERE.parent)
-    procs, logs = [], []
-    for rank in range(world):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE=str(world),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            OMP_NUM_THREADS="1",
-            PYTHONPATH=os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")])),
-        )
-        log = open(out_dir / f"{scenario}-ws{world}-rank{rank}.log", "w+")
-        logs.append(log)
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(HERE / "_wsm_dist_worker.py"), scenario, str(out_dir)],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        )
-    timed_out = False
-    try:
-        for proc in procs:
-            proc.wait(timeout=JOB_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=10)
-    outputs = []
-    for rank, log in enumerate(logs):
-        log.seek(0)
-        outputs.append(f"--- rank {rank} (exit {procs[rank].returncode}) ---\n{log.read()[-4000:]}")
-        log.close()
-    if timed_out or any(p.returncode != 0 for p in procs):
-        reason = f"timed out after {JOB_TIMEOUT_S}s" if timed_out else "failed"
-        return f"{scenario} at world size {world} {reason}\n" + "\n".join(outputs)
-    return None
+def run_job(scenario: str, world: int, out_dir: Path) -> None:
+    _dist_launch.run_job("_wsm_dist_worker.py", scenario, world, out_dir)
 
 
 def reference_run(steps: int, checkpoint_step: int | None = None):
