@@ -343,7 +343,7 @@ def _unflatten(template: Mapping[str, Any], flat: Mapping[str, Any]) -> dict[str
         fqn_of.update(zip(group["params"], fqns))
         rebuilt = {"params": group["params"], "param_names": fqns}
         if fqns:
-            for key in group:
+            for key in sorted(group, key=lambda k: k != "wsm"):  # a missing WSM entry is the error to report
                 if key not in rebuilt:
                     rebuilt[key] = _lookup(flat, f"param_groups.{fqns[0]}.{key}", None)
         groups.append(rebuilt)
