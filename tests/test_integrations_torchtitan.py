@@ -16,14 +16,21 @@ import os
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("torchtitan", reason="needs torchtitan (pip install 'wsm-optim[torchtitan]')")
 
-from torchtitan.components.optimizer import OptimizersContainer, default_adamw  # noqa: E402
+from torchtitan.components.optimizer import (  # noqa: E402
+    LRSchedulersContainer,
+    OptimizersContainer,
+    ParamGroupConfig,
+    default_adamw,
+)
 from torchtitan.components.optimizer.utils import init_optim_state  # noqa: E402
 
 from wsm_optim import WSMOptimizer  # noqa: E402
@@ -32,6 +39,7 @@ from wsm_optim.integrations.torchtitan import WSMConfig, WSMOptimizersContainer,
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import _titan_worker as W  # noqa: E402
+import reference as R  # noqa: E402
 
 JOB_TIMEOUT_S = 300
 #: fp32 accumulation of a handful of checkpoints against float64, relative to max |checkpoint|
@@ -114,7 +122,8 @@ def test_flat_state_dict_round_trips_the_merge_by_param_fqn(local_run, tmp_path)
     assert other.optimizers.steps == 3
     for merge in ("lin", "sq"):
         mine, theirs = (r.optimizers.merge_status(merge) for r in (local_run, other))
-        assert {k: v for k, v in mine.items() if k != "weights"} == {k: v for k, v in theirs.items() if k != "weights"}
+        np.testing.assert_array_equal(mine.pop("weights"), theirs.pop("weights"))
+        assert mine == theirs
     other.schedulers.load_state_dict(local_run.schedulers.state_dict())
     for run in (local_run, other):
         W.train(run, 3, 4, {}, {})
@@ -123,11 +132,43 @@ def test_flat_state_dict_round_trips_the_merge_by_param_fqn(local_run, tmp_path)
         assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
+def test_two_optimizer_types_each_merge_their_params_and_save_together():
+    """Param groups with different optimizers (torchtitan builds one optimizer per type): one merge each."""
+    groups = [
+        ParamGroupConfig(pattern=r"norm", optimizer_name="Adam", optimizer_kwargs={"lr": 1e-2}),
+        ParamGroupConfig(pattern=r".*", optimizer_name="AdamW", optimizer_kwargs={"lr": 3e-3, "weight_decay": 0.1}),
+    ]
+    config = with_wsm(OptimizersContainer.Config(param_groups=groups, implementation="for-loop"),
+                      schedule="cosine", window=3)
+    _, _, model = W.build_local_model()
+    optimizers = config.build(model_parts=[model])
+    schedulers = LRSchedulersContainer.Config(warmup_steps=2, decay_ratio=0.0).build(
+        optimizers=optimizers, training_steps=5
+    )
+    run = types.SimpleNamespace(model=model, optimizers=optimizers, schedulers=schedulers, state=W.TrainState())
+    assert [type(o.inner) for o in run.optimizers] == [torch.optim.Adam, torch.optim.AdamW]
+    snapshots = {0: W.full_params(model)}
+    for step in range(1, 6):
+        W.train_step(run, step)
+        snapshots[step] = W.full_params(model)
+    names = list(snapshots[0])
+    want = R.readout(R.Window(schedule="cosine", window=3), [[snapshots[s][n].double() for n in names]
+                                                              for s in range(6)], 5)
+    merged = run.optimizers.merged_state_dict()
+    assert list(merged) == [n for n in names if "norm" in n] + [n for n in names if "norm" not in n]
+    for name, value in zip(names, want):
+        torch.testing.assert_close(merged[name].double(), value, rtol=1e-6, atol=1e-7)
+    flat = run.optimizers.state_dict()
+    assert flat["param_groups.norm.weight.wsm"]["steps"] == flat["param_groups.lm_head.weight.wsm"]["steps"] == 5
+    assert "state.norm.weight.wsm_acc.default" in flat and "state.lm_head.weight.wsm_acc.default" in flat
+
+
 def test_loading_a_checkpoint_saved_without_wsm_names_the_missing_key(local_run, tmp_path):
     _, _, model = W.build_local_model(seed=3)
     plain = default_adamw(lr=1e-3).build(model_parts=[model])
     flat = plain.state_dict()
-    with pytest.raises(KeyError, match=r"no 'param_groups\.tok_embeddings\.weight\.wsm' \(a checkpoint saved without WSM"):
+    missing = r"no 'param_groups\.tok_embeddings\.weight\.wsm' \(a checkpoint saved without WSM"
+    with pytest.raises(KeyError, match=missing):
         local_run.optimizers.load_state_dict(flat)
 
 

@@ -57,7 +57,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
-from torchtitan.components.checkpoint import MODEL, AsyncMode, CheckpointManager, ModelWrapper
+from torchtitan.components.checkpoint import AsyncMode, CheckpointManager, ModelWrapper
 from torchtitan.components.optimizer import OptimizersContainer
 from torchtitan.components.optimizer.utils import get_flat_optim_state_dict, init_optim_state
 
@@ -296,7 +296,9 @@ class WSMOptimizersContainer(OptimizersContainer):
 
 
 def with_wsm(optimizer: OptimizersContainer.Config, **wsm: Any) -> WSMOptimizersContainer.Config:
-    """``optimizer`` (an ``OptimizersContainer.Config``) with WSM: ``config.optimizer = with_wsm(config.optimizer, window=1000)``.
+    """``optimizer`` (an ``OptimizersContainer.Config``) with WSM.
+
+    ``config.optimizer = with_wsm(config.optimizer, schedule="1-sqrt", window=1000)``.
 
     Keeps every field of ``optimizer`` (param groups, implementation, ...);
     ``wsm`` are :class:`WSMConfig`'s fields (``schedule``, ``window``,
