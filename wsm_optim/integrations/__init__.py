@@ -2,6 +2,8 @@
 
 * :mod:`wsm_optim.integrations.lightning`: ``WSMCallback`` for Lightning's ``Trainer(callbacks=[...])``.
 * :mod:`wsm_optim.integrations.transformers`: ``wrap_trainer`` for a Hugging Face ``Trainer``.
+* :mod:`wsm_optim.integrations.torchtitan`: ``with_wsm`` for a torchtitan optimizer config
+  (``pip install "wsm-optim[torchtitan]"``).
 
 This package imports nothing on its own: each submodule imports its framework
 when it is imported (Lightning) or used (transformers), so ``import wsm_optim``
