@@ -28,6 +28,8 @@ import sys
 import torch
 from torch import Tensor
 
+from .text import a
+
 __all__ = [
     "is_dtensor",
     "local_view",
@@ -90,7 +92,7 @@ def check_copy(dst: Tensor, src: Tensor, what: str) -> None:
     and the layout (plain or ``DTensor``, mesh, placements) are compared.
     """
     if not isinstance(src, Tensor):
-        raise ValueError(f"load_state_dict: {what} is a {type(src).__name__}, expected a tensor")
+        raise ValueError(f"load_state_dict: {what} is {a(type(src).__name__)}, expected a tensor")
     if src.device.type == "meta":
         raise ValueError(f"load_state_dict: {what} is a meta tensor (no values to load)")
     if not (src.dtype.is_floating_point or src.dtype.is_complex):

@@ -51,6 +51,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .text import a
+
 __all__ = [
     "atomic_save",
     "atomic_file",
@@ -384,9 +386,9 @@ def check_state_dict(obj: Any, path: Path, key: str | None) -> dict[str, Tensor]
                 if isinstance(value, Mapping) and key is None
                 else ""
             )
-            raise ValueError(f"{where}: entry {name!r} is a {type(value).__name__}, not a tensor{hint}")
+            raise ValueError(f"{where}: entry {name!r} is {a(type(value).__name__)}, not a tensor{hint}")
         if value.is_sparse or value.layout != torch.strided:
-            raise ValueError(f"{where}: entry {name!r} is a {value.layout} tensor; only dense tensors merge")
+            raise ValueError(f"{where}: entry {name!r} is {a(str(value.layout))} tensor; only dense tensors merge")
     return dict(obj)
 
 

@@ -35,6 +35,7 @@ from torch import Tensor
 from . import distributed, schedules
 from .registry import param_numbering
 from .window import Position
+from .text import a
 
 if TYPE_CHECKING:
     from .merge import Merge
@@ -179,7 +180,7 @@ def _require(mapping: Any, key: str, where: str, kind: type | tuple[type, ...]) 
         raise ValueError(f"load_state_dict: {where} lacks the key {key!r}")
     value = mapping[key]
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise ValueError(f"load_state_dict: {where}[{key!r}] is a {type(value).__name__}, expected {kind}")
+        raise ValueError(f"load_state_dict: {where}[{key!r}] is {a(type(value).__name__)}, expected {kind}")
     return value
 
 

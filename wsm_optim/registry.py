@@ -24,6 +24,7 @@ from torch import Tensor
 from . import distributed
 from .precision import accumulator_dtype
 from .warn import warn
+from .text import a
 
 __all__ = ["Group", "Registry", "accumulator_like", "accumulator_dtype", "param_numbering", "unique_names"]
 
@@ -139,7 +140,7 @@ class Registry:
     def check_param(self, p: Tensor, place: bool) -> None:
         """Raise a clear error for a param that cannot be merged (dtype, meta device, changed shape)."""
         if not isinstance(p, Tensor):
-            raise TypeError(f"WSMOptimizer: param_groups hold a {type(p).__name__}, expected tensors")
+            raise TypeError(f"WSMOptimizer: param_groups hold {a(type(p).__name__)}, expected tensors")
         if not (p.dtype.is_floating_point or p.dtype.is_complex):
             raise TypeError(f"WSMOptimizer: a parameter of dtype {p.dtype} cannot be merged (floating or complex only)")
         if place and p.device.type == "meta":

@@ -57,6 +57,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
+
+from ..text import a
 from torchtitan.components.checkpoint import AsyncMode, CheckpointManager, ModelWrapper
 from torchtitan.components.optimizer import OptimizersContainer
 from torchtitan.components.optimizer.utils import get_flat_optim_state_dict, init_optim_state
@@ -314,7 +316,7 @@ def with_wsm(optimizer: OptimizersContainer.Config, **wsm: Any) -> WSMOptimizers
         )
     if type(optimizer) is not OptimizersContainer.Config:
         raise TypeError(
-            f"optimizer is a {type(optimizer).__qualname__}, whose owner is another container class "
+            f"optimizer is {a(type(optimizer).__qualname__)}, whose owner is another container class "
             f"than OptimizersContainer; with_wsm would drop its behaviour"
         )
     names = {f.name for f in fields(WSMConfig)}
