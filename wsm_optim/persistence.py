@@ -170,8 +170,9 @@ def _saved_wsm(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
     raise ValueError(
         "load_state_dict: no 'wsm' entry (top level or in param_groups); this is not a "
         "WSMOptimizer state dict (load a plain optimizer state with opt.inner.load_state_dict). "
-        "With torch.distributed.checkpoint, flatten_optimizer_state_dict=True drops it: "
-        "use the default StateDictOptions"
+        "With torch.distributed.checkpoint, flatten_optimizer_state_dict=True drops it (use the default "
+        "StateDictOptions), and so does saving several optimizers under one key (e.g. pipeline stages: "
+        "give each stage's optimizer its own key, 'optim.stage0', 'optim.stage1', ...)"
     )
 
 

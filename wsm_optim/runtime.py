@@ -27,9 +27,8 @@ from torch import Tensor
 from . import distributed
 from .backends import Backend, select
 from .merge import Merge
-from .nonfinite import NONFINITE_MODES
 from .registry import Registry
-from .spec import MergeSpec, check_bool
+from .spec import MergeSpec, check_options
 
 __all__ = ["Runtime"]
 
@@ -57,18 +56,12 @@ class Runtime:
     def create(cls, specs: dict[str, MergeSpec], param_groups, *, backend: str, nonfinite: str, overlap: Any,
                capturable: Any, offload: str | None = None) -> "Runtime":
         """Validate the options against the params and build the runtime (no buffers yet: they come at the first step)."""
-        if nonfinite not in NONFINITE_MODES:
-            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
-        overlap, capturable = check_bool("overlap", overlap), check_bool("capturable", capturable)
+        overlap, capturable = check_options(
+            backend=backend, nonfinite=nonfinite, offload=offload, overlap=overlap, capturable=capturable
+        )
         params = list(dict.fromkeys(p for g in param_groups for p in g["params"]))
         devices = list(dict.fromkeys(distributed.local_view(p).device for p in params))
         chosen = select(backend, devices, [s.k + 1 for s in specs.values()], offload)
-        if offload is not None and (capturable or overlap):
-            raise ValueError(
-                f"offload={offload!r} cannot be combined with capturable=True (host work cannot be captured in "
-                "a CUDA graph) or overlap=True (the offloaded copy already overlaps training): got "
-                f"capturable={capturable}, overlap={overlap}"
-            )
         if capturable and (not chosen.capturable or nonfinite == "skip"):
             raise ValueError(
                 "capturable=True needs backend='triton' (a capturable backend) and nonfinite='raise' "

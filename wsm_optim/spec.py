@@ -18,7 +18,13 @@ import numpy as np
 
 from . import schedules
 
-__all__ = ["MergeSpec", "DEFAULT_MERGE", "specs_from_arguments", "check_name", "check_int", "check_bool"]
+__all__ = ["MergeSpec", "DEFAULT_MERGE", "specs_from_arguments", "check_options", "check_name", "check_int",
+           "check_bool", "BACKEND_NAMES", "NONFINITE_MODES", "OFFLOAD_CHOICES"]
+
+#: What ``backend=`` accepts; ``offload="cpu"`` selects the host-resident backend.
+BACKEND_NAMES = ("auto", "foreach", "triton")
+NONFINITE_MODES = ("raise", "skip")
+OFFLOAD_CHOICES = (None, "cpu")
 
 #: Name of the merge built from the single-merge arguments of ``WSMOptimizer``.
 DEFAULT_MERGE = "default"
@@ -143,3 +149,31 @@ def specs_from_arguments(schedule, window, interval, start, keep_last, merges) -
     for name in merges:
         check_name(name)
     return {name: MergeSpec.named(name, config) for name, config in merges.items()}
+
+
+def check_options(*, backend: Any = "auto", nonfinite: Any = "raise", offload: Any = None, overlap: Any = False,
+                  capturable: Any = False) -> tuple[bool, bool]:
+    """Check ``WSMOptimizer``'s non-merge options that need no params; returns ``(overlap, capturable)`` as bools.
+
+    The one place these rules and their messages live: ``WSMOptimizer`` and
+    the trainer integrations (which build the optimizer later) both call it.
+    """
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+    if nonfinite not in NONFINITE_MODES:
+        raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+    if offload not in OFFLOAD_CHOICES:
+        raise ValueError(f"offload must be one of {OFFLOAD_CHOICES}, got {offload!r}")
+    overlap, capturable = check_bool("overlap", overlap), check_bool("capturable", capturable)
+    if offload is not None and backend == "triton":
+        raise ValueError(
+            "offload='cpu' folds on the host with torch ops; it cannot be combined with backend='triton' "
+            "(use backend='auto' or 'foreach')"
+        )
+    if offload is not None and (capturable or overlap):
+        raise ValueError(
+            f"offload={offload!r} cannot be combined with capturable=True (host work cannot be captured in "
+            "a CUDA graph) or overlap=True (the offloaded copy already overlaps training): got "
+            f"capturable={capturable}, overlap={overlap}"
+        )
+    return overlap, capturable

@@ -35,8 +35,7 @@ __all__ = ["Backend", "BackendBase", "MergeUpdate", "select", "resolve", "BACKEN
 
 #: ``backend=`` name -> ``module:class`` of this package (imported on use: Triton is optional).
 BACKENDS = {"foreach": "foreach:ForeachBackend", "triton": "triton:TritonBackend", "offload": "offload:OffloadBackend"}
-BACKEND_NAMES = ("auto", "foreach", "triton")  # what ``backend=`` accepts; ``offload`` is chosen by ``offload="cpu"``
-OFFLOAD_CHOICES = (None, "cpu")
+from ..spec import BACKEND_NAMES, OFFLOAD_CHOICES, check_options  # noqa: E402  (the one home of the option rules)
 
 
 @dataclass
@@ -152,16 +151,8 @@ def select(name: str, devices: Iterable[torch.device], table_sizes: Iterable[int
     """
     from ..schedules import TABLE_LIMIT
 
-    if name not in BACKEND_NAMES:
-        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
-    if offload not in OFFLOAD_CHOICES:
-        raise ValueError(f"offload must be one of {OFFLOAD_CHOICES}, got {offload!r}")
+    check_options(backend=name, offload=offload)
     if offload is not None:
-        if name == "triton":
-            raise ValueError(
-                "offload='cpu' folds on the host with torch ops; it cannot be combined with backend='triton' "
-                "(use backend='auto' or 'foreach')"
-            )
         return _load("offload")
     devices, sizes = list(devices), list(table_sizes)
     too_long = [n for n in sizes if n > TABLE_LIMIT]

@@ -12,9 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..backends import BACKEND_NAMES
-from ..merge import specs_from_arguments
-from ..nonfinite import NONFINITE_MODES
+from ..spec import check_options, specs_from_arguments
 
 __all__ = ["merge_config"]
 
@@ -28,6 +26,7 @@ def merge_config(
     merges: Mapping[str, Any] | None,
     backend: Any,
     nonfinite: Any,
+    offload: Any = None,
 ) -> dict[str, Any] | None:
     """``WSMOptimizer`` keyword arguments for these merge arguments, or ``None`` if none was given.
 
@@ -43,14 +42,8 @@ def merge_config(
     if window is None and merges is None and all_defaults:
         return None
     specs_from_arguments(schedule, window, interval, start, keep_last, merges)
-    # The option checks WSMOptimizer makes when it builds its runtime (same wording: see the tests).
-    if nonfinite not in NONFINITE_MODES:
-        raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
-    if backend not in BACKEND_NAMES:
-        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+    check_options(backend=backend, nonfinite=nonfinite, offload=offload)
+    options = dict(backend=backend, nonfinite=nonfinite, offload=offload)
     if merges is not None:
-        return dict(merges=merges, backend=backend, nonfinite=nonfinite)
-    return dict(
-        schedule=schedule, window=window, interval=interval, start=start, keep_last=keep_last,
-        backend=backend, nonfinite=nonfinite,
-    )
+        return dict(merges=merges, **options)
+    return dict(schedule=schedule, window=window, interval=interval, start=start, keep_last=keep_last, **options)

@@ -63,6 +63,7 @@ def wrap_trainer(
     merges: Mapping[str, Mapping[str, Any]] | None = None,
     backend: str = "auto",
     nonfinite: str = "raise",
+    offload: str | None = None,
     save_merged: bool = True,
 ) -> Any:
     """Make a ``transformers.Trainer`` (or any subclass, e.g. TRL's) train with WSM; returns it.
@@ -73,7 +74,7 @@ def wrap_trainer(
 
     Args:
         trainer: the ``Trainer`` instance.
-        schedule, window, interval, start, keep_last, merges, backend, nonfinite:
+        schedule, window, interval, start, keep_last, merges, backend, nonfinite, offload:
             passed to :class:`~wsm_optim.WSMOptimizer`. Leave them all at their
             defaults (``window=None``) when the trainer got a ``WSMOptimizer``
             through ``optimizers=(wsm, scheduler)``.
@@ -87,7 +88,7 @@ def wrap_trainer(
     if isinstance(trainer, WSMTrainerMixin):
         raise TypeError("wrap_trainer: this trainer is already wrapped")
     _check_engine(trainer)
-    config = merge_config(schedule, window, interval, start, keep_last, merges, backend, nonfinite)
+    config = merge_config(schedule, window, interval, start, keep_last, merges, backend, nonfinite, offload)
     cls = type(trainer)
     trainer.__class__ = _WRAPPED.setdefault(cls, type(f"WSM{cls.__name__}", (WSMTrainerMixin, cls), {}))
     trainer._wsm_config = config
