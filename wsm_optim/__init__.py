@@ -6,13 +6,17 @@ one fp32 accumulator per parameter, updated in a single streaming pass per
 checkpoint.
 
 Layout, one concept per module: ``optimizer`` (the ``torch.optim`` face),
-``runtime`` (the running state and checkpoint passes), ``merge`` (window
-arithmetic), ``schedules`` (Theorem 3.1 weights), ``registry`` (params and
-their accumulators), ``readout`` (streamed readouts), ``nonfinite`` (NaN/inf
-policy), ``persistence`` (state-dict format), ``backends`` (foreach / Triton
-update arithmetic; kernels in ``wsm_optim.kernels``), ``distributed`` (DTensor
-and DCP), ``selection`` / ``unwrap`` / ``integrations`` (trainers), ``offline``
-and ``io`` (saved checkpoints), ``demo`` (never imported by the library).
+``spec`` (merge and option rules), ``window`` (window arithmetic), ``merge``
+(one tracked merge and its buffers), ``runtime`` (the running state and
+checkpoint passes), ``schedules`` (Theorem 3.1 weights), ``registry`` (params,
+names, groups), ``readout`` (streamed readouts), ``nonfinite`` (NaN/inf policy),
+``persistence`` (state-dict format), ``backends`` (foreach / Triton / host
+offload; kernels in ``wsm_optim.kernels``), ``precision`` (accumulator dtype),
+``distributed`` and ``pipeline`` (DTensor, DCP, pipeline stages), ``selection``
+/ ``unwrap`` / ``integrations`` (trainers), ``offline``, ``streaming_merge``,
+``io``, ``checkpoint_readers``, ``checkpoint_writers`` (saved checkpoints),
+``cli`` / ``merge_cli`` / ``weights_cli`` (command line), ``demo`` (never
+imported by the library).
 """
 
 import importlib
