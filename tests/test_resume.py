@@ -414,3 +414,37 @@ def test_a_bad_state_dict_changes_nothing(how, needle):
         for field, value in entry.items():
             assert torch.equal(after["state"][key][field], value), (key, field)
     assert after["param_groups"] == before["param_groups"]
+
+
+# --------------------- state dicts written by earlier releases (committed fixtures)
+@pytest.mark.parametrize("release", ["v0.1", "v0.2"])
+@pytest.mark.parametrize("nonfinite", ["raise", "skip"])
+def test_state_dicts_of_earlier_releases_load_and_continue_bit_exactly(release, nonfinite):
+    """``tests/fixtures/make_state_dicts.py`` run by each release: save mid-window, continue, record readouts."""
+    import importlib.util
+    from pathlib import Path
+
+    fixtures = Path(__file__).resolve().parent / "fixtures"
+    spec = importlib.util.spec_from_file_location("make_state_dicts", fixtures / "make_state_dicts.py")
+    make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make)
+    saved = torch.load(fixtures / f"state_{release}_{nonfinite}.pt", weights_only=True)
+    expected = torch.load(fixtures / f"continued_{release}_{nonfinite}.pt", weights_only=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as when the fixtures were written
+    try:
+        net = make.model()
+        net.load_state_dict(saved["model"])
+        opt = make.optimizer(net, nonfinite)
+        opt.load_state_dict(saved["optim"])
+        assert opt.steps == make.SAVE_AT
+        make.train(net, opt, make.SAVE_AT, make.TOTAL)
+        got = make.readouts(opt)
+    finally:
+        torch.set_num_threads(threads)
+    assert opt.steps == expected["steps"]
+    for merge, want in expected["readouts"].items():
+        for key, value in want.items():
+            assert torch.equal(got[merge][key], value), (release, merge, key)
+    for key, value in expected["model"].items():
+        assert torch.equal(net.state_dict()[key], value), key
