@@ -316,3 +316,23 @@ def test_fsdp2_merged_export_and_save_merged_hf(jobs):
     assert written.keys() == want.keys()
     for key, value in want.items():
         assert torch.equal(written[key], value), key
+
+
+def test_checkpoint_holds_the_merge_as_sharded_tensors_keyed_by_param_fqn(jobs):
+    """torchtitan's checkpoint stores each accumulator like its param: global shape, one chunk per FSDP2 rank."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    out, train, _ = jobs
+    metadata = FileSystemReader(str(out / "checkpoint" / f"step-{W.SAVE_STEP}")).read_metadata().state_dict_metadata
+    shapes = {name: tuple(value.shape) for name, value in train["export"]["merged"].items()}
+    for fqn, shape in shapes.items():
+        for key in (f"optimizer.state.{fqn}.wsm_acc.lin", f"optimizer.state.{fqn}.wsm_acc.sq",
+                    f"optimizer.state.{fqn}.wsm_last.sq"):
+            entry = metadata[key]
+            assert isinstance(entry, TensorStorageMetadata) and tuple(entry.size) == shape, key
+            assert entry.properties.dtype == torch.float32, key
+            assert len(entry.chunks) == 2, key  # dim 0 sharded over the two ranks
+        # the counters, which DCP flattens into one entry per field
+        assert {f"optimizer.param_groups.{fqn}.wsm.steps", f"optimizer.param_groups.{fqn}.wsm.merges.sq.counters.t",
+                f"optimizer.param_groups.{fqn}.wsm.merges.lin.config.window"} <= metadata.keys()

@@ -128,8 +128,8 @@ class WSMOptimizersContainer(OptimizersContainer):
     ``self.optimizers`` holds one :class:`~wsm_optim.WSMOptimizer` per optimizer
     torchtitan builds (per model part and optimizer type), each wrapping the
     optimizer torchtitan built, with the param FQNs torchtitan records in
-    ``param_names``. ``step``, ``zero_grad``, LR schedulers and
-    ``register_moe_load_balancing_hook`` work as with the base class.
+    ``param_names``. ``step``, ``zero_grad`` and step hooks are the base
+    class's; torchtitan's ``LRSchedulersContainer`` wraps the ``WSMOptimizer`` s.
 
     Args:
         config: :class:`WSMOptimizersContainer.Config` (``with_wsm`` makes one
@@ -173,9 +173,11 @@ class WSMOptimizersContainer(OptimizersContainer):
         """Restore every optimizer (inner state, WSM buffers, counters) from :meth:`state_dict`'s layout.
 
         Keys other optimizers own are ignored, as in torchtitan. A missing key
-        raises ``KeyError`` naming it (e.g. a checkpoint written without WSM:
-        ``state.<fqn>.wsm_acc.<merge>``); a WSM state that does not fit this
-        optimizer's merges raises ``ValueError`` (see ``WSMOptimizer.load_state_dict``).
+        raises ``KeyError`` naming it (a state saved without WSM lacks
+        ``param_groups.<fqn>.wsm``; through ``CheckpointManager``, DCP already
+        refuses it: ``Missing key in checkpoint state_dict:
+        optimizer.state.<fqn>.wsm_acc.<merge>``); a WSM state that does not fit
+        this optimizer's merges raises ``ValueError`` (see ``WSMOptimizer.load_state_dict``).
         """
         for optimizer in self.optimizers:
             _init_inner_state(optimizer)
