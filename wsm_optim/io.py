@@ -360,7 +360,7 @@ def select_key(obj: Any, key: str, path: Path, full_key: str | None = None) -> A
     full_key = key if full_key is None else full_key
     where = "" if key == full_key else f" (looking up {key!r} inside {full_key[: -len(key) - 1]!r})"
     if not isinstance(obj, Mapping):
-        raise ValueError(f"--key {full_key!r}: {path} holds a {type(obj).__name__}, not a dict{where}")
+        raise ValueError(f"--key {full_key!r}: {path} holds {a(type(obj).__name__)}, not a dict{where}")
     if key in obj:
         return obj[key]
     parts = key.split(".")
@@ -375,7 +375,7 @@ def select_key(obj: Any, key: str, path: Path, full_key: str | None = None) -> A
 def check_state_dict(obj: Any, path: Path, key: str | None) -> dict[str, Tensor]:
     where = f"{path}" + (f" (under --key {key!r})" if key else "")
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{where} holds a {type(obj).__name__}, not a state dict {{name: tensor}}")
+        raise ValueError(f"{where} holds {a(type(obj).__name__)}, not a state dict {{name: tensor}}")
     for name, value in obj.items():
         if not isinstance(name, str):
             raise ValueError(f"{where}: key {name!r} is not a string; not a state dict")
