@@ -181,7 +181,8 @@ def _require(mapping: Any, key: str, where: str, kind: type | tuple[type, ...]) 
         raise ValueError(f"load_state_dict: {where} lacks the key {key!r}")
     value = mapping[key]
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise ValueError(f"load_state_dict: {where}[{key!r}] is {a(type(value).__name__)}, expected {kind}")
+        kinds = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise ValueError(f"load_state_dict: {where}[{key!r}] is {a(type(value).__name__)}, expected {a(kinds)}")
     return value
 
 
