@@ -68,9 +68,9 @@ class Window:
         return self.__dict__["_w"]
 
     def merge(self) -> np.ndarray:
-        """``c_0..c_k`` (float64, shape ``(k + 1,)``) from Theorem 3.1 (``schedules.merge_weights``)."""
+        """``c_0..c_k`` (float64, shape ``(k + 1,)``) from Theorem 3.1 (``schedules.coefficients_from_decay``)."""
         if "_c" not in self.__dict__:
-            c = schedules.merge_weights(self.decay())
+            c = schedules.coefficients_from_decay(self.decay())
             c.flags.writeable = False
             object.__setattr__(self, "_c", c)
         return self.__dict__["_c"]
