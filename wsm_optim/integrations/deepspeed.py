@@ -147,10 +147,35 @@ def attach(engine: Any) -> WSMOptimizer:
             "wsm_optim.integrations.deepspeed: torch_autocast with a GradScaler and ZenFlow step the optimizer "
             "their own way; not supported"
         )
+    def load_state_dict(state_dict_list: Any, load_optimizer_states: bool = True, *args: Any, **kwargs: Any) -> Any:
+        """ZeRO's checkpoint load; refused where the merge would not come back with the masters."""
+        if load_optimizer_states:
+            _check_loadable(zero, state_dict_list, kwargs.get("checkpoint_folder", args[1] if len(args) > 1 else None))
+        return type(zero).load_state_dict(zero, state_dict_list, load_optimizer_states, *args, **kwargs)
+
     zero._optimizer_step = step_group
     zero.step = step
+    zero.load_state_dict = load_state_dict
     zero._wsm_attached = wsm
     return wsm
+
+
+def _check_loadable(zero: Any, state_dict_list: Any, checkpoint_folder: Any) -> None:
+    """The merge is saved per rank, partitioned like the fp32 masters: only the same data-parallel size restores it."""
+    if checkpoint_folder:
+        raise NotImplementedError(
+            "wsm_optim.integrations.deepspeed: DeepSpeed's universal checkpoint keeps only exp_avg, exp_avg_sq, fp32 "
+            "and step, not the merge; resume from the ZeRO checkpoint at the data-parallel size it was saved with"
+        )
+    saved = len(state_dict_list)
+    now = torch.distributed.get_world_size(group=zero.dp_process_group) if torch.distributed.is_initialized() else 1
+    if saved != now:
+        raise NotImplementedError(
+            f"wsm_optim.integrations.deepspeed: the checkpoint was saved by {saved} data-parallel ranks and is "
+            f"loaded by {now}; the merge accumulators are partitioned like the fp32 masters and DeepSpeed does not "
+            f"re-partition them. Resume with {saved} data-parallel ranks (or load with "
+            "load_optimizer_states=False to start a new merge from the loaded weights)"
+        )
 
 
 def _layout(engine: Any) -> list[list[tuple[str, int, torch.Size, Tensor]]]:
