@@ -133,6 +133,18 @@ def case_stage3_is_refused(stage, out_dir):
     return {"refused": None}
 
 
+def case_stage0_steps_the_optimizer_as_is(stage, out_dir):
+    engine, wsm = engine_for(0)
+    assert wds.attach(engine) is wsm
+    train(engine, batches(5))
+    merged = wds.merged_state_dict(engine)
+    expected = wsm.merged_state_dict(model=engine.module)
+    with wds.merged_weights(engine):
+        inside = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    return {"steps": wsm.steps, "equal": all(torch.equal(merged[k], expected[k]) for k in expected),
+            "swap_equal": all(torch.equal(inside[k], expected[k]) for k in expected)}
+
+
 CASES = [case_merge_equals_explicit_merge, case_resume_through_deepspeed_checkpoint_is_exact]
 
 
@@ -147,6 +159,10 @@ def main():
                 results[key] = case(stage, out_dir)
             except Exception:
                 results[key] = {"error": traceback.format_exc()}
+    try:
+        results["stage0_steps_the_optimizer_as_is"] = case_stage0_steps_the_optimizer_as_is(0, out_dir)
+    except Exception:
+        results["stage0_steps_the_optimizer_as_is"] = {"error": traceback.format_exc()}
     try:
         results["stage3_is_refused"] = case_stage3_is_refused(3, out_dir)
     except Exception:

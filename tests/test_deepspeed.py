@@ -60,6 +60,12 @@ def test_zero_resume_through_deepspeed_checkpointing_is_exact(plain, stage):
         assert r["merged_equal"] and r["status_equal"], (rank, r)
 
 
+def test_without_zero_stage0_the_optimizer_is_stepped_as_is(plain):
+    for rank, results in enumerate(plain):
+        r = _case(results, "stage0_steps_the_optimizer_as_is")
+        assert r["steps"] == 5 and r["equal"] and r["swap_equal"], (rank, r)
+
+
 def test_zero_stage3_is_refused_naming_the_stage(plain):
     for results in plain:
         message = _case(results, "stage3_is_refused")["refused"]

@@ -88,6 +88,12 @@ def attach(engine: Any) -> WSMOptimizer:
     if getattr(zero, "_wsm_attached", None) is wsm:
         return wsm
     if stage == 0:
+        if zero is not wsm:
+            raise NotImplementedError(
+                f"wsm_optim.integrations.deepspeed: without ZeRO, DeepSpeed wraps the optimizer in "
+                f"{type(zero).__name__} (bf16/fp16 master weights); not supported. Use ZeRO stage 1 or 2"
+            )
+        wsm._wsm_attached = wsm  # stepped as is: nothing to rewire
         return wsm
     if not hasattr(zero, "single_partition_of_fp32_groups"):
         raise NotImplementedError(
@@ -228,13 +234,18 @@ def merged_state_dict(
         merge, completed: as for :meth:`WSMOptimizer.merged_state_dict`.
         model: return a complete ``model.state_dict()`` (buffers, tied and
             frozen entries as they are in ``model``); default: the trainable
-            params under their ``named_parameters()`` names.
+            params under their ``named_parameters()`` names (without ZeRO,
+            stage 0: ``engine.module``'s complete state dict).
 
     Returns:
         ``{name: tensor}`` on every rank, new CPU-or-device tensors of the
         module params' shapes.
     """
     zero, wsm = _attached(engine)
+    if zero is wsm:  # stage 0: the optimizer steps the module's own params
+        return wsm.merged_state_dict(
+            dtype, merge=merge, completed=completed, model=model if model is not None else engine.module
+        )
     flat = wsm.merged_state_dict(torch.float32, merge=merge, completed=completed)
     out: dict[str, Tensor] = {}
     by_param: dict[Tensor, Tensor] = {}
@@ -260,6 +271,10 @@ def merged_weights(engine: Any, *, merge: str | None = None, completed: bool = F
     enter (the copies are all-gathered).
     """
     zero, wsm = _attached(engine)
+    if zero is wsm:  # stage 0: the module's params are the optimizer's
+        with wsm.merged_weights(merge=merge, completed=completed):
+            yield engine
+        return
     try:
         with wsm.merged_weights(merge=merge, completed=completed):
             zero.update_lp_params()
