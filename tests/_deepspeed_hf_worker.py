@@ -14,7 +14,7 @@ import torch
 
 HERE = os.path.dirname(__file__)
 sys.path.insert(0, HERE)
-from test_integrations_transformers import EVAL, TRAIN, RecordMerged, _args, _equal, _model  # noqa: E402
+from test_integrations_transformers import EVAL, TRAIN, _args, _equal, _model  # noqa: E402
 from transformers import GPT2LMHeadModel, Trainer, TrainerCallback  # noqa: E402
 
 from wsm_optim import WSMOptimizer, unwrap  # noqa: E402

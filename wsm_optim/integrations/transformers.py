@@ -16,7 +16,19 @@ as usual:
   every other metric) next to ``eval_loss``, usable as ``metric_for_best_model``;
 * every checkpoint gets a ``merged/`` folder written by ``save_model`` under
   the merged weights, loadable with ``from_pretrained``;
-* ``load_best_model_at_end`` with a merged metric loads the best *merged* model;
+* ``load_best_model_at_end`` with a merged metric loads the best *merged* model
+  (``merged/`` folders load completely, tied embeddings included, without a
+  "missing keys" message); with any metric, the run's final live weights are
+  kept aside first (one host copy), so readouts of the optimizer and
+  ``eval_merged_*`` afterwards are the run's final merge, exactly;
+* DeepSpeed ZeRO stage 0, 1 and 2 (``TrainingArguments(deepspeed=...)``, no
+  ``optimizer`` section): the engine is attached with
+  :func:`wsm_optim.integrations.deepspeed.attach` (one merge step per step,
+  fp32 masters merged); read merges by name with
+  ``wsm_optim.integrations.deepspeed.merged_state_dict(trainer.model_wrapped)``.
+  ZeRO-3 and ``load_best_model_at_end`` under DeepSpeed are refused;
+* FSDP2 (``fsdp_config={"fsdp_version": 2}``): merges live beside the DTensor
+  shards; ``merged_state_dict(full=True)`` gathers. FSDP1 is refused;
 * a learning-rate scheduler that decays after warmup (the ``Trainer`` default,
   linear to 0) gets a warning naming ``lr_scheduler_type="constant_with_warmup"``.
 
