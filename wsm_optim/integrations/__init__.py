@@ -8,8 +8,8 @@
   (ZeRO stage 0, 1, 2), readouts by parameter name.
 
 This package imports nothing on its own: each submodule imports its framework
-when it is imported (Lightning) or used (transformers; the DeepSpeed module only duck-types the engine), so ``import wsm_optim``
-never needs them. Install them with ``pip install "wsm-optim[integrations]"``.
+when it is imported (Lightning) or used (transformers; the DeepSpeed module
+only duck-types the engine), so ``import wsm_optim`` never needs them. Install them with ``pip install "wsm-optim[integrations]"``.
 """
 
 __all__: list[str] = []
