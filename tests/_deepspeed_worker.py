@@ -42,13 +42,14 @@ def groups(model):
     ]
 
 
-def engine_for(stage, seed=0, **zero):
+def engine_for(stage, seed=0, bf16=False, **zero):
     model = build(seed)
     wsm = WSMOptimizer(torch.optim.AdamW(groups(model), lr=0.05, weight_decay=0.1), **SPEC.as_kwargs())
     config = {
         "train_micro_batch_size_per_gpu": 4,
         "zero_optimization": {"stage": stage, **zero},
         "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": bf16},
     }
     engine, *_ = deepspeed.initialize(model=model, optimizer=wsm, config=config)
     return engine, wsm
@@ -61,8 +62,9 @@ def batches(n, skip=0):
 
 
 def train(engine, data):
+    dtype = next(engine.module.parameters()).dtype
     for x, y in data:
-        engine.backward(nn.functional.mse_loss(engine(x), y))
+        engine.backward(nn.functional.mse_loss(engine(x.to(dtype)).float(), y))
         engine.step()
 
 
@@ -124,6 +126,30 @@ def case_resume_through_deepspeed_checkpoint_is_exact(stage, out_dir):
     }
 
 
+def case_bf16_copies_follow_the_merged_masters(stage, out_dir):
+    """bf16 module params, fp32 masters: the merge is of the masters; the swap casts it into the copies."""
+    engine, wsm = engine_for(stage, bf16=True)
+    wds.attach(engine)
+    names = [n for n, _ in engine.module.named_parameters()]
+    snapshots = [masters(engine)]
+    for batch in batches(STEPS):
+        train(engine, [batch])
+        snapshots.append(masters(engine))
+    merged32 = wds.merged_state_dict(engine, torch.float32)
+    expected = reference.readout(SPEC, snapshots, STEPS)
+    worst = max(float((merged32[n].to(torch.float64) - e).abs().max()) for n, e in zip(names, expected))
+    merged = wds.merged_state_dict(engine)
+    live = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    with wds.merged_weights(engine):
+        inside = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    return {
+        "dtype": str(merged[names[0]].dtype),
+        "worst_vs_explicit_merge": worst,
+        "copies_are_the_cast_merge": all(torch.equal(inside[n], merged32[n].to(torch.bfloat16)) for n in names),
+        "restored_bit_exactly": all(torch.equal(v, live[k]) for k, v in engine.module.state_dict().items()),
+    }
+
+
 def case_stage3_is_refused(stage, out_dir):
     engine, _ = engine_for(3)
     try:
@@ -159,6 +185,10 @@ def main():
                 results[key] = case(stage, out_dir)
             except Exception:
                 results[key] = {"error": traceback.format_exc()}
+    try:
+        results["bf16_copies_follow_the_merged_masters"] = case_bf16_copies_follow_the_merged_masters(2, out_dir)
+    except Exception:
+        results["bf16_copies_follow_the_merged_masters"] = {"error": traceback.format_exc()}
     try:
         results["stage0_steps_the_optimizer_as_is"] = case_stage0_steps_the_optimizer_as_is(0, out_dir)
     except Exception:

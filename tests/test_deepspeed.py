@@ -60,6 +60,13 @@ def test_zero_resume_through_deepspeed_checkpointing_is_exact(plain, stage):
         assert r["merged_equal"] and r["status_equal"], (rank, r)
 
 
+def test_zero2_bf16_copies_are_the_cast_merge_of_the_fp32_masters_and_come_back(plain):
+    for rank, results in enumerate(plain):
+        r = _case(results, "bf16_copies_follow_the_merged_masters")
+        assert r["dtype"] == "torch.bfloat16" and r["worst_vs_explicit_merge"] < 1e-6, (rank, r)
+        assert r["copies_are_the_cast_merge"] and r["restored_bit_exactly"], (rank, r)
+
+
 def test_without_zero_stage0_the_optimizer_is_stepped_as_is(plain):
     for rank, results in enumerate(plain):
         r = _case(results, "stage0_steps_the_optimizer_as_is")
