@@ -22,6 +22,10 @@ What DeepSpeed does to a client optimizer, and what :func:`attach` changes:
   its params change between calls. :func:`attach` makes DeepSpeed step the
   inner optimizer per group and runs DeepSpeed's whole step inside one
   ``WSMOptimizer.step()``: one merge step per engine step, over every group.
+* Counting: one merge step per optimizer step of the engine (gradient
+  accumulation micro-steps do not count). A step that DeepSpeed skips for an
+  fp16 loss-scale overflow counts as a step without progress, as with a fused
+  ``GradScaler``.
 * The merge then lives in one accumulator per flat partition (4 bytes per
   parameter per rank, divided by the data-parallel size like the masters).
   :func:`merged_state_dict` gathers the partitions and cuts them back into
