@@ -119,6 +119,11 @@ def attach(engine: Any) -> WSMOptimizer:
             f"wsm_optim.integrations.deepspeed: ZeRO steps {type(zero.optimizer).__name__}, which wraps the "
             "WSMOptimizer; pass the WSMOptimizer itself as deepspeed.initialize(optimizer=...)"
         )
+    if getattr(zero, "torch_autocast_gradscaler", None) or getattr(zero, "zenflow", False):
+        raise NotImplementedError(
+            "wsm_optim.integrations.deepspeed: torch_autocast with a GradScaler and ZenFlow step the optimizer "
+            "their own way; not supported"
+        )
     if wsm.steps:
         raise RuntimeError(
             f"wsm_optim.integrations.deepspeed: the WSMOptimizer already counted {wsm.steps} steps under ZeRO, "
@@ -152,11 +157,6 @@ def attach(engine: Any) -> WSMOptimizer:
         finally:
             del inner.step
 
-    if getattr(zero, "torch_autocast_gradscaler", None) or getattr(zero, "zenflow", False):
-        raise NotImplementedError(
-            "wsm_optim.integrations.deepspeed: torch_autocast with a GradScaler and ZenFlow step the optimizer "
-            "their own way; not supported"
-        )
     def load_state_dict(state_dict_list: Any, load_optimizer_states: bool = True, *args: Any, **kwargs: Any) -> Any:
         """ZeRO's checkpoint load; refused where the merge would not come back with the masters."""
         if load_optimizer_states:
