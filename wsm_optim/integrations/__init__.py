@@ -4,10 +4,12 @@
 * :mod:`wsm_optim.integrations.transformers`: ``wrap_trainer`` for a Hugging Face ``Trainer``.
 * :mod:`wsm_optim.integrations.torchtitan`: ``with_wsm`` for a torchtitan optimizer config
   (``pip install "wsm-optim[torchtitan]"``).
+* :mod:`wsm_optim.integrations.deepspeed`: ``attach(engine)`` for ``deepspeed.initialize(optimizer=WSMOptimizer(...))``
+  (ZeRO stage 0, 1, 2), readouts by parameter name.
 
 This package imports nothing on its own: each submodule imports its framework
-when it is imported (Lightning) or used (transformers), so ``import wsm_optim``
-never needs them. Install them with ``pip install "wsm-optim[integrations]"``.
+when it is imported (Lightning) or used (transformers; the DeepSpeed module
+only duck-types the engine), so ``import wsm_optim`` never needs them. Install them with ``pip install "wsm-optim[integrations]"``.
 """
 
 __all__: list[str] = []

@@ -16,7 +16,19 @@ as usual:
   every other metric) next to ``eval_loss``, usable as ``metric_for_best_model``;
 * every checkpoint gets a ``merged/`` folder written by ``save_model`` under
   the merged weights, loadable with ``from_pretrained``;
-* ``load_best_model_at_end`` with a merged metric loads the best *merged* model;
+* ``load_best_model_at_end`` with a merged metric loads the best *merged* model
+  (``merged/`` folders load completely, tied embeddings included, without a
+  "missing keys" message); with any metric, the run's final live weights are
+  kept aside first (one host copy), so readouts of the optimizer and
+  ``eval_merged_*`` afterwards are the run's final merge, exactly;
+* DeepSpeed ZeRO stage 0, 1 and 2 (``TrainingArguments(deepspeed=...)``, no
+  ``optimizer`` section): the engine is attached with
+  :func:`wsm_optim.integrations.deepspeed.attach` (one merge step per step,
+  fp32 masters merged); read merges by name with
+  ``wsm_optim.integrations.deepspeed.merged_state_dict(trainer.model_wrapped)``.
+  ZeRO-3 and ``load_best_model_at_end`` under DeepSpeed are refused;
+* FSDP2 (``fsdp_config={"fsdp_version": 2}``): merges live beside the DTensor
+  shards; ``merged_state_dict(full=True)`` gathers. FSDP1 is refused;
 * a learning-rate scheduler that decays after warmup (the ``Trainer`` default,
   linear to 0) gets a warning naming ``lr_scheduler_type="constant_with_warmup"``.
 
@@ -95,7 +107,19 @@ def wrap_trainer(
     trainer._wsm_save_merged = bool(save_merged)
     trainer._wsm_evaluating = False
     trainer._wsm_created = None
+    # DeepSpeed's set-up (deepspeed_init) drops the optimizer given in optimizers=(...) and calls
+    # create_optimizer(): remember it, so that create_optimizer hands it back.
+    trainer._wsm_given = _find_wsm(trainer.optimizer)
     return trainer
+
+
+def _find_wsm(optimizer: Any) -> WSMOptimizer | None:
+    if optimizer is None:
+        return None
+    try:
+        return unwrap(optimizer)
+    except TypeError:
+        return None
 
 
 _WRAPPED: dict[type, type] = {}
@@ -108,19 +132,17 @@ class WSMTrainerMixin:
     _wsm_save_merged: bool
     _wsm_evaluating: bool
     _wsm_created: WSMOptimizer | None  # the one create_optimizer made (a later train() keeps it)
+    _wsm_given: WSMOptimizer | None  # the one given in optimizers=(...), if any
 
     # ------------------------------------------------------------------ wrap
     def wsm_optimizer(self) -> WSMOptimizer | None:
         """The ``WSMOptimizer`` inside ``self.optimizer`` (accelerate's wrapper), or ``None`` before ``train()``."""
-        if self.optimizer is None:
-            return None
-        try:
-            return unwrap(self.optimizer)
-        except TypeError:
-            return None
+        return _find_wsm(self.optimizer)
 
     def create_optimizer(self, model=None):
         """The ``Trainer``'s optimizer, wrapped in ``WSMOptimizer`` before accelerate prepares it."""
+        if self.optimizer is None and self._wsm_given is not None:
+            self.optimizer = self._wsm_given  # deepspeed_init dropped it
         optimizer = super().create_optimizer(model)
         found = self.wsm_optimizer()
         if found is not None and found is self._wsm_created:
@@ -147,6 +169,11 @@ class WSMTrainerMixin:
         """The ``Trainer``'s scheduler; warns if it lowers the LR after warmup."""
         created = self.lr_scheduler is None
         scheduler = super().create_scheduler(num_training_steps=num_training_steps, optimizer=optimizer)
+        engine = _deepspeed_engine(self)
+        if engine is not None:  # accelerate has built the engine around the WSMOptimizer: one merge step per step
+            from .deepspeed import attach
+
+            attach(engine)
         decay = describe_decay(scheduler, num_training_steps)
         if decay is not None:
             if created:
@@ -190,13 +217,22 @@ class WSMTrainerMixin:
             return output
         for merge in wsm.merges:
             prefix = f"{metric_key_prefix}_{merged_folder(wsm, merge)}"
-            with wsm.merged_weights(merge=merge):
+            with self._merged_weights(wsm, merge):
                 merged = super().evaluation_loop(
                     dataloader, description, prediction_loss_only=prediction_loss_only, ignore_keys=ignore_keys,
                     metric_key_prefix=prefix,
                 )
             output.metrics.update(merged.metrics)
         return output
+
+    def _merged_weights(self, wsm: WSMOptimizer, merge: str):
+        """``wsm.merged_weights``; under DeepSpeed the engine's (masters and the module's copies)."""
+        engine = _deepspeed_engine(self)
+        if engine is None or engine.zero_optimization_stage() == 0:
+            return wsm.merged_weights(merge=merge)
+        from .deepspeed import merged_weights
+
+        return merged_weights(engine, merge=merge)
 
     # ------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, model, trial):
@@ -207,7 +243,7 @@ class WSMTrainerMixin:
 
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             for merge in wsm.merges:
-                with wsm.merged_weights(merge=merge):
+                with self._merged_weights(wsm, merge):
                     self.save_model(os.path.join(folder, merged_folder(wsm, merge)), _internal_call=True)
         super()._save_checkpoint(model, trial)
 
@@ -250,14 +286,35 @@ class WSMTrainerMixin:
 def _check_engine(trainer: Any) -> None:
     """Refuse the engines under which the merge would stand still or cannot follow the params."""
     if getattr(trainer, "is_deepspeed_enabled", False):
-        raise NotImplementedError(
-            "wrap_trainer: DeepSpeed builds and wraps the optimizer itself (deepspeed_init), so it "
-            "cannot be wrapped in WSMOptimizer; use DDP or FSDP2"
-        )
+        stage = trainer.accelerator.state.deepspeed_plugin.zero_stage
+        if stage == 3:
+            raise NotImplementedError(
+                "wrap_trainer: DeepSpeed ZeRO stage 3 partitions every parameter and gathers it on the fly; a WSM "
+                "merge of it is not supported. Use ZeRO stage 1 or 2 (zero_optimization.stage), or FSDP2"
+            )
+        if "optimizer" in trainer.accelerator.state.deepspeed_plugin.hf_ds_config.config:
+            raise NotImplementedError(
+                "wrap_trainer: the DeepSpeed config has an 'optimizer' section, so DeepSpeed builds its own optimizer "
+                "and no merge would be kept; remove the section (the Trainer's optimizer is then used and wrapped)"
+            )
+        if trainer.args.load_best_model_at_end:
+            raise NotImplementedError(
+                "wrap_trainer: load_best_model_at_end under DeepSpeed reloads the best checkpoint's optimizer state "
+                "into the engine, replacing the run's merge; set load_best_model_at_end=False and load "
+                "checkpoint-N/merged with from_pretrained"
+            )
     if getattr(trainer, "is_fsdp_enabled", False) and getattr(trainer.accelerator.state.fsdp_plugin, "fsdp_version", 1) == 1:
         raise NotImplementedError(
             "wrap_trainer: FSDP1 (flat parameters) is not supported by WSMOptimizer; use FSDP2 (fsdp_version=2)"
         )
+
+
+def _deepspeed_engine(trainer: Any) -> Any:
+    """The DeepSpeed engine accelerate built for ``trainer``, or ``None``."""
+    if not getattr(trainer, "is_deepspeed_enabled", False):
+        return None
+    wrapped = getattr(trainer.accelerator, "deepspeed_engine_wrapped", None)
+    return None if wrapped is None else wrapped.engine
 
 
 def _folder_of_metric(wsm: WSMOptimizer, metric: str | None) -> str | None:

@@ -1,0 +1,149 @@
+"""One rank of the Hugging Face ``Trainer`` + DeepSpeed tests (launched by tests/test_deepspeed.py, gloo, CPU).
+
+Usage: ``python tests/_deepspeed_hf_worker.py OUT_DIR`` with the torch.distributed
+environment set. Every case in one process (DeepSpeed's and accelerate's
+start-up dominate); writes ``OUT_DIR/hf-rank<r>.json``.
+"""
+
+import json
+import os
+import sys
+import traceback
+
+import torch
+
+HERE = os.path.dirname(__file__)
+sys.path.insert(0, HERE)
+from test_integrations_transformers import EVAL, TRAIN, _args, _equal, _model  # noqa: E402
+from transformers import GPT2LMHeadModel, Trainer, TrainerCallback  # noqa: E402
+
+from wsm_optim import WSMOptimizer, unwrap  # noqa: E402
+from wsm_optim.integrations import deepspeed as wds  # noqa: E402
+from wsm_optim.integrations.transformers import wrap_trainer  # noqa: E402
+
+RANK = int(os.environ.get("RANK", 0))
+
+
+def ds_config(stage=2):
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+    }
+
+
+class RecordEngineMerged(TrainerCallback):
+    """At each save: the merged model by name (DeepSpeed readout) and the live module state."""
+
+    def __init__(self, trainer):
+        self.trainer, self.at_save = trainer, {}
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        engine = self.trainer.model_wrapped
+        merged = wds.merged_state_dict(engine, model=self.trainer.model)
+        live = {k: v.detach().clone() for k, v in self.trainer.model.state_dict().items()}
+        self.at_save[state.global_step] = (merged, live)
+
+
+def evaluate_loss(trainer, state_dict):
+    """The eval loss of given weights as ``trainer``'s evaluation computes it (its ``prediction_step``).
+
+    On a separate plain model: a second ``Trainer`` would get DeepSpeed too
+    (accelerate's state is process-wide).
+    """
+    model = _model()
+    model.load_state_dict(state_dict)
+    model.eval()
+    batch = next(iter(trainer.get_eval_dataloader()))
+    return float(trainer.prediction_step(model, batch, prediction_loss_only=True)[0])
+
+
+def make(out_dir, name, model=None, optimizers=(None, None), wsm=dict(schedule="1-sqrt", window=4), **kwargs):
+    trainer = Trainer(
+        model=model if model is not None else _model(),
+        args=_args(os.path.join(out_dir, name), deepspeed=ds_config(), **kwargs),
+        train_dataset=TRAIN, eval_dataset=EVAL, optimizers=optimizers,
+    )
+    return wrap_trainer(trainer, **wsm)
+
+
+def case_wrap_trainer_metrics_and_merged_folders(out_dir):
+    trainer = make(out_dir, "a")
+    record = RecordEngineMerged(trainer)
+    trainer.add_callback(record)
+    trainer.train()
+    wsm = unwrap(trainer.optimizer)
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    out = {"steps": wsm.steps, "eval_steps": [h["step"] for h in evals], "merged_metric_matches": [],
+           "live_metric_matches": [], "folder_matches": [], "merged_differs_from_live": []}
+    for h in evals:
+        merged, live = record.at_save[h["step"]]
+        out["merged_metric_matches"].append(abs(h["eval_merged_loss"] - evaluate_loss(trainer, merged)) < 1e-5)
+        out["live_metric_matches"].append(abs(h["eval_loss"] - evaluate_loss(trainer, live)) < 1e-5)
+        out["merged_differs_from_live"].append(not _equal(merged, live))
+        folder = os.path.join(out_dir, "a", f"checkpoint-{h['step']}", "merged")
+        out["folder_matches"].append(_equal(GPT2LMHeadModel.from_pretrained(folder).state_dict(), merged))
+    return out
+
+
+def case_resume_from_checkpoint_mid_window_is_exact(out_dir):
+    a = make(out_dir, "r", eval_strategy="no")
+    a.train()
+    b = make(out_dir, "r2", model=_model(seed=1), eval_strategy="no")
+    b.train(resume_from_checkpoint=os.path.join(out_dir, "r", "checkpoint-6"))
+    ma, mb = wds.merged_state_dict(a.model_wrapped), wds.merged_state_dict(b.model_wrapped)
+    return {
+        "steps": [unwrap(a.optimizer).steps, unwrap(b.optimizer).steps],
+        "live_equal": _equal(a.model.state_dict(), b.model.state_dict()),
+        "merged_equal": _equal(ma, mb),
+    }
+
+
+def case_optimizer_given_in_optimizers_is_the_one_stepped(out_dir):
+    model = _model()
+    wsm = WSMOptimizer(torch.optim.AdamW(model.parameters(), lr=3e-3), schedule="1-sqrt", window=4)
+    trainer = make(out_dir, "g", model=model, optimizers=(wsm, None), wsm={}, max_steps=4,
+                   save_strategy="no", eval_strategy="no")
+    trainer.train()
+    return {"same": unwrap(trainer.optimizer) is wsm, "steps": wsm.steps}
+
+
+def case_without_wrap_trainer_unwrap_names_the_fix(out_dir):
+    model = _model()
+    wsm = WSMOptimizer(torch.optim.AdamW(model.parameters(), lr=3e-3), window=4)
+    trainer = Trainer(
+        model=model, args=_args(os.path.join(out_dir, "p"), deepspeed=ds_config(), max_steps=2, save_strategy="no",
+                                eval_strategy="no"),
+        train_dataset=TRAIN, optimizers=(wsm, None),
+    )
+    trainer.train()
+    try:
+        unwrap(trainer.optimizer)
+    except TypeError as e:
+        return {"steps": wsm.steps, "message": str(e)}
+    return {"steps": wsm.steps, "message": None}
+
+
+CASES = [
+    case_wrap_trainer_metrics_and_merged_folders,
+    case_resume_from_checkpoint_mid_window_is_exact,
+    case_optimizer_given_in_optimizers_is_the_one_stepped,
+    case_without_wrap_trainer_unwrap_names_the_fix,
+]
+
+
+def main():
+    out_dir = sys.argv[1]
+    results = {}
+    for case in CASES:
+        try:
+            results[case.__name__[5:]] = case(out_dir)
+        except Exception:
+            results[case.__name__[5:]] = {"error": traceback.format_exc()}
+    with open(os.path.join(out_dir, f"hf-rank{RANK}.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""One rank of the DeepSpeed tests (launched by tests/test_deepspeed.py with torchrun, gloo, CPU).
+
+Usage: ``torchrun --nproc_per_node N tests/_deepspeed_worker.py OUT_DIR``. Runs every
+case for ZeRO stages 1 and 2 in one launch (DeepSpeed's start-up dominates)
+and writes ``OUT_DIR/plain-rank<r>.json`` with what each case measured; the test
+asserts on it.
+"""
+
+import json
+import os
+import sys
+import traceback
+
+import torch
+from torch import nn
+
+import deepspeed
+from deepspeed.utils import safe_get_full_fp32_param
+
+sys.path.insert(0, os.path.dirname(__file__))
+import reference  # noqa: E402
+
+from wsm_optim import WSMOptimizer, unwrap  # noqa: E402
+from wsm_optim.integrations import deepspeed as wds  # noqa: E402
+
+SPEC = reference.Window(schedule="1-sqrt", window=4, interval=2)
+STEPS = 9  # ends mid-window: the readout leans on the live masters
+RANK = int(os.environ.get("RANK", 0))
+
+
+def build(seed=0):
+    torch.manual_seed(seed)
+    # 7 * 5 + 5 + 5 * 3 + 3 = 58 params: not divisible by the partition count (uneven partitions, padding)
+    return nn.Sequential(nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 3))
+
+
+def groups(model):
+    named = list(model.named_parameters())
+    return [
+        {"params": [p for n, p in named if n.endswith("weight")]},
+        {"params": [p for n, p in named if n.endswith("bias")], "weight_decay": 0.0},
+    ]
+
+
+def engine_for(stage, seed=0, bf16=False, **zero):
+    model = build(seed)
+    wsm = WSMOptimizer(torch.optim.AdamW(groups(model), lr=0.05, weight_decay=0.1), **SPEC.as_kwargs())
+    config = {
+        "train_micro_batch_size_per_gpu": 4,
+        "zero_optimization": {"stage": stage, **zero},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": bf16},
+    }
+    engine, *_ = deepspeed.initialize(model=model, optimizer=wsm, config=config)
+    return engine, wsm
+
+
+def batches(n, skip=0):
+    g = torch.Generator().manual_seed(100 + RANK)
+    out = [(torch.randn(4, 7, generator=g), torch.randn(4, 3, generator=g)) for _ in range(skip + n)]
+    return out[skip:]
+
+
+def train(engine, data):
+    dtype = next(engine.module.parameters()).dtype
+    for x, y in data:
+        engine.backward(nn.functional.mse_loss(engine(x.to(dtype)).float(), y))
+        engine.step()
+
+
+def masters(engine):
+    """The gathered fp32 masters, float64, in named_parameters order (DeepSpeed's own accessor)."""
+    return [safe_get_full_fp32_param(p).to(torch.float64) for _, p in engine.module.named_parameters()]
+
+
+def case_merge_equals_explicit_merge(stage, out_dir):
+    engine, wsm = engine_for(stage)
+    assert wds.attach(engine) is wsm and unwrap(engine.optimizer) is wsm and unwrap(engine) is wsm
+    names = [n for n, _ in engine.module.named_parameters()]
+    snapshots = [masters(engine)]
+    worst = 0.0
+    for s, batch in enumerate(batches(STEPS), start=1):
+        train(engine, [batch])
+        snapshots.append(masters(engine))
+        merged = wds.merged_state_dict(engine, torch.float32)
+        expected = reference.readout(SPEC, snapshots, s)
+        for name, ref in zip(names, expected):
+            worst = max(worst, float((merged[name].to(torch.float64) - ref).abs().max()))
+    live = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    merged = wds.merged_state_dict(engine)
+    with wds.merged_weights(engine):
+        inside = {k: v.clone() for k, v in engine.module.state_dict().items()}
+        inside_masters = [m.to(torch.float32) for m in masters(engine)]
+    restored = all(torch.equal(v, live[k]) for k, v in engine.module.state_dict().items())
+    full = wds.merged_state_dict(engine, model=engine.module)
+    return {
+        "steps": wsm.steps,
+        "worst_vs_explicit_merge": worst,
+        "swap_equals_readout": all(torch.equal(inside[k], merged[k]) for k in merged),
+        "swap_masters_equal_readout": all(torch.equal(m, merged[n]) for n, m in zip(names, inside_masters)),
+        "restored_bit_exactly": restored,
+        "masters_restored": all(torch.equal(a.to(torch.float64), b) for a, b in zip(masters(engine), snapshots[-1])),
+        "model_keys": sorted(full) == sorted(engine.module.state_dict()),
+    }
+
+
+def case_resume_through_deepspeed_checkpoint_is_exact(stage, out_dir):
+    ckpt = os.path.join(out_dir, f"ckpt{stage}")
+    data = batches(STEPS)
+    a, wa = engine_for(stage)
+    wds.attach(a)
+    train(a, data[:5])  # mid-window (window 4, interval 2: step 5 is between checkpoints)
+    a.save_checkpoint(ckpt, tag="s5")
+    train(a, data[5:])
+    b, wb = engine_for(stage, seed=3)  # other init: everything comes from the checkpoint
+    wds.attach(b)
+    b.load_checkpoint(ckpt, tag="s5")
+    resumed_steps = wb.steps
+    train(b, data[5:])
+    ma, mb = wds.merged_state_dict(a, torch.float32), wds.merged_state_dict(b, torch.float32)
+    return {
+        "resumed_steps": resumed_steps,
+        "steps": [wa.steps, wb.steps],
+        "merged_equal": all(torch.equal(ma[k], mb[k]) for k in ma),
+        "status_equal": wa.merge_status()["checkpoint"] == wb.merge_status()["checkpoint"],
+    }
+
+
+def case_bf16_copies_follow_the_merged_masters(stage, out_dir):
+    """bf16 module params, fp32 masters: the merge is of the masters; the swap casts it into the copies."""
+    engine, wsm = engine_for(stage, bf16=True)
+    wds.attach(engine)
+    names = [n for n, _ in engine.module.named_parameters()]
+    snapshots = [masters(engine)]
+    for batch in batches(STEPS):
+        train(engine, [batch])
+        snapshots.append(masters(engine))
+    merged32 = wds.merged_state_dict(engine, torch.float32)
+    expected = reference.readout(SPEC, snapshots, STEPS)
+    worst = max(float((merged32[n].to(torch.float64) - e).abs().max()) for n, e in zip(names, expected))
+    merged = wds.merged_state_dict(engine)
+    live = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    with wds.merged_weights(engine):
+        inside = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    return {
+        "dtype": str(merged[names[0]].dtype),
+        "worst_vs_explicit_merge": worst,
+        "copies_are_the_cast_merge": all(torch.equal(inside[n], merged32[n].to(torch.bfloat16)) for n in names),
+        "restored_bit_exactly": all(torch.equal(v, live[k]) for k, v in engine.module.state_dict().items()),
+    }
+
+
+def case_stage3_is_refused(stage, out_dir):
+    engine, _ = engine_for(3)
+    try:
+        wds.attach(engine)
+    except NotImplementedError as e:
+        return {"refused": str(e)}
+    return {"refused": None}
+
+
+def case_stage0_steps_the_optimizer_as_is(stage, out_dir):
+    engine, wsm = engine_for(0)
+    assert wds.attach(engine) is wsm
+    train(engine, batches(5))
+    merged = wds.merged_state_dict(engine)
+    expected = wsm.merged_state_dict(model=engine.module)
+    with wds.merged_weights(engine):
+        inside = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    return {"steps": wsm.steps, "equal": all(torch.equal(merged[k], expected[k]) for k in expected),
+            "swap_equal": all(torch.equal(inside[k], expected[k]) for k in expected)}
+
+
+CASES = [case_merge_equals_explicit_merge, case_resume_through_deepspeed_checkpoint_is_exact]
+
+
+def main():
+    out_dir = sys.argv[1]
+    deepspeed.init_distributed(dist_backend="gloo")
+    results = {}
+    for stage in (1, 2):
+        for case in CASES:
+            key = f"{case.__name__[5:]}[{stage}]"
+            try:
+                results[key] = case(stage, out_dir)
+            except Exception:
+                results[key] = {"error": traceback.format_exc()}
+    try:
+        results["bf16_copies_follow_the_merged_masters"] = case_bf16_copies_follow_the_merged_masters(2, out_dir)
+    except Exception:
+        results["bf16_copies_follow_the_merged_masters"] = {"error": traceback.format_exc()}
+    try:
+        results["stage0_steps_the_optimizer_as_is"] = case_stage0_steps_the_optimizer_as_is(0, out_dir)
+    except Exception:
+        results["stage0_steps_the_optimizer_as_is"] = {"error": traceback.format_exc()}
+    try:
+        results["stage3_is_refused"] = case_stage3_is_refused(3, out_dir)
+    except Exception:
+        results["stage3_is_refused"] = {"error": traceback.format_exc()}
+    with open(os.path.join(out_dir, f"plain-rank{RANK}.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

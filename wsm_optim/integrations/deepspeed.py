@@ -1,0 +1,287 @@
+"""DeepSpeed ZeRO stage 1 and 2: the merge of DeepSpeed's fp32 master partitions, once per engine step.
+
+::
+
+    wsm = WSMOptimizer(torch.optim.AdamW(model.parameters(), lr=...), window=1000)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=wsm, config={
+        "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True, ...})
+    wsm_optim.integrations.deepspeed.attach(engine)      # once, before the first step
+    ...
+    merged = wsm_optim.integrations.deepspeed.merged_state_dict(engine)   # {name: tensor}, every rank
+    with wsm_optim.integrations.deepspeed.merged_weights(engine):
+        evaluate(engine)
+
+With the Hugging Face ``Trainer``, ``wrap_trainer`` calls :func:`attach` itself.
+
+What DeepSpeed does to a client optimizer, and what :func:`attach` changes:
+
+* ZeRO-1/2 replace each param group's params by one flat fp32 partition of
+  this rank (the fp32 master weights: the values to merge) and step the client
+  optimizer once *per param group*, with ``param_groups`` cut to that group.
+  A ``WSMOptimizer`` stepped that way would count one step per group and see
+  its params change between calls. :func:`attach` makes DeepSpeed step the
+  inner optimizer per group and runs DeepSpeed's whole step inside one
+  ``WSMOptimizer.step()``: one merge step per engine step, over every group.
+* Counting: one merge step per optimizer step of the engine (gradient
+  accumulation micro-steps do not count). A step that DeepSpeed skips for an
+  fp16 loss-scale overflow counts as a step without progress, as with a fused
+  ``GradScaler``.
+* The merge then lives in one accumulator per flat partition (4 bytes per
+  parameter per rank, divided by the data-parallel size like the masters).
+  :func:`merged_state_dict` gathers the partitions and cuts them back into
+  parameters by DeepSpeed's own layout (what ``zero_to_fp32`` does for files).
+* :func:`merged_weights` swaps the merged masters in and refreshes DeepSpeed's
+  low-precision copies (the module's params) from them, and on exit restores
+  both: the masters bit-exactly, the copies as the cast of the masters, which
+  is what they were.
+* ``engine.save_checkpoint`` / ``load_checkpoint`` store the client optimizer's
+  ``state_dict()`` per rank (ZeRO's non-elastic checkpoints, the default), so
+  the merge resumes exactly at the same data-parallel size. Elastic
+  checkpoints and DeepSpeed's universal checkpoint keep only the inner
+  optimizer's state: refused (elastic) or not carried (universal).
+
+Refused with a message: ZeRO stage 3 (params partitioned per parameter and
+gathered on the fly), optimizer offload, elastic checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..optimizer import WSMOptimizer
+from ..unwrap import unwrap
+
+__all__ = ["attach", "merged_state_dict", "merged_weights", "FLAT_NAME"]
+
+#: Name under which the ``WSMOptimizer`` tracks param group ``i``'s flat partition: ``FLAT_NAME.format(i)``.
+FLAT_NAME = "deepspeed_flat_group_{}"
+
+
+def _zero(engine: Any) -> Any:
+    optimizer = getattr(engine, "optimizer", None)
+    if optimizer is None or not hasattr(engine, "zero_optimization_stage"):
+        raise TypeError(f"engine must be a DeepSpeedEngine from deepspeed.initialize(...), got {type(engine).__name__}")
+    return optimizer
+
+
+def attach(engine: Any) -> WSMOptimizer:
+    """Make the ``WSMOptimizer`` given to ``deepspeed.initialize`` merge once per engine step; returns it.
+
+    Call once, after ``deepspeed.initialize`` and before the first step (and
+    before ``engine.load_checkpoint`` when resuming). Stage 0 needs nothing
+    (the optimizer is stepped as is); stages 1 and 2 are rewired as described
+    in the module docstring.
+
+    Raises:
+        NotImplementedError: ZeRO stage 3, optimizer offload, elastic checkpoints.
+        TypeError: no ``WSMOptimizer`` in the engine.
+        RuntimeError: the ``WSMOptimizer`` already counted steps under ZeRO.
+    """
+    zero = _zero(engine)
+    stage = int(engine.zero_optimization_stage())
+    if stage == 3:
+        raise NotImplementedError(
+            "wsm_optim.integrations.deepspeed: ZeRO stage 3 partitions every parameter and gathers it on the fly; "
+            "a WSM merge of its partitions is not supported. Use ZeRO stage 1 or 2, or FSDP2 (fully_shard)"
+        )
+    wsm = unwrap(zero)
+    if getattr(zero, "_wsm_attached", None) is wsm:
+        return wsm
+    if stage == 0:
+        if zero is not wsm:
+            raise NotImplementedError(
+                f"wsm_optim.integrations.deepspeed: without ZeRO, DeepSpeed wraps the optimizer in "
+                f"{type(zero).__name__} (bf16/fp16 master weights); not supported. Use ZeRO stage 1 or 2"
+            )
+        wsm._wsm_attached = wsm  # stepped as is: nothing to rewire
+        return wsm
+    if not hasattr(zero, "single_partition_of_fp32_groups"):
+        raise NotImplementedError(
+            f"wsm_optim.integrations.deepspeed: ZeRO stage {stage} with optimizer {type(zero).__name__} is not "
+            "supported; supported: DeepSpeedZeroOptimizer (ZeRO stage 1 and 2)"
+        )
+    if getattr(zero, "cpu_offload", False):
+        raise NotImplementedError(
+            "wsm_optim.integrations.deepspeed: zero_optimization.offload_optimizer is not supported; "
+            "remove it (the merge of the masters would live on the host beside them)"
+        )
+    if bool(engine.zero_elastic_checkpoint()):
+        raise NotImplementedError(
+            "wsm_optim.integrations.deepspeed: zero_optimization.elastic_checkpoint=true saves only the inner "
+            "optimizer's state, so the merge would not be saved; set it to false (the default)"
+        )
+    if zero.optimizer is not wsm:
+        raise TypeError(
+            f"wsm_optim.integrations.deepspeed: ZeRO steps {type(zero.optimizer).__name__}, which wraps the "
+            "WSMOptimizer; pass the WSMOptimizer itself as deepspeed.initialize(optimizer=...)"
+        )
+    if getattr(zero, "torch_autocast_gradscaler", None) or getattr(zero, "zenflow", False):
+        raise NotImplementedError(
+            "wsm_optim.integrations.deepspeed: torch_autocast with a GradScaler and ZenFlow step the optimizer "
+            "their own way; not supported"
+        )
+    if wsm.steps:
+        raise RuntimeError(
+            f"wsm_optim.integrations.deepspeed: the WSMOptimizer already counted {wsm.steps} steps under ZeRO, "
+            "one per param group; call attach(engine) right after deepspeed.initialize, before the first step"
+        )
+    inner = wsm.inner
+    # The optimizer now tracks flat partitions, not the module's params: its own model-keyed readouts cannot
+    # apply (merged_state_dict(engine, model=...) here gives them); its readouts are keyed by FLAT_NAME.
+    wsm.model = None
+    for i, group in enumerate(inner.param_groups):
+        # ZeRO left the names of the params it flattened; the group now holds one flat partition.
+        group["param_names"] = [FLAT_NAME.format(i)]
+
+    def step_group(group_no: int) -> None:
+        """ZeRO's per-group step (its ``_optimizer_step``), on the inner optimizer."""
+        groups = inner.param_groups
+        inner.param_groups = [groups[group_no]]
+        try:
+            type(inner).step(inner)
+        finally:
+            inner.param_groups = groups
+        zero._lazy_init_hp_params_optimizer_state()  # DeepSpeed links its per-param views after the first step
+
+    def step(closure: Any = None) -> Any:
+        """The engine's optimizer step: DeepSpeed's whole ZeRO step inside one ``WSMOptimizer.step()``."""
+        if closure is not None:
+            raise TypeError("DeepSpeed's ZeRO optimizer takes no closure")
+        inner.step = lambda *args, **kwargs: type(zero).step(zero)  # where WSMOptimizer runs its inner step
+        try:
+            return wsm.step()
+        finally:
+            del inner.step
+
+    def load_state_dict(state_dict_list: Any, load_optimizer_states: bool = True, *args: Any, **kwargs: Any) -> Any:
+        """ZeRO's checkpoint load; refused where the merge would not come back with the masters."""
+        if load_optimizer_states:
+            _check_loadable(zero, state_dict_list, kwargs.get("checkpoint_folder", args[1] if len(args) > 1 else None))
+        return type(zero).load_state_dict(zero, state_dict_list, load_optimizer_states, *args, **kwargs)
+
+    zero._optimizer_step = step_group
+    zero.step = step
+    zero.load_state_dict = load_state_dict
+    zero._wsm_attached = wsm
+    return wsm
+
+
+def _check_loadable(zero: Any, state_dict_list: Any, checkpoint_folder: Any) -> None:
+    """The merge is saved per rank, partitioned like the fp32 masters: only the same data-parallel size restores it."""
+    if checkpoint_folder:
+        raise NotImplementedError(
+            "wsm_optim.integrations.deepspeed: DeepSpeed's universal checkpoint keeps only exp_avg, exp_avg_sq, fp32 "
+            "and step, not the merge; resume from the ZeRO checkpoint at the data-parallel size it was saved with"
+        )
+    saved = len(state_dict_list)
+    now = torch.distributed.get_world_size(group=zero.dp_process_group) if torch.distributed.is_initialized() else 1
+    if saved != now:
+        raise NotImplementedError(
+            f"wsm_optim.integrations.deepspeed: the checkpoint was saved by {saved} data-parallel ranks and is "
+            f"loaded by {now}; the merge accumulators are partitioned like the fp32 masters and DeepSpeed does not "
+            f"re-partition them. Resume with {saved} data-parallel ranks (or load with "
+            "load_optimizer_states=False to start a new merge from the loaded weights)"
+        )
+
+
+def _layout(engine: Any) -> list[list[tuple[str, int, torch.Size, Tensor]]]:
+    """Per param group: ``(name, offset in the flat group, shape, module param)`` in flat order."""
+    zero = engine.optimizer
+    names = engine.param_names  # {param: name} from model.named_parameters()
+    return [
+        [(names[p], offset, meta.shape, p) for p, offset, meta in zip(params, offsets, metas)]
+        for params, offsets, metas in zip(
+            zero.round_robin_bit16_groups, zero.round_robin_bit16_offsets, zero.round_robin_bit16_meta
+        )
+    ]
+
+
+def _gather(zero: Any, group_no: int, partition: Tensor) -> Tensor:
+    """The whole flat group from every rank's partition (a collective over the group's data-parallel ranks)."""
+    group = zero.real_dp_process_group[group_no]
+    world = torch.distributed.get_world_size(group=group) if torch.distributed.is_initialized() else 1
+    if world == 1:
+        return partition
+    parts = [torch.empty_like(partition) for _ in range(world)]
+    torch.distributed.all_gather(parts, partition.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+def _attached(engine: Any) -> tuple[Any, WSMOptimizer]:
+    zero = _zero(engine)
+    wsm = getattr(zero, "_wsm_attached", None)
+    if wsm is None:
+        raise RuntimeError(
+            "wsm_optim.integrations.deepspeed: call attach(engine) after deepspeed.initialize (before the first step)"
+        )
+    return zero, wsm
+
+
+def merged_state_dict(
+    engine: Any,
+    dtype: torch.dtype | None = None,
+    *,
+    merge: str | None = None,
+    completed: bool = False,
+    model: nn.Module | None = None,
+) -> dict[str, Tensor]:
+    """The merged model by parameter name, gathered from every data-parallel rank (a collective: all ranks call it).
+
+    Args:
+        engine: the engine :func:`attach` was called on.
+        dtype: output dtype; ``None`` keeps each module param's dtype
+            (``torch.float32`` returns the fp32 merge of the masters).
+        merge, completed: as for :meth:`WSMOptimizer.merged_state_dict`.
+        model: return a complete ``model.state_dict()`` (buffers, tied and
+            frozen entries as they are in ``model``); default: the trainable
+            params under their ``named_parameters()`` names (without ZeRO,
+            stage 0: ``engine.module``'s complete state dict).
+
+    Returns:
+        ``{name: tensor}`` on every rank, new CPU-or-device tensors of the
+        module params' shapes.
+    """
+    zero, wsm = _attached(engine)
+    if zero is wsm:  # stage 0: the optimizer steps the module's own params
+        return wsm.merged_state_dict(
+            dtype, merge=merge, completed=completed, model=model if model is not None else engine.module
+        )
+    flat = wsm.merged_state_dict(torch.float32, merge=merge, completed=completed)
+    out: dict[str, Tensor] = {}
+    by_param: dict[Tensor, Tensor] = {}
+    for group_no, entries in enumerate(_layout(engine)):
+        whole = _gather(zero, group_no, flat[FLAT_NAME.format(group_no)])
+        for name, offset, shape, p in entries:
+            value = whole.narrow(0, offset, shape.numel()).view(shape).to(dtype or p.dtype, copy=True)
+            out[name] = by_param[p] = value
+    if model is None:
+        return out
+    result = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        result[key] = by_param[value] if value in by_param else value.detach().clone()
+    return result
+
+
+@contextlib.contextmanager
+def merged_weights(engine: Any, *, merge: str | None = None, completed: bool = False):
+    """Swap the merge into DeepSpeed's fp32 masters and its low-precision copies (the module) for a ``with`` block.
+
+    On exit the masters are restored bit-exactly and the copies refreshed from
+    them (the cast of the masters, which they were before). Every rank must
+    enter (the copies are all-gathered).
+    """
+    zero, wsm = _attached(engine)
+    if zero is wsm:  # stage 0: the module's params are the optimizer's
+        with wsm.merged_weights(merge=merge, completed=completed):
+            yield engine
+        return
+    try:
+        with wsm.merged_weights(merge=merge, completed=completed):
+            zero.update_lp_params()
+            yield engine
+    finally:
+        zero.update_lp_params()
