@@ -272,3 +272,15 @@ def test_copy_with_an_lr_scheduler_attached_steps_the_copy(how):
     twin.step()
     assert (twin.steps, opt.steps) == (1, 0)
     assert all(not torch.equal(p, q) for p, q in zip(twin_params, before))
+
+
+def test_cutting_param_groups_to_a_subset_is_refused_naming_the_deepspeed_fix():
+    """ZeRO-1/2 set ``optimizer.param_groups = [group]`` per group: without ``attach`` each would count a step."""
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
+    opt = WSMOptimizer(torch.optim.SGD([{"params": [a]}, {"params": [b]}], lr=0.1), window=4)
+    groups = opt.param_groups
+    with pytest.raises(RuntimeError, match="attach\\(engine\\)"):
+        opt.param_groups = [groups[1]]
+    assert opt.param_groups is groups and len(opt.param_groups) == 2
+    opt.param_groups = [groups[1], groups[0]]  # reordering or replacing groups stays allowed
+    opt.param_groups = groups

@@ -7,6 +7,7 @@ counters, an overflowing cast reported as a non-finite checkpoint).
 
 import copy
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -209,3 +210,23 @@ def test_a_finite_merge_that_overflows_its_cast_says_so():
     assert "overflows when cast to torch.float16" in message and "'big.weight'" in message
     assert "nonfinite='skip'" not in message
     assert torch.isfinite(opt.merged_state_dict()["big.weight"]).all()
+
+
+# ---------------------------------------------------------------- a merge that never stepped
+def test_readouts_warn_when_another_optimizer_trained_the_params():
+    """The HF Trainer + DeepSpeed case without wrap_trainer: the WSMOptimizer is built but never stepped."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    wsm = WSMOptimizer(torch.optim.AdamW(model.named_parameters(), lr=0.1), window=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wsm.merged_state_dict()  # untouched: nothing to say
+    other = torch.optim.SGD(model.parameters(), lr=0.5)  # what DeepSpeed would step instead
+    model(torch.randn(4, 3)).sum().backward()
+    other.step()
+    with pytest.warns(RuntimeWarning, match="counted no step\\(\\).*wrap_trainer"):
+        wsm.merged_state_dict()
+    wsm.step()  # once it steps itself, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wsm.merged_state_dict()

@@ -146,7 +146,24 @@ class WSMOptimizer(torch.optim.Optimizer):
         self._patch_step_function()
 
     # --------------------------------------------------- torch.optim interface
-    param_groups = property(lambda self: self.inner.param_groups, lambda self, v: setattr(self.inner, "param_groups", v))
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.inner.param_groups
+
+    @param_groups.setter
+    def param_groups(self, groups: list[dict[str, Any]]) -> None:
+        current = self.inner.param_groups
+        if 0 < len(groups) < len(current) and all(any(g is c for c in current) for g in groups):
+            # DeepSpeed ZeRO steps its client optimizer one group at a time this way: each call of
+            # step() would count as a WSM step, and the merge would fold every group at every call.
+            raise RuntimeError(
+                f"WSMOptimizer.param_groups was cut to {len(groups)} of its {len(current)} groups, as a framework "
+                "that steps one group at a time does (DeepSpeed ZeRO-1/2): every such step() would count as a "
+                "merge step. With DeepSpeed call wsm_optim.integrations.deepspeed.attach(engine) right after "
+                "deepspeed.initialize (the HF Trainer's wrap_trainer does it); to drop groups for good, edit "
+                "opt.inner.param_groups"
+            )
+        self.inner.param_groups = groups
     state = property(lambda self: self.inner.state, lambda self, v: setattr(self.inner, "state", v))
     defaults = property(lambda self: self.inner.defaults, lambda self, v: setattr(self.inner, "defaults", v))
 

@@ -83,6 +83,15 @@ def _prepare(rt: "Runtime", merge: "Merge", completed: bool, what: str):
             "are swapped out; read it outside the block (completed=True readouts work inside)"
         )
     rt.registry.check_materialised()
+    if rt.steps == 0 and rt.trained_elsewhere():
+        warn(
+            f"{what}: this WSMOptimizer has counted no step(), yet its parameters changed since it was built: "
+            "another optimizer is training them, so there is no merge (the readout is the live model). "
+            "DeepSpeed under the Hugging Face Trainer discards the optimizer given in optimizers=(...): call "
+            "wsm_optim.integrations.transformers.wrap_trainer(trainer, ...) before train(). (If you loaded "
+            "weights into the model yourself before the first step, ignore this.)",
+            RuntimeWarning,
+        )
     source = merge.source(completed)  # raises if there is no completed window to read
     if not completed and pos.mixes_live:
         _warn_if_modified(rt, merge, what)

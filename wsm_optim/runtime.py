@@ -51,6 +51,7 @@ class Runtime:
     side_stream: Any = None
     side_done: Any = None
     swap_lock: Any = field(default_factory=threading.Lock)
+    initial: dict[int, float] = field(default_factory=dict)  # id(param) -> sum of its values when wrapped
 
     @classmethod
     def create(cls, specs: dict[str, MergeSpec], param_groups, *, backend: str, nonfinite: str, overlap: Any,
@@ -81,6 +82,7 @@ class Runtime:
             devices=devices,
         )
         rt.check_capturable(params)
+        rt.initial = _sums(params)
         rt._plan()
         rt.registry.refresh(param_groups, place=False)
         return rt
@@ -216,6 +218,15 @@ class Runtime:
         self.fence()
         self.backend.join()
 
+    def trained_elsewhere(self) -> bool:
+        """No ``step()`` was counted, yet the params changed since wrapping: another optimizer is stepping them.
+
+        (DeepSpeed under the HF ``Trainer`` builds and steps its own optimizer.)
+        One reduction per param and one host sync; readouts call it only while ``steps == 0``.
+        """
+        now = _sums([p for p in self.registry.params if id(p) in self.initial])
+        return any(now[k] != self.initial[k] for k in now)
+
     # ------------------------------------------------------------ counting
     def set_steps(self, steps: int) -> None:
         """Set the counted steps on the host and the device clock (``load_state_dict``)."""
@@ -231,3 +242,17 @@ class Runtime:
             for m in self.merges:
                 m.position.set_position(steps)
         return self.steps
+
+
+def _sums(params) -> dict[int, float]:
+    """``{id(param): sum of its local values}`` with one host sync per device (meta params skipped)."""
+    by_device: dict[torch.device, list[tuple[int, Tensor]]] = {}
+    for p in params:
+        local = distributed.local_view(p)
+        if local.device.type != "meta":
+            by_device.setdefault(local.device, []).append((id(p), local.detach().sum(dtype=torch.float64)))
+    sums: dict[int, float] = {}
+    for entries in by_device.values():
+        values = torch.stack([v for _, v in entries]).tolist()
+        sums.update((key, value) for (key, _), value in zip(entries, values))
+    return sums
