@@ -253,8 +253,8 @@ def swapped(rt: "Runtime", merge: "Merge", completed: bool) -> Iterator[None]:
     """
     if not rt.swap_lock.acquire(blocking=False):
         raise RuntimeError(
-            "merged_weights() is already active for this optimizer (in this thread or another); "
-            "swaps cannot nest or run concurrently. Use merged_state_dict() for a concurrent read"
+            "merged_weights() is already active for this optimizer (in this thread or another): swaps cannot "
+            "nest or run concurrently, since the second would save the merged values as the live ones"
         )
     try:
         with _swap(rt, merge, completed):
