@@ -26,7 +26,7 @@ import json
 import os
 import pickle
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from .io import UnsafePickleWarning, open_checkpoint
 __all__ = [
     "open_reader",
     "checkpoint_kind",
+    "common_layout",
     "SafetensorsFile",
     "TorchFile",
     "HFFolder",
@@ -114,6 +115,43 @@ def _rows(shape: tuple[int, ...], start: int, stop: int) -> tuple[int, ...]:
     return (stop - start, *shape[1:]) if shape else ()
 
 
+def common_layout(readers: Sequence[Any], paths: Sequence[Path], key: str | None) -> dict[str, tuple]:
+    """``{name: (shape, dtype)}`` of the oldest input, checked against every other input (metadata only).
+
+    Raises ``ValueError`` naming the key and the input for a missing or extra
+    key, a global-shape mismatch or a dtype mismatch.
+    """
+    ref: dict[str, tuple] | None = None
+    for path, r in zip(paths, readers):
+        sig = {n: r.meta(n) for n in r.names}
+        if ref is None:
+            if not sig:
+                raise ValueError(f"{path} holds no tensors" + (f" under --key {key!r}" if key else ""))
+            ref = sig
+            continue
+        missing = [n for n in ref if n not in sig]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise ValueError(f"key {missing[0]!r}{more} is missing from {path} (present in {paths[0]})")
+        extra = [n for n in sig if n not in ref]
+        if extra:
+            more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+            raise ValueError(f"key {extra[0]!r}{more} in {path} is missing from {paths[0]}")
+        for n, (shape, dtype) in ref.items():
+            shape_j, dtype_j = sig[n]
+            if shape_j != shape:
+                raise ValueError(
+                    f"shape mismatch for key {n!r}: {list(shape_j)} in {path}, {list(shape)} in {paths[0]}"
+                )
+            if dtype_j != dtype:
+                raise ValueError(
+                    f"dtype mismatch for key {n!r}: {dtype_j} in {path}, {dtype} in {paths[0]} "
+                    f"(shape {list(shape)})"
+                )
+    assert ref is not None
+    return ref
+
+
 # ---------------------------------------------------------------- safetensors
 class SafetensorsFile:
     """A safetensors file read with ``pread`` (exactly the rows asked for, no memory map)."""
@@ -125,7 +163,7 @@ class SafetensorsFile:
         self.entries = self._parse_header(path)
         self._full = _select_prefix(list(self.entries), key, path, "safetensors files")
         self.names = list(self._full)
-        self.skipped: list[str] = []
+        self.skipped: dict[str, str] = {}
 
     @staticmethod
     def _parse_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int]]:
@@ -212,7 +250,7 @@ class TorchFile:
         with open_checkpoint(path, key, unsafe_pickle) as r:
             self._meta = {n: r.meta(n) for n in r.names}
         self.names = list(self._meta)
-        self.skipped: list[str] = []
+        self.skipped: dict[str, str] = {}
 
     def meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
         return self._meta[name]
@@ -262,7 +300,7 @@ class HFFolder:
         self._files, self._where = files, weight_map
         self._full = _select_prefix(list(weight_map), key, path, "safetensors folders")
         self.names = list(self._full)
-        self.skipped: list[str] = []
+        self.skipped: dict[str, str] = {}
 
     def meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
         full = self._full[name]
@@ -332,7 +370,7 @@ class DCPDirectory:
 
     Non-tensor entries (pickled objects such as ``train_state``) and optimizer
     state (names under :data:`OPTIMIZER_PREFIXES`, or ``X.state.*`` beside
-    ``X.param_groups.*``) are listed in ``skipped`` and not merged, unless
+    ``X.param_groups.*``) are listed in ``skipped`` (name -> reason) and not merged, unless
     ``optimizer_state`` is set or ``key`` points into them.
     """
 
@@ -349,9 +387,13 @@ class DCPDirectory:
         tensors = [n for n, md in self.metadata.state_dict_metadata.items() if isinstance(md, TensorStorageMetadata)]
         asked_for_optimizer = key is not None and key.split(".")[0] in OPTIMIZER_PREFIXES
         optimizer = set() if (optimizer_state or asked_for_optimizer) else _optimizer_names(all_names)
-        self.skipped = [n for n in all_names if n not in set(tensors) or n in optimizer]
-        if key is not None:
-            self.skipped = [n for n in self.skipped if n.startswith(key + ".")]
+        is_tensor = set(tensors)
+        #: ``{name: why}`` for entries not merged: ``"optimizer state"`` or ``"not a tensor"``.
+        self.skipped = {
+            n: "optimizer state" if n in optimizer else "not a tensor"
+            for n in all_names
+            if (n in optimizer or n not in is_tensor) and (key is None or n.startswith(key + "."))
+        }
         self._full = _select_prefix([n for n in tensors if n not in optimizer], key, path, "DCP names")
         self.names = list(self._full)
 

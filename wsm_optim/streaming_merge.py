@@ -143,10 +143,12 @@ def merge_batch(readers: Sequence[Any], batch: Sequence[Block], c: np.ndarray) -
                     acc[i].add_(t.to(acc[i].dtype), alpha=coef)
                     del t
     out = []
-    for b, a in zip(batch, acc):
+    for i, b in enumerate(batch):
+        a, acc[i] = acc[i], None  # free each accumulator once cast: the batch is never held twice
         assert a is not None
         target = b.out_dtype if averaged(b.dtype) else b.dtype
         out.append(a if a.dtype == target else a.to(target))
+        del a
     return out
 
 
