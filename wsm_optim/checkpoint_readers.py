@@ -16,7 +16,9 @@ A reader exposes ``names`` (after ``key`` selection), ``meta(name) -> (shape,
 dtype)`` and ``row_blocks(name)`` (where a tensor may be cut along dim 0
 without re-reading saved data), cheaply and without loading tensors. Data is
 read inside ``with reader.reading() as read: read(name, start, stop)``, which
-returns rows ``start:stop`` (dim 0) of the tensor as a new CPU tensor.
+returns rows ``start:stop`` (dim 0) of the tensor as a CPU tensor valid until
+the ``with`` block ends: a new tensor the caller may modify when the reader's
+``fresh_reads`` is true, else a read-only view (of a memory map).
 """
 
 from __future__ import annotations
@@ -163,6 +165,7 @@ class SafetensorsFile:
         self.entries = self._parse_header(path)
         self._full = _select_prefix(list(self.entries), key, path, "safetensors files")
         self.names = list(self._full)
+        self.fresh_reads = True
         self.skipped: dict[str, str] = {}
 
     @staticmethod
@@ -250,6 +253,7 @@ class TorchFile:
         with open_checkpoint(path, key, unsafe_pickle) as r:
             self._meta = {n: r.meta(n) for n in r.names}
         self.names = list(self._meta)
+        self.fresh_reads = False
         self.skipped: dict[str, str] = {}
 
     def meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
@@ -265,7 +269,7 @@ class TorchFile:
         with open_checkpoint(self.path, self.key, self.unsafe) as r:
             def read(name: str, start: int, stop: int) -> Tensor:
                 t = r.tensor(name)
-                return (t[start:stop] if t.dim() else t).clone()
+                return t[start:stop] if t.dim() else t  # a view of the memory map: no copy
 
             yield read
 
@@ -300,6 +304,7 @@ class HFFolder:
         self._files, self._where = files, weight_map
         self._full = _select_prefix(list(weight_map), key, path, "safetensors folders")
         self.names = list(self._full)
+        self.fresh_reads = True
         self.skipped: dict[str, str] = {}
 
     def meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
@@ -396,6 +401,7 @@ class DCPDirectory:
         }
         self._full = _select_prefix([n for n in tensors if n not in optimizer], key, path, "DCP names")
         self.names = list(self._full)
+        self.fresh_reads = True
 
     @staticmethod
     def _read_metadata(path: Path, unsafe_pickle: set[Path] | None) -> Any:
