@@ -350,3 +350,72 @@ def test_peak_memory_is_bounded_by_the_largest_tensor_not_the_model(tmp_path):
     for (src, fmt), extra in results.items():
         bound = (0.4 if src == "hf" else 0.6) * model_bytes
         assert extra < bound, f"{src} -> {fmt}: peak extra {extra / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB"
+
+
+# ------------------------------------------------------- layouts and refusals
+def _mixed_inputs(tmp_path: Path) -> tuple[list[Path], list[dict]]:
+    """The same names in a DCP directory, a safetensors file and a torch.save file (oldest first)."""
+    g = torch.Generator().manual_seed(0)
+    states = [
+        {"big.weight": torch.randn(37, 11, generator=g), "half": torch.randn(9, generator=g).half(),
+         "count": torch.tensor(10 * j), "scalar": torch.randn((), generator=g)}
+        for j in range(3)
+    ]
+    paths = [_dcp(tmp_path / "ck_1", states[0]), tmp_path / "ck_2.safetensors", tmp_path / "ck_3.pt"]
+    save_file(states[1], str(paths[1]))
+    torch.save(states[2], paths[2])
+    return paths, states
+
+
+def test_mixed_layouts_merge_and_row_blocks_change_nothing(tmp_path):
+    paths, states = _mixed_inputs(tmp_path)
+    c = S.merge_coefficients("inv-sqrt", 2)
+    whole = merge_checkpoints(paths, schedule="inv-sqrt", progress=False)
+    _assert_matches({k: v for k, v in whole.items() if k != "half"}, {k: v for k, v in _expected(states, c).items() if k != "half"})
+    ref_half = sum(float(cj) * s["half"].double() for cj, s in zip(c, states))
+    torch.testing.assert_close(whole["half"], ref_half.half(), rtol=1e-3, atol=1e-3)  # one fp16 rounding
+    tiny = merge_checkpoints(paths, schedule="inv-sqrt", block_size="100B", progress=False)  # 37 rows in many blocks
+    assert all(torch.equal(tiny[k], whole[k]) for k in whole)
+    out = merge_checkpoints(paths, schedule="inv-sqrt", block_size="100B", out=tmp_path / "m.safetensors", progress=False)
+    from safetensors import safe_open
+
+    with safe_open(str(out), framework="pt") as f:  # the streamed header: HF-loadable metadata and provenance
+        meta = f.metadata()
+        assert meta["format"] == "pt"
+        assert json.loads(meta["wsm_merge"])["files"] == ["ck_1", "ck_2.safetensors", "ck_3.pt"]
+    back = load_file(out)
+    assert all(torch.equal(back[k], whole[k]) for k in whole)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, message",
+    [
+        (dict(out="m.npz"), ValueError, r"output '.*m\.npz': cannot tell the format from the suffix '\.npz'.*--out-format \(safetensors, torch, sharded, dcp\)"),
+        (dict(out="m", out_format="zip"), ValueError, r"--out-format: unknown 'zip'; choose one of safetensors, torch, sharded, dcp"),
+        (dict(out_format="dcp"), ValueError, r"--out-format needs an output path"),
+        (dict(out="m", max_shard_size="5XB"), ValueError, r"--max-shard-size: cannot read '5XB'"),
+        (dict(block_size="0"), ValueError, r"--block-size must be positive"),
+        (dict(workers=0), ValueError, r"--workers must be a positive integer, got 0"),
+        (dict(out="ck_1/inside", out_format="dcp"), ValueError, r"is inside the input checkpoint .*ck_1"),
+        (dict(out="missing/m"), FileNotFoundError, r"output directory '.*missing' does not exist"),
+    ],
+)
+def test_bad_output_arguments_are_refused_before_reading(tmp_path, monkeypatch, kwargs, exc, message):
+    paths, _ = _mixed_inputs(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(exc, match=message):
+        merge_checkpoints(paths, progress=False, **kwargs)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written, inputs untouched
+
+
+def test_suffix_picks_the_output_layout_and_an_empty_folder_is_reused(tmp_path):
+    paths, _ = _mixed_inputs(tmp_path)
+    ref = merge_checkpoints(paths, progress=False)
+    assert torch.load(merge_checkpoints(paths, out=tmp_path / "m.bin", progress=False), weights_only=True).keys() == ref.keys()
+    (tmp_path / "empty").mkdir()
+    folder = merge_checkpoints(paths, out=tmp_path / "empty", progress=False)  # an existing empty folder: sharded
+    assert sorted(os.listdir(folder)) == ["model.safetensors"]  # one shard: no index, as save_pretrained does
+    assert all(torch.equal(load_file(folder / "model.safetensors")[k], ref[k]) for k in ref)
+    with pytest.raises(ValueError, match="exists and is not an empty directory"):
+        merge_checkpoints(paths, out=folder, progress=False)

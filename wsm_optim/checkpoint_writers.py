@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -261,7 +262,9 @@ class DCPOutput:
             writer = dcp.FileSystemWriter(str(tmp), single_file_per_rank=False, sync_files=True, thread_count=1)
             planner = _pulling_planner(self.layout, self.block_rows, _in_order(blocks, self.layout))
             try:
-                dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
+                with warnings.catch_warnings():  # "torch.distributed is disabled ...": one process is the intent
+                    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                    dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
             except BaseException:  # CheckpointException derives from BaseException
                 if planner.error is not None:  # dcp.save wraps it in a CheckpointException: give the merge's own
                     raise planner.error from None
