@@ -238,6 +238,11 @@ def test_dcp_metadata_with_foreign_objects_is_refused_without_unsafe_pickle(tmp_
     with pytest.warns(UnsafePickleWarning, match="without restrictions"):
         merged = merge_checkpoints([a], unsafe_pickle=True, progress=False)
     assert torch.equal(merged["model.w"], torch.ones(2))
+    (a / ".metadata").write_bytes(b"\x80\x04garbage, not a pickle")  # corrupt is not unsafe: no --unsafe-pickle hint
+    for unsafe in (False, True):
+        with pytest.raises(ValueError, match=r"cannot read .*a/\.metadata: not a DCP metadata file") as info:
+            merge_checkpoints([a], unsafe_pickle=unsafe, progress=False)
+        assert "--unsafe-pickle" not in str(info.value)
 
 
 def test_cli_merges_a_parent_folder_of_dcp_checkpoints(dcp_run, tmp_path, capsys):

@@ -28,6 +28,7 @@ import json
 import os
 import pickle
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -331,6 +332,10 @@ class HFFolder:
 
 
 # -------------------------------------------------------------------- DCP
+class _ForeignGlobal(pickle.UnpicklingError):
+    """A DCP ``.metadata`` pickle names a global the format never uses (it could run code)."""
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     """Unpickles a DCP ``.metadata`` file, allowing only the classes such a file holds (no code runs)."""
 
@@ -348,7 +353,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         allowed = self._ALLOWED.get(module, ())
         if module in self._ALLOWED and (allowed is None or name in allowed):
             return getattr(__import__(module, fromlist=[name]), name)
-        raise pickle.UnpicklingError(f"global {module}.{name} is not part of a DCP metadata file")
+        raise _ForeignGlobal(f"global {module}.{name} is not part of a DCP metadata file")
 
 
 class _RowsPlanner:
@@ -409,9 +414,9 @@ class DCPDirectory:
         with open(meta, "rb") as f:
             try:
                 return _MetadataUnpickler(f).load()
-            except pickle.UnpicklingError as e:
+            except _ForeignGlobal as e:
                 refusal = e
-            except Exception as e:  # noqa: BLE001 - truncated or garbage metadata
+            except Exception as e:  # noqa: BLE001 - truncated or garbage metadata: corrupt, not unsafe
                 raise ValueError(f"cannot read {meta}: not a DCP metadata file ({type(e).__name__}: {e})") from e
         if unsafe_pickle is None:
             raise ValueError(
@@ -421,8 +426,6 @@ class DCPDirectory:
             )
         if path not in unsafe_pickle:
             unsafe_pickle.add(path)
-            import warnings
-
             warnings.warn(f"--unsafe-pickle: unpickling {meta} without restrictions; it can run any code stored "
                           "in the file", UnsafePickleWarning, stacklevel=4)
         with open(meta, "rb") as f:
@@ -495,13 +498,8 @@ class DCPDirectory:
 
 
 def _optimizer_names(names: list[str]) -> set[str]:
-    """Names of optimizer state: under an optimizer prefix, or ``X.state.*`` where ``X.param_groups.*`` exists."""
-    roots = {n.rsplit(".param_groups.", 1)[0] for n in names if ".param_groups." in n}
-    roots |= {""} if any(n.startswith("param_groups.") for n in names) else set()
-    out = set()
-    for n in names:
-        if n.split(".")[0] in OPTIMIZER_PREFIXES:
-            out.add(n)
-        elif any(n.startswith(f"{r}.state." if r else "state.") or n.startswith(f"{r}.param_groups." if r else "param_groups.") for r in roots):
-            out.add(n)
-    return out
+    """Names of optimizer state: under an optimizer prefix, or ``X.state.*`` / ``X.param_groups.*``
+    where ``X.param_groups.*`` exists (``X`` may be empty: an optimizer state dict saved at the top level)."""
+    roots = {n.rsplit("param_groups.", 1)[0] for n in names if n.startswith("param_groups.") or ".param_groups." in n}
+    prefixes = tuple(f"{r}{part}." for r in roots for part in ("state", "param_groups"))
+    return {n for n in names if n.split(".")[0] in OPTIMIZER_PREFIXES or (prefixes and n.startswith(prefixes))}
