@@ -1,18 +1,31 @@
-"""Peak RAM of ``wsm-optim merge`` (streaming) vs loading every checkpoint first (naive).
+"""Peak RAM and wall time of ``wsm-optim merge`` (streaming) against loading whole checkpoints.
 
-Writes ``--files`` fp32 checkpoints of a ``--params``-parameter transformer-like
-state dict to a temporary directory, then merges them twice, each time in a
-fresh child process that reports its peak resident set (VmHWM) before and after
-the merge:
+Writes ``--files`` fp32 checkpoints of a ``--params``-parameter GPT-style state
+dict to a temporary directory, in pieces (never a whole checkpoint in memory),
+in one of four layouts:
 
-* streaming: ``wsm_optim.merge_checkpoints(dir, schedule="1-sqrt", out=...)``
-* naive:     load all files into a list, then ``sum_j c_j * theta_j`` in fp32, save.
+* ``safetensors`` / ``pt``: one file per checkpoint;
+* ``hf``: ``save_pretrained``-style folders, ``model-0000i-of-0000n.safetensors`` + index (``--shard-size``);
+* ``dcp``: ``torch.distributed.checkpoint`` directories, every tensor saved as
+  ``--dcp-ranks`` row shards (the layout an FSDP run of that many ranks writes).
 
-The two outputs are compared, and the checkpoints are deleted at the end
-(unless ``--keep``). Linux only (reads /proc/self/status).
+Then, each in a fresh child process reporting its peak resident set (VmHWM)
+before and after:
 
-    PYTHONPATH=. python bench/bench_offline_merge.py                 # 10 x 100M params, safetensors
-    PYTHONPATH=. python bench/bench_offline_merge.py --format pt     # torch.save files (mmap loading)
+* ``read``: the raw bytes of every checkpoint read once (``cat`` throughput, 8 MiB reads);
+* ``streaming``: ``merge_checkpoints(dir, schedule="1-sqrt", out=...)`` (``--block-size``);
+* ``workers``: the same with ``--workers`` processes (``--workers 1`` skips it);
+* ``whole``: one whole checkpoint loaded at a time into a whole-model fp32 accumulator
+  (the previous single-file merge; safetensors/pt/hf: ``load_file``/``torch.load``, dcp: ``dcp.load``);
+* ``naive`` (``safetensors``/``pt`` only): every checkpoint loaded first.
+
+Outputs are compared (max abs difference); the checkpoints are deleted at the
+end (unless ``--keep``). Linux only (reads /proc/self/status).
+
+    PYTHONPATH=. python bench/bench_offline_merge.py                                  # 10 x 100M params, safetensors
+    PYTHONPATH=. python bench/bench_offline_merge.py --format pt                      # torch.save files
+    PYTHONPATH=. python bench/bench_offline_merge.py --format dcp --params 270000000 --workers 2
+    PYTHONPATH=. python bench/bench_offline_merge.py --format hf --params 270000000 --workers 2
 """
 
 from __future__ import annotations
@@ -20,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -30,10 +44,12 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 CHILD = r"""
 import json, sys, time
 import torch, safetensors.torch, tqdm.auto
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from wsm_optim import schedules as S
 from wsm_optim.offline import merge_checkpoints, resolve_inputs
@@ -42,27 +58,49 @@ def hwm():
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
 
-mode, ckpt_dir, out = sys.argv[1:4]
+mode, fmt, ckpt_dir, out, block_size, workers = sys.argv[1:7]
 before = hwm()
 t0 = time.perf_counter()
-if mode == "streaming":
-    merge_checkpoints(ckpt_dir, schedule="1-sqrt", out=out, progress=False, verbose=False)
+paths = resolve_inputs(ckpt_dir)
+nbytes = 0
+
+def load_whole(p):
+    if fmt == "dcp":
+        md = dcp.FileSystemReader(str(p)).read_metadata().state_dict_metadata
+        sd = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in md.items()}
+        dcp.load(sd, checkpoint_id=str(p), no_dist=True)
+        return sd
+    if fmt == "hf":
+        sd = {}
+        for f in sorted(p.glob("*.safetensors")):
+            sd.update(load_file(f))
+        return sd
+    return load_file(p) if fmt == "safetensors" else torch.load(p, map_location="cpu", weights_only=True)
+
+if mode == "read":
+    buf = bytearray(8 << 20)
+    for p in paths:
+        for f in ([p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file())):
+            with open(f, "rb", buffering=0) as fh:
+                while (n := fh.readinto(buf)):
+                    nbytes += n
+elif mode in ("streaming", "workers"):
+    merge_checkpoints(ckpt_dir, schedule="1-sqrt", out=out, progress=False, verbose=False, block_size=block_size,
+                      workers=int(workers) if mode == "workers" else 1)
 else:
-    paths = resolve_inputs(ckpt_dir)
     c = S.merge_coefficients("1-sqrt", len(paths) - 1)
-    load = load_file if out.endswith(".safetensors") else (lambda p: torch.load(p, map_location="cpu", weights_only=True))
-    states = [load(p) for p in paths]                       # every checkpoint in RAM
-    merged = {}
-    for k, v in states[-1].items():
-        if v.is_floating_point():
-            acc = torch.zeros(v.shape, dtype=torch.float32)
-            for cj, s in zip(c, states):
-                acc.add_(s[k], alpha=float(cj))
-            merged[k] = acc.to(v.dtype)
-        else:
-            merged[k] = v.clone()
-    (save_file(merged, out) if out.endswith(".safetensors") else torch.save(merged, out))
-print(json.dumps({"before": before, "after": hwm(), "seconds": time.perf_counter() - t0}))
+    states = [load_whole(p) for p in paths] if mode == "naive" else None   # every checkpoint in RAM
+    acc = {}
+    for j, p in enumerate(paths):
+        sd = states[j] if states else load_whole(p)
+        for k, v in sd.items():
+            if v.is_floating_point():
+                acc.setdefault(k, torch.zeros(v.shape, dtype=torch.float32)).add_(v, alpha=float(c[j]))
+            elif j == len(paths) - 1:
+                acc[k] = v.clone()
+        del sd
+    save_file(acc, out) if out.endswith(".safetensors") else torch.save(acc, out)
+print(json.dumps({"before": before, "after": hwm(), "seconds": time.perf_counter() - t0, "bytes": nbytes}))
 """
 
 
@@ -89,25 +127,54 @@ def layout(params: int, d: int = 768, layers: int = 12, ff: int = 3072) -> dict[
     return shapes
 
 
-def write_checkpoints(directory: Path, shapes: dict, n: int, fmt: str) -> int:
+def _blocks(shapes: dict, seed: int, cuts: dict):
+    """Random fp32 rows ``(name, start, stop, tensor)`` for every tensor, cut at ``cuts[name]``; then the int step."""
+    g = torch.Generator().manual_seed(seed)
+    for name, shape in shapes.items():
+        bounds = cuts[name]
+        for a, b in zip(bounds, bounds[1:]):
+            yield name, a, b, torch.randn((b - a, *shape[1:]), generator=g)
+    yield "step", 0, 1, torch.tensor(1000 * (seed + 1))
+
+
+def write_checkpoints(directory: Path, shapes: dict, n: int, fmt: str, shard_size: str, ranks: int) -> int:
+    """``n`` checkpoints, written in pieces (about 64 MiB at a time); returns the bytes of one."""
     from safetensors.torch import save_file
+
+    from wsm_optim import checkpoint_writers as W
+
+    def cuts(rows: int, parts: int) -> list[int]:
+        return sorted({round(rows * i / parts) for i in range(parts + 1)})
 
     nbytes = 0
     for j in range(n):
-        g = torch.Generator().manual_seed(j)
-        sd = {name: torch.randn(shape, generator=g) for name, shape in shapes.items()}
-        sd["step"] = torch.tensor(1000 * (j + 1))  # an int buffer: copied from the newest, not averaged
-        path = directory / f"step_{1000 * (j + 1)}.{'safetensors' if fmt == 'safetensors' else 'pt'}"
-        save_file(sd, str(path)) if fmt == "safetensors" else torch.save(sd, path)
-        nbytes = path.stat().st_size
-        del sd
+        name = f"step_{1000 * (j + 1)}"
+        if fmt in ("safetensors", "pt"):
+            g = torch.Generator().manual_seed(j)
+            sd = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+            sd["step"] = torch.tensor(1000 * (j + 1))  # an int buffer: copied from the newest, not averaged
+            path = directory / f"{name}.{'safetensors' if fmt == 'safetensors' else 'pt'}"
+            save_file(sd, str(path)) if fmt == "safetensors" else torch.save(sd, path)
+            del sd
+        else:
+            lay = [(k, s, torch.float32) for k, s in shapes.items()] + [("step", (), torch.int64)]
+            if fmt == "hf":
+                row_cuts = {k: cuts(s[0], -(-torch.Size(s).numel() * 4 // (64 << 20))) for k, s in shapes.items()}
+                path = directory / name
+                W.ShardedOutput(path, lay, W.parse_size(shard_size)).write(_blocks(shapes, j, row_cuts))
+            else:
+                row_cuts = {k: cuts(s[0], ranks) for k, s in shapes.items()}
+                blocks = [(k, a, b) for k, bounds in row_cuts.items() for a, b in zip(bounds, bounds[1:])]
+                path = directory / name
+                W.DCPOutput(path, lay, [*blocks, ("step", 0, 1)]).write(_blocks(shapes, j, row_cuts))
+        nbytes = sum(f.stat().st_size for f in ([path] if path.is_file() else path.rglob("*")) if f.is_file())
         print(f"  wrote {path.name} ({nbytes / 1e6:.0f} MB)", flush=True)
     return nbytes
 
 
-def run_child(mode: str, ckpt_dir: Path, out: Path) -> dict:
+def run_child(mode: str, fmt: str, ckpt_dir: Path, out: Path, block_size: str, workers: int) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run([sys.executable, "-c", CHILD, mode, str(ckpt_dir), str(out)],
+    r = subprocess.run([sys.executable, "-c", CHILD, mode, fmt, str(ckpt_dir), str(out), block_size, str(workers)],
                        capture_output=True, text=True, env=env)
     if r.returncode:
         raise SystemExit(f"{mode} merge failed:\n{r.stderr}")
@@ -118,38 +185,55 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=int, default=100_000_000)
     ap.add_argument("--files", type=int, default=10)
-    ap.add_argument("--format", choices=["safetensors", "pt"], default="safetensors")
+    ap.add_argument("--format", choices=["safetensors", "pt", "hf", "dcp"], default="safetensors")
+    ap.add_argument("--workers", type=int, default=1, help="also run the streaming merge with this many workers")
+    ap.add_argument("--block-size", default="64MiB", help="merge_checkpoints(block_size=...)")
+    ap.add_argument("--shard-size", default="500MB", help="hf: largest shard")
+    ap.add_argument("--dcp-ranks", type=int, default=8, help="dcp: row shards per tensor")
     ap.add_argument("--dir", help="parent of the temporary checkpoint directory (default: system temp)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint files")
     args = ap.parse_args()
     if not sys.platform.startswith("linux"):
         raise SystemExit("Linux only (reads VmHWM from /proc/self/status)")
 
-    # 12 GPT-2-small blocks for 100M; fewer for small smoke runs
-    shapes = layout(args.params, layers=min(12, args.params // 8_000_000))
+    big = args.params >= 200_000_000  # a 1B-class layout: d = 1024, 16 blocks
+    shapes = (layout(args.params, d=1024, layers=16, ff=4096) if big
+              else layout(args.params, layers=min(12, args.params // 8_000_000)))
     numel = sum(torch.Size(s).numel() for s in shapes.values())
+    largest = max(torch.Size(s).numel() for s in shapes.values()) * 4
     tmp = Path(tempfile.mkdtemp(prefix="wsm_bench_", dir=args.dir))
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; "
+          f"torch {torch.__version__}, python {platform.python_version()}")
     try:
         ckpts = tmp / "ckpts"
         ckpts.mkdir()
-        print(f"writing {args.files} fp32 checkpoints of {numel:,} params ({args.format}) to {ckpts}")
+        print(f"writing {args.files} fp32 checkpoints of {numel:,} params ({args.format}) to {ckpts}; "
+              f"largest tensor {largest / 2**20:.0f} MiB")
         t0 = time.perf_counter()
-        file_bytes = write_checkpoints(ckpts, shapes, args.files, args.format)
+        one = write_checkpoints(ckpts, shapes, args.files, args.format, args.shard_size, args.dcp_ranks)
         print(f"  {time.perf_counter() - t0:.0f} s")
-        suffix = ".safetensors" if args.format == "safetensors" else ".pt"
+        suffix = ".pt" if args.format == "pt" else ".safetensors"
+        modes = ["read", "streaming", *(["workers"] if args.workers > 1 else []), "whole",
+                 *(["naive"] if args.format in ("safetensors", "pt") else [])]
         results = {}
-        for mode in ("streaming", "naive"):
+        for mode in modes:
             out = tmp / f"merged_{mode}{suffix}"
-            results[mode] = r = run_child(mode, ckpts, out)
+            results[mode] = r = run_child(mode, args.format, ckpts, out, args.block_size, args.workers)
             extra = r["after"] - r["before"]
-            print(f"{mode:>9}: peak RSS {r['after'] / 2**30:.2f} GiB total, {extra / 2**30:.2f} GiB for the merge "
-                  f"= {extra / file_bytes:.2f} x one file; {r['seconds']:.1f} s", flush=True)
-        load = (lambda p: __import__("safetensors.torch").torch.load_file(str(p))) if suffix == ".safetensors" \
-            else (lambda p: torch.load(p, weights_only=True))
-        a, b = load(tmp / f"merged_streaming{suffix}"), load(tmp / f"merged_naive{suffix}")
-        diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-        print(f"one file: {file_bytes / 2**30:.2f} GiB ({file_bytes / 1e6:.0f} MB); "
-              f"max |streaming - naive| = {diff:.3g}; step buffer = {int(a['step'])}")
+            what = f" ({r['bytes'] / r['seconds'] / 1e9:.2f} GB/s)" if mode == "read" else ""
+            label = f"workers={args.workers}" if mode == "workers" else mode
+            ratio = "" if mode == "read" else f" = {r['seconds'] / results['read']['seconds']:.2f}x the raw read"
+            print(f"{label:>10}: peak RSS {r['after'] / 2**30:.2f} GiB total, {extra / 2**20:.0f} MiB above start "
+                  f"= {extra / one:.1%} of one checkpoint; {r['seconds']:.1f} s{ratio}{what}", flush=True)
+        from safetensors.torch import load_file
+
+        load = load_file if suffix == ".safetensors" else (lambda p: torch.load(p, weights_only=True))
+        ref = load(tmp / f"merged_whole{suffix}")
+        for mode in modes[1:]:
+            got = load(tmp / f"merged_{mode}{suffix}")
+            diff = max((got[k].float() - ref[k].float()).abs().max().item() for k in ref)
+            print(f"max |{mode} - whole| = {diff:.3g}", end="; ")
+        print(f"one checkpoint: {one / 2**30:.2f} GiB ({one / 1e6:.0f} MB)")
     finally:
         if args.keep:
             print(f"kept {tmp}")

@@ -384,3 +384,38 @@ def test_long_target_name_still_writes_and_cleans_up(tmp_path):
     (tmp_path / stale).write_bytes(b"partial")
     wio.atomic_save(_state(seed=5), target)
     assert os.listdir(tmp_path) == [name]
+
+
+# ------------------------------------------------- folders: complete or not at all
+def test_atomic_directory_appears_complete_or_not_at_all(tmp_path):
+    target = tmp_path / "merged"
+    with pytest.raises(RuntimeError, match="mid-write"):
+        with wio.atomic_directory(target) as tmp:
+            (tmp / "model-00001-of-00002.safetensors").write_bytes(b"x" * 100)
+            assert not target.exists()
+            raise RuntimeError("mid-write")
+    assert os.listdir(tmp_path) == []  # neither the folder nor its temporary twin
+    old = os.umask(0o022)
+    try:
+        with wio.atomic_directory(target) as tmp:
+            (tmp / "a.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert os.listdir(tmp_path) == ["merged"] and os.listdir(target) == ["a.json"]
+    assert (target.stat().st_mode & 0o777) == 0o755  # as mkdir would make it, not mkdtemp's 0o700
+    with pytest.raises(ValueError, match="exists and is not empty"):
+        with wio.atomic_directory(target):
+            pass
+    assert os.listdir(target) == ["a.json"]
+
+
+def test_stale_temp_directory_of_a_dead_writer_is_removed(tmp_path):
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"{wio._temp_stem(tmp_path / 'merged')}{int(done.stdout)}-abc.tmp"
+    live = tmp_path / f"{wio._temp_stem(tmp_path / 'merged')}{os.getpid()}-abc.tmp"
+    for d in (stale, live):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"partial")
+    with wio.atomic_directory(tmp_path / "merged") as tmp:
+        (tmp / "x").write_text("1")
+    assert sorted(os.listdir(tmp_path)) == sorted(["merged", live.name])

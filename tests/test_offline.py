@@ -439,6 +439,7 @@ def test_file_tools_do_not_import_the_training_engine():
     """offline, io and the CLIs must stay usable without the engine (issue 15, point 3)."""
     code = (
         "import sys, wsm_optim.offline, wsm_optim.io, wsm_optim.merge_cli, wsm_optim.weights_cli, wsm_optim.cli\n"
+        "import wsm_optim.checkpoint_readers, wsm_optim.checkpoint_writers, wsm_optim.streaming_merge\n"
         "engine = ('registry', 'runtime', 'optimizer', 'readout', 'persistence', 'backends')\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'wsm_optim' and m.split('.')[1:2] and m.split('.')[1] in engine))"
     )

@@ -16,7 +16,9 @@ A reader exposes ``names`` (after ``key`` selection), ``meta(name) -> (shape,
 dtype)`` and ``row_blocks(name)`` (where a tensor may be cut along dim 0
 without re-reading saved data), cheaply and without loading tensors. Data is
 read inside ``with reader.reading() as read: read(name, start, stop)``, which
-returns rows ``start:stop`` (dim 0) of the tensor as a new CPU tensor.
+returns rows ``start:stop`` (dim 0) of the tensor as a CPU tensor valid until
+the ``with`` block ends: a new tensor the caller may modify when the reader's
+``fresh_reads`` is true, else a read-only view (of a memory map).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import json
 import os
 import pickle
 import sys
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,7 @@ from .io import UnsafePickleWarning, open_checkpoint
 __all__ = [
     "open_reader",
     "checkpoint_kind",
+    "common_layout",
     "SafetensorsFile",
     "TorchFile",
     "HFFolder",
@@ -114,6 +118,43 @@ def _rows(shape: tuple[int, ...], start: int, stop: int) -> tuple[int, ...]:
     return (stop - start, *shape[1:]) if shape else ()
 
 
+def common_layout(readers: Sequence[Any], paths: Sequence[Path], key: str | None) -> dict[str, tuple]:
+    """``{name: (shape, dtype)}`` of the oldest input, checked against every other input (metadata only).
+
+    Raises ``ValueError`` naming the key and the input for a missing or extra
+    key, a global-shape mismatch or a dtype mismatch.
+    """
+    ref: dict[str, tuple] | None = None
+    for path, r in zip(paths, readers):
+        sig = {n: r.meta(n) for n in r.names}
+        if ref is None:
+            if not sig:
+                raise ValueError(f"{path} holds no tensors" + (f" under --key {key!r}" if key else ""))
+            ref = sig
+            continue
+        missing = [n for n in ref if n not in sig]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise ValueError(f"key {missing[0]!r}{more} is missing from {path} (present in {paths[0]})")
+        extra = [n for n in sig if n not in ref]
+        if extra:
+            more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+            raise ValueError(f"key {extra[0]!r}{more} in {path} is missing from {paths[0]}")
+        for n, (shape, dtype) in ref.items():
+            shape_j, dtype_j = sig[n]
+            if shape_j != shape:
+                raise ValueError(
+                    f"shape mismatch for key {n!r}: {list(shape_j)} in {path}, {list(shape)} in {paths[0]}"
+                )
+            if dtype_j != dtype:
+                raise ValueError(
+                    f"dtype mismatch for key {n!r}: {dtype_j} in {path}, {dtype} in {paths[0]} "
+                    f"(shape {list(shape)})"
+                )
+    assert ref is not None
+    return ref
+
+
 # ---------------------------------------------------------------- safetensors
 class SafetensorsFile:
     """A safetensors file read with ``pread`` (exactly the rows asked for, no memory map)."""
@@ -125,7 +166,8 @@ class SafetensorsFile:
         self.entries = self._parse_header(path)
         self._full = _select_prefix(list(self.entries), key, path, "safetensors files")
         self.names = list(self._full)
-        self.skipped: list[str] = []
+        self.fresh_reads = True
+        self.skipped: dict[str, str] = {}
 
     @staticmethod
     def _parse_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int]]:
@@ -212,7 +254,8 @@ class TorchFile:
         with open_checkpoint(path, key, unsafe_pickle) as r:
             self._meta = {n: r.meta(n) for n in r.names}
         self.names = list(self._meta)
-        self.skipped: list[str] = []
+        self.fresh_reads = False
+        self.skipped: dict[str, str] = {}
 
     def meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
         return self._meta[name]
@@ -227,7 +270,7 @@ class TorchFile:
         with open_checkpoint(self.path, self.key, self.unsafe) as r:
             def read(name: str, start: int, stop: int) -> Tensor:
                 t = r.tensor(name)
-                return (t[start:stop] if t.dim() else t).clone()
+                return t[start:stop] if t.dim() else t  # a view of the memory map: no copy
 
             yield read
 
@@ -262,7 +305,8 @@ class HFFolder:
         self._files, self._where = files, weight_map
         self._full = _select_prefix(list(weight_map), key, path, "safetensors folders")
         self.names = list(self._full)
-        self.skipped: list[str] = []
+        self.fresh_reads = True
+        self.skipped: dict[str, str] = {}
 
     def meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
         full = self._full[name]
@@ -288,6 +332,10 @@ class HFFolder:
 
 
 # -------------------------------------------------------------------- DCP
+class _ForeignGlobal(pickle.UnpicklingError):
+    """A DCP ``.metadata`` pickle names a global the format never uses (it could run code)."""
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     """Unpickles a DCP ``.metadata`` file, allowing only the classes such a file holds (no code runs)."""
 
@@ -305,7 +353,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         allowed = self._ALLOWED.get(module, ())
         if module in self._ALLOWED and (allowed is None or name in allowed):
             return getattr(__import__(module, fromlist=[name]), name)
-        raise pickle.UnpicklingError(f"global {module}.{name} is not part of a DCP metadata file")
+        raise _ForeignGlobal(f"global {module}.{name} is not part of a DCP metadata file")
 
 
 class _RowsPlanner:
@@ -332,7 +380,7 @@ class DCPDirectory:
 
     Non-tensor entries (pickled objects such as ``train_state``) and optimizer
     state (names under :data:`OPTIMIZER_PREFIXES`, or ``X.state.*`` beside
-    ``X.param_groups.*``) are listed in ``skipped`` and not merged, unless
+    ``X.param_groups.*``) are listed in ``skipped`` (name -> reason) and not merged, unless
     ``optimizer_state`` is set or ``key`` points into them.
     """
 
@@ -349,11 +397,16 @@ class DCPDirectory:
         tensors = [n for n, md in self.metadata.state_dict_metadata.items() if isinstance(md, TensorStorageMetadata)]
         asked_for_optimizer = key is not None and key.split(".")[0] in OPTIMIZER_PREFIXES
         optimizer = set() if (optimizer_state or asked_for_optimizer) else _optimizer_names(all_names)
-        self.skipped = [n for n in all_names if n not in set(tensors) or n in optimizer]
-        if key is not None:
-            self.skipped = [n for n in self.skipped if n.startswith(key + ".")]
+        is_tensor = set(tensors)
+        #: ``{name: why}`` for entries not merged: ``"optimizer state"`` or ``"not a tensor"``.
+        self.skipped = {
+            n: "optimizer state" if n in optimizer else "not a tensor"
+            for n in all_names
+            if (n in optimizer or n not in is_tensor) and (key is None or n.startswith(key + "."))
+        }
         self._full = _select_prefix([n for n in tensors if n not in optimizer], key, path, "DCP names")
         self.names = list(self._full)
+        self.fresh_reads = True
 
     @staticmethod
     def _read_metadata(path: Path, unsafe_pickle: set[Path] | None) -> Any:
@@ -361,9 +414,9 @@ class DCPDirectory:
         with open(meta, "rb") as f:
             try:
                 return _MetadataUnpickler(f).load()
-            except pickle.UnpicklingError as e:
+            except _ForeignGlobal as e:
                 refusal = e
-            except Exception as e:  # noqa: BLE001 - truncated or garbage metadata
+            except Exception as e:  # noqa: BLE001 - truncated or garbage metadata: corrupt, not unsafe
                 raise ValueError(f"cannot read {meta}: not a DCP metadata file ({type(e).__name__}: {e})") from e
         if unsafe_pickle is None:
             raise ValueError(
@@ -373,8 +426,6 @@ class DCPDirectory:
             )
         if path not in unsafe_pickle:
             unsafe_pickle.add(path)
-            import warnings
-
             warnings.warn(f"--unsafe-pickle: unpickling {meta} without restrictions; it can run any code stored "
                           "in the file", UnsafePickleWarning, stacklevel=4)
         with open(meta, "rb") as f:
@@ -447,13 +498,8 @@ class DCPDirectory:
 
 
 def _optimizer_names(names: list[str]) -> set[str]:
-    """Names of optimizer state: under an optimizer prefix, or ``X.state.*`` where ``X.param_groups.*`` exists."""
-    roots = {n.rsplit(".param_groups.", 1)[0] for n in names if ".param_groups." in n}
-    roots |= {""} if any(n.startswith("param_groups.") for n in names) else set()
-    out = set()
-    for n in names:
-        if n.split(".")[0] in OPTIMIZER_PREFIXES:
-            out.add(n)
-        elif any(n.startswith(f"{r}.state." if r else "state.") or n.startswith(f"{r}.param_groups." if r else "param_groups.") for r in roots):
-            out.add(n)
-    return out
+    """Names of optimizer state: under an optimizer prefix, or ``X.state.*`` / ``X.param_groups.*``
+    where ``X.param_groups.*`` exists (``X`` may be empty: an optimizer state dict saved at the top level)."""
+    roots = {n.rsplit("param_groups.", 1)[0] for n in names if n.startswith("param_groups.") or ".param_groups." in n}
+    prefixes = tuple(f"{r}{part}." for r in roots for part in ("state", "param_groups"))
+    return {n for n in names if n.split(".")[0] in OPTIMIZER_PREFIXES or (prefixes and n.startswith(prefixes))}

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -63,7 +64,7 @@ _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**1
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
-def parse_size(text: str | int) -> int:
+def parse_size(text: str | int, what: str = "--max-shard-size") -> int:
     """``"5GB"`` -> 5 * 10**9, ``"512MiB"`` -> 512 * 2**20, ``1000`` -> 1000 (bytes, ``> 0``)."""
     if isinstance(text, int):
         value = text
@@ -73,12 +74,12 @@ def parse_size(text: str | int) -> int:
         number = s[: len(s) - len(unit)]
         if unit not in _SIZE_UNITS or not number:
             raise ValueError(
-                f"--max-shard-size: cannot read {text!r}; give a number of bytes with an optional unit, "
+                f"{what}: cannot read {text!r}; give a number of bytes with an optional unit, "
                 f"one of {', '.join(u for u in _SIZE_UNITS if u)} (e.g. 5GB, 512MiB)"
             )
         value = int(float(number) * _SIZE_UNITS[unit])
     if value <= 0:
-        raise ValueError(f"--max-shard-size must be positive, got {text!r}")
+        raise ValueError(f"{what} must be positive, got {text!r}")
     return value
 
 
@@ -260,7 +261,14 @@ class DCPOutput:
         with atomic_directory(self.path) as tmp:
             writer = dcp.FileSystemWriter(str(tmp), single_file_per_rank=False, sync_files=True, thread_count=1)
             planner = _pulling_planner(self.layout, self.block_rows, _in_order(blocks, self.layout))
-            dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
+            try:
+                with warnings.catch_warnings():  # "torch.distributed is disabled ...": one process is the intent
+                    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                    dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
+            except BaseException:  # CheckpointException derives from BaseException
+                if planner.error is not None:  # dcp.save wraps it in a CheckpointException: give the merge's own
+                    raise planner.error from None
+                raise
             if self.sidecar is not None:
                 _write_json(tmp / "wsm_merge.json", self.sidecar)
         return self.path
@@ -289,12 +297,18 @@ def _pulling_planner(layout: Layout, block_rows: Sequence[tuple[str, int, int]],
         ))
 
     class PullingPlanner(DefaultSavePlanner):
+        error: BaseException | None = None  # what the merge raised (e.g. NaN in an input), unwrapped
+
         def create_local_plan(self) -> SavePlan:
             self.plan = SavePlan(items, planner_data={})
             return self.plan
 
         def resolve_data(self, write_item: WriteItem) -> Tensor:
-            name, start, _, tensor = next(blocks)
+            try:
+                name, start, _, tensor = next(blocks)
+            except BaseException as e:
+                self.error = e
+                raise
             want = write_item.index
             if name != want.fqn or (tensor.dim() and start != want.offset[0]):
                 raise AssertionError(f"DCP asked for {want}, the merge produced {name}[{start}:]")

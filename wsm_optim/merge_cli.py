@@ -12,7 +12,7 @@ import sys
 import warnings
 
 from . import schedules
-from .offline import CHECKPOINT_SUFFIXES, DTYPES, WEIGHT_SUM_ATOL, merge_checkpoints
+from .offline import CHECKPOINT_SUFFIXES, DTYPES, OUT_FORMATS, WEIGHT_SUM_ATOL, merge_checkpoints
 
 __all__ = ["add_arguments", "run"]
 
@@ -29,15 +29,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "inputs",
         nargs="+",
         metavar="CKPT",
-        help="checkpoint files, oldest first (.safetensors, or torch.save .pt/.pth/.bin state dicts); "
-        "or ONE directory: its files (see --glob) sorted by step number = the last integer in the "
-        "name (2 < 10 < 100)",
+        help="checkpoints, oldest first: .safetensors files, torch.save .pt/.pth/.bin state dicts, Hugging Face "
+        "save_pretrained folders (sharded or not), torch.distributed.checkpoint (DCP) directories; or ONE parent "
+        "directory: its checkpoints (see --glob) sorted by step number = the last integer in the name (2 < 10 < 100)",
     )
     p.add_argument(
         "--glob",
         metavar="PATTERN",
-        help="with a directory: which files, e.g. 'step_*.pt' or '**/model.safetensors' "
-        f"(default: all {', '.join('*' + s for s in CHECKPOINT_SUFFIXES)})",
+        help="with a parent directory: which entries, e.g. 'step_*.pt', 'step-*' (DCP folders), 'checkpoint-*' "
+        f"(HF folders) or '**/model.safetensors' (default: all {', '.join('*' + s for s in CHECKPOINT_SUFFIXES)} "
+        "files and checkpoint folders)",
     )
     p.add_argument(
         "--schedule",
@@ -51,12 +52,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         f"summing to 1 (within {WEIGHT_SUM_ATOL:g}) unless --normalize",
     )
     p.add_argument("--normalize", action="store_true", help="rescale --weights to sum to 1")
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output file: .safetensors or .pt/.pth/.bin")
+    p.add_argument(
+        "-o", "--output", required=True, metavar="OUT",
+        help="output: FILE.safetensors (one file, streamed), FILE.pt/.pth/.bin (torch.save), or a new DIR "
+        "(sharded safetensors + index; with --out-format dcp a DCP directory)",
+    )
+    p.add_argument(
+        "--out-format", choices=list(OUT_FORMATS),
+        help="output format (default: from -o: .safetensors, .pt/.pth/.bin, no suffix = sharded)",
+    )
+    p.add_argument(
+        "--max-shard-size", default="5GB", metavar="SIZE",
+        help="largest shard of a sharded output, e.g. 5GB, 500MB, 2GiB (default 5GB)",
+    )
     p.add_argument(
         "--key",
         metavar="KEY",
         help="take the state dict under this key of each checkpoint, e.g. model or state.model "
-        "(safetensors: the tensors named KEY.*)",
+        "(safetensors, HF folders and DCP: the tensors named KEY.*, prefix stripped)",
+    )
+    p.add_argument(
+        "--optimizer-state", action="store_true",
+        help="also merge the optimizer state of DCP checkpoints (skipped by default)",
+    )
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="merge in N processes (same result; default 1)")
+    p.add_argument(
+        "--block-size", default="64MiB", metavar="SIZE",
+        help="accumulator memory per batch of tensors; larger tensors are merged in row blocks (default 64MiB)",
     )
     p.add_argument(
         "--dtype",
@@ -66,8 +88,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--unsafe-pickle",
         action="store_true",
-        help="allow loading .pt files that torch.load(weights_only=True) refuses. DANGER: unpickling "
-        "runs any code stored in the file; use only for files you trust",
+        help="allow loading .pt files that torch.load(weights_only=True) refuses (and DCP .metadata with "
+        "unknown objects). DANGER: unpickling runs any code stored in the file; use only for files you trust",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but warnings and errors")
@@ -94,5 +116,10 @@ def run(args: argparse.Namespace) -> int:
             progress=not (args.no_progress or args.quiet),
             glob=args.glob,
             verbose=not args.quiet,
+            out_format=args.out_format,
+            max_shard_size=args.max_shard_size,
+            workers=args.workers,
+            optimizer_state=args.optimizer_state,
+            block_size=args.block_size,
         )
     return 0

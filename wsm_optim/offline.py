@@ -38,7 +38,7 @@ from torch import Tensor
 
 from . import schedules
 from . import checkpoint_writers as writers
-from .checkpoint_readers import checkpoint_kind, open_reader
+from .checkpoint_readers import checkpoint_kind, common_layout, open_reader
 from .io import TORCH_SUFFIXES, UnsafePickleWarning, write_target
 from .streaming_merge import averaged, merged_blocks, plan_batches, plan_blocks
 
@@ -234,39 +234,6 @@ def format_table(paths: Sequence[Path], c: np.ndarray, label: str) -> str:
 
 
 # ----------------------------------------------------------------- merge
-def _layout(readers: Sequence, paths: Sequence[Path], key: str | None) -> dict[str, tuple]:
-    """``{name: (shape, dtype)}`` of the oldest input, checked against every other input (metadata only)."""
-    ref: dict[str, tuple] | None = None
-    for path, r in zip(paths, readers):
-        sig = {n: r.meta(n) for n in r.names}
-        if ref is None:
-            if not sig:
-                raise ValueError(f"{path} holds no tensors" + (f" under --key {key!r}" if key else ""))
-            ref = sig
-            continue
-        missing = [n for n in ref if n not in sig]
-        if missing:
-            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise ValueError(f"key {missing[0]!r}{more} is missing from {path} (present in {paths[0]})")
-        extra = [n for n in sig if n not in ref]
-        if extra:
-            more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-            raise ValueError(f"key {extra[0]!r}{more} in {path} is missing from {paths[0]}")
-        for n, (shape, dtype) in ref.items():
-            shape_j, dtype_j = sig[n]
-            if shape_j != shape:
-                raise ValueError(
-                    f"shape mismatch for key {n!r}: {list(shape_j)} in {path}, {list(shape)} in {paths[0]}"
-                )
-            if dtype_j != dtype:
-                raise ValueError(
-                    f"dtype mismatch for key {n!r}: {dtype_j} in {path}, {dtype} in {paths[0]} "
-                    f"(shape {list(shape)})"
-                )
-    assert ref is not None
-    return ref
-
-
 def merge_checkpoints(
     paths: str | os.PathLike | Sequence[str | os.PathLike],
     schedule: schedules.Schedule | None = None,
@@ -284,7 +251,7 @@ def merge_checkpoints(
     max_shard_size: str | int = "5GB",
     workers: int = 1,
     optimizer_state: bool = False,
-    block_size: str | int = "256MiB",
+    block_size: str | int = "64MiB",
 ) -> dict[str, Tensor] | Path:
     """Merge checkpoints with WSM weights: ``sum_j c_j * theta_j``, streaming block by block.
 
@@ -324,7 +291,7 @@ def merge_checkpoints(
         max_shard_size: largest shard of a sharded output, e.g. ``"5GB"``, ``"512MiB"``, or bytes.
         workers: processes that merge blocks in parallel (the result is bitwise the serial one).
         optimizer_state: also merge a DCP checkpoint's optimizer state (skipped by default).
-        block_size: accumulator memory per batch of blocks (``"256MiB"``); a
+        block_size: accumulator memory per batch of blocks (``"64MiB"``); a
             tensor larger than that is merged in row blocks.
 
     Returns:
@@ -345,7 +312,7 @@ def merge_checkpoints(
     out_dtype = _parse_dtype(dtype)
     fmt = _output_format(out, out_format)
     shard_bytes = writers.parse_size(max_shard_size)
-    block_bytes = writers.parse_size(block_size)
+    block_bytes = writers.parse_size(block_size, "--block-size")
     out_path = _check_output(out, files, fmt) if out is not None else None
     label = "explicit c_j" + (" (normalized)" if normalize else "") if weights is not None else (
         f"schedule {schedules.schedule_name('linear' if schedule is None else schedule)!r}, Theorem 3.1 with k = {len(files) - 1}"
@@ -355,7 +322,7 @@ def merge_checkpoints(
 
     unsafe = set() if unsafe_pickle else None  # inputs already warned about
     readers = [open_reader(p, key, unsafe_pickle=unsafe, optimizer_state=optimizer_state) for p in files]
-    layout = _layout(readers, files, key)
+    layout = common_layout(readers, files, key)
     copied = [n for n, (_, dt) in layout.items() if not averaged(dt)]
     skipped = readers[-1].skipped
     if verbose and copied:
@@ -365,12 +332,7 @@ def merge_checkpoints(
             flush=True,
         )
     if verbose and skipped:
-        print(
-            f"{len(skipped)} entr{'ies' if len(skipped) != 1 else 'y'} of {files[-1].name} skipped (optimizer "
-            f"state unless --optimizer-state, non-tensor objects): {', '.join(skipped[:20])}"
-            + (f" ... ({len(skipped) - 20} more)" if len(skipped) > 20 else ""),
-            flush=True,
-        )
+        print(_skipped_line(files[-1].name, skipped), flush=True)
 
     def target(dt: torch.dtype) -> torch.dtype:
         return dt if (out_dtype is None or not averaged(dt) or dt.is_complex) else out_dtype
@@ -399,6 +361,21 @@ def merge_checkpoints(
     if verbose:
         print(f"wrote {out_path} ({fmt}, {len(out_layout)} tensors)", flush=True)
     return out_path
+
+
+def _skipped_line(source: str, skipped: dict[str, str]) -> str:
+    """One line on the DCP entries not merged: optimizer state by prefix, objects by name (20 at most)."""
+    optimizer = [n for n, why in skipped.items() if why == "optimizer state"]
+    objects = [n for n, why in skipped.items() if why != "optimizer state"]
+    parts = []
+    if optimizer:
+        roots = sorted({n.split(".")[0] for n in optimizer})
+        parts.append(f"{len(optimizer)} optimizer-state entries under {', '.join(roots)} (merge them with "
+                     "--optimizer-state)")
+    if objects:
+        shown = ", ".join(objects[:20]) + (f" ... ({len(objects) - 20} more)" if len(objects) > 20 else "")
+        parts.append(f"{len(objects)} non-tensor object{'s' if len(objects) != 1 else ''} ({shown})")
+    return f"not merged, from {source}: " + "; ".join(parts)
 
 
 def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:

@@ -17,7 +17,6 @@ the same code in the same order, so the output is bitwise the serial one.
 
 from __future__ import annotations
 
-import multiprocessing
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.multiprocessing
 from torch import Tensor
 
 from .checkpoint_readers import open_reader
@@ -102,29 +102,42 @@ def plan_batches(blocks: Sequence[Block], block_bytes: int) -> list[list[Block]]
     return [b for b in batches if b]
 
 
-def check_finite(t: Tensor, name: str, path: Path) -> None:
-    """Refuse NaN/inf. Fast path: one min/max reduction (NaN and +-inf show up in it,
-    about 9x faster than ``isfinite().all()``); exact counts only for the error message."""
+def _nonfinite_counts(t: Tensor) -> tuple[int, int] | None:
+    """``(NaN count, inf count)`` of ``t``, or ``None`` when every value is finite.
+
+    Fast path: one min/max reduction (NaN and +-inf show up in it, about 9x
+    faster than ``isfinite().all()``); exact counts only when something is wrong.
+    """
     if t.numel() == 0:
-        return
+        return None
     values = torch.view_as_real(t) if t.is_complex() else t
     try:
         lo, hi = torch.aminmax(values)
         if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
-            return
+            return None
     except (RuntimeError, NotImplementedError):  # a dtype without aminmax (e.g. float8)
         values = values.float()
     finite = torch.isfinite(values)
-    if not bool(finite.all()):
-        n_nan = int(torch.isnan(values).sum())
-        n_bad = int(finite.numel() - finite.sum())
-        raise ValueError(
-            f"{path}: tensor {name!r} has {n_nan} NaN and {n_bad - n_nan} inf values; refusing to merge"
-        )
+    if bool(finite.all()):
+        return None
+    n_nan = int(torch.isnan(values).sum())
+    return n_nan, int(finite.numel() - finite.sum()) - n_nan
+
+
+def check_finite(t: Tensor, name: str, path: Path) -> None:
+    """Refuse NaN/inf in ``t``, naming the input file and the tensor."""
+    counts = _nonfinite_counts(t)
+    if counts is not None:
+        raise ValueError(f"{path}: tensor {name!r} has {counts[0]} NaN and {counts[1]} inf values; refusing to merge")
 
 
 def merge_batch(readers: Sequence[Any], batch: Sequence[Block], c: np.ndarray) -> list[Tensor]:
-    """The merged blocks of ``batch`` (in the output dtypes): every input opened once, oldest first."""
+    """The merged blocks of ``batch`` (in the output dtypes): every input opened once, oldest first.
+
+    NaN/inf are looked for once per block, in the accumulator: a non-finite
+    input value always leaves one there (``c * NaN``, ``0 * inf`` and ``inf - inf``
+    are NaN). Only then are the inputs read again to name the first one at fault.
+    """
     acc: list[Tensor | None] = [None] * len(batch)
     newest = len(readers) - 1
     with torch.no_grad():
@@ -134,20 +147,39 @@ def merge_batch(readers: Sequence[Any], batch: Sequence[Block], c: np.ndarray) -
                 for i, b in enumerate(batch):
                     if not averaged(b.dtype):
                         if j == newest:
-                            acc[i] = read(b.name, b.start, b.stop)
+                            acc[i] = read(b.name, b.start, b.stop).clone()  # the read may view a memory map
                         continue
                     t = read(b.name, b.start, b.stop)
-                    check_finite(t, b.name, reader.path)
-                    if acc[i] is None:
-                        acc[i] = torch.zeros(t.shape, dtype=accumulator_dtype(b.dtype))
-                    acc[i].add_(t.to(acc[i].dtype), alpha=coef)
+                    if acc[i] is None:  # c_0 * theta_0 is what 0 + c_0 * theta_0 rounds to: no zero fill
+                        a = t.to(accumulator_dtype(b.dtype))
+                        # scale in place unless ``a`` is the input's own (memory-mapped) tensor
+                        acc[i] = a.mul_(coef) if (a is not t or reader.fresh_reads) else torch.mul(t, coef)
+                        del a
+                    else:
+                        acc[i].add_(t.to(acc[i].dtype), alpha=coef)
                     del t
+        for i, b in enumerate(batch):
+            if averaged(b.dtype) and _nonfinite_counts(acc[i]) is not None:
+                _name_the_nonfinite_input(readers, b)
     out = []
-    for b, a in zip(batch, acc):
+    for i, b in enumerate(batch):
+        a, acc[i] = acc[i], None  # free each accumulator once cast: the batch is never held twice
         assert a is not None
         target = b.out_dtype if averaged(b.dtype) else b.dtype
         out.append(a if a.dtype == target else a.to(target))
+        del a
     return out
+
+
+def _name_the_nonfinite_input(readers: Sequence[Any], b: Block) -> None:
+    """Raise for the oldest input whose rows of ``b`` hold NaN/inf; else for the overflowing sum."""
+    for reader in readers:
+        with reader.reading() as read:
+            check_finite(read(b.name, b.start, b.stop), b.name, reader.path)
+    raise ValueError(
+        f"tensor {b.name!r}: every input is finite, but the weighted sum overflows its "
+        f"{accumulator_dtype(b.dtype)} accumulator; refusing to merge"
+    )
 
 
 # --------------------------------------------------------------- workers
@@ -189,7 +221,9 @@ def _results(readers: Sequence[Any], batches: Sequence[Sequence[Block]], c: np.n
         for batch in batches:
             yield merge_batch(readers, batch, c)
         return
-    ctx = multiprocessing.get_context("spawn")  # fork would copy the parent's OpenMP state into the workers
+    # spawn: fork would copy the parent's OpenMP state into the workers; torch's context sends the merged
+    # tensors back through shared memory instead of pickling their bytes through a pipe
+    ctx = torch.multiprocessing.get_context("spawn")
     with ctx.Pool(min(workers, len(batches)), initializer=_worker_init, initargs=(*reader_args, c)) as pool:
         pending: deque = deque()
         todo = iter(batches)
