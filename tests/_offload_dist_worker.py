@@ -106,4 +106,4 @@ def main(out_dir: Path):
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[2]))  # argv: SCENARIO OUT_DIR (tests/_dist_launch.py); one scenario
