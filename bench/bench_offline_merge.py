@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 CHILD = r"""
-import json, sys, time
+import json, resource, sys, time
 import torch, safetensors.torch, tqdm.auto
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
@@ -100,7 +100,9 @@ else:
                 acc[k] = v.clone()
         del sd
     save_file(acc, out) if out.endswith(".safetensors") else torch.save(acc, out)
-print(json.dumps({"before": before, "after": hwm(), "seconds": time.perf_counter() - t0, "bytes": nbytes}))
+workers_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024   # the largest worker's peak RSS
+print(json.dumps({"before": before, "after": hwm(), "seconds": time.perf_counter() - t0, "bytes": nbytes,
+                  "worker": workers_peak}))
 """
 
 
@@ -223,13 +225,16 @@ def main() -> None:
             what = f" ({r['bytes'] / r['seconds'] / 1e9:.2f} GB/s)" if mode == "read" else ""
             label = f"workers={args.workers}" if mode == "workers" else mode
             ratio = "" if mode == "read" else f" = {r['seconds'] / results['read']['seconds']:.2f}x the raw read"
+            worker = f" (+ {args.workers} workers of peak RSS {r['worker'] / 2**20:.0f} MiB each at most, " \
+                f"{r['before'] / 2**20:.0f} MiB of it the interpreter and torch)" \
+                if mode == "workers" else ""
             print(f"{label:>10}: peak RSS {r['after'] / 2**30:.2f} GiB total, {extra / 2**20:.0f} MiB above start "
-                  f"= {extra / one:.1%} of one checkpoint; {r['seconds']:.1f} s{ratio}{what}", flush=True)
+                  f"= {extra / one:.1%} of one checkpoint{worker}; {r['seconds']:.1f} s{ratio}{what}", flush=True)
         from safetensors.torch import load_file
 
         load = load_file if suffix == ".safetensors" else (lambda p: torch.load(p, weights_only=True))
         ref = load(tmp / f"merged_whole{suffix}")
-        for mode in modes[1:]:
+        for mode in (m for m in modes[1:] if m != "whole"):
             got = load(tmp / f"merged_{mode}{suffix}")
             diff = max((got[k].float() - ref[k].float()).abs().max().item() for k in ref)
             print(f"max |{mode} - whole| = {diff:.3g}", end="; ")

@@ -1,11 +1,15 @@
-"""Worker for tests/test_offline_formats.py: one rank of a gloo FSDP2 run that saves DCP checkpoints.
+"""Worker for tests/test_offline_formats.py: one rank of a gloo FSDP2 job around DCP checkpoints.
 
-Usage: ``python _dcp_checkpoint_writer.py OUT_DIR STEPS SEED`` with ``RANK``,
-``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` in the environment. Trains
-:class:`Net` (``torch.manual_seed(0)`` init, data from ``SEED``) with AdamW,
-every module ``fully_shard``-ed over all ranks, and after each step in ``STEPS``
-(comma-separated) saves ``{"model", "optim", "train_state"}`` with
-``dcp.save`` to ``OUT_DIR/step-<step>``, as torchtitan lays its checkpoints out.
+Run with ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` in the environment:
+
+* ``python _dcp_checkpoint_writer.py train OUT_DIR STEPS SEED``: trains :class:`Net`
+  (``torch.manual_seed(0)`` init, data from ``SEED``) with AdamW, every module
+  ``fully_shard``-ed over all ranks, and after each step in ``STEPS``
+  (comma-separated) saves ``{"model", "optim", "train_state"}`` with ``dcp.save``
+  to ``OUT_DIR/step-<step>``, as torchtitan lays its checkpoints out.
+* ``python _dcp_checkpoint_writer.py load CKPT OUT_FILE``: ``dcp.load`` of a model
+  state dict (names without a prefix) into the sharded model; rank 0 saves the
+  gathered full tensors to ``OUT_FILE``.
 """
 
 from __future__ import annotations
@@ -36,19 +40,39 @@ class Net(nn.Module):
         return self.fc2(torch.tanh(self.norm(self.fc1(self.emb(x)).clone()))) * self.scale
 
 
-def main(out_dir: str, steps: str, seed: int) -> None:
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+def sharded_net() -> Net:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    dist.init_process_group("gloo")
-    world = dist.get_world_size()
     torch.manual_seed(0)
     model = Net()
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     for m in (model.emb, model.fc1, model.norm, model.fc2):
         fully_shard(m, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    return model
+
+
+def load(ckpt: str, out_file: str) -> None:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    dist.init_process_group("gloo")
+    model = sharded_net()
+    sd = get_model_state_dict(model)
+    dcp.load(sd, checkpoint_id=ckpt)
+    set_model_state_dict(model, sd)
+    full = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in model.state_dict().items()}
+    if dist.get_rank() == 0:
+        torch.save(full, out_file)
+    dist.destroy_process_group()
+
+
+def train(out_dir: str, steps: str, seed: int) -> None:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    dist.init_process_group("gloo")
+    model = sharded_net()
     opt = torch.optim.AdamW(model.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(seed)
     save_at = {int(s) for s in steps.split(",")}
@@ -66,4 +90,7 @@ def main(out_dir: str, steps: str, seed: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    if sys.argv[1] == "train":
+        train(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    else:
+        load(sys.argv[2], sys.argv[3])

@@ -47,11 +47,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(world: int, out_dir: Path, steps: str, seed: int) -> list[subprocess.Popen]:
+def _launch(world: int, *args: str) -> list[subprocess.Popen]:
     port = str(_free_port())
     return [
         subprocess.Popen(
-            [sys.executable, str(HERE / "_dcp_checkpoint_writer.py"), str(out_dir), steps, str(seed)],
+            [sys.executable, str(HERE / "_dcp_checkpoint_writer.py"), *args],
             env=_env(RANK=str(r), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
@@ -63,7 +63,7 @@ def _launch(world: int, out_dir: Path, steps: str, seed: int) -> list[subprocess
 def dcp_run(tmp_path_factory) -> Path:
     """``step-2``, ``step-4`` saved by 2 FSDP2 ranks, ``step-6`` by 1 rank (whole tensors), in one folder."""
     root = tmp_path_factory.mktemp("dcp_run")
-    procs = _launch(2, root, "2,4", seed=1) + _launch(1, root, "6", seed=2)
+    procs = _launch(2, "train", str(root), "2,4", "1") + _launch(1, "train", str(root), "6", "2")
     logs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)
     return root
@@ -155,8 +155,9 @@ def test_dcp_checkpoints_of_two_layouts_merge_into_every_output(dcp_run, tmp_pat
     assert sorted(os.listdir(tmp_path)) == sorted([*(p.name for p in outs.values()), *(f"{p.name}.full.pt" for p in ckpts)])
 
 
-def test_dcp_output_in_row_blocks_loads_into_another_layout(dcp_run, tmp_path):
-    """Two 2-rank inputs merge in blocks at their shard boundary; dcp.load reassembles any layout."""
+def test_dcp_output_in_row_blocks_loads_into_other_layouts(dcp_run, tmp_path):
+    """Two 2-rank inputs merge in blocks at their shard boundary; dcp.load reassembles the output unsharded
+    and into a 2-rank FSDP2 model."""
     ckpts = [dcp_run / "step-2", dcp_run / "step-4"]
     states = [_full_state(p, tmp_path)["model"] for p in ckpts]
     expected = _expected(states, np.array([0.25, 0.75]))
@@ -166,6 +167,10 @@ def test_dcp_output_in_row_blocks_loads_into_another_layout(dcp_run, tmp_path):
     emb = dcp.FileSystemReader(str(out)).read_metadata().state_dict_metadata["emb.weight"]
     assert [list(c.offsets) for c in emb.chunks] == [[0, 0], [17, 0]]  # cut at the inputs' shard boundary
     _assert_matches(_dcp_load(out, expected), expected)
+    procs = _launch(2, "load", str(out), str(tmp_path / "fsdp_loaded.pt"))
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    _assert_matches(torch.load(tmp_path / "fsdp_loaded.pt", weights_only=True), expected)
 
 
 def test_optimizer_state_and_objects_are_skipped_and_listed_unless_asked(dcp_run, tmp_path, capsys):

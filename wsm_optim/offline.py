@@ -289,7 +289,9 @@ def merge_checkpoints(
         out_format: one of :data:`OUT_FORMATS` (``"dcp"`` writes a
             ``torch.distributed.checkpoint`` directory); ``None`` infers it from ``out``.
         max_shard_size: largest shard of a sharded output, e.g. ``"5GB"``, ``"512MiB"``, or bytes.
-        workers: processes that merge blocks in parallel (the result is bitwise the serial one).
+        workers: processes that merge blocks in parallel (the result is bitwise the
+            serial one). They are spawned, so they import the calling script: call
+            from under ``if __name__ == "__main__":`` (the ``wsm-optim`` command does).
         optimizer_state: also merge a DCP checkpoint's optimizer state (skipped by default).
         block_size: accumulator memory per batch of blocks (``"64MiB"``); a
             tensor larger than that is merged in row blocks.
