@@ -212,3 +212,62 @@ def test_fsdp2_offload_is_sharded_exact_and_resumes_across_placements_with_dcp(t
 
     run_job("_offload_dist_worker.py", "fsdp2", 2, tmp_path)
     assert (tmp_path / "ok").exists()
+
+
+def test_compiled_step_with_offload_equals_the_eager_inline_merge():
+    torch._dynamo.reset()
+    runs = {}
+    for name, extra, compiled in (("inline", {}, False), ("offload", dict(offload="cpu"), True)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+        opt = WSMOptimizer(torch.optim.AdamW(model.named_parameters(), lr=0.01, foreach=True), window=6,
+                           keep_last=True, backend="foreach", **extra)
+        step = torch.compile(opt.step, backend="aot_eager") if compiled else opt.step
+        for s in range(13):
+            g = torch.Generator().manual_seed(s)
+            nn.functional.mse_loss(model(torch.randn(16, 8, generator=g)), torch.randn(16, 4, generator=g)).backward()
+            step()
+            opt.zero_grad()
+        runs[name] = (opt.steps, opt.merged_state_dict(), opt.merged_state_dict(completed=True))
+    torch._dynamo.reset()
+    assert runs["inline"][0] == runs["offload"][0] == 13
+    for a, b in zip(runs["inline"][1:], runs["offload"][1:]):
+        for k in a:  # compiled vs eager AdamW may differ by rounding: the merge of the same params must not
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_offload_buffers_stay_on_the_host_when_the_param_dtype_changes():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = WSMOptimizer(torch.optim.SGD(model.named_parameters(), lr=0.1), window=4, offload="cpu")
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    before = opt.merged_state_dict(dtype=torch.float64)
+    model.double()  # after wrapping: the accumulators follow to float64, and stay on the host
+    sd = opt.state_dict()
+    buffers = [v for e in sd["state"].values() for k, v in e.items() if k.startswith("wsm_")]
+    assert buffers and all(b.device.type == "cpu" and b.dtype == torch.float64 for b in buffers)
+    # same values; the readout is now computed in float64 instead of rounded in float32 first
+    torch.testing.assert_close(opt.merged_state_dict(), before, rtol=1e-6, atol=0)
+    model(torch.randn(2, 4, dtype=torch.float64)).sum().backward()
+    opt.step()
+    assert opt.merged_state_dict()["weight"].dtype == torch.float64
+
+
+@pytest.mark.parametrize("integration", ["lightning", "transformers"])
+def test_integrations_pass_offload_through(integration, tmp_path):
+    if integration == "lightning":
+        from wsm_optim.integrations.lightning import WSMCallback
+
+        config = WSMCallback(window=4, offload="cpu")._config
+    else:
+        from transformers import Trainer, TrainingArguments
+
+        from wsm_optim.integrations.transformers import wrap_trainer
+
+        trainer = Trainer(model=nn.Linear(2, 2), args=TrainingArguments(output_dir=str(tmp_path), report_to=[]))
+        config = wrap_trainer(trainer, window=4, offload="cpu")._wsm_config
+    p = nn.Parameter(torch.ones(2))
+    opt = WSMOptimizer(torch.optim.SGD([("p", p)], lr=0.1), **config)
+    assert opt.backend == "offload"
