@@ -17,6 +17,7 @@ at a checkpoint), possibly on a side stream.
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,7 +52,7 @@ class Runtime:
     side_stream: Any = None
     side_done: Any = None
     swap_lock: Any = field(default_factory=threading.Lock)
-    initial: dict[int, float] = field(default_factory=dict)  # id(param) -> sum of its values when wrapped
+    initial: dict[int, tuple[float, float]] = field(default_factory=dict)  # id(param) -> _sums when wrapped
 
     @classmethod
     def create(cls, specs: dict[str, MergeSpec], param_groups, *, backend: str, nonfinite: str, overlap: Any,
@@ -225,7 +226,11 @@ class Runtime:
         One reduction per param and one host sync; readouts call it only while ``steps == 0``.
         """
         now = _sums([p for p in self.registry.params if id(p) in self.initial])
-        return any(now[k] != self.initial[k] for k in now)
+        # tolerances: a device move (CPU -> GPU after wrapping) reduces in another order
+        return any(
+            not math.isclose(a, b, rel_tol=tol, abs_tol=1e-30)
+            for k in now for a, b, tol in zip(now[k], self.initial[k], (1e-9, 1e-4))
+        )
 
     # ------------------------------------------------------------ counting
     def set_steps(self, steps: int) -> None:
@@ -244,15 +249,21 @@ class Runtime:
         return self.steps
 
 
-def _sums(params) -> dict[int, float]:
-    """``{id(param): sum of its local values}`` with one host sync per device (meta params skipped)."""
+def _sums(params) -> dict[int, tuple[float, float]]:
+    """``{id(param): (sum, 2-norm) of its local values}``, one host sync per device (meta params skipped).
+
+    Both are reductions without a temporary copy: the sum accumulates in float64;
+    the norm (in the param's precision) catches a step that moves values but keeps their sum.
+    """
     by_device: dict[torch.device, list[tuple[int, Tensor]]] = {}
     for p in params:
-        local = distributed.local_view(p)
+        local = distributed.local_view(p).detach()
         if local.device.type != "meta":
-            by_device.setdefault(local.device, []).append((id(p), local.detach().sum(dtype=torch.float64)))
-    sums: dict[int, float] = {}
+            total = local.sum(dtype=torch.complex128).abs() if local.is_complex() else local.sum(dtype=torch.float64)
+            pair = torch.stack([total, torch.linalg.vector_norm(local).double()])
+            by_device.setdefault(local.device, []).append((id(p), pair))
+    sums: dict[int, tuple[float, float]] = {}
     for entries in by_device.values():
         values = torch.stack([v for _, v in entries]).tolist()
-        sums.update((key, value) for (key, _), value in zip(entries, values))
+        sums.update((key, tuple(value)) for (key, _), value in zip(entries, values))
     return sums
