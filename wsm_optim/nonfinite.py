@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .spec import NONFINITE_MODES  # re-exported: the option rules live in spec
 from .warn import warn
 
 __all__ = ["NonFiniteMergeError", "FiniteCheck", "SkipLedger", "nonfinite_error", "NONFINITE_MODES"]
 
-from .spec import NONFINITE_MODES  # noqa: E402  (re-exported: the option rules live in spec)
 
 
 class NonFiniteMergeError(RuntimeError):

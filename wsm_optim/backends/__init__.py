@@ -29,13 +29,14 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from ..distributed import is_dtensor
 from ..precision import accumulator_dtype
+from ..spec import BACKEND_NAMES, OFFLOAD_CHOICES, check_options  # the option rules live in spec
 
 __all__ = ["Backend", "BackendBase", "MergeUpdate", "select", "resolve", "BACKEND_NAMES", "BACKENDS", "OFFLOAD_CHOICES"]
 
 #: ``backend=`` name -> ``module:class`` of this package (imported on use: Triton is optional).
 BACKENDS = {"foreach": "foreach:ForeachBackend", "triton": "triton:TritonBackend", "offload": "offload:OffloadBackend"}
-from ..spec import BACKEND_NAMES, OFFLOAD_CHOICES, check_options  # noqa: E402  (the one home of the option rules)
 
 
 @dataclass
@@ -117,8 +118,6 @@ class BackendBase:
     @staticmethod
     def buffer_fits(buffer: Tensor, p: Tensor) -> bool:
         # a DTensor's placement is FSDP2's/TP's business; local views are re-read at regrouping
-        from ..distributed import is_dtensor
-
         if is_dtensor(p):
             return True
         return buffer.device == p.device and buffer.dtype == accumulator_dtype(p.dtype) and buffer.stride() == p.stride()
