@@ -230,3 +230,13 @@ def test_readouts_warn_when_another_optimizer_trained_the_params():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         wsm.merged_state_dict()
+
+
+def test_a_cast_or_move_of_the_model_after_wrapping_is_not_taken_for_training():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    wsm = WSMOptimizer(torch.optim.AdamW(model.named_parameters(), lr=0.1), window=4)
+    model.to(torch.bfloat16)  # e.g. a precision plugin after the optimizer was built
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wsm.merged_state_dict()

@@ -52,7 +52,7 @@ class Runtime:
     side_stream: Any = None
     side_done: Any = None
     swap_lock: Any = field(default_factory=threading.Lock)
-    initial: dict[int, tuple[float, float]] = field(default_factory=dict)  # id(param) -> _sums when wrapped
+    initial: dict[int, tuple] = field(default_factory=dict)  # id(param) -> _sums when wrapped
 
     @classmethod
     def create(cls, specs: dict[str, MergeSpec], param_groups, *, backend: str, nonfinite: str, overlap: Any,
@@ -226,10 +226,11 @@ class Runtime:
         One reduction per param and one host sync; readouts call it only while ``steps == 0``.
         """
         now = _sums([p for p in self.registry.params if id(p) in self.initial])
-        # tolerances: a device move (CPU -> GPU after wrapping) reduces in another order
+        # tolerances: a device move (CPU -> GPU after wrapping) reduces in another order; a dtype
+        # change (a precision plugin casting the model after wrapping) rounds: not comparable
         return any(
-            not math.isclose(a, b, rel_tol=tol, abs_tol=1e-30)
-            for k in now for a, b, tol in zip(now[k], self.initial[k], (1e-9, 1e-4))
+            now[k][2] == self.initial[k][2] and not math.isclose(a, b, rel_tol=tol, abs_tol=1e-30)
+            for k in now for a, b, tol in zip(now[k][:2], self.initial[k][:2], (1e-9, 1e-4))
         )
 
     # ------------------------------------------------------------ counting
@@ -249,8 +250,8 @@ class Runtime:
         return self.steps
 
 
-def _sums(params) -> dict[int, tuple[float, float]]:
-    """``{id(param): (sum, 2-norm) of its local values}``, one host sync per device (meta params skipped).
+def _sums(params) -> dict[int, tuple]:
+    """``{id(param): (sum, 2-norm, dtype) of its local values}``, one host sync per device (meta params skipped).
 
     Both are reductions without a temporary copy: the sum accumulates in float64;
     the norm (in the param's precision) catches a step that moves values but keeps their sum.
@@ -262,8 +263,9 @@ def _sums(params) -> dict[int, tuple[float, float]]:
             total = local.sum(dtype=torch.complex128).abs() if local.is_complex() else local.sum(dtype=torch.float64)
             pair = torch.stack([total, torch.linalg.vector_norm(local).double()])
             by_device.setdefault(local.device, []).append((id(p), pair))
-    sums: dict[int, tuple[float, float]] = {}
+    dtypes = {id(p): distributed.local_view(p).dtype for p in params}
+    sums: dict[int, tuple] = {}
     for entries in by_device.values():
         values = torch.stack([v for _, v in entries]).tolist()
-        sums.update((key, tuple(value)) for (key, _), value in zip(entries, values))
+        sums.update((key, (*value, dtypes[key])) for (key, _), value in zip(entries, values))
     return sums
