@@ -134,7 +134,7 @@ CASES = [
 
 
 def main():
-    out_dir = sys.argv[1]
+    out_dir = sys.argv[-1]  # argv: PREFIX OUT_DIR (tests/_dist_launch.py)
     results = {}
     for case in CASES:
         try:

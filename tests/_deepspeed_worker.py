@@ -175,7 +175,7 @@ CASES = [case_merge_equals_explicit_merge, case_resume_through_deepspeed_checkpo
 
 
 def main():
-    out_dir = sys.argv[1]
+    out_dir = sys.argv[-1]  # argv: PREFIX OUT_DIR (tests/_dist_launch.py)
     deepspeed.init_distributed(dist_backend="gloo")
     results = {}
     for stage in (1, 2):

@@ -89,7 +89,7 @@ CASES = [case_metrics_and_merged_folders, case_resume_mid_window_is_exact]
 
 
 def main():
-    out_dir = sys.argv[1]
+    out_dir = sys.argv[-1]  # argv: PREFIX OUT_DIR (tests/_dist_launch.py)
     results = {}
     for case in CASES:
         try:

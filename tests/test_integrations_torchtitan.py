@@ -12,9 +12,6 @@ merge of the gathered checkpoints (``tests/reference.py``).
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -39,6 +36,7 @@ from wsm_optim.integrations.torchtitan import WSMConfig, WSMOptimizersContainer,
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import _titan_worker as W  # noqa: E402
+from _dist_launch import run_job as launch  # noqa: E402
 import reference as R  # noqa: E402
 
 JOB_TIMEOUT_S = 300
@@ -205,44 +203,10 @@ def check_loads_as_merged(exported: dict, merged: dict) -> None:
 
 
 # ------------------------------------------------- FSDP2 on gloo ranks
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_job(scenario: str, world: int, out_dir: Path) -> dict:
     """Run ``world`` ranks of ``_titan_worker.py scenario``; rank 0's record, or fail with every rank's log."""
-    for attempt in range(2):  # a free port can be taken between finding and binding it
-        port, procs, logs = _free_port(), [], []
-        for rank in range(world):
-            env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-                       PYTHONPATH=os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")])))
-            logs.append(open(out_dir / f"{scenario}-ws{world}-rank{rank}.log", "w+"))
-            procs.append(subprocess.Popen([sys.executable, str(HERE / "_titan_worker.py"), scenario, str(out_dir)],
-                                          env=env, stdout=logs[-1], stderr=subprocess.STDOUT))
-        timed_out = False
-        try:
-            for proc in procs:
-                proc.wait(timeout=JOB_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait(timeout=10)
-        output = ""
-        for rank, log in enumerate(logs):
-            log.seek(0)
-            output += f"--- rank {rank} (exit {procs[rank].returncode}) ---\n{log.read()[-4000:]}\n"
-            log.close()
-        if not timed_out and all(p.returncode == 0 for p in procs):
-            return torch.load(out_dir / f"{scenario}-ws{world}.pt", weights_only=False)
-        if "address already in use" not in output.lower() or attempt == 1:
-            pytest.fail(f"{scenario} at world size {world} {'timed out' if timed_out else 'failed'}\n{output}")
-    raise AssertionError("unreachable")
+    launch("_titan_worker.py", scenario, world, out_dir, timeout_s=JOB_TIMEOUT_S)
+    return torch.load(out_dir / f"{scenario}-ws{world}.pt", weights_only=False)
 
 
 @pytest.fixture(scope="module")
