@@ -58,7 +58,7 @@ import common as C  # noqa: E402
 from wsm_optim import WSMOptimizer  # noqa: E402
 from wsm_optim.backends import MergeUpdate, select  # noqa: E402
 from wsm_optim.spec import MergeSpec  # noqa: E402
-from wsm_optim.registry import accumulator_like  # noqa: E402
+from wsm_optim.precision import accumulator_like  # noqa: E402
 from wsm_optim.schedules import merge_coefficients  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["accumulator_dtype"]
+__all__ = ["accumulator_dtype", "accumulator_like"]
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -19,3 +19,8 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     """
     floor = torch.complex64 if dtype.is_complex else torch.float32
     return torch.promote_types(dtype, floor)
+
+
+def accumulator_like(p: torch.Tensor) -> torch.Tensor:
+    """A zeroed accumulator shaped and strided like ``p`` (a ``DTensor`` for a ``DTensor`` param)."""
+    return torch.zeros_like(p, dtype=accumulator_dtype(p.dtype), memory_format=torch.preserve_format)

@@ -22,16 +22,11 @@ import torch
 from torch import Tensor
 
 from . import distributed
-from .precision import accumulator_dtype
+from .precision import accumulator_dtype, accumulator_like  # re-exported (earlier home)
 from .warn import warn
 from .text import a
 
 __all__ = ["Group", "Registry", "accumulator_like", "accumulator_dtype", "param_numbering", "unique_names"]
-
-
-def accumulator_like(p: Tensor) -> Tensor:
-    """A zeroed accumulator shaped and strided like ``p`` (a ``DTensor`` for a ``DTensor`` param)."""
-    return torch.zeros_like(p, dtype=accumulator_dtype(p.dtype), memory_format=torch.preserve_format)
 
 
 def param_numbering(param_groups: Sequence[dict[str, Any]]) -> dict[int, int]:

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ..distributed import is_dtensor
-from ..precision import accumulator_dtype
+from ..precision import accumulator_dtype, accumulator_like
 from ..spec import BACKEND_NAMES, OFFLOAD_CHOICES, check_options  # the option rules live in spec
 
 __all__ = ["Backend", "BackendBase", "MergeUpdate", "select", "resolve", "BACKEND_NAMES", "BACKENDS", "OFFLOAD_CHOICES"]
@@ -113,7 +113,7 @@ class BackendBase:
 
     @staticmethod
     def buffer_like(p: Tensor) -> Tensor:
-        return torch.zeros_like(p, dtype=accumulator_dtype(p.dtype), memory_format=torch.preserve_format)
+        return accumulator_like(p)
 
     @staticmethod
     def buffer_fits(buffer: Tensor, p: Tensor) -> bool:
@@ -133,9 +133,9 @@ class BackendBase:
         return {}
 
 
-def _load(name: str, **options: Any) -> Backend:
+def _load(name: str) -> Backend:
     module, cls = BACKENDS[name].split(":")
-    return getattr(importlib.import_module(f".{module}", __name__), cls)(**options)
+    return getattr(importlib.import_module(f".{module}", __name__), cls)()
 
 
 def select(name: str, devices: Iterable[torch.device], table_sizes: Iterable[int], offload: str | None = None) -> Backend:
