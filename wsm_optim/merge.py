@@ -61,31 +61,41 @@ class Merge:
         return self.spec.weights
 
     # ------------------------------------------------------------- buffers
-    def follow(self, params: Sequence[Tensor], backend: Any) -> None:
-        """Give every param its buffers (seeded if it arrives mid-window); drop those of params gone.
+    def follow(self, params: Sequence[Tensor], backend: Any, buffers: Sequence[Tensor] = (),
+               buffer_backend: Any = None) -> None:
+        """Give every param (and merged model buffer) its buffers, seeded if it arrives mid-window; drop those gone.
 
-        A buffer that no longer fits its param (device, dtype or strides
-        changed) is re-placed by ``backend`` with its values kept.
+        ``backend`` places the params' buffers, ``buffer_backend`` those of the
+        merged model buffers. A buffer that no longer fits its tensor (device,
+        dtype or strides changed) is re-placed with its values kept.
         """
-        current = set(params)
+        placements = [(p, backend) for p in params] + [(b, buffer_backend) for b in buffers]
+        current = {t for t, _ in placements}
         stores = [self.acc] + ([self.completed] if self.completed is not None else [])
         for store in stores:
             for p in [p for p in store if p not in current]:
                 del store[p]
         with torch.no_grad():
-            for p in params:
+            for p, place in placements:
                 fresh = p not in self.acc
                 for store in stores:
                     old = store.get(p)
                     if old is None:
-                        store[p] = backend.buffer_like(p)
-                    elif not backend.buffer_fits(old, p):
-                        new = backend.buffer_like(p)
+                        store[p] = place.buffer_like(p)
+                    elif not place.buffer_fits(old, p):
+                        new = place.buffer_like(p)
                         new.copy_(old)  # by logical index: values kept whatever the layout
                         store[p] = new
                 if fresh:
                     self._seed(p)
         self._views.clear()
+
+    def rebind(self, replaced: dict[Tensor, Tensor]) -> None:
+        """Key the buffers of merged model buffers replaced by new tensor objects (``old -> new``) by the new ones."""
+        for store in [self.acc] + ([self.completed] if self.completed is not None else []):
+            for old, new in replaced.items():
+                if old in store:
+                    store[new] = store.pop(old)
 
     def _seed(self, p: Tensor) -> None:
         """A param adopted mid-window counts as constant at its current value since the anchor.

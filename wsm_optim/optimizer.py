@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from . import distributed, persistence, readout, schedules
 from .merge import Merge
+from .model_buffers import ModelBuffers
 from .nonfinite import NonFiniteMergeError
 from .runtime import Runtime
 from .spec import DEFAULT_MERGE, MergeSpec, check_bool, specs_from_arguments
@@ -62,7 +63,14 @@ class WSMOptimizer(torch.optim.Optimizer):
             keep_last=...)}``. Mutually exclusive with the single-merge
             arguments; readouts take ``merge=name``.
         model: optional module; readouts then return complete
-            ``model.state_dict()``-style dicts (buffers from the live model).
+            ``model.state_dict()``-style dicts (buffers from the live model,
+            or merged with ``merge_buffers=True``).
+        merge_buffers: also merge ``model``'s floating-point buffers (those in
+            its ``state_dict()``: normalisation statistics, MoE routing biases)
+            with the same checkpoint weights as the params: readouts and
+            ``merged_weights()`` then give merged buffers, and the state dict
+            saves their accumulators. Integer buffers and non-persistent ones
+            stay live. Needs ``model``. A bool, default ``False``.
         nonfinite: ``"raise"`` (default): a NaN/inf that reached a merge makes
             its readouts raise :class:`NonFiniteMergeError` naming the window
             and the first bad parameter; nothing is checked per step. ``"skip"``:
@@ -119,6 +127,7 @@ class WSMOptimizer(torch.optim.Optimizer):
         overlap: bool = False,
         capturable: bool = False,
         offload: str | None = None,
+        merge_buffers: bool = False,
     ) -> None:
         if not isinstance(inner, torch.optim.Optimizer):
             raise TypeError(f"inner must be a torch.optim.Optimizer, got {type(inner).__name__}")
@@ -127,12 +136,17 @@ class WSMOptimizer(torch.optim.Optimizer):
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__} {model!r}")
         specs = specs_from_arguments(schedule, window, interval, start, keep_last, merges)
+        if check_bool("merge_buffers", merge_buffers) and model is None:
+            raise ValueError(
+                "merge_buffers=True needs model= (the module whose buffers to merge), e.g. "
+                "WSMOptimizer(inner, window=..., model=model, merge_buffers=True)"
+            )
         self.inner = inner
         self.model = model
         self._init_hooks()
         self._runtime = Runtime.create(
             specs, inner.param_groups, backend=backend, nonfinite=nonfinite, overlap=overlap, capturable=capturable,
-            offload=offload,
+            offload=offload, model_buffers=ModelBuffers(model) if merge_buffers else None,
         )
 
     def _init_hooks(self) -> None:
@@ -243,14 +257,7 @@ class WSMOptimizer(torch.optim.Optimizer):
     def _end_step(self) -> None:
         rt = self._runtime
         rt.count_step()
-        side = rt.side()
-        if side is None:
-            rt.fold()
-        else:  # overlap the fold with the next forward/backward; joined before the params change
-            side.wait_stream(torch.cuda.current_stream(side.device))
-            with torch.cuda.stream(side):
-                rt.fold()
-            rt.side_done = side.record_event()
+        rt.fold()
         rt.registry.record_versions()
 
     def sync_steps(self) -> int:

@@ -11,7 +11,16 @@ the key ``"wsm"``, both at the top level and in every param group::
     {"version": 1, "steps": int,
      "merges": {name: {"config": {schedule, weights_sha256, window, interval, start},
                        "counters": {anchored, t, r, windows_completed, has_last,
-                                    skipped, last_skipped}}}}
+                                    skipped, last_skipped}}},
+     "buffers": [buffer name, ...]}       # only with merge_buffers=True
+
+Merged model buffers (``merge_buffers=True``) are not optimizer params, and
+``get_optimizer_state_dict`` keeps only entries keyed by a param: their
+buffers sit in the ``state`` entry of the first tracked param (the first
+param of the first group), as ``wsm_acc.<merge>:<buffer name>`` and
+``wsm_last.<merge>:<buffer name>`` (``:`` appears in neither merge nor module
+names). They are plain tensors (replicated under FSDP2, whose buffers are
+not sharded), so DCP saves them once and loads them on every rank.
 
 The copy in the param groups is what survives
 ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict``, which
@@ -51,8 +60,13 @@ _POSITION_KEYS = ("anchored", "t", "r", "windows_completed", "has_last")  # "has
 _LEDGER_KEYS = ("skipped", "last_skipped")  # [weight, count] of the current / completed window, or None
 
 
-def _key(prefix: str, merge: str) -> str:
-    return f"{prefix}.{merge}"
+def _key(prefix: str, merge: str, buffer: str | None = None) -> str:
+    return f"{prefix}.{merge}" if buffer is None else f"{prefix}.{merge}:{buffer}"
+
+
+def _buffer_names(rt: "Runtime") -> list[str]:
+    model_buffers = rt.registry.model_buffers
+    return list(model_buffers.names) if model_buffers is not None else []
 
 
 def _config(merge: "Merge") -> dict[str, Any]:
@@ -149,6 +163,12 @@ def save(rt: "Runtime", inner: torch.optim.Optimizer) -> dict[str, Any]:
                 # Always present (zeros until a window completes), so that a DCP
                 # load template built before training has the key.
                 entry[_key(COMPLETED, merge.name)] = merge.completed[p]
+        if p is rt.registry.params[0]:  # the merged model buffers' home
+            for b, name in zip(rt.registry.buffers, _buffer_names(rt)):
+                for merge in rt.merges:
+                    entry[_key(ACC, merge.name, name)] = merge.acc[b]
+                    if merge.completed is not None:
+                        entry[_key(COMPLETED, merge.name, name)] = merge.completed[b]
         state[pid] = entry
     sd["state"] = state
     wsm = {
@@ -156,6 +176,8 @@ def save(rt: "Runtime", inner: torch.optim.Optimizer) -> dict[str, Any]:
         "steps": rt.steps,
         "merges": {m.name: {"config": _config(m), "counters": _counters(m)} for m in rt.merges},
     }
+    if rt.registry.buffers:
+        wsm["buffers"] = _buffer_names(rt)
     sd["wsm"] = wsm
     sd["param_groups"] = [dict(g, wsm=copy.deepcopy(wsm)) for g in sd["param_groups"]]
     return sd
@@ -194,6 +216,13 @@ def _check_merges(rt: "Runtime", wsm: Mapping[str, Any]) -> tuple[int, dict[str,
     if steps < 0:
         raise ValueError(f"load_state_dict: 'wsm'['steps'] = {steps} is negative")
     saved = _require(wsm, "merges", "'wsm'", Mapping)
+    buffers = list(wsm.get("buffers", []))
+    if buffers != _buffer_names(rt):
+        raise ValueError(
+            f"load_state_dict: the merged model buffers differ: saved {buffers}, this optimizer "
+            f"{_buffer_names(rt)}. A state saved with merge_buffers=True loads into an optimizer built with "
+            "merge_buffers=True and the same model (and one saved without it into one without it)"
+        )
     names = [m.name for m in rt.merges]
     if set(saved) != set(names):
         raise ValueError(f"load_state_dict: merge names differ: saved {sorted(saved)}, this optimizer {sorted(names)}")
@@ -249,21 +278,32 @@ def _buffers(rt: "Runtime", inner: torch.optim.Optimizer, state_dict: Mapping[st
             key_of = legacy
     copies = []
     for p in unique:
-        key = key_of[p]
-        entry = state.get(key, {})
-        for merge in rt.merges:
-            kinds = [(ACC, True)]
-            if merge.completed is not None:
-                kinds.append((COMPLETED, bool(saved[merge.name]["counters"]["has_last"])))
-            for prefix, needed in kinds:
-                field = _key(prefix, merge.name)
-                if field not in entry:
-                    if needed:
-                        raise ValueError(f"load_state_dict: parameter {key!r} has no {field!r} entry")
-                    continue
-                distributed.check_copy(p, entry[field], f"state[{key!r}][{field!r}]")
+        copies += _entry_copies(rt, saved, p, state.get(key_of[p], {}), key_of[p])
+    if rt.registry.model_buffers is not None and unique:
+        home = key_of[unique[0]]  # the merged model buffers' home: the first param's entry
+        for b, name in zip(rt.registry.model_buffers.current(), _buffer_names(rt)):
+            copies += _entry_copies(rt, saved, b, state.get(home, {}), home, name)
+    return copies
+
+
+def _entry_copies(rt: "Runtime", saved: Mapping[str, Any], tensor: Tensor, entry: Mapping[str, Any], key: Any,
+                  buffer: str | None = None) -> list[tuple[Tensor, "Merge", str, Any]]:
+    """The copies into ``tensor``'s buffers from the state entry saved under ``key`` (validated, nothing changed)."""
+    copies = []
+    for merge in rt.merges:
+        kinds = [(ACC, True)]
+        if merge.completed is not None:
+            kinds.append((COMPLETED, bool(saved[merge.name]["counters"]["has_last"])))
+        for prefix, needed in kinds:
+            field = _key(prefix, merge.name, buffer)
+            if field not in entry:
                 if needed:
-                    copies.append((p, merge, prefix, entry[field]))
+                    what = "" if buffer is None else f" (merged buffer {buffer!r})"
+                    raise ValueError(f"load_state_dict: parameter {key!r} has no {field!r} entry{what}")
+                continue
+            distributed.check_copy(tensor, entry[field], f"state[{key!r}][{field!r}]")
+            if needed:
+                copies.append((tensor, merge, prefix, entry[field]))
     return copies
 
 

@@ -143,7 +143,8 @@ def _entries(rt: "Runtime", model: nn.Module | None) -> list[tuple[str, Tensor, 
 
     Without ``model``: the optimizer's params under their names. With it, every
     entry of ``model.state_dict()``: a param the optimizer tracks is matched by
-    identity, else by name (a copy of the model); buffers and frozen params come
+    identity, else by name (a copy of the model); merged buffers
+    (``merge_buffers=True``) likewise; other buffers and frozen params come
     from ``model`` as they are; a trainable param matched neither way is refused.
     """
     names = rt.registry.names
@@ -157,11 +158,12 @@ def _entries(rt: "Runtime", model: nn.Module | None) -> list[tuple[str, Tensor, 
         return [(names[p], p, p) for p in rt.registry.params]
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__} {model!r}")
-    tracked = set(rt.registry.params)
+    tracked = set(rt.registry.targets)
     by_name = {n: p for p, n in names.items()} if names is not None else {}
     if names is not None and len(by_name) < len(names):  # a shared name cannot match a copy's param
         counts = collections.Counter(names.values())
         by_name = {n: p for n, p in by_name.items() if counts[n] == 1}
+    by_name.update((n, b) for b, n in rt.registry.buffer_names.items())
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     entries, untracked = [], []
     for key, value in model.state_dict(keep_vars=True).items():
@@ -278,7 +280,7 @@ def _swap(rt: "Runtime", merge: "Merge", completed: bool) -> Iterator[None]:
 
     try:
         with torch.no_grad():
-            for p in rt.registry.params:
+            for p in rt.registry.targets:
                 merged = _value(merge, p, source, completed, scale)
                 local = distributed.local_view(p)
                 backup.append((p, local.clone()))

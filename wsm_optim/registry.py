@@ -8,6 +8,11 @@ another object), and notices when one changes device, storage or dtype.
 buffers follow (``merge.Merge.follow``). Nothing here runs from a getter, and
 nothing here knows about merges.
 
+With ``merge_buffers=True`` the model's merged buffers (``model_buffers``) are
+tracked beside the params, in groups of their own: they are found by name at
+every refresh, and :attr:`Registry.rebound` tells which buffer tensors were
+replaced by new objects (a model moved or cast) so their merges can follow.
+
 Parameters are grouped by the device and dtype of their local tensor (the
 ``to_local()`` view of a ``DTensor``): one backend call per group.
 """
@@ -22,6 +27,7 @@ import torch
 from torch import Tensor
 
 from . import distributed
+from .model_buffers import ModelBuffers
 from .precision import accumulator_dtype, accumulator_like  # re-exported (earlier home)
 from .warn import warn
 from .text import a
@@ -80,10 +86,15 @@ class Registry:
     wrapping, meta-device params materialised after wrapping).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, model_buffers: ModelBuffers | None = None) -> None:
         self.params: list[Tensor] = []
         self.groups: list[Group] = []
         self.names: dict[Tensor, str] | None = None
+        self.model_buffers = model_buffers
+        self.buffers: list[Tensor] = []  # the merged model buffers' tensors, in model_buffers.names order
+        self.buffer_groups: list[Group] = []
+        self.buffer_names: dict[Tensor, str] = {}
+        self.rebound: dict[Tensor, Tensor] = {}  # buffer tensors replaced at the last rebuild: old -> new
         self.placed = False
         self.versions: dict[int, int] | None = None  # id(param) -> version after the last step()
         self._shapes: dict[Tensor, tuple[int, ...]] = {}
@@ -97,16 +108,24 @@ class Registry:
         removed or replaced params, and params whose storage, device or dtype
         changed, are all caught. Cheap when nothing changed.
         """
-        ids = [id(p) for g in param_groups for p in g["params"]]
-        if ids == self._ids and (self.placed or not place) and not any(g.moved() for g in self.groups):
+        buffers = self.model_buffers.current() if self.model_buffers is not None else []
+        ids = [id(p) for g in param_groups for p in g["params"]] + [id(b) for b in buffers]
+        moved = any(g.moved() for g in self.groups + self.buffer_groups)
+        if ids == self._ids and (self.placed or not place) and not moved:
             return False
-        self._rebuild(param_groups, ids, place)
+        self._rebuild(param_groups, ids, place, buffers)
         return True
 
-    def _rebuild(self, param_groups: Sequence[dict[str, Any]], ids: list[int], place: bool) -> None:
+    def _rebuild(self, param_groups: Sequence[dict[str, Any]], ids: list[int], place: bool,
+                 buffers: list[Tensor]) -> None:
         params = list(dict.fromkeys(p for g in param_groups for p in g["params"]))
         for p in params:  # validate everything before changing anything
             self.check_param(p, place)
+        if place and buffers:
+            meta = next((n for b, n in zip(buffers, self.model_buffers.names) if b.device.type == "meta"), None)
+            if meta is not None:
+                raise ValueError(f"merge_buffers: the model's buffer {meta!r} is on the meta device; materialise "
+                                 "the model before the first step()")
         self._warn_replaced(param_groups, ids)
         self.params = params
         self.placed = place or self.placed
@@ -115,13 +134,18 @@ class Registry:
         if self.placed:
             self._shapes = {p: tuple(p.shape) for p in params}
         self.groups = self._group(params) if self.placed else []
+        self.rebound = {old: new for old, new in zip(self.buffers, buffers) if old is not new}
+        self.buffers = buffers
+        self.buffer_names = dict(zip(buffers, self.model_buffers.names)) if buffers else {}
+        self.buffer_groups = self._group(buffers) if self.placed else []
 
     def _warn_replaced(self, param_groups: Sequence[dict[str, Any]], ids: list[int]) -> None:
         if self._ids is None or len(ids) != len(self._ids) or not self.placed:
             return
         known = set(self.params)
         flat = [p for g in param_groups for p in g["params"]]
-        replaced = [i for i, (new, old) in enumerate(zip(ids, self._ids)) if new != old and flat[i] not in known]
+        pairs = zip(ids[:len(flat)], self._ids)  # the merged buffers' ids come after the params'
+        replaced = [i for i, (new, old) in enumerate(pairs) if new != old and flat[i] not in known]
         if replaced:
             names = _names(param_groups) or {}
             label = ", ".join(names.get(flat[i], f"#{i}") for i in replaced[:5])
@@ -177,10 +201,23 @@ class Registry:
     # ------------------------------------------------------------ inspection
     @property
     def devices(self) -> list[torch.device]:
+        """Devices of the params' local tensors."""
         return list(dict.fromkeys(g.device for g in self.groups))
 
+    @property
+    def target_devices(self) -> list[torch.device]:
+        """Devices of everything merged: the params and the merged model buffers."""
+        return list(dict.fromkeys(g.device for g in self.groups + self.buffer_groups))
+
+    @property
+    def targets(self) -> list[Tensor]:
+        """Everything merged: the params, then the merged model buffers."""
+        return self.params + self.buffers
+
     def label(self, p: Tensor) -> str:
-        """A param's name for messages: its name, else its position and shape."""
+        """A param's (or merged buffer's) name for messages: its name, else its position and shape."""
+        if p in self.buffer_names:
+            return f"buffer {self.buffer_names[p]!r}"
         if self.names is not None and p in self.names:
             return repr(self.names[p])
         index = next((i for i, q in enumerate(self.params) if q is p), -1)

@@ -12,7 +12,10 @@ computed first, so a bad one raises before anything moves),
 :meth:`Runtime.anchor_windows` (before the inner step: merges whose window is
 complete, or whose ``start`` is reached, anchor at the current params), the
 inner step, then :meth:`Runtime.fold` (``A <- A + c_t theta`` for every merge
-at a checkpoint), possibly on a side stream.
+at a checkpoint), possibly on a side stream. Merged model buffers
+(``merge_buffers=True``) take the same passes with the same weights, always
+inline on the current stream (``backends.inline``): the next forward changes
+them in place.
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ import torch
 from torch import Tensor
 
 from . import distributed
-from .backends import Backend, select
+from .backends import Backend, inline, select
 from .merge import Merge
-from .registry import Registry
+from .model_buffers import ModelBuffers
+from .registry import Group, Registry
 from .spec import MergeSpec, check_options
 
 __all__ = ["Runtime"]
@@ -47,6 +51,7 @@ class Runtime:
     capturable: bool
     overlap: bool
     devices: list[torch.device]
+    buffer_backend: Backend = field(default_factory=inline)  # merged model buffers: inline, current stream
     steps: int = 0
     swapped: bool = False
     side_stream: Any = None
@@ -56,11 +61,17 @@ class Runtime:
 
     @classmethod
     def create(cls, specs: dict[str, MergeSpec], param_groups, *, backend: str, nonfinite: str, overlap: Any,
-               capturable: Any, offload: str | None = None) -> "Runtime":
+               capturable: Any, offload: str | None = None,
+               model_buffers: ModelBuffers | None = None) -> "Runtime":
         """Validate the options against the params and build the runtime (no buffers yet: they come at the first step)."""
         overlap, capturable = check_options(
             backend=backend, nonfinite=nonfinite, offload=offload, overlap=overlap, capturable=capturable
         )
+        if capturable and model_buffers is not None:
+            raise ValueError(
+                "merge_buffers=True cannot be combined with capturable=True: merged model buffers are folded "
+                "with host coefficients, which a CUDA graph would freeze"
+            )
         params = list(dict.fromkeys(p for g in param_groups for p in g["params"]))
         devices = list(dict.fromkeys(distributed.local_view(p).device for p in params))
         chosen = select(backend, devices, [s.k + 1 for s in specs.values()], offload)
@@ -73,7 +84,7 @@ class Runtime:
             raise ValueError("overlap=True needs CUDA parameters (it uses a side CUDA stream)")
         rt = cls(
             merges=[Merge(n, s) for n, s in specs.items()],
-            registry=Registry(),
+            registry=Registry(model_buffers),
             backend=chosen,
             backend_choice=backend,
             offload=offload,
@@ -141,7 +152,8 @@ class Runtime:
             if self.backend.clock is not None and not self.capturable:  # a counter for a new device
                 self.backend.clock.set(self.steps)
         for m in self.merges:
-            m.follow(self.registry.params, self.backend)
+            m.rebind(self.registry.rebound)
+            m.follow(self.registry.params, self.backend, self.registry.buffers, self.buffer_backend)
 
     # ------------------------------------------------------------- passes
     def check_step(self) -> None:
@@ -154,16 +166,16 @@ class Runtime:
         due = [m for m in self.merges if m.position.anchor_due(self.steps)]
         run = self.merges if self.capturable else due  # capturable: the kernel decides
         ok = self._checkpoint_ok() if run else None
-        for g in self.registry.groups:
-            keep = [m.spec.keep_last and (m.position.complete or self.capturable) for m in run]
+        keep = [m.spec.keep_last and (m.position.complete or self.capturable) for m in run]
+        for g, backend in self._passes():
             updates = [m.update(g, m.weights.c(0), k) for m, k in zip(run, keep)]
-            self.backend.anchor(g.local, updates, None if ok is None else ok[g.device], cache=g.cache)
+            backend.anchor(g.local, updates, None if ok is None else ok[g.device], cache=g.cache)
         for m in due:
             if m.position.complete and m.spec.keep_last:
                 m.ledger.roll()
             c0 = m.position.begin_window()
             if ok is not None:  # skip mode (never capturable): ``run`` is ``due``
-                m.ledger.record(c0, ok[self.registry.devices[0]], new_window=True)
+                m.ledger.record(c0, ok[self.registry.target_devices[0]], new_window=True)
 
     def count_step(self) -> None:
         """After the inner step: count it, on the host and on the device clock."""
@@ -172,27 +184,50 @@ class Runtime:
             self.backend.clock.advance(self.registry.devices)
 
     def fold(self) -> None:
-        """After the inner step: ``A <- A + c_t theta`` for every merge at a checkpoint."""
+        """After the inner step: ``A <- A + c_t theta`` for every merge at a checkpoint.
+
+        With ``overlap=True`` the params' pass runs on the side stream, overlapping
+        the next forward/backward (joined before the params change again).
+        """
         due = [(m, c) for m in self.merges if (c := m.position.advance()) is not None]
         run = [(m, 0.0) for m in self.merges] if self.capturable else due
         if not run:
             return
         ok = self._checkpoint_ok()
-        for g in self.registry.groups:
-            updates = [m.update(g, c) for m, c in run]
-            self.backend.accumulate(g.local, updates, None if ok is None else ok[g.device], cache=g.cache)
+
+        def accumulate(groups: list[Group], backend: Backend) -> None:
+            for g in groups:
+                updates = [m.update(g, c) for m, c in run]
+                backend.accumulate(g.local, updates, None if ok is None else ok[g.device], cache=g.cache)
+
+        accumulate(self.registry.buffer_groups, self.buffer_backend)  # before the next forward changes them
+        side = self.side()
+        if side is None:
+            accumulate(self.registry.groups, self.backend)
+        else:
+            side.wait_stream(torch.cuda.current_stream(side.device))
+            for flag in (ok or {}).values():
+                flag.record_stream(side)  # made on the current stream, read on the side stream
+            with torch.cuda.stream(side):
+                accumulate(self.registry.groups, self.backend)
+            self.side_done = side.record_event()
         if ok is not None:
             for m, c in due:
-                m.ledger.record(c, ok[self.registry.devices[0]], new_window=False)
+                m.ledger.record(c, ok[self.registry.target_devices[0]], new_window=False)
+
+    def _passes(self) -> list[tuple[Group, Backend]]:
+        """Every group with the backend that folds it: params through the chosen one, merged model buffers inline."""
+        return ([(g, self.backend) for g in self.registry.groups]
+                + [(g, self.buffer_backend) for g in self.registry.buffer_groups])
 
     def _checkpoint_ok(self) -> dict[torch.device, Tensor] | None:
-        """Skip mode: an int32 flag per device, 1 iff every param is finite (device only)."""
+        """Skip mode: an int32 flag per device, 1 iff every param (and merged buffer) is finite (device only)."""
         if self.nonfinite != "skip":
             return None
-        devices = self.registry.devices
+        devices = self.registry.target_devices
         flags = {d: torch.ones((), dtype=torch.int32, device=d) for d in devices}
-        for g in self.registry.groups:
-            self.backend.all_finite(g.local, flags[g.device], cache=g.cache)
+        for g, backend in self._passes():
+            backend.all_finite(g.local, flags[g.device], cache=g.cache)
         if len(devices) > 1:  # the checkpoint is bad if any device saw a bad value
             total = flags[devices[0]].clone()
             for d in devices[1:]:

@@ -33,7 +33,7 @@ from ..distributed import is_dtensor
 from ..precision import accumulator_dtype, accumulator_like
 from ..spec import BACKEND_NAMES, OFFLOAD_CHOICES, check_options  # the option rules live in spec
 
-__all__ = ["Backend", "BackendBase", "MergeUpdate", "select", "resolve", "BACKEND_NAMES", "BACKENDS", "OFFLOAD_CHOICES"]
+__all__ = ["Backend", "BackendBase", "MergeUpdate", "select", "inline", "resolve", "BACKEND_NAMES", "BACKENDS", "OFFLOAD_CHOICES"]
 
 #: ``backend=`` name -> ``module:class`` of this package (imported on use: Triton is optional).
 BACKENDS = {"foreach": "foreach:ForeachBackend", "triton": "triton:TritonBackend", "offload": "offload:OffloadBackend"}
@@ -180,6 +180,16 @@ def select(name: str, devices: Iterable[torch.device], table_sizes: Iterable[int
             "TRITON_INTERPRET=1, Triton's interpreter for testing); use backend='foreach' or 'auto'"
         )
     return _load("triton")
+
+
+def inline() -> Backend:
+    """The backend that folds at once, on the current stream, beside the tensors (``"foreach"``).
+
+    Merged model buffers use it whatever the params use: the next forward
+    changes them in place, so they must be read before it runs (no side
+    stream, no host copy in flight), and they are small.
+    """
+    return _load("foreach")
 
 
 #: Deprecated name of :func:`select` (``resolve`` also names schedule and input lookups).

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..spec import check_options, specs_from_arguments
+from ..spec import check_bool, check_options, specs_from_arguments
 
 __all__ = ["merge_config"]
 
@@ -27,6 +27,7 @@ def merge_config(
     backend: Any,
     nonfinite: Any,
     offload: Any = None,
+    merge_buffers: Any = False,
 ) -> dict[str, Any] | None:
     """``WSMOptimizer`` keyword arguments for these merge arguments, or ``None`` if none was given.
 
@@ -39,11 +40,17 @@ def merge_config(
     """
     default_schedule = isinstance(schedule, str) and schedule == "linear"  # may be an array: no ==
     all_defaults = default_schedule and interval == 1 and start == 0 and keep_last is False
+    merge_buffers = check_bool("merge_buffers", merge_buffers)
     if window is None and merges is None and all_defaults:
+        if merge_buffers:
+            raise ValueError(
+                "merge_buffers=True needs the merge arguments (window=... or merges=...); with a WSMOptimizer "
+                "built by you, pass merge_buffers=True and model= to it instead"
+            )
         return None
     specs_from_arguments(schedule, window, interval, start, keep_last, merges)
     check_options(backend=backend, nonfinite=nonfinite, offload=offload)
-    options = dict(backend=backend, nonfinite=nonfinite, offload=offload)
+    options = dict(backend=backend, nonfinite=nonfinite, offload=offload, merge_buffers=merge_buffers)
     if merges is not None:
         return dict(merges=merges, **options)
     return dict(schedule=schedule, window=window, interval=interval, start=start, keep_last=keep_last, **options)

@@ -56,7 +56,7 @@ class WSMCallback(Callback):
       keeps the live weights in ``current_model_state``.
 
     Args:
-        schedule, window, interval, start, keep_last, merges, backend, nonfinite, offload:
+        schedule, window, interval, start, keep_last, merges, backend, nonfinite, offload, merge_buffers:
             passed to :class:`~wsm_optim.WSMOptimizer` (see there). Leave them
             all at their defaults (``window=None``) to use a ``WSMOptimizer``
             returned by ``configure_optimizers``.
@@ -81,10 +81,12 @@ class WSMCallback(Callback):
         backend: str = "auto",
         nonfinite: str = "raise",
         offload: str | None = None,
+        merge_buffers: bool = False,
         swap_for_validation: bool = True,
         merged_after_fit: bool = True,
     ) -> None:
-        self._config = merge_config(schedule, window, interval, start, keep_last, merges, backend, nonfinite, offload)
+        self._config = merge_config(schedule, window, interval, start, keep_last, merges, backend, nonfinite, offload,
+                                merge_buffers)
         if merges is not None:
             if merge is None and len(merges) > 1:
                 raise ValueError(f"WSMCallback: several merges {list(merges)}: name the one to validate with merge=")

@@ -76,6 +76,7 @@ def wrap_trainer(
     backend: str = "auto",
     nonfinite: str = "raise",
     offload: str | None = None,
+    merge_buffers: bool = False,
     save_merged: bool = True,
 ) -> Any:
     """Make a ``transformers.Trainer`` (or any subclass, e.g. TRL's) train with WSM; returns it.
@@ -86,7 +87,7 @@ def wrap_trainer(
 
     Args:
         trainer: the ``Trainer`` instance.
-        schedule, window, interval, start, keep_last, merges, backend, nonfinite, offload:
+        schedule, window, interval, start, keep_last, merges, backend, nonfinite, offload, merge_buffers:
             passed to :class:`~wsm_optim.WSMOptimizer`. Leave them all at their
             defaults (``window=None``) when the trainer got a ``WSMOptimizer``
             through ``optimizers=(wsm, scheduler)``.
@@ -100,7 +101,7 @@ def wrap_trainer(
     if isinstance(trainer, WSMTrainerMixin):
         raise TypeError("wrap_trainer: this trainer is already wrapped")
     _check_engine(trainer)
-    config = merge_config(schedule, window, interval, start, keep_last, merges, backend, nonfinite, offload)
+    config = merge_config(schedule, window, interval, start, keep_last, merges, backend, nonfinite, offload, merge_buffers)
     cls = type(trainer)
     trainer.__class__ = _WRAPPED.setdefault(cls, type(f"WSM{cls.__name__}", (WSMTrainerMixin, cls), {}))
     trainer._wsm_config = config

@@ -1,0 +1,70 @@
+"""``merge_buffers=True``: the model's floating-point buffers, merged with the same checkpoint weights as its params.
+
+Which buffers: the floating-point entries of ``model.state_dict()`` that are
+buffers, i.e. persistent ones (running statistics of normalisation layers, MoE
+routing biases such as torchtitan's ``expert_bias_E``). Integer and bool
+buffers (``num_batches_tracked``) and non-persistent ones (RoPE caches,
+per-step token counts) stay live: they are not the model's state, and a merge
+of a constant equals that constant only up to rounding.
+
+A buffer is found through its owning module at every pass, by name: unlike
+params, buffers are replaced by new tensor objects when the model is moved or
+cast (``module.to()``, ``.half()``, ``.cuda()``), so no buffer tensor can be
+held by identity across the run. The registry compares the tensors found with
+the last ones and the merges re-key their accumulators when one was replaced.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+__all__ = ["ModelBuffers"]
+
+
+class ModelBuffers:
+    """The merged buffers of ``model``: their names, owners and shapes, fixed when the optimizer is built.
+
+    Args:
+        model: the module whose persistent floating-point buffers are merged
+            (shared buffers counted once, under their first name, as
+            ``named_buffers()`` lists them).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__} {model!r}")
+        self.names: list[str] = []
+        self._slots: list[tuple[nn.Module, str, tuple[int, ...]]] = []
+        for name, buffer in model.named_buffers():
+            owner_name, _, attr = name.rpartition(".")
+            owner = model.get_submodule(owner_name)
+            if buffer.is_floating_point() and attr not in owner._non_persistent_buffers_set:
+                self.names.append(name)
+                self._slots.append((owner, attr, tuple(buffer.shape)))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def current(self) -> list[Tensor]:
+        """The buffer tensors now (in :attr:`names` order); a buffer removed, reshaped or made non-float raises."""
+        tensors = []
+        for name, (owner, attr, shape) in zip(self.names, self._slots):
+            buffer = owner._buffers.get(attr)
+            if buffer is None:
+                raise RuntimeError(
+                    f"merge_buffers: the model's buffer {name!r} was removed (or set to None) after the "
+                    "WSMOptimizer was built; its merge cannot go on. Build the optimizer after the model's "
+                    "buffers are final"
+                )
+            if not buffer.is_floating_point():
+                raise TypeError(
+                    f"merge_buffers: the model's buffer {name!r} is now {buffer.dtype}; a merged buffer must "
+                    "stay floating point (cast the model before building the optimizer)"
+                )
+            if tuple(buffer.shape) != shape:
+                raise ValueError(
+                    f"merge_buffers: the model's buffer {name!r} changed shape from {shape} to "
+                    f"{tuple(buffer.shape)} after the WSMOptimizer was built; its merge cannot follow it"
+                )
+            tensors.append(buffer)
+        return tensors
