@@ -12,10 +12,18 @@ params, buffers are replaced by new tensor objects when the model is moved or
 cast (``module.to()``, ``.half()``, ``.cuda()``), so no buffer tensor can be
 held by identity across the run. The registry compares the tensors found with
 the last ones and the merges re-key their accumulators when one was replaced.
+
+A window's checkpoint 0 (its anchor) is taken at the start of the step after
+the previous window's last checkpoint, before the inner step: params are still
+what that checkpoint holds, but buffers are not (that step's forward has moved
+the normalisation statistics, its step pre-hooks the routing biases). So the
+buffers' values are captured at the end of a step after which a window anchors
+(:meth:`ModelBuffers.capture`), and the anchor reads those.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 __all__ = ["ModelBuffers"]
@@ -34,6 +42,7 @@ class ModelBuffers:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__} {model!r}")
         self.names: list[str] = []
+        self.captured: dict[str, Tensor] = {}  # name -> value at the end of the last step before an anchor
         self._slots: list[tuple[nn.Module, str, tuple[int, ...]]] = []
         for name, buffer in model.named_buffers():
             owner_name, _, attr = name.rpartition(".")
@@ -68,3 +77,22 @@ class ModelBuffers:
                 )
             tensors.append(buffer)
         return tensors
+
+    def capture(self) -> None:
+        """Keep the buffers' values now (copies, in their dtype): the next anchor's checkpoint 0."""
+        with torch.no_grad():
+            for name, buffer in zip(self.names, self.current()):
+                kept = self.captured.get(name)
+                if buffer.device.type == "meta":
+                    continue  # nothing to keep yet: the anchor reads the live values
+                if kept is None or (kept.device, kept.dtype) != (buffer.device, buffer.dtype):
+                    self.captured[name] = buffer.detach().clone()
+                else:
+                    kept.copy_(buffer)
+
+    def at_anchor(self, name: str, live: Tensor) -> Tensor:
+        """What an anchor reads for the buffer ``name`` (now ``live``): the captured value, on ``live``'s device."""
+        kept = self.captured.get(name)
+        if kept is None:
+            return live
+        return kept if kept.device == live.device else kept.to(live.device)

@@ -258,6 +258,7 @@ class WSMOptimizer(torch.optim.Optimizer):
         rt = self._runtime
         rt.count_step()
         rt.fold()
+        rt.capture_buffers()
         rt.registry.record_versions()
 
     def sync_steps(self) -> int:

@@ -19,7 +19,9 @@ Merged model buffers (``merge_buffers=True``) are not optimizer params, and
 buffers sit in the ``state`` entry of the first tracked param (the first
 param of the first group), as ``wsm_acc.<merge>:<buffer name>`` and
 ``wsm_last.<merge>:<buffer name>`` (``:`` appears in neither merge nor module
-names). They are plain tensors (replicated under FSDP2, whose buffers are
+names), with ``wsm_anchor:<buffer name>``: the buffer's value at the end of the
+last step after which a window anchored (``ModelBuffers.capture``), which a
+state saved at a window's end needs for the next anchor. They are plain tensors (replicated under FSDP2, whose buffers are
 not sharded), so DCP saves them once and loads them on every rank.
 
 The copy in the param groups is what survives
@@ -55,6 +57,7 @@ __all__ = ["VERSION", "save", "load"]
 VERSION = 1
 ACC = "wsm_acc"
 COMPLETED = "wsm_last"  # format-1 name of the kept completed window
+ANCHOR = "wsm_anchor"  # merged model buffers: the next anchor's checkpoint 0
 _CONFIG_KEYS = ("schedule", "window", "interval", "start", "weights_sha256")
 _POSITION_KEYS = ("anchored", "t", "r", "windows_completed", "has_last")  # "has_last": Position.has_completed
 _LEDGER_KEYS = ("skipped", "last_skipped")  # [weight, count] of the current / completed window, or None
@@ -164,7 +167,9 @@ def save(rt: "Runtime", inner: torch.optim.Optimizer) -> dict[str, Any]:
                 # load template built before training has the key.
                 entry[_key(COMPLETED, merge.name)] = merge.completed[p]
         if p is rt.registry.params[0]:  # the merged model buffers' home
+            model_buffers = rt.registry.model_buffers
             for b, name in zip(rt.registry.buffers, _buffer_names(rt)):
+                entry[f"{ANCHOR}:{name}"] = model_buffers.at_anchor(name, b)
                 for merge in rt.merges:
                     entry[_key(ACC, merge.name, name)] = merge.acc[b]
                     if merge.completed is not None:
@@ -281,8 +286,14 @@ def _buffers(rt: "Runtime", inner: torch.optim.Optimizer, state_dict: Mapping[st
         copies += _entry_copies(rt, saved, p, state.get(key_of[p], {}), key_of[p])
     if rt.registry.model_buffers is not None and unique:
         home = key_of[unique[0]]  # the merged model buffers' home: the first param's entry
+        entry = state.get(home, {})
         for b, name in zip(rt.registry.model_buffers.current(), _buffer_names(rt)):
-            copies += _entry_copies(rt, saved, b, state.get(home, {}), home, name)
+            copies += _entry_copies(rt, saved, b, entry, home, name)
+            field = f"{ANCHOR}:{name}"
+            if field not in entry:
+                raise ValueError(f"load_state_dict: parameter {home!r} has no {field!r} entry (merged buffer {name!r})")
+            distributed.check_copy(b, entry[field], f"state[{home!r}][{field!r}]")
+            copies.append((b, None, ANCHOR, entry[field]))
     return copies
 
 
@@ -315,7 +326,7 @@ def load(rt: "Runtime", inner: torch.optim.Optimizer, state_dict: Mapping[str, A
     inner_sd["param_groups"] = [{k: v for k, v in g.items() if k != "wsm"} for g in state_dict["param_groups"]]
     inner_sd["state"] = {}
     for pid, entry in state_dict["state"].items():
-        plain = {k: v for k, v in entry.items() if not k.startswith((ACC + ".", COMPLETED + "."))}
+        plain = {k: v for k, v in entry.items() if not k.startswith((ACC + ".", COMPLETED + ".", ANCHOR + ":"))}
         if plain:
             inner_sd["state"][pid] = plain
     before = {"state": inner.state, "param_groups": inner.param_groups}  # torch's load replaces both
@@ -336,6 +347,10 @@ def load(rt: "Runtime", inner: torch.optim.Optimizer, state_dict: Mapping[str, A
             merge.position.restore(counters["anchored"], counters["t"], counters["r"],
                                    counters["windows_completed"], has_completed)
         for p, merge, prefix, value in copies:
+            if prefix == ANCHOR:
+                name = rt.registry.buffer_names[p]
+                rt.registry.model_buffers.captured[name] = value.detach().to(p.device, p.dtype, copy=True)
+                continue
             store = merge.acc if prefix == ACC else merge.completed
             distributed.copy_into(store[p], value)
     device = rt.registry.devices[0] if rt.registry.devices else torch.device("cpu")

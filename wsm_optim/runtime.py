@@ -95,6 +95,8 @@ class Runtime:
         )
         rt.check_capturable(params)
         rt.initial = _sums(params)
+        if model_buffers is not None:
+            model_buffers.capture()  # checkpoint 0 of a window anchored at the first step (start=0)
         rt._plan()
         rt.registry.refresh(param_groups, place=False)
         return rt
@@ -165,17 +167,22 @@ class Runtime:
         """Before the inner step: anchor every merge whose window is due (``A <- c_0 theta``)."""
         due = [m for m in self.merges if m.position.anchor_due(self.steps)]
         run = self.merges if self.capturable else due  # capturable: the kernel decides
-        ok = self._checkpoint_ok() if run else None
+        ok = self._checkpoint_ok(anchor=True) if run else None
         keep = [m.spec.keep_last and (m.position.complete or self.capturable) for m in run]
-        for g, backend in self._passes():
+        for g, backend, tensors in self._passes(anchor=True):
             updates = [m.update(g, m.weights.c(0), k) for m, k in zip(run, keep)]
-            backend.anchor(g.local, updates, None if ok is None else ok[g.device], cache=g.cache)
+            backend.anchor(tensors, updates, None if ok is None else ok[g.device], cache=g.cache)
         for m in due:
             if m.position.complete and m.spec.keep_last:
                 m.ledger.roll()
             c0 = m.position.begin_window()
             if ok is not None:  # skip mode (never capturable): ``run`` is ``due``
                 m.ledger.record(c0, ok[self.registry.target_devices[0]], new_window=True)
+
+    def capture_buffers(self) -> None:
+        """After a step: if a window anchors at the next one, keep the merged model buffers' values (its checkpoint 0)."""
+        if self.registry.buffers and any(m.position.anchor_due(self.steps) for m in self.merges):
+            self.registry.model_buffers.capture()
 
     def count_step(self) -> None:
         """After the inner step: count it, on the host and on the device clock."""
@@ -215,19 +222,29 @@ class Runtime:
             for m, c in due:
                 m.ledger.record(c, ok[self.registry.target_devices[0]], new_window=False)
 
-    def _passes(self) -> list[tuple[Group, Backend]]:
-        """Every group with the backend that folds it: params through the chosen one, merged model buffers inline."""
-        return ([(g, self.backend) for g in self.registry.groups]
-                + [(g, self.buffer_backend) for g in self.registry.buffer_groups])
+    def _passes(self, anchor: bool = False) -> list[tuple[Group, Backend, list[Tensor]]]:
+        """``(group, backend, tensors read)``: params through the chosen backend, merged model buffers inline.
 
-    def _checkpoint_ok(self) -> dict[torch.device, Tensor] | None:
+        An anchor reads the merged model buffers as captured at the end of the
+        step before (``ModelBuffers.capture``), the live tensors otherwise.
+        """
+        registry = self.registry
+        passes = [(g, self.backend, g.local) for g in registry.groups]
+        for g in registry.buffer_groups:
+            tensors = g.local
+            if anchor:
+                tensors = [registry.model_buffers.at_anchor(registry.buffer_names[b], b) for b in g.params]
+            passes.append((g, self.buffer_backend, tensors))
+        return passes
+
+    def _checkpoint_ok(self, anchor: bool = False) -> dict[torch.device, Tensor] | None:
         """Skip mode: an int32 flag per device, 1 iff every param (and merged buffer) is finite (device only)."""
         if self.nonfinite != "skip":
             return None
         devices = self.registry.target_devices
         flags = {d: torch.ones((), dtype=torch.int32, device=d) for d in devices}
-        for g, backend in self._passes():
-            backend.all_finite(g.local, flags[g.device], cache=g.cache)
+        for g, backend, tensors in self._passes(anchor):
+            backend.all_finite(tensors, flags[g.device], cache=g.cache)
         if len(devices) > 1:  # the checkpoint is bad if any device saw a bad value
             total = flags[devices[0]].clone()
             for d in devices[1:]:
