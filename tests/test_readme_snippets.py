@@ -59,6 +59,7 @@ SCALE = {
             "    opt.step()\n    opt.zero_grad()\n",
     },
     "offline": {},
+    "merge_buffers": {"window=1000": "window=4"},
     "plain": {"window=1000": "window=4"},
     "compile": {"window=1000": "window=4", "@torch.compile\n": '@torch.compile(backend="aot_eager")\n'},
     "lightning": {"window=1000": "window=4"},
@@ -239,6 +240,16 @@ def test_offline_merge(tmp_path, monkeypatch):
     for v in ns["sd"].values():
         torch.testing.assert_close(v, torch.full_like(v, expected))
     assert (tmp_path / "merged.safetensors").is_file()
+
+
+def test_merge_buffers(tmp_path, monkeypatch):
+    ns = _run("merge_buffers", TORCH_PREAMBLE, tmp_path, monkeypatch)
+    opt, net, merged = ns["opt"], ns["net"], ns["merged"]
+    assert opt.steps == len(ns["loader"]) == 6
+    assert set(merged) == set(net.state_dict())
+    bn = net[1]
+    assert not torch.equal(merged["1.running_mean"], bn.running_mean)  # merged, not the live statistics
+    assert torch.equal(merged["1.num_batches_tracked"], bn.num_batches_tracked)  # integer: live
 
 
 def test_plain_torch(tmp_path, monkeypatch):
