@@ -258,6 +258,7 @@ class WSMOptimizer(torch.optim.Optimizer):
         rt = self._runtime
         rt.count_step()
         rt.fold()
+        rt.settle_buffers()
         rt.registry.record_versions()
 
     def sync_steps(self) -> int:
@@ -422,5 +423,6 @@ class WSMOptimizer(torch.optim.Optimizer):
                 state_dict = result
         self._runtime.join()
         persistence.load(self._runtime, self.inner, state_dict)
+        self._runtime.settle_buffers()  # the model's buffers as loaded: the next anchor's (trainers load the model first)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)

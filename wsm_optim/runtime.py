@@ -15,7 +15,9 @@ inner step, then :meth:`Runtime.fold` (``A <- A + c_t theta`` for every merge
 at a checkpoint), possibly on a side stream. Merged model buffers
 (``merge_buffers=True``) take the same passes with the same weights, always
 inline on the current stream (``backends.inline``): the next forward changes
-them in place.
+them in place. A window's anchor takes the buffers as they stood when the
+previous step ended (:attr:`Runtime.settled`), not as they are when the next
+step runs: by then that step's forward has already changed them.
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ class Runtime:
     side_done: Any = None
     swap_lock: Any = field(default_factory=threading.Lock)
     initial: dict[int, tuple] = field(default_factory=dict)  # id(param) -> _sums when wrapped
+    # merged model buffers by name, as they stood at the end of the last step (or when wrapped / loaded):
+    # checkpoint ``steps``'s value, the one a window anchored at the next step starts from
+    settled: dict[str, Tensor] = field(default_factory=dict)
 
     @classmethod
     def create(cls, specs: dict[str, MergeSpec], param_groups, *, backend: str, nonfinite: str, overlap: Any,
@@ -97,6 +102,7 @@ class Runtime:
         rt.initial = _sums(params)
         rt._plan()
         rt.registry.refresh(param_groups, place=False)
+        rt.settle_buffers()
         return rt
 
     def check_capturable(self, params) -> None:
@@ -165,11 +171,11 @@ class Runtime:
         """Before the inner step: anchor every merge whose window is due (``A <- c_0 theta``)."""
         due = [m for m in self.merges if m.position.anchor_due(self.steps)]
         run = self.merges if self.capturable else due  # capturable: the kernel decides
-        ok = self._checkpoint_ok() if run else None
+        ok = self._checkpoint_ok(anchor=True) if run else None
         keep = [m.spec.keep_last and (m.position.complete or self.capturable) for m in run]
-        for g, backend in self._passes():
+        for g, backend, values in self._passes(anchor=True):
             updates = [m.update(g, m.weights.c(0), k) for m, k in zip(run, keep)]
-            backend.anchor(g.local, updates, None if ok is None else ok[g.device], cache=g.cache)
+            backend.anchor(values, updates, None if ok is None else ok[g.device], cache=g.cache)
         for m in due:
             if m.position.complete and m.spec.keep_last:
                 m.ledger.roll()
@@ -215,19 +221,53 @@ class Runtime:
             for m, c in due:
                 m.ledger.record(c, ok[self.registry.target_devices[0]], new_window=False)
 
-    def _passes(self) -> list[tuple[Group, Backend]]:
-        """Every group with the backend that folds it: params through the chosen one, merged model buffers inline."""
-        return ([(g, self.backend) for g in self.registry.groups]
-                + [(g, self.buffer_backend) for g in self.registry.buffer_groups])
+    def _passes(self, anchor: bool = False) -> list[tuple[Group, Backend, list[Tensor]]]:
+        """Every group with the backend that folds it and the values it folds.
 
-    def _checkpoint_ok(self) -> dict[torch.device, Tensor] | None:
+        Params go through the chosen backend, merged model buffers inline. The
+        values are the live tensors, except the merged buffers at an anchor
+        (``anchor=True``): their settled values (:meth:`settled_values`).
+        """
+        return ([(g, self.backend, g.local) for g in self.registry.groups]
+                + [(g, self.buffer_backend, self.settled_values(g) if anchor else g.local)
+                   for g in self.registry.buffer_groups])
+
+    def settle_buffers(self) -> None:
+        """Keep the merged model buffers' values now (end of a step, wrapping, loading): the next anchor's.
+
+        One copy of the merged buffers, refreshed in place after every step.
+        """
+        names = self.registry.buffer_names
+        with torch.no_grad():
+            for b in self.registry.buffers:
+                if b.device.type == "meta":  # not materialised yet: nothing to keep
+                    continue
+                name, old = names[b], self.settled.get(names[b])
+                if old is not None and old.device == b.device and old.dtype == b.dtype:
+                    old.copy_(b)
+                else:
+                    self.settled[name] = b.detach().clone()
+
+    def settled_values(self, group: Group) -> list[Tensor]:
+        """The settled values of a merged-buffer group's buffers (moved or cast like them, if they were)."""
+        names, values = self.registry.buffer_names, []
+        for b in group.local:
+            value = self.settled.get(names[b])
+            if value is None:  # on the meta device when wrapped: its value when the first window began
+                value = self.settled[names[b]] = b.detach().clone()
+            if value.device != b.device or value.dtype != b.dtype:
+                value = self.settled[names[b]] = value.to(b.device, b.dtype)
+            values.append(value)
+        return values
+
+    def _checkpoint_ok(self, anchor: bool = False) -> dict[torch.device, Tensor] | None:
         """Skip mode: an int32 flag per device, 1 iff every param (and merged buffer) is finite (device only)."""
         if self.nonfinite != "skip":
             return None
         devices = self.registry.target_devices
         flags = {d: torch.ones((), dtype=torch.int32, device=d) for d in devices}
-        for g, backend in self._passes():
-            backend.all_finite(g.local, flags[g.device], cache=g.cache)
+        for g, backend, values in self._passes(anchor):
+            backend.all_finite(values, flags[g.device], cache=g.cache)
         if len(devices) > 1:  # the checkpoint is bad if any device saw a bad value
             total = flags[devices[0]].clone()
             for d in devices[1:]:
