@@ -14,7 +14,7 @@ import torch
 
 HERE = os.path.dirname(__file__)
 sys.path.insert(0, HERE)
-from test_integrations_transformers import EVAL, TRAIN, _args, _equal, _model  # noqa: E402
+from test_integrations_transformers import EVAL, TRAIN, BiasedGPT2, _args, _buffered_model, _equal, _model  # noqa: E402
 from transformers import GPT2LMHeadModel, Trainer, TrainerCallback  # noqa: E402
 
 from wsm_optim import WSMOptimizer, unwrap  # noqa: E402
@@ -46,13 +46,13 @@ class RecordEngineMerged(TrainerCallback):
         self.at_save[state.global_step] = (merged, live)
 
 
-def evaluate_loss(trainer, state_dict):
+def evaluate_loss(trainer, state_dict, build=_model):
     """The eval loss of given weights as ``trainer``'s evaluation computes it (its ``prediction_step``).
 
     On a separate plain model: a second ``Trainer`` would get DeepSpeed too
     (accelerate's state is process-wide).
     """
-    model = _model()
+    model = build()
     model.load_state_dict(state_dict)
     model.eval()
     batch = next(iter(trainer.get_eval_dataloader()))
@@ -125,7 +125,36 @@ def case_without_wrap_trainer_unwrap_names_the_fix(out_dir):
     return {"steps": wsm.steps, "message": None}
 
 
+def case_wrap_trainer_merge_buffers(out_dir):
+    """merge_buffers=True under ZeRO-2: eval_merged_* and merged/ with the merged logit-bias buffer; exact resume."""
+    wsm = dict(schedule="1-sqrt", window=4, merge_buffers=True)
+    trainer = make(out_dir, "mb", model=_buffered_model(), wsm=wsm)
+    record = RecordEngineMerged(trainer)
+    trainer.add_callback(record)
+    trainer.train()
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    out = {"steps": unwrap(trainer.optimizer).steps, "eval_steps": [h["step"] for h in evals],
+           "merged_metric_matches": [], "folder_matches": [], "buffer_differs_from_live": []}
+    for h in evals:
+        merged, live = record.at_save[h["step"]]
+        out["merged_metric_matches"].append(
+            abs(h["eval_merged_loss"] - evaluate_loss(trainer, merged, _buffered_model)) < 1e-5)
+        out["buffer_differs_from_live"].append(not torch.equal(merged["logit_bias"], live["logit_bias"]))
+        folder = os.path.join(out_dir, "mb", f"checkpoint-{h['step']}", "merged")
+        out["folder_matches"].append(_equal(BiasedGPT2.from_pretrained(folder).state_dict(), merged))
+    resumed = make(out_dir, "mb2", model=_buffered_model(seed=1), wsm=wsm, eval_strategy="no")
+    resumed.train(resume_from_checkpoint=os.path.join(out_dir, "mb", "checkpoint-6"))
+    ma, mb = wds.merged_state_dict(trainer.model_wrapped), wds.merged_state_dict(resumed.model_wrapped)
+    out.update(
+        resumed_steps=unwrap(resumed.optimizer).steps,
+        resumed_live_equal=_equal(trainer.model.state_dict(), resumed.model.state_dict()),
+        resumed_merged_equal=_equal(ma, mb) and "logit_bias" in ma,
+    )
+    return out
+
+
 CASES = [
+    case_wrap_trainer_merge_buffers,
     case_wrap_trainer_metrics_and_merged_folders,
     case_resume_from_checkpoint_mid_window_is_exact,
     case_optimizer_given_in_optimizers_is_the_one_stepped,

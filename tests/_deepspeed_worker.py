@@ -28,8 +28,10 @@ STEPS = 9  # ends mid-window: the readout leans on the live masters
 RANK = int(os.environ.get("RANK", 0))
 
 
-def build(seed=0):
+def build(seed=0, batch_norm=False):
     torch.manual_seed(seed)
+    if batch_norm:  # running statistics: merged with merge_buffers=True; num_batches_tracked: live
+        return nn.Sequential(nn.Linear(7, 5), nn.BatchNorm1d(5, momentum=0.3), nn.Tanh(), nn.Linear(5, 3))
     # 7 * 5 + 5 + 5 * 3 + 3 = 58 params: not divisible by the partition count (uneven partitions, padding)
     return nn.Sequential(nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 3))
 
@@ -42,9 +44,10 @@ def groups(model):
     ]
 
 
-def engine_for(stage, seed=0, bf16=False, **zero):
-    model = build(seed)
-    wsm = WSMOptimizer(torch.optim.AdamW(groups(model), lr=0.05, weight_decay=0.1), **SPEC.as_kwargs())
+def engine_for(stage, seed=0, bf16=False, merge_buffers=False, **zero):
+    model = build(seed, batch_norm=merge_buffers)
+    buffers = dict(model=model, merge_buffers=True) if merge_buffers else {}
+    wsm = WSMOptimizer(torch.optim.AdamW(groups(model), lr=0.05, weight_decay=0.1), **SPEC.as_kwargs(), **buffers)
     config = {
         "train_micro_batch_size_per_gpu": 4,
         "zero_optimization": {"stage": stage, **zero},
@@ -55,8 +58,8 @@ def engine_for(stage, seed=0, bf16=False, **zero):
     return engine, wsm
 
 
-def batches(n, skip=0):
-    g = torch.Generator().manual_seed(100 + RANK)
+def batches(n, skip=0, shared=False):
+    g = torch.Generator().manual_seed(100 + (0 if shared else RANK))
     out = [(torch.randn(4, 7, generator=g), torch.randn(4, 3, generator=g)) for _ in range(skip + n)]
     return out[skip:]
 
@@ -171,7 +174,70 @@ def case_stage0_steps_the_optimizer_as_is(stage, out_dir):
             "swap_equal": all(torch.equal(inside[k], expected[k]) for k in expected)}
 
 
-CASES = [case_merge_equals_explicit_merge, case_resume_through_deepspeed_checkpoint_is_exact]
+BUFFERS = ["1.running_mean", "1.running_var"]
+
+
+def merged_buffers(engine):
+    """The module's merged buffers now, float64 (each rank's own: DeepSpeed does not partition buffers)."""
+    state = engine.module.state_dict()
+    return [state[k].to(torch.float64, copy=True) for k in BUFFERS]
+
+
+def case_merge_buffers(stage, out_dir):
+    """merge_buffers=True: BatchNorm running stats merged beside the flat partitions; readouts, swap, resume.
+
+    Every rank sees the same batches, so the buffers are the same on every rank
+    (DeepSpeed restores the live module, buffers included, from rank 0's file).
+    """
+    ckpt = os.path.join(out_dir, f"ckpt_buffers{stage}")
+    data = batches(STEPS, shared=True)
+    engine, wsm = engine_for(stage, merge_buffers=True)
+    wds.attach(engine)
+    names = [n for n, _ in engine.module.named_parameters()]
+    params, buffers = [masters(engine)], [merged_buffers(engine)]
+    worst_params = worst_buffers = 0.0
+    for s, batch in enumerate(data, start=1):
+        train(engine, [batch])
+        params.append(masters(engine))
+        buffers.append(merged_buffers(engine))
+        merged = wds.merged_state_dict(engine, torch.float32)
+        for name, ref in zip(names, reference.readout(SPEC, params, s)):
+            worst_params = max(worst_params, float((merged[name].to(torch.float64) - ref).abs().max()))
+        for name, ref in zip(BUFFERS, reference.readout(SPEC, buffers, s)):
+            worst_buffers = max(worst_buffers, float((merged[name].to(torch.float64) - ref).abs().max()))
+        if s == 5:  # mid-window (between checkpoints)
+            engine.save_checkpoint(ckpt, tag="s5")
+    merged = wds.merged_state_dict(engine)
+    full = wds.merged_state_dict(engine, model=engine.module)
+    live = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    with wds.merged_weights(engine):
+        inside = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    restored = all(torch.equal(v, live[k]) for k, v in engine.module.state_dict().items())
+    b, wb = engine_for(stage, seed=3, merge_buffers=True)  # other init: everything comes from the checkpoint
+    wds.attach(b)
+    b.load_checkpoint(ckpt, tag="s5")
+    resumed_steps = wb.steps
+    train(b, data[5:])
+    ma, mb = wds.merged_state_dict(engine, torch.float32), wds.merged_state_dict(b, torch.float32)
+    return {
+        "steps": [wsm.steps, wb.steps],
+        "resumed_steps": resumed_steps,
+        "keys": sorted(merged) == sorted(names + BUFFERS),
+        "full_keys": sorted(full) == sorted(live),
+        "full_buffers_merged": all(torch.equal(full[k], merged[k]) for k in BUFFERS),
+        "num_batches_tracked_live": torch.equal(full["1.num_batches_tracked"], live["1.num_batches_tracked"]),
+        "buffers_differ_from_live": all(not torch.equal(merged[k], live[k]) for k in BUFFERS),
+        "worst_params_vs_explicit_merge": worst_params,
+        "worst_buffers_vs_explicit_merge": worst_buffers,
+        "swap_equals_readout": all(torch.equal(inside[k], merged[k]) for k in merged),
+        "restored_bit_exactly": restored,
+        "saved_buffer_names": wsm.state_dict()["wsm"]["buffers"],
+        "resumed_merged_equal": sorted(ma) == sorted(mb) and all(torch.equal(ma[k], mb[k]) for k in ma),
+        "resumed_live_equal": all(torch.equal(v, b.module.state_dict()[k]) for k, v in engine.module.state_dict().items()),
+    }
+
+
+CASES = [case_merge_equals_explicit_merge, case_resume_through_deepspeed_checkpoint_is_exact, case_merge_buffers]
 
 
 def main():

@@ -60,6 +60,20 @@ def test_zero_resume_through_deepspeed_checkpointing_is_exact(plain, stage):
         assert r["merged_equal"] and r["status_equal"], (rank, r)
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_merge_buffers_readouts_swap_and_resume(plain, stage):
+    """merge_buffers=True: BatchNorm running stats merged beside the flat fp32 partitions, saved and resumed."""
+    for rank, results in enumerate(plain):
+        r = _case(results, f"merge_buffers[{stage}]")
+        assert r["steps"] == [9, 9] and r["resumed_steps"] == 5, (rank, r)
+        assert r["keys"] and r["full_keys"] and r["full_buffers_merged"] and r["num_batches_tracked_live"], (rank, r)
+        assert r["buffers_differ_from_live"], (rank, r)
+        assert r["worst_params_vs_explicit_merge"] < 1e-6 and r["worst_buffers_vs_explicit_merge"] < 1e-6, (rank, r)
+        assert r["swap_equals_readout"] and r["restored_bit_exactly"], (rank, r)
+        assert r["saved_buffer_names"] == ["1.running_mean", "1.running_var"], (rank, r)
+        assert r["resumed_merged_equal"] and r["resumed_live_equal"], (rank, r)
+
+
 def test_zero2_bf16_copies_are_the_cast_merge_of_the_fp32_masters_and_come_back(plain):
     for rank, results in enumerate(plain):
         r = _case(results, "bf16_copies_follow_the_merged_masters")
@@ -84,6 +98,13 @@ def test_hf_trainer_with_deepspeed_reports_merged_metrics_and_writes_merged_fold
     assert r["steps"] == 8 and r["eval_steps"] == [3, 6, 8]
     assert all(r["merged_metric_matches"]) and all(r["live_metric_matches"]), r
     assert all(r["folder_matches"]) and all(r["merged_differs_from_live"]), r
+
+
+def test_hf_trainer_with_deepspeed_merge_buffers_metrics_folders_and_resume(hf):
+    r = _case(hf, "wrap_trainer_merge_buffers")
+    assert r["steps"] == 8 and r["eval_steps"] == [3, 6, 8], r
+    assert all(r["merged_metric_matches"]) and all(r["folder_matches"]) and all(r["buffer_differs_from_live"]), r
+    assert r["resumed_steps"] == 8 and r["resumed_live_equal"] and r["resumed_merged_equal"], r
 
 
 def test_hf_trainer_with_deepspeed_resumes_mid_window_exactly(hf):

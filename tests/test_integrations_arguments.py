@@ -31,6 +31,10 @@ BAD = {
     "bad window in a merge": dict(merges={"a": dict(window=4, interval=3)}),
     "unknown nonfinite": dict(window=4, nonfinite="ignore"),
     "unknown backend": dict(window=4, backend="cuda"),
+    "merge_buffers as a string": dict(window=4, merge_buffers="yes"),
+    "merge_buffers as an int": dict(window=4, merge_buffers=1),
+    "merge_buffers None": dict(window=4, merge_buffers=None),
+    "merge_buffers as a string, with merges": dict(merges={"a": dict(window=4)}, merge_buffers="False"),
 }
 
 
@@ -51,3 +55,26 @@ def test_integrations_raise_the_optimizers_error_for_the_same_bad_arguments(case
     )
     assert _error(lambda: wrap_trainer(trainer, **kwargs)) == expected
     assert _error(lambda: WSMCallback(**kwargs)) == expected
+
+
+def _tiny_trainer(tmp_path):
+    return Trainer(
+        model=GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=1, vocab_size=16, n_positions=4)),
+        args=TrainingArguments(str(tmp_path), use_cpu=True, report_to=[]),
+    )
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(schedule="linear", interval=1, start=0, keep_last=False)])
+def test_merge_buffers_without_merge_arguments_is_refused_by_the_integrations(kwargs, tmp_path):
+    """Nothing to build a WSMOptimizer from: the flag would be silently dropped (a given WSMOptimizer keeps its own)."""
+    for make in (lambda: wrap_trainer(_tiny_trainer(tmp_path), merge_buffers=True, **kwargs),
+                 lambda: WSMCallback(merge_buffers=True, **kwargs)):
+        error, message = _error(make)
+        assert error is ValueError and "merge_buffers=True needs the merge arguments" in message
+        assert "model=" in message  # the way with a WSMOptimizer built by the user
+
+
+def test_merge_buffers_without_model_is_refused_by_the_optimizer():
+    param = torch.zeros(2, requires_grad=True)
+    error, message = _error(lambda: WSMOptimizer(torch.optim.SGD([param], lr=0.1), window=4, merge_buffers=True))
+    assert error is ValueError and "merge_buffers=True needs model=" in message

@@ -322,3 +322,120 @@ def test_step_inside_merged_weights_through_lightning_optimizer_is_refused(tmp_p
     trainer = _trainer(tmp_path, [WSMCallback(window=4)], max_epochs=1, enable_checkpointing=False, limit_val_batches=0)
     with pytest.raises(RuntimeError, match="inside merged_weights"):
         trainer.fit(ManualStepInsideSwap(), _data())
+
+
+# ------------------------------------------------------------ merge_buffers=True
+class TinyBatchNormRegressor(TinyRegressor):
+    """4 -> 8 -> BatchNorm -> 1: running stats (merged with merge_buffers=True) and num_batches_tracked (live)."""
+
+    def __init__(self, lr: float = 0.05, scheduler: str | bool = False, wsm: bool = False):
+        super().__init__(lr=lr, scheduler=scheduler, wsm=wsm)
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8, momentum=0.3), nn.Tanh(), nn.Linear(8, 1))
+
+
+BN_MERGED = ["net.1.running_mean", "net.1.running_var"]
+
+
+def _bn_model(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return TinyBatchNormRegressor(**kwargs)
+
+
+class Snapshots(Callback):
+    """float64 snapshots of the merged buffers after every optimizer step (index 0: when training starts)."""
+
+    def __init__(self):
+        self.steps: list[list[torch.Tensor]] = []
+
+    def _take(self, pl_module):
+        state = pl_module.state_dict()
+        self.steps.append([state[k].detach().to(torch.float64, copy=True) for k in BN_MERGED])
+
+    def on_train_start(self, trainer, pl_module):
+        self._take(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._take(pl_module)
+
+
+def _eval_loss(model, state_dict, loader):
+    other = copy.deepcopy(model)
+    other.load_state_dict(state_dict)
+    other.eval()  # BatchNorm on its running statistics, as in validation
+    return sum(_loss(other, loader)) / BATCHES_PER_EPOCH
+
+
+def test_merge_buffers_validation_scores_merged_params_and_buffers(tmp_path):
+    from reference import Window, readout
+
+    spec = Window("1-sqrt", window=4)
+    cb = WSMCallback(merge_buffers=True, **spec.as_kwargs())
+    probe, snaps = Probe(cb), Snapshots()
+    model, loader = _bn_model(), _data()
+    trainer = _trainer(tmp_path, [snaps, probe, cb], max_epochs=3, enable_checkpointing=False)
+    trainer.fit(model, loader, loader)
+    assert cb.optimizer.state_dict()["wsm"]["buffers"] == BN_MERGED
+    val_params = model.val_params[-len(probe.before_val):]
+    assert len(probe.before_val) == 3
+    for (live, merged, steps), seen, val_loss in zip(probe.before_val, val_params, model.val_losses[-3:]):
+        assert _equal(seen, merged), "validation did not run on the merged params and buffers"
+        for key, expected in zip(BN_MERGED, readout(spec, snaps.steps, steps)):
+            torch.testing.assert_close(merged[key].double(), expected, rtol=1e-6, atol=1e-7)
+            assert not torch.equal(merged[key], live[key])  # mid-window: merged buffers differ from the live ones
+        assert torch.equal(merged["net.1.num_batches_tracked"], live["net.1.num_batches_tracked"])  # live
+        assert val_loss == pytest.approx(_eval_loss(model, merged, loader), rel=1e-6)
+    live_at_end, merged_at_end = probe.at_train_end
+    assert _equal(model.state_dict(), merged_at_end), "merged_after_fit: merged params and buffers in the module"
+    assert not torch.equal(live_at_end["net.1.running_mean"], merged_at_end["net.1.running_mean"])
+
+
+def _bn_resume_callbacks(tmp_path, sub, window, interval):
+    cb = WSMCallback(schedule="1-sqrt", window=window, interval=interval, merge_buffers=True, merged_after_fit=False)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / sub, every_n_epochs=1, save_top_k=-1, filename="{epoch}")
+    return cb, Probe(cb), ckpt
+
+
+@pytest.mark.parametrize(
+    "window, interval, epoch",
+    [(8, 2, 0), (6, 3, 1)],  # step 3: checkpoint 1 of 4 and one step past it; step 6: a window's end (anchor next)
+)
+def test_merge_buffers_checkpoint_holds_merged_buffers_and_resume_is_exact(tmp_path, window, interval, epoch):
+    loader = _data()
+    cb_a, probe_a, ckpt_a = _bn_resume_callbacks(tmp_path, "a", window, interval)
+    model_a = _bn_model(scheduler=True)
+    _trainer(tmp_path, [probe_a, cb_a, ckpt_a]).fit(model_a, loader, loader)
+
+    path = tmp_path / "a" / f"epoch={epoch}.ckpt"
+    saved = torch.load(path, weights_only=False)
+    live_0, merged_0, steps_0 = probe_a.before_val[epoch]
+    assert steps_0 == (epoch + 1) * BATCHES_PER_EPOCH
+    assert _equal(saved["state_dict"], merged_0) and _equal(saved["current_model_state"], live_0)
+    for key in BN_MERGED:
+        assert not torch.equal(saved["state_dict"][key], saved["current_model_state"][key])
+    assert torch.equal(saved["state_dict"]["net.1.num_batches_tracked"], torch.tensor(steps_0))  # live, not merged
+    state = saved["optimizer_states"][0]
+    assert state["wsm"]["buffers"] == BN_MERGED
+    assert {f"wsm_acc.default:{k}" for k in BN_MERGED} <= set(state["state"][0])
+    assert _equal(TinyBatchNormRegressor.load_from_checkpoint(path).state_dict(), merged_0)
+
+    cb_b, probe_b, ckpt_b = _bn_resume_callbacks(tmp_path, "b", window, interval)
+    model_b = _bn_model(seed=123, scheduler=True)  # other init: everything comes from the checkpoint
+    _trainer(tmp_path, [probe_b, cb_b, ckpt_b]).fit(model_b, loader, loader, ckpt_path=path)
+    assert cb_b.optimizer.steps == cb_a.optimizer.steps == 4 * BATCHES_PER_EPOCH
+    assert _equal(model_b.state_dict(), model_a.state_dict()), "live params or buffers differ after resume"
+    assert _equal(cb_b.optimizer.merged_state_dict(model=model_b), cb_a.optimizer.merged_state_dict(model=model_a))
+    # every later readout (what validation ran on, its scores, the checkpoints) is the uninterrupted run's
+    later = probe_a.before_val[epoch + 1:]
+    assert len(later) == len(probe_b.before_val) == 3 - epoch
+    for (live_a, merged_a, _), (live_b, merged_b, _) in zip(later, probe_b.before_val):
+        assert _equal(merged_a, merged_b) and _equal(live_a, live_b)
+    assert model_b.val_losses[-len(later):] == model_a.val_losses[-len(later):]
+    for e in range(epoch + 1, 4):
+        a = torch.load(tmp_path / "a" / f"epoch={e}.ckpt", weights_only=False)
+        b = torch.load(tmp_path / "b" / f"epoch={e}.ckpt", weights_only=False)
+        assert _equal(a["state_dict"], b["state_dict"]) and _equal(a["current_model_state"], b["current_model_state"])
+
+
+def test_merge_buffers_needs_merge_arguments():
+    with pytest.raises(ValueError, match="merge_buffers=True needs the merge arguments"):
+        WSMCallback(merge_buffers=True)

@@ -93,8 +93,9 @@ def _equal(a, b):
 class Evaluator:
     """A plain ``Trainer`` (no WSM) that evaluates given weights: the same loss convention as the tested one."""
 
-    def __init__(self, tmp_path):
-        self.trainer = Trainer(model=_model(), args=_args(tmp_path / "evaluator"), eval_dataset=EVAL)
+    def __init__(self, tmp_path, make=None):
+        model = (make or _model)()
+        self.trainer = Trainer(model=model, args=_args(tmp_path / "evaluator"), eval_dataset=EVAL)
 
     def __call__(self, state_dict):
         self.trainer.model.load_state_dict(state_dict)
@@ -312,3 +313,109 @@ def test_merged_folder_of_a_tied_embedding_model_is_complete_and_loads_silently(
     loaded = GPT2LMHeadModel.from_pretrained(tmp_path / f"checkpoint-{best_step}" / "merged")
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
     assert _equal(loaded.state_dict(), record.at_save[best_step][0])
+
+
+# ------------------------------------------------------------ merge_buffers=True
+class BiasedGPT2(GPT2LMHeadModel):
+    """GPT-2 with a persistent float buffer updated in forward: a logit bias that re-centres the logits
+    (as an MoE router's load-balancing bias does), used by every forward, changed by training forwards only."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.register_buffer("logit_bias", torch.zeros(config.vocab_size))
+
+    def forward(self, input_ids=None, labels=None, attention_mask=None):
+        from transformers.modeling_outputs import CausalLMOutput
+
+        hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        logits = self.lm_head(hidden) + self.logit_bias
+        if self.training:
+            with torch.no_grad():
+                mean = logits.detach().float().mean((0, 1))
+                self.logit_bias.sub_(mean - mean.mean(), alpha=0.3)
+        loss = None
+        if labels is not None:
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1))
+        return CausalLMOutput(loss=loss, logits=logits)
+
+
+def _buffered_model(seed=0):
+    torch.manual_seed(seed)
+    return BiasedGPT2(_model(seed).config)
+
+
+class BufferSnapshots(TrainerCallback):
+    """float64 snapshots of ``logit_bias`` after every optimizer step (index 0: when training begins)."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.steps.append([model.logit_bias.detach().to(torch.float64, copy=True)])
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.steps.append([model.logit_bias.detach().to(torch.float64, copy=True)])
+
+
+def test_merge_buffers_metrics_and_merged_folders_hold_merged_buffers(tmp_path):
+    from reference import Window, readout
+
+    spec = Window("1-sqrt", window=4)
+    record, snaps = RecordMerged(), BufferSnapshots()
+    trainer = _trainer(tmp_path, model=_buffered_model(), callbacks=[snaps, record],
+                       wsm=dict(merge_buffers=True, **spec.as_kwargs()))
+    trainer.train()
+    wsm = unwrap(trainer.optimizer)
+    assert wsm.steps == 8 and wsm.state_dict()["wsm"]["buffers"] == ["logit_bias"]
+    evaluate = Evaluator(tmp_path, _buffered_model)
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    assert [h["step"] for h in evals] == [3, 6, 8]
+    for h in evals:
+        merged, live = record.at_save[h["step"]]
+        (expected,) = readout(spec, snaps.steps, h["step"])
+        torch.testing.assert_close(merged["logit_bias"].double(), expected, rtol=1e-6, atol=1e-7)
+        assert not torch.equal(merged["logit_bias"], live["logit_bias"])
+        assert h["eval_merged_loss"] == pytest.approx(evaluate(merged), rel=1e-6)
+        assert h["eval_loss"] == pytest.approx(evaluate(live), rel=1e-6)
+        # the merged params with the LIVE buffer score differently: the metric used the merged buffer
+        assert h["eval_merged_loss"] != pytest.approx(evaluate(dict(merged, logit_bias=live["logit_bias"])), rel=1e-6)
+        folder = tmp_path / f"checkpoint-{h['step']}"
+        assert _equal(BiasedGPT2.from_pretrained(folder / "merged").state_dict(), merged)
+        assert _equal(BiasedGPT2.from_pretrained(folder).state_dict(), live)
+
+
+def test_merge_buffers_resume_from_checkpoint_mid_window_is_exact(tmp_path):
+    wsm = dict(schedule="1-sqrt", window=4, merge_buffers=True)
+    a = _trainer(tmp_path / "a", model=_buffered_model(), wsm=wsm, eval_strategy="no")
+    a.train()
+    ckpt = tmp_path / "a" / "checkpoint-6"  # checkpoint 2 of the second window
+    saved = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    assert saved["wsm"]["buffers"] == ["logit_bias"] and "wsm_acc.default:logit_bias" in saved["state"][0]
+    b = _trainer(tmp_path / "b", model=_buffered_model(seed=1), wsm=wsm, eval_strategy="no")
+    b.train(resume_from_checkpoint=str(ckpt))
+    wa, wb = unwrap(a.optimizer), unwrap(b.optimizer)
+    assert wb.steps == wa.steps == 8
+    assert _equal(b.model.state_dict(), a.model.state_dict()), "live params or buffers differ after resume"
+    assert _equal(wb.merged_state_dict(model=b.model), wa.merged_state_dict(model=a.model))
+    merged_a = BiasedGPT2.from_pretrained(tmp_path / "a" / "checkpoint-8" / "merged").state_dict()
+    merged_b = BiasedGPT2.from_pretrained(tmp_path / "b" / "checkpoint-8" / "merged").state_dict()
+    assert _equal(merged_a, merged_b)
+    assert not torch.equal(merged_a["logit_bias"], a.model.logit_bias)
+
+
+def test_merge_buffers_load_best_merged_model_keeps_the_runs_merged_buffers(tmp_path):
+    record = RecordMerged()
+    trainer = _trainer(tmp_path, model=_buffered_model(), callbacks=[record],
+                       wsm=dict(schedule="1-sqrt", window=4, merge_buffers=True), load_best_model_at_end=True,
+                       metric_for_best_model="eval_merged_loss", save_steps=2, eval_steps=2, learning_rate=3e-2)
+    trainer.train()
+    best = min((h for h in trainer.state.log_history if "eval_merged_loss" in h), key=lambda h: h["eval_merged_loss"])
+    assert _equal(trainer.model.state_dict(), record.at_save[best["step"]][0])  # merged params and buffers loaded
+    if best["step"] != 8:  # the run's final merge is still what the optimizer reads, buffers included
+        assert _equal(unwrap(trainer.optimizer).merged_state_dict(model=trainer.model), record.at_save[8][0])
+
+
+def test_merge_buffers_needs_merge_arguments(tmp_path):
+    trainer = Trainer(model=_model(), args=_args(tmp_path, eval_strategy="no"), train_dataset=TRAIN)
+    with pytest.raises(ValueError, match="merge_buffers=True needs the merge arguments"):
+        wrap_trainer(trainer, merge_buffers=True)

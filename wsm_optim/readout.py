@@ -141,7 +141,8 @@ def _raise_bad(rt: "Runtime", merge: "Merge", completed: bool, label: str, p: Te
 def _entries(rt: "Runtime", model: nn.Module | None) -> list[tuple[str, Tensor, Tensor | None]]:
     """``(key, tensor, tracked param or None)`` in output order.
 
-    Without ``model``: the optimizer's params under their names. With it, every
+    Without ``model``: the optimizer's params under their names (then the
+    merged model buffers under theirs, with ``merge_buffers=True``). With it, every
     entry of ``model.state_dict()``: a param the optimizer tracks is matched by
     identity, else by name (a copy of the model); merged buffers
     (``merge_buffers=True``) likewise; other buffers and frozen params come
@@ -155,7 +156,10 @@ def _entries(rt: "Runtime", model: nn.Module | None) -> list[tuple[str, Tensor, 
                 "model.named_parameters(), or pass model= (here or to WSMOptimizer)"
             )
         unique_names({p: names[p] for p in rt.registry.params}, "merged_state_dict()")
-        return [(names[p], p, p) for p in rt.registry.params]
+        # merged model buffers (merge_buffers=True) under their module names: reached without a model
+        # where the optimizer's model was dropped (DeepSpeed ZeRO tracks flat partitions, not the module)
+        buffers = [(n, b, b) for b, n in rt.registry.buffer_names.items()]
+        return [(names[p], p, p) for p in rt.registry.params] + buffers
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__} {model!r}")
     tracked = set(rt.registry.targets)

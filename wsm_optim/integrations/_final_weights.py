@@ -36,7 +36,10 @@ def _local(p: Tensor) -> Tensor:
 
 
 def _params(wsm: WSMOptimizer) -> list[Tensor]:
-    return list(dict.fromkeys(p for group in wsm.param_groups for p in group["params"]))
+    """The tracked params, then the merged model buffers (``merge_buffers=True``): every live term of a readout."""
+    params = list(dict.fromkeys(p for group in wsm.param_groups for p in group["params"]))
+    model_buffers = wsm._runtime.registry.model_buffers
+    return params + (model_buffers.current() if model_buffers is not None else [])
 
 
 class FinalWeightsKept:

@@ -40,6 +40,18 @@ What DeepSpeed does to a client optimizer, and what :func:`attach` changes:
   checkpoints and DeepSpeed's universal checkpoint keep only the inner
   optimizer's state: refused (elastic) or not carried (universal).
 
+* ``merge_buffers=True`` (``WSMOptimizer(..., model=model, merge_buffers=True)``
+  with the module given to ``deepspeed.initialize``): the module's persistent
+  floating-point buffers are merged beside the flat partitions, with the same
+  weights. DeepSpeed does not partition buffers: each rank merges its own
+  (identical across ranks where the buffers are: updated from replicated
+  values, or ``SyncBatchNorm``), in its own precision (DeepSpeed casts them
+  with the module under bf16/fp16). :func:`merged_state_dict` returns them
+  under their names, :func:`merged_weights` swaps them into the module, and
+  their accumulators are saved with the rest of the client optimizer's state
+  (each rank's own; DeepSpeed restores the live buffers from data-parallel
+  rank 0's module file).
+
 Refused with a message: ZeRO stage 3 (params partitioned per parameter and
 gathered on the fly), optimizer offload, elastic checkpoints.
 """
@@ -243,7 +255,8 @@ def merged_state_dict(
 
     Returns:
         ``{name: tensor}`` on every rank, new CPU-or-device tensors of the
-        module params' shapes.
+        module params' shapes; with ``merge_buffers=True`` also the merged
+        module buffers (this rank's merge of its own buffers).
     """
     zero, wsm = _attached(engine)
     if zero is wsm:  # stage 0: the optimizer steps the module's own params
@@ -258,17 +271,27 @@ def merged_state_dict(
         for name, offset, shape, p in entries:
             value = whole.narrow(0, offset, shape.numel()).view(shape).to(dtype or p.dtype, copy=True)
             out[name] = by_param[p] = value
+    # merge_buffers=True: this rank's merged module buffers, under their names (not partitioned: no gather)
+    buffers = {name: flat[name].to(dtype or b.dtype) for b, name in wsm._runtime.registry.buffer_names.items()}
+    out.update(buffers)
     if model is None:
         return out
     result = {}
     for key, value in model.state_dict(keep_vars=True).items():
-        result[key] = by_param[value] if value in by_param else value.detach().clone()
+        if value in by_param:
+            result[key] = by_param[value]
+        elif key in buffers and buffers[key].shape == value.shape:
+            result[key] = buffers[key]
+        else:
+            result[key] = value.detach().clone()
     return result
 
 
 @contextlib.contextmanager
 def merged_weights(engine: Any, *, merge: str | None = None, completed: bool = False):
     """Swap the merge into DeepSpeed's fp32 masters and its low-precision copies (the module) for a ``with`` block.
+
+    With ``merge_buffers=True`` the merged buffers are swapped into the module too.
 
     On exit the masters are restored bit-exactly and the copies refreshed from
     them (the cast of the masters, which they were before). Every rank must
