@@ -258,6 +258,7 @@ class WSMOptimizer(torch.optim.Optimizer):
         rt = self._runtime
         rt.count_step()
         rt.fold()
+        rt.record_buffers()  # after the fold read them: the next window's anchor (see Runtime.buffer_prev)
         rt.registry.record_versions()
 
     def sync_steps(self) -> int:

@@ -19,7 +19,9 @@ Merged model buffers (``merge_buffers=True``) are not optimizer params, and
 buffers sit in the ``state`` entry of the first tracked param (the first
 param of the first group), as ``wsm_acc.<merge>:<buffer name>`` and
 ``wsm_last.<merge>:<buffer name>`` (``:`` appears in neither merge nor module
-names). They are plain tensors (replicated under FSDP2, whose buffers are
+names), and ``wsm_prev:<buffer name>``: the buffer at the last checkpoint,
+which the next window's anchor reads (the live buffer may have moved on in
+the next forward or a step pre-hook before that anchor). They are plain tensors (replicated under FSDP2, whose buffers are
 not sharded), so DCP saves them once and loads them on every rank.
 
 The copy in the param groups is what survives
@@ -55,6 +57,7 @@ __all__ = ["VERSION", "save", "load"]
 VERSION = 1
 ACC = "wsm_acc"
 COMPLETED = "wsm_last"  # format-1 name of the kept completed window
+PREV = "wsm_prev"  # merged model buffers: their values at the last checkpoint (Runtime.buffer_prev)
 _CONFIG_KEYS = ("schedule", "window", "interval", "start", "weights_sha256")
 _POSITION_KEYS = ("anchored", "t", "r", "windows_completed", "has_last")  # "has_last": Position.has_completed
 _LEDGER_KEYS = ("skipped", "last_skipped")  # [weight, count] of the current / completed window, or None
@@ -169,6 +172,7 @@ def save(rt: "Runtime", inner: torch.optim.Optimizer) -> dict[str, Any]:
                     entry[_key(ACC, merge.name, name)] = merge.acc[b]
                     if merge.completed is not None:
                         entry[_key(COMPLETED, merge.name, name)] = merge.completed[b]
+                entry[f"{PREV}:{name}"] = rt.buffer_prev[b]
         state[pid] = entry
     sd["state"] = state
     wsm = {
@@ -281,8 +285,13 @@ def _buffers(rt: "Runtime", inner: torch.optim.Optimizer, state_dict: Mapping[st
         copies += _entry_copies(rt, saved, p, state.get(key_of[p], {}), key_of[p])
     if rt.registry.model_buffers is not None and unique:
         home = key_of[unique[0]]  # the merged model buffers' home: the first param's entry
+        entry = state.get(home, {})
         for b, name in zip(rt.registry.model_buffers.current(), _buffer_names(rt)):
-            copies += _entry_copies(rt, saved, b, state.get(home, {}), home, name)
+            copies += _entry_copies(rt, saved, b, entry, home, name)
+            field = f"{PREV}:{name}"
+            if field in entry:  # absent: the live buffer at load time stands for the last checkpoint
+                distributed.check_copy(b, entry[field], f"state[{home!r}][{field!r}]")
+                copies.append((b, None, PREV, entry[field]))
     return copies
 
 
@@ -315,7 +324,7 @@ def load(rt: "Runtime", inner: torch.optim.Optimizer, state_dict: Mapping[str, A
     inner_sd["param_groups"] = [{k: v for k, v in g.items() if k != "wsm"} for g in state_dict["param_groups"]]
     inner_sd["state"] = {}
     for pid, entry in state_dict["state"].items():
-        plain = {k: v for k, v in entry.items() if not k.startswith((ACC + ".", COMPLETED + "."))}
+        plain = {k: v for k, v in entry.items() if not k.startswith((ACC + ".", COMPLETED + ".", PREV + ":"))}
         if plain:
             inner_sd["state"][pid] = plain
     before = {"state": inner.state, "param_groups": inner.param_groups}  # torch's load replaces both
@@ -335,7 +344,11 @@ def load(rt: "Runtime", inner: torch.optim.Optimizer, state_dict: Mapping[str, A
                     buffer.zero_()
             merge.position.restore(counters["anchored"], counters["t"], counters["r"],
                                    counters["windows_completed"], has_completed)
+        rt.record_buffers()  # a state without wsm_prev: the buffers as loaded
         for p, merge, prefix, value in copies:
+            if prefix == PREV:
+                distributed.copy_into(rt.buffer_prev[p], value)
+                continue
             store = merge.acc if prefix == ACC else merge.completed
             distributed.copy_into(store[p], value)
     device = rt.registry.devices[0] if rt.registry.devices else torch.device("cpu")

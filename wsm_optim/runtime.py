@@ -52,6 +52,12 @@ class Runtime:
     overlap: bool
     devices: list[torch.device]
     buffer_backend: Backend = field(default_factory=inline)  # merged model buffers: inline, current stream
+    # Merged model buffers at the last checkpoint boundary (the end of the last step(), or when wrapped /
+    # loaded): {buffer: copy of its local values}. A window is anchored at the start of the next step(),
+    # after the forward (BatchNorm statistics) and the optimizer's step pre-hooks (torchtitan's expert
+    # bias) have already moved the live buffers to the next checkpoint's values; params do not move
+    # before the inner step, buffers do, so the buffers' anchor reads this copy.
+    buffer_prev: dict[Tensor, Tensor] = field(default_factory=dict)
     steps: int = 0
     swapped: bool = False
     side_stream: Any = None
@@ -97,6 +103,7 @@ class Runtime:
         rt.initial = _sums(params)
         rt._plan()
         rt.registry.refresh(param_groups, place=False)
+        rt.follow_prev()  # the buffers as wrapped: the checkpoint of step 0
         return rt
 
     def check_capturable(self, params) -> None:
@@ -140,7 +147,10 @@ class Runtime:
 
     def follow_params(self, param_groups, place: bool = True) -> None:
         """Adopt param changes; buffers follow them; an ``"auto"`` backend follows the params to (or from) CUDA."""
-        if not self.registry.refresh(param_groups, place=place) or not self.registry.placed:
+        if not self.registry.refresh(param_groups, place=place):
+            return
+        self.follow_prev()
+        if not self.registry.placed:
             return
         self.backend.join()  # buffers may be re-placed below: no fold may still write the old ones
         devices = self.registry.devices
@@ -155,6 +165,41 @@ class Runtime:
             m.rebind(self.registry.rebound)
             m.follow(self.registry.params, self.backend, self.registry.buffers, self.buffer_backend)
 
+    def follow_prev(self) -> None:
+        """Keep :attr:`buffer_prev` keyed by the current buffer tensors, on their device and dtype, values kept.
+
+        A buffer seen for the first time (or still on the meta device when
+        wrapped) is copied as it is now.
+        """
+        old = {self.registry.rebound.get(b, b): v for b, v in self.buffer_prev.items()}
+        prev = {}
+        for b in self.registry.buffers:
+            local = distributed.local_view(b)
+            if local.device.type == "meta":
+                continue
+            kept = old.get(b)
+            if kept is None:
+                prev[b] = local.detach().clone()
+            elif kept.device != local.device or kept.dtype != local.dtype or kept.shape != local.shape:
+                prev[b] = kept.to(device=local.device, dtype=local.dtype).reshape(local.shape)
+            else:
+                prev[b] = kept
+        self.buffer_prev = prev
+
+    def record_buffers(self) -> None:
+        """After a step: the merged buffers' values now are the checkpoint the next anchor reads."""
+        pairs = [(self.buffer_prev[b], distributed.local_view(b)) for b in self.registry.buffers
+                 if b in self.buffer_prev]
+        if pairs:
+            with torch.no_grad():
+                torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
+
+    def _anchor_values(self, g: Group) -> list[Tensor]:
+        """What a group's anchor reads: the params as they are, the merged buffers' :attr:`buffer_prev`."""
+        if not any(g is b for b in self.registry.buffer_groups):
+            return g.local
+        return [self.buffer_prev.get(b, local) for b, local in zip(g.params, g.local)]
+
     # ------------------------------------------------------------- passes
     def check_step(self) -> None:
         """Compute every weight the next step needs; a weight that cannot be computed raises here, before anything moves."""
@@ -165,11 +210,12 @@ class Runtime:
         """Before the inner step: anchor every merge whose window is due (``A <- c_0 theta``)."""
         due = [m for m in self.merges if m.position.anchor_due(self.steps)]
         run = self.merges if self.capturable else due  # capturable: the kernel decides
-        ok = self._checkpoint_ok() if run else None
+        ok = self._checkpoint_ok(anchor=True) if run else None
         keep = [m.spec.keep_last and (m.position.complete or self.capturable) for m in run]
         for g, backend in self._passes():
             updates = [m.update(g, m.weights.c(0), k) for m, k in zip(run, keep)]
-            backend.anchor(g.local, updates, None if ok is None else ok[g.device], cache=g.cache)
+            backend.anchor(self._anchor_values(g), updates, None if ok is None else ok[g.device],
+                           cache=g.cache)
         for m in due:
             if m.position.complete and m.spec.keep_last:
                 m.ledger.roll()
@@ -220,14 +266,15 @@ class Runtime:
         return ([(g, self.backend) for g in self.registry.groups]
                 + [(g, self.buffer_backend) for g in self.registry.buffer_groups])
 
-    def _checkpoint_ok(self) -> dict[torch.device, Tensor] | None:
+    def _checkpoint_ok(self, anchor: bool = False) -> dict[torch.device, Tensor] | None:
         """Skip mode: an int32 flag per device, 1 iff every param (and merged buffer) is finite (device only)."""
         if self.nonfinite != "skip":
             return None
         devices = self.registry.target_devices
         flags = {d: torch.ones((), dtype=torch.int32, device=d) for d in devices}
         for g, backend in self._passes():
-            backend.all_finite(g.local, flags[g.device], cache=g.cache)
+            values = self._anchor_values(g) if anchor else g.local
+            backend.all_finite(values, flags[g.device], cache=g.cache)
         if len(devices) > 1:  # the checkpoint is bad if any device saw a bad value
             total = flags[devices[0]].clone()
             for d in devices[1:]:
