@@ -320,7 +320,9 @@ class WSMOptimizer(torch.optim.Optimizer):
         Returns:
             ``{name: tensor}`` of new tensors (not views of live state). Without
             ``model`` the keys are the ``param_names`` the inner optimizer got
-            from ``named_parameters()``; with neither, ``ValueError``.
+            from ``named_parameters()`` (then the merged buffers' names, with
+            ``merge_buffers=True`` and ``self.model`` set to ``None``); with
+            neither, ``ValueError``.
 
         Warns :class:`~wsm_optim.readout.LiveParamsChangedWarning` when the
         current window's readout uses live params that were edited since the

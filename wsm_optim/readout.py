@@ -141,7 +141,8 @@ def _raise_bad(rt: "Runtime", merge: "Merge", completed: bool, label: str, p: Te
 def _entries(rt: "Runtime", model: nn.Module | None) -> list[tuple[str, Tensor, Tensor | None]]:
     """``(key, tensor, tracked param or None)`` in output order.
 
-    Without ``model``: the optimizer's params under their names. With it, every
+    Without ``model``: the optimizer's params under their names, then the
+    merged model buffers under theirs. With it, every
     entry of ``model.state_dict()``: a param the optimizer tracks is matched by
     identity, else by name (a copy of the model); merged buffers
     (``merge_buffers=True``) likewise; other buffers and frozen params come
@@ -155,7 +156,9 @@ def _entries(rt: "Runtime", model: nn.Module | None) -> list[tuple[str, Tensor, 
                 "model.named_parameters(), or pass model= (here or to WSMOptimizer)"
             )
         unique_names({p: names[p] for p in rt.registry.params}, "merged_state_dict()")
-        return [(names[p], p, p) for p in rt.registry.params]
+        # merged model buffers (merge_buffers=True) under their module names, after the params
+        buffers = [(rt.registry.buffer_names[b], b, b) for b in rt.registry.buffers]
+        return [(names[p], p, p) for p in rt.registry.params] + buffers
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__} {model!r}")
     tracked = set(rt.registry.targets)
