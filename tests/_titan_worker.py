@@ -271,6 +271,174 @@ def scenario_train(out_dir: Path, parallel_dims) -> dict:
     return record
 
 
+# ------------------------------------------------- MoE: merged expert_bias_E
+MOE_EXPERTS, MOE_TOP_K = 4, 2
+MOE_MERGES = {"lin": dict(schedule="linear", window=4, keep_last=True)}
+MOE_SPECS = {name: R.Window(**config) for name, config in MOE_MERGES.items()}
+MOE_BIAS = "layers.0.moe.expert_bias_E"
+
+
+def moe_model_config():
+    """qwen3 'debugmodel_moe' from torchtitan's registry, shrunk: 1 layer, 4 experts (top 2), vocab 256, SDPA.
+
+    ``load_balance_coeff`` keeps its registry value (1e-3): ``expert_bias_E`` is a
+    persistent float32 buffer that torchtitan's ``_update_expert_bias`` step
+    pre-hook moves; ``tokens_per_expert_E`` is non-persistent.
+    """
+    from torchtitan.config import ParallelismConfig
+    from torchtitan.models.common.attention import ScaledDotProductAttention
+    from torchtitan.models.qwen3 import model_registry
+
+    spec = model_registry("debugmodel_moe")
+    cfg = spec.model
+    cfg.layers = cfg.layers[:1]
+    cfg.vocab_size = cfg.tok_embeddings.num_embeddings = cfg.lm_head.out_features = VOCAB
+    for layer in cfg.layers:
+        layer.attention.inner_attention = ScaledDotProductAttention.Config()  # FlexAttention: no CPU backward
+        moe = layer.moe
+        assert moe.load_balance_coeff is not None
+        experts = moe.routed_experts
+        moe.num_experts = experts.inner_experts.num_experts = experts.token_dispatcher.num_experts = MOE_EXPERTS
+        moe.router.num_experts = moe.router.gate.out_features = MOE_EXPERTS
+        moe.router.top_k = experts.token_dispatcher.top_k = MOE_TOP_K
+        experts.inner_experts.hidden_dim = 32
+    cfg.update_from_config(config=types.SimpleNamespace(parallelism=ParallelismConfig(spmd_backend=PARALLELISM)))
+    return spec, cfg
+
+
+def build_moe_run(out_dir: Path, parallel_dims, seed: int):
+    """The MoE model (``parallelize_qwen3``: FSDP2), ``with_wsm(..., merge_buffers=True)``, torchtitan's
+    load-balancing hook (``spec.post_optimizer_build_fn``, as its Trainer calls it), schedulers, checkpointer."""
+    from torch.distributed.fsdp import FSDPModule
+    from torchtitan.components.checkpoint import CheckpointManager
+    from torchtitan.components.optimizer import LRSchedulersContainer, default_adamw
+    from torchtitan.config import CompileConfig, ParallelismConfig, TrainingConfig
+
+    from wsm_optim.integrations.torchtitan import with_wsm
+
+    torch.manual_seed(seed)
+    spec, cfg = moe_model_config()
+    with torch.device("meta"):
+        model = cfg.build()
+    model = spec.parallelize_fn(
+        model, parallel_dims=parallel_dims, training=TrainingConfig(local_batch_size=2, seq_len=SEQ),
+        parallelism=ParallelismConfig(spmd_backend=PARALLELISM), compile_config=CompileConfig(), ac_config=None,
+        dump_folder="",
+    )
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_force_sum_reduction_for_comms(True)  # see build_model
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        model.init_weights(buffer_device=None)
+    model.train()
+    optimizers = with_wsm(default_adamw(lr=3e-3), merges=MOE_MERGES, backend="foreach",
+                          merge_buffers=True).build(model_parts=[model])
+    spec.post_optimizer_build_fn(optimizers, [model], parallel_dims)  # registers _update_expert_bias
+    schedulers = LRSchedulersContainer.Config(warmup_steps=2, decay_ratio=0.0).build(
+        optimizers=optimizers, training_steps=STEPS
+    )
+    state = TrainState()
+    checkpointer = CheckpointManager.Config(
+        enable=True, folder="checkpoint", interval=SAVE_STEP, keep_latest_k=0, last_save_model_only=False,
+    ).build(
+        dataloader=None, model_parts=[model], optimizers=optimizers, lr_schedulers=schedulers,
+        states={"train_state": state}, sd_adapter=spec.state_dict_adapter(cfg, None), base_folder=str(out_dir),
+    )
+    return types.SimpleNamespace(model=model, optimizers=optimizers, schedulers=schedulers,
+                                 state=state, checkpointer=checkpointer, spec=spec, cfg=cfg)
+
+
+def moe_state(model) -> dict[str, torch.Tensor]:
+    """Full params, then the merged buffer (the readout's key order)."""
+    out = full_params(model)
+    out[MOE_BIAS] = full(model.get_buffer(MOE_BIAS))
+    return out
+
+
+def moe_train(run, first: int, last: int, snapshots: dict, reads: dict) -> None:
+    for step in range(first + 1, last + 1):
+        train_step(run, step)
+        snapshots[step] = moe_state(run.model)
+        opt = run.optimizers
+        reads[step] = {"merged.lin": opt.merged_state_dict(merge="lin", full=True), "live": snapshots[step],
+                       "status": opt.merge_status("lin")}
+        if reads[step]["status"]["windows_completed"] > 0:
+            reads[step]["completed.lin"] = opt.merged_state_dict(merge="lin", completed=True, full=True)
+        run.checkpointer.save(curr_step=step)
+
+
+def moe_errors(reads: dict, snapshots: dict) -> dict:
+    """``{step: {readout: (max error over params, error of expert_bias_E)}}`` vs the float64 explicit merge."""
+    out = {}
+    for step, got in reads.items():
+        names = list(got["live"])
+        snaps = {s: [snap[n].double() for n in names] for s, snap in snapshots.items()}
+        spec = MOE_SPECS["lin"]
+        wanted = {"merged.lin": (R.readout(spec, snaps, step), R.readout_scale(spec, snaps, step))}
+        if "completed.lin" in got:
+            last = R.completed_windows(spec, step) - 1
+            wanted["completed.lin"] = (R.window_merge(spec, snaps, last), R.window_scale(spec, snaps, last))
+        out[step] = {}
+        for key, (ref, scale) in wanted.items():
+            assert list(got[key]) == names, (list(got[key]), names)
+            errs = {n: ((got[key][n].double() - r).abs() / sc.clamp_min(1e-30)).max().item()
+                    for n, r, sc in zip(names, ref, scale)}
+            out[step][key] = (max(v for n, v in errs.items() if n != MOE_BIAS), errs[MOE_BIAS])
+    return out
+
+
+def scenario_moe(out_dir: Path, parallel_dims) -> dict:
+    """Train the MoE model with merged buffers, save mid-window, resume through the CheckpointManager."""
+    run = build_moe_run(out_dir, parallel_dims, seed=0)
+    snapshots, reads = {0: moe_state(run.model)}, {}
+    moe_train(run, 0, STEPS, snapshots, reads)
+    opt = run.optimizers
+    live = dict(run.model.named_buffers())
+    record = {
+        "errors": moe_errors(reads, snapshots),
+        "bias": {s: snapshots[s][MOE_BIAS] for s in snapshots},
+        "buffer_names": [n for n, _ in run.model.named_buffers()],
+        "readout_keys": list(reads[STEPS]["merged.lin"]),
+        "tokens_live": opt.merged_model_state_dict(merge="lin").keys().isdisjoint({"layers.0.moe.tokens_per_expert_E"}),
+        "model_export_bias": opt.merged_model_state_dict(merge="lin", full=True)[MOE_BIAS],
+        "merged_bias": reads[STEPS]["merged.lin"][MOE_BIAS],
+        "live_bias_after_export": live[MOE_BIAS].clone(),
+        "home_keys": sorted(k for k in opt.state_dict() if MOE_BIAS in k),
+    }
+    with opt.merged_weights(merge="lin"):
+        record["swapped_bias"] = run.model.get_buffer(MOE_BIAS).clone()
+    record["restored_bias"] = run.model.get_buffer(MOE_BIAS).clone()
+    torch.save({s: snapshots[s] for s in range(SAVE_STEP + 1)}, out_dir / "moe-snapshots.pt")  # window 0 too
+    run.checkpointer.close()
+
+    resumed = build_moe_run(out_dir, parallel_dims, seed=1)
+    assert resumed.checkpointer.load(step=SAVE_STEP)
+    record["resumed_steps"] = resumed.optimizers.steps
+    again = {}
+    moe_train(resumed, SAVE_STEP, STEPS, {}, again)
+    record["resume_difference"] = {
+        step: max((again[step][k][n] - reads[step][k][n]).abs().max().item()
+                  for k in ("merged.lin", "completed.lin", "live") if k in reads[step] for n in reads[step][k])
+        for step in again
+    }
+    resumed.checkpointer.close()
+    return record
+
+
+def scenario_moe_reshard(out_dir: Path, parallel_dims) -> dict:
+    run = build_moe_run(out_dir, parallel_dims, seed=2)
+    assert run.checkpointer.load(step=SAVE_STEP)
+    snapshots = torch.load(out_dir / "moe-snapshots.pt")
+    record = {"steps": run.optimizers.steps,
+              "loaded_bias_difference": (full(run.model.get_buffer(MOE_BIAS)) - snapshots[SAVE_STEP][MOE_BIAS]).abs().max().item()}
+    reads = {}
+    moe_train(run, SAVE_STEP, STEPS, snapshots, reads)
+    record["errors"] = moe_errors(reads, snapshots)
+    run.checkpointer.close()
+    return record
+
+
 def scenario_reshard(out_dir: Path, parallel_dims) -> dict:
     run = build_run(out_dir, parallel_dims, seed=2)
     assert run.checkpointer.load(step=SAVE_STEP)
@@ -297,6 +465,10 @@ def main() -> None:
                                  world_size=dist.get_world_size(), spmd_backend=PARALLELISM)
     parallel_dims.build_mesh()
     record = {"train": scenario_train, "reshard": scenario_reshard}[scenario](out_dir, parallel_dims)
+    # the MoE cases in the same processes (one launch per world size)
+    moe = {"train": scenario_moe, "reshard": scenario_moe_reshard}[scenario]
+    (out_dir / "moe").mkdir(exist_ok=True)
+    record["moe"] = moe(out_dir / "moe", parallel_dims)
     if dist.get_rank() == 0:
         torch.save(record, out_dir / f"{scenario}-ws{dist.get_world_size()}.pt")
     dist.barrier()

@@ -7,15 +7,19 @@ test compares every recorded readout with a float64 explicit merge of the
 recorded (gathered) parameter snapshots. Scenarios, in launch order:
 
 * ``ws2`` (2 ranks): ``fsdp2``: 1-D FSDP2, exact-arithmetic model; DCP
-  checkpoint at ``CKPT_STEP`` to ``OUT_DIR/ckpt-ws2``, then on to ``STEPS``.
+  checkpoint at ``CKPT_STEP`` to ``OUT_DIR/ckpt-ws2``, then on to ``STEPS``;
+  ``buffers``: the same with :class:`BufNet` and ``merge_buffers=True``
+  (checkpoint ``ckpt-buffers-ws2``), plus a ``merged_weights()`` swap check.
 * ``ws4`` (4 ranks): ``hsdp``: FSDP2 on a 2x2 (replicate, shard) mesh,
   exact-arithmetic model, DCP checkpoint to ``OUT_DIR/ckpt-ws4``;
   ``fsdp_tp``: 2 (dp) x 2 (tp) mesh, ``ColwiseParallel`` / ``RowwiseParallel``
   then ``fully_shard`` on dp (``_StridedShard`` layouts), sliced data;
   ``resume_2to4``: 1-D FSDP2 over 4 ranks (uneven shards: 10 rows as 3/3/3/1,
-  5 rows as 2/2/1/0) resumed from ``ckpt-ws2``.
+  5 rows as 2/2/1/0) resumed from ``ckpt-ws2``; ``buffers_2to4``: BufNet
+  resumed from ``ckpt-buffers-ws2``.
 * ``ws1`` (1 process): ``resume_4to1``: the plain, unsharded model resumed
-  from the HSDP checkpoint ``ckpt-ws4``.
+  from the HSDP checkpoint ``ckpt-ws4``; ``buffers_2to1``: plain BufNet
+  resumed from ``ckpt-buffers-ws2``.
 
 Exact-arithmetic model (:class:`GridNet`): every rank computes the gradient of
 the whole global batch (so the forward pass is the same computation on every
@@ -102,6 +106,63 @@ class GridNet(Net):
         return F.linear(h, g(self.fc2.weight), g(self.fc2.bias)) * self.scale
 
 
+class BufNet(GridNet):
+    """:class:`GridNet` with buffers that move every step, for ``merge_buffers=True`` (no new params).
+
+    ``bn``: a ``BatchNorm1d(10, affine=False)`` on fc1's output (``running_mean`` /
+    ``running_var`` move in every forward; ``num_batches_tracked`` is int64 and
+    stays live); ``expert_bias`` (5,): persistent float32, moved in an optimizer
+    step pre-hook from the non-persistent ``load`` counted in the forward, as
+    torchtitan's ``_update_expert_bias`` moves MoE routing biases. Every rank
+    computes the whole global batch, so the buffers are the same on every rank
+    and at every world size (FSDP2 does not shard buffers).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(10, affine=False)
+        self.register_buffer("expert_bias", torch.zeros(5))
+        self.register_buffer("load", torch.zeros(5), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = _GridGrad.apply
+        h = torch.tanh(self.bn(F.linear(x, g(self.fc1.weight), g(self.fc1.bias))))
+        out = F.linear(h, g(self.fc2.weight), g(self.fc2.bias)) * self.scale + self.expert_bias
+        self.load += out.detach().abs().sum(0)
+        return out
+
+
+def update_expert_bias(model: BufNet):
+    """A step pre-hook (registered on the WSMOptimizer, as torchtitan registers its own on the container)."""
+
+    def hook(optimizer, args, kwargs) -> None:
+        with torch.no_grad():
+            model.expert_bias.add_(2.0**-7 * torch.sign(model.load.mean() - model.load))
+            model.load.zero_()
+
+    return hook
+
+
+def make_buffer_run(world: int):
+    """``BufNet`` (FSDP2 over ``world`` ranks, or plain at 1) with ``merge_buffers=True`` and the bias pre-hook."""
+    from wsm_optim import WSMOptimizer
+
+    torch.manual_seed(1234)
+    model = BufNet()
+    if world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    inner = torch.optim.SGD(model.named_parameters(), lr=EXACT_LR)
+    opt = WSMOptimizer(inner, merges=MERGES, backend="foreach", model=model, merge_buffers=True)
+    opt.register_step_pre_hook(update_expert_bias(model))
+    return model, opt
+
+
+MERGED_BUFFERS = ["scale", "bn.running_mean", "bn.running_var", "expert_bias"]
+
+
 def make_model(exact: bool) -> Net:
     torch.manual_seed(1234)
     return GridNet() if exact else Net()
@@ -131,6 +192,14 @@ def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Gathered copies of every ``model.state_dict()`` entry (params and persistent buffers)."""
+    return {
+        k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+        for k, v in model.state_dict().items()
+    }
+
+
 class Recorder:
     """Runs the training steps of one case and records, after every step, what the test checks.
 
@@ -140,19 +209,22 @@ class Recorder:
     window has completed), ``status`` ``{step: {merge: merge_status}}``.
     """
 
-    def __init__(self, model: nn.Module, opt, *, dp_rank: int, dp_size: int) -> None:
+    def __init__(self, model: nn.Module, opt, *, dp_rank: int, dp_size: int, buffers: bool = False) -> None:
         self.model, self.opt, self.dp_rank, self.dp_size = model, opt, dp_rank, dp_size
+        self.buffers = buffers  # snapshots of the whole state dict (merged buffers are checkpoints too)
         self.record = {"snapshots": {}, "readouts": {}, "completed": {}, "status": {}}
         self.step_comms: list[int] = []
 
     def observe(self) -> None:
         s, opt = self.opt.steps, self.opt
-        self.record["snapshots"][s] = full_params(self.model)
+        self.record["snapshots"][s] = full_state(self.model) if self.buffers else full_params(self.model)
         self.record["readouts"][s] = {
             m: opt.merged_state_dict(torch.float32, merge=m, full=True, model=self.model) for m in MERGES
         }
         if opt.merge_status("lin")["windows_completed"] > 0:
-            self.record["completed"][s] = opt.merged_state_dict(torch.float32, merge="lin", completed=True, full=True)
+            self.record["completed"][s] = opt.merged_state_dict(
+                torch.float32, merge="lin", completed=True, full=True, model=self.model if self.buffers else None
+            )
         self.record["status"][s] = {m: opt.merge_status(m) for m in MERGES}
 
     def train(self, last: int) -> None:
@@ -306,6 +378,45 @@ def case_resume(world: int, out_dir: Path, source_world: int) -> dict:
     return rec.record
 
 
+def case_buffers(world: int, out_dir: Path) -> dict:
+    """``merge_buffers=True`` under 1-D FSDP2: readouts, ``merged_weights``, DCP checkpoint at ``CKPT_STEP``."""
+    model, opt = make_buffer_run(world)
+    rec = Recorder(model, opt, dp_rank=0, dp_size=1, buffers=True)
+    rec.observe()
+    rec.train(CKPT_STEP)
+    dcp_save(model, opt, out_dir / f"ckpt-buffers-ws{world}")
+    rec.train(STEPS)
+    rec.record["swapped"] = _check_merged_weights_swaps_buffers(model, opt)
+    return rec.record
+
+
+def case_resume_buffers(world: int, out_dir: Path, source_world: int) -> dict:
+    """A fresh ``BufNet`` run at ``world`` ranks resumed from ``ckpt-buffers-ws<source_world>``, trained on."""
+    model, opt = make_buffer_run(world)
+    with torch.no_grad():  # nothing may survive from the fresh init
+        model.expert_bias.fill_(7.0)
+        model.bn.running_mean.fill_(7.0)
+    dcp_load(model, opt, out_dir / f"ckpt-buffers-ws{source_world}")
+    rec = Recorder(model, opt, dp_rank=0, dp_size=1, buffers=True)
+    rec.observe()
+    rec.train(STEPS)
+    return rec.record
+
+
+def _check_merged_weights_swaps_buffers(model, opt) -> bool:
+    """Inside ``merged_weights()`` the model's merged buffers hold the merge; on exit the live values, bit for bit."""
+    live = {k: v.clone() for k, v in model.state_dict().items() if not hasattr(v, "full_tensor")}
+    merged = opt.merged_state_dict(merge="sq", model=model)
+    with opt.merged_weights(merge="sq"):
+        inside = {k: v.clone() for k, v in model.state_dict().items() if k in live}
+    after = {k: v for k, v in model.state_dict().items() if k in live}
+    assert all(torch.equal(inside[k], merged[k].to(inside[k].dtype)) for k in MERGED_BUFFERS), "merged_weights"
+    assert torch.equal(inside["bn.num_batches_tracked"], live["bn.num_batches_tracked"])
+    assert all(torch.equal(after[k], live[k]) for k in live), "live buffers not restored"
+    assert any(not torch.equal(inside[k], live[k]) for k in MERGED_BUFFERS)
+    return True
+
+
 def _check_state_dict_round_trips(model, opt, full_state_dict: bool = True) -> None:
     """A DCP ``full_state_dict=True`` dict (plain, gathered tensors) and a per-rank ``torch.save`` restore all buffers.
 
@@ -357,13 +468,17 @@ def _check_rank0_only(model, opt) -> None:
 
 
 SCENARIOS = {
-    "ws2": lambda world, out: {"fsdp2": case_fsdp2_exact(world, out)},
+    "ws2": lambda world, out: {"fsdp2": case_fsdp2_exact(world, out), "buffers": case_buffers(world, out)},
     "ws4": lambda world, out: {
         "hsdp": case_hsdp_exact(world, out),
         "fsdp_tp": case_fsdp_tp(world, out),
         "resume_2to4": case_resume(world, out, source_world=2),
+        "buffers_2to4": case_resume_buffers(world, out, source_world=2),
     },
-    "ws1": lambda world, out: {"resume_4to1": case_resume(world, out, source_world=4)},
+    "ws1": lambda world, out: {
+        "resume_4to1": case_resume(world, out, source_world=4),
+        "buffers_2to1": case_resume_buffers(world, out, source_world=2),
+    },
 }
 
 

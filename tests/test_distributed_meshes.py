@@ -48,6 +48,7 @@ def records(tmp_path_factory) -> dict[str, dict]:
     for scenario, world in (("ws2", 2), ("ws4", 4), ("ws1", 1)):
         _dist_launch.run_job("_wsm_mesh_worker.py", scenario, world, out_dir)
         result.update(torch.load(out_dir / f"{scenario}.pt", weights_only=False))
+    result["_out_dir"] = out_dir
     return result
 
 
@@ -102,6 +103,73 @@ def assert_identical(got: dict, want: dict, steps) -> None:
         for merge in SPECS:
             a, b = got["status"][s][merge], want["status"][s][merge]
             assert {k: v for k, v in a.items() if k != "weights"} == {k: v for k, v in b.items() if k != "weights"}
+
+
+BUFFER_KEYS = PARAM_NAMES + W.MERGED_BUFFERS
+
+
+def check_buffers_against_explicit_merge(record: dict, snapshots: dict) -> int:
+    """Params and merged buffers vs the float64 explicit merge of the gathered state-dict snapshots."""
+    snaps = [R.snapshot([snapshots[s][k] for k in BUFFER_KEYS]) for s in range(W.STEPS + 1)]
+    checked = 0
+    for s, readouts in record["readouts"].items():
+        for merge, spec in SPECS.items():
+            got = readouts[merge]
+            assert sorted(got) == sorted([*BUFFER_KEYS, "bn.num_batches_tracked"]), list(got)
+            # integer buffer: live, not merged
+            assert torch.equal(got["bn.num_batches_tracked"], snapshots[s]["bn.num_batches_tracked"]), s
+            expected, scale = R.readout(spec, snaps, s), R.readout_scale(spec, snaps, s)
+            for i, key in enumerate(BUFFER_KEYS):
+                assert got[key].dtype == torch.float32 and got[key].shape == expected[i].shape, key
+                err = harness.rel_error(got[key], expected[i], scale[i])
+                assert err <= RTOL, f"{merge} step {s} {key}: rel error {err:.3g} vs the float64 explicit merge"
+                checked += 1
+        done = R.completed_windows(SPECS["lin"], s)
+        assert (s in record["completed"]) == (done > 0), s
+        if done:
+            expected = R.window_merge(SPECS["lin"], snaps, done - 1)
+            scale = R.window_scale(SPECS["lin"], snaps, done - 1)
+            for i, key in enumerate(BUFFER_KEYS):
+                err = harness.rel_error(record["completed"][s][key], expected[i], scale[i])
+                assert err <= RTOL, f"completed lin window {done - 1} at step {s} {key}: rel error {err:.3g}"
+                checked += 1
+    return checked
+
+
+def test_fsdp2_merged_buffers_match_explicit_merge(records):
+    record = records["buffers"]
+    snapshots = record["snapshots"]
+    assert check_buffers_against_explicit_merge(record, snapshots) > 0
+    # the buffers do move (running stats in the forward, the bias in the step pre-hook), and the merge is not live
+    for key in ("bn.running_mean", "expert_bias"):
+        assert not torch.equal(snapshots[W.CKPT_STEP][key], snapshots[W.CKPT_STEP + 1][key]), key
+        assert (record["readouts"][W.STEPS]["sq"][key] - snapshots[W.STEPS][key]).abs().max() > 1e-4, key
+    assert record["swapped"]  # merged_weights() swapped the merged buffers in and restored the live ones
+
+
+@pytest.mark.parametrize("case", ["buffers_2to4", "buffers_2to1"])
+def test_dcp_resume_of_merged_buffers_at_another_world_size_is_exact(records, case):
+    source, resumed = records["buffers"], records[case]
+    assert min(resumed["snapshots"]) == W.CKPT_STEP
+    assert_identical(resumed, source, range(W.CKPT_STEP, W.STEPS + 1))
+    snapshots = {**source["snapshots"], **resumed["snapshots"]}
+    assert check_buffers_against_explicit_merge(resumed, snapshots) > 0
+
+
+def test_dcp_checkpoint_holds_merged_buffers_once_under_the_first_param(records):
+    """``get_optimizer_state_dict`` keeps them: ``optim.state.fc1.weight.wsm_acc.<merge>:<buffer>``, one chunk each."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = FileSystemReader(str(records["_out_dir"] / "ckpt-buffers-ws2")).read_metadata().state_dict_metadata
+    for name in W.MERGED_BUFFERS:
+        keys = [f"optim.state.fc1.weight.wsm_acc.lin:{name}", f"optim.state.fc1.weight.wsm_last.lin:{name}",
+                f"optim.state.fc1.weight.wsm_acc.sq:{name}", f"optim.state.fc1.weight.wsm_anchor:{name}"]
+        for key in keys:
+            entry = metadata[key]
+            assert isinstance(entry, TensorStorageMetadata) and len(entry.chunks) == 1, key  # replicated: saved once
+            assert entry.properties.dtype == torch.float32, key
+    assert not any("num_batches_tracked" in k or ":load" in k for k in metadata if k.startswith("optim.")), "live only"
 
 
 def test_hsdp_2x2_matches_explicit_merge(records):

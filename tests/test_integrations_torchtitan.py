@@ -300,3 +300,72 @@ def test_checkpoint_holds_the_merge_as_sharded_tensors_keyed_by_param_fqn(jobs):
         # the counters, which DCP flattens into one entry per field
         assert {f"optimizer.param_groups.{fqn}.wsm.steps", f"optimizer.param_groups.{fqn}.wsm.merges.sq.counters.t",
                 f"optimizer.param_groups.{fqn}.wsm.merges.lin.config.window"} <= metadata.keys()
+
+
+# ------------------------------------------- MoE: merged expert_bias_E (merge_buffers=True)
+def test_merge_buffers_config_is_a_bool():
+    assert WSMConfig(window=4, merge_buffers=True).merge_buffers is True
+    with pytest.raises(TypeError, match="WSMConfig.merge_buffers must be a bool, got 'yes'"):
+        with_wsm(default_adamw(), window=4, merge_buffers="yes")
+
+
+def test_merge_buffers_go_to_the_first_optimizer_of_each_model_part_only():
+    """Two optimizer types over one model part (BatchNorm): the part's buffers are merged (and saved) once."""
+    import torch.nn as nn
+
+    groups = [
+        ParamGroupConfig(pattern=r"norm", optimizer_name="Adam", optimizer_kwargs={"lr": 1e-2}),
+        ParamGroupConfig(pattern=r".*", optimizer_name="AdamW", optimizer_kwargs={"lr": 3e-3}),
+    ]
+    part = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    part[1].register_module("norm", nn.LayerNorm(4))  # a param named "norm" for the first optimizer
+    config = with_wsm(OptimizersContainer.Config(param_groups=groups), window=2, merge_buffers=True)
+    optimizers = config.build(model_parts=[part])
+    owners = [o._runtime.registry.model_buffers for o in optimizers]
+    assert owners[0] is not None and owners[0].names == ["1.running_mean", "1.running_var"]
+    assert owners[1] is None
+    for _ in range(3):
+        part(torch.randn(5, 3)).sum().backward()
+        optimizers.step()
+        optimizers.zero_grad()
+    merged = optimizers.merged_state_dict()
+    assert [k for k in merged if "running" in k] == ["1.running_mean", "1.running_var"]
+    assert "1.num_batches_tracked" not in merged  # integer buffer: not merged
+    flat = optimizers.state_dict()
+    assert sum(k.endswith(":1.running_mean") and ".wsm_acc." in k for k in flat) == 1
+
+
+def test_fsdp2_moe_merged_expert_bias_matches_float64_explicit_merge(jobs):
+    """qwen3 MoE (load_balance_coeff set), torchtitan's _update_expert_bias pre-hook, FSDP2 on 2 gloo ranks."""
+    _, train, _ = jobs
+    moe = train["moe"]
+    assert moe["readout_keys"][-1] == W.MOE_BIAS and "layers.0.moe.tokens_per_expert_E" not in moe["readout_keys"]
+    assert moe["tokens_live"]  # non-persistent: neither merged nor exported
+    bias = moe["bias"]
+    assert not torch.equal(bias[W.SAVE_STEP], bias[W.SAVE_STEP + 1]), "the hook did not move expert_bias_E"
+    assert set(moe["errors"]) == set(range(1, W.STEPS + 1))
+    for step, errors in moe["errors"].items():
+        for key, (params_error, bias_error) in errors.items():
+            assert params_error < REFERENCE_RTOL and bias_error < REFERENCE_RTOL, (step, key, params_error, bias_error)
+    # exports and merged_weights carry the merged bias; the live one comes back
+    assert torch.equal(moe["model_export_bias"], moe["merged_bias"])
+    assert torch.equal(moe["swapped_bias"], moe["merged_bias"])
+    assert torch.equal(moe["restored_bias"], moe["live_bias_after_export"])
+    assert not torch.equal(moe["merged_bias"], moe["live_bias_after_export"])
+    # saved once, under the first param of the part's first optimizer
+    fqn = "tok_embeddings.weight"
+    assert moe["home_keys"] == sorted([f"state.{fqn}.wsm_acc.lin:{W.MOE_BIAS}", f"state.{fqn}.wsm_last.lin:{W.MOE_BIAS}",
+                                       f"state.{fqn}.wsm_anchor:{W.MOE_BIAS}"])
+
+
+def test_fsdp2_moe_checkpoint_manager_resume_is_exact_also_on_one_rank(jobs):
+    _, train, reshard = jobs
+    moe = train["moe"]
+    assert moe["resumed_steps"] == W.SAVE_STEP
+    assert moe["resume_difference"] == {7: 0.0, 8: 0.0, 9: 0.0, 10: 0.0}  # params, merged params and bias
+    moved = reshard["moe"]
+    assert moved["steps"] == W.SAVE_STEP and moved["loaded_bias_difference"] == 0.0
+    assert set(moved["errors"]) == {7, 8, 9, 10}
+    for step, errors in moved["errors"].items():
+        for key, (params_error, bias_error) in errors.items():
+            assert params_error < REFERENCE_RTOL and bias_error < REFERENCE_RTOL, (step, key, params_error, bias_error)

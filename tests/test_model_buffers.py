@@ -18,6 +18,7 @@ from torch import nn
 
 from reference import Window, readout, readout_skipping, window_merge
 from wsm_optim import NonFiniteMergeError, WSMOptimizer
+from wsm_optim.integrations._final_weights import forget_final_weights, keep_final_weights
 
 F64 = torch.float64
 
@@ -75,7 +76,8 @@ def _windows(config) -> dict[str, Window]:
     return {"default": Window(**config)}
 
 
-def _train(config, steps=17, *, seed=0, inner="adamw", resume_at=None, each_step=None, **extra):
+def _train(config, steps=17, *, seed=0, inner="adamw", resume_at=None, optimizer_first=False, each_step=None,
+           **extra):
     """Train ``Net`` with merged buffers; returns (opt, model, float64 snapshots of the state dict per step)."""
     torch.manual_seed(seed)
     model = Net()
@@ -89,7 +91,7 @@ def _train(config, steps=17, *, seed=0, inner="adamw", resume_at=None, each_step
         opt.zero_grad()
         snaps.append({k: v.detach().to(F64, copy=True) for k, v in model.state_dict().items() if k in keys})
         if resume_at == s + 1:
-            opt, model = _resumed(opt, model, config, inner, **extra)
+            opt, model = _resumed(opt, model, config, inner, optimizer_first, **extra)
         if each_step is not None:
             each_step(s + 1, opt, model, snaps)
     return opt, model, snaps
@@ -103,17 +105,25 @@ def _optimizer(model, config, inner="adamw", **extra):
     return opt
 
 
-def _resumed(opt, model, config, inner, **extra):
-    """A fresh process's view: model and optimizer rebuilt, then loaded from ``torch.save`` bytes."""
+def _resumed(opt, model, config, inner, optimizer_first=False, **extra):
+    """A fresh process's view: model and optimizer rebuilt, then loaded from ``torch.save`` bytes.
+
+    ``optimizer_first``: the optimizer's state is loaded while the model still
+    holds other values (a fresh init), then the model's.
+    """
     blob = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, blob)
     blob.seek(0)
     saved = torch.load(blob, weights_only=False)
+    torch.manual_seed(1)
     fresh = Net()
+    new = _optimizer(fresh, config, inner, **extra)
+    if optimizer_first:
+        new.load_state_dict(saved["opt"])
     fresh.load_state_dict(saved["model"])
     fresh.router.tokens_per_expert.copy_(model.router.tokens_per_expert)  # non-persistent: not in any checkpoint
-    new = _optimizer(fresh, config, inner, **extra)
-    new.load_state_dict(saved["opt"])
+    if not optimizer_first:
+        new.load_state_dict(saved["opt"])
     return new, fresh
 
 
@@ -160,8 +170,16 @@ def test_offload_and_foreach_give_bit_identical_merged_buffers():
     assert all(torch.equal(want[k], got[k]) for k in want)
 
 
-@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
-def test_resume_mid_window_continues_bit_exactly(config):
+#: resume points: mid-window, and right where a window anchors at the next step() (the anchor then reads the
+#: buffers' values saved in the state dict, whatever the order the model and the optimizer are loaded in)
+RESUMES = [("plain", 7), ("plain", 8), ("interval-start-keep", 7), ("interval-start-keep", 9),
+           ("two-merges", 8), ("two-merges", 10)]
+
+
+@pytest.mark.parametrize("optimizer_first", [False, True], ids=["model-first", "optimizer-first"])
+@pytest.mark.parametrize("name, at", RESUMES, ids=[f"{n}-{a}" for n, a in RESUMES])
+def test_resume_continues_bit_exactly(name, at, optimizer_first):
+    config = CONFIGS[name]
     reads = {}
 
     def record(tag):
@@ -170,7 +188,7 @@ def test_resume_mid_window_continues_bit_exactly(config):
         return each
 
     opt_a, _, _ = _train(config, each_step=record("straight"))
-    opt_b, _, _ = _train(config, resume_at=7, each_step=record("resumed"))
+    opt_b, _, _ = _train(config, resume_at=at, optimizer_first=optimizer_first, each_step=record("resumed"))
     for s, (want, got) in enumerate(zip(reads["straight"], reads["resumed"]), 1):
         for m in want:
             for key in want[m]:
@@ -179,6 +197,7 @@ def test_resume_mid_window_continues_bit_exactly(config):
     merges = opt_b.merges
     assert state["wsm"]["buffers"] == MERGED
     assert {f"wsm_acc.{m}:{b}" for m in merges for b in MERGED} <= set(state["state"][0])
+    assert {f"wsm_anchor:{b}" for b in MERGED} <= set(state["state"][0])
     assert not any(":" in k for entry in list(state["state"].values())[1:] for k in entry)  # one home only
 
 
@@ -201,6 +220,30 @@ def test_a_copy_of_the_model_gets_merged_buffers_by_name():
     want = opt.merged_state_dict()
     got = opt.merged_state_dict(model=copy.deepcopy(model))
     assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_readout_without_a_model_names_the_merged_buffers():
+    """With the optimizer's model dropped (DeepSpeed's attach, torchtitan's container), readouts keep the buffers."""
+    opt, model, _ = _train(CONFIGS["plain"], steps=6)
+    full = opt.merged_state_dict()
+    opt.model = None
+    bare = opt.merged_state_dict()
+    assert set(bare) == {n for n, _ in model.named_parameters()} | set(MERGED)
+    assert all(torch.equal(bare[k], full[k]) for k in bare)
+
+
+def test_final_weights_kept_aside_include_the_merged_buffers():
+    """A trainer loading other weights after the run (load_best_model_at_end) leaves the run's merge readable."""
+    opt, model, _ = _train(CONFIGS["plain"], steps=6)  # mid-window: readouts use the live buffers
+    before = opt.merged_state_dict()
+    keep_final_weights(opt)
+    other = Net().state_dict()
+    model.load_state_dict(other)
+    after = opt.merged_state_dict()
+    merged = [n for n, _ in model.named_parameters()] + MERGED  # num_batches_tracked is live: the loaded one
+    assert all(torch.equal(after[k], before[k]) for k in merged)
+    assert torch.equal(model.bn.running_mean, other["bn.running_mean"])  # the loaded weights are back after it
+    forget_final_weights(opt)
 
 
 def test_buffers_replaced_by_a_cast_keep_their_merge():

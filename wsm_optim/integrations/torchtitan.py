@@ -104,8 +104,14 @@ class WSMConfig:
     overlap: bool = False
     """CUDA only: fold checkpoints on a side stream, overlapping the next forward/backward."""
 
+    merge_buffers: bool = False
+    """Also merge each model part's persistent floating-point buffers (MoE ``expert_bias_E``, normalisation
+    statistics) with the same weights; integer and non-persistent ones (``tokens_per_expert_E``) stay live."""
+
     def __post_init__(self) -> None:
         specs_from_arguments(self.schedule, self.window, self.interval, self.start, self.keep_last, self.merges)
+        if not isinstance(self.merge_buffers, bool):
+            raise TypeError(f"WSMConfig.merge_buffers must be a bool, got {self.merge_buffers!r}")
         if self.nonfinite not in ("raise", "skip"):
             raise ValueError(f"WSMConfig.nonfinite must be 'raise' or 'skip', got {self.nonfinite!r}")
         if self.backend not in ("auto", "foreach", "triton"):
@@ -152,7 +158,20 @@ class WSMOptimizersContainer(OptimizersContainer):
             )
         super().__init__(config, model_parts=model_parts)
         kwargs = config.wsm.optimizer_kwargs()
-        self.optimizers = [WSMOptimizer(optimizer, **kwargs) for optimizer in self.optimizers]
+        owners = _buffer_owners(self.optimizers, model_parts) if config.wsm.merge_buffers else {}
+        wrapped = []
+        for i, optimizer in enumerate(self.optimizers):
+            part = owners.get(i)
+            if part is None:
+                wrapped.append(WSMOptimizer(optimizer, **kwargs))
+                continue
+            opt = WSMOptimizer(optimizer, **kwargs, model=part, merge_buffers=True)
+            # Readouts stay keyed by param FQN (plus the buffers' names): a model part's own
+            # state_dict() runs its hooks (fused wqkv split into wq/wk/wv), whose slices no
+            # optimizer tracks; merged_model_state_dict reads that through merged_weights().
+            opt.model = None
+            wrapped.append(opt)
+        self.optimizers = wrapped
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -211,7 +230,9 @@ class WSMOptimizersContainer(OptimizersContainer):
         """``{param fqn: merged value}`` over all optimizers (``WSMOptimizer.merged_state_dict``).
 
         Keys are the parameter FQNs torchtitan gives its optimizers (fused
-        params such as ``attention.qkv_linear.wqkv.weight`` stay fused). Values
+        params such as ``attention.qkv_linear.wqkv.weight`` stay fused), then,
+        with ``merge_buffers=True``, the merged buffers' names in their model
+        part (``layers.0.moe.expert_bias_E``). Values
         are ``DTensor`` s sharded like the params, or with ``full=True`` plain
         full tensors (a collective: every rank calls it).
         """
@@ -241,7 +262,8 @@ class WSMOptimizersContainer(OptimizersContainer):
 
         Taken from ``model.state_dict()`` inside :meth:`merged_weights`, so the
         model's state-dict hooks apply (llama3's fused ``wqkv`` comes out as
-        ``wq``, ``wk``, ``wv``); buffers come from the live model. Values are
+        ``wq``, ``wk``, ``wv``); buffers are merged with ``merge_buffers=True``,
+        else they come from the live model. Values are
         new tensors in each param's dtype: ``DTensor`` s as the params are
         laid out, or with ``full=True`` plain full tensors (a collective: every
         rank calls it, in the same order).
@@ -307,7 +329,7 @@ def with_wsm(optimizer: OptimizersContainer.Config, **wsm: Any) -> WSMOptimizers
     Keeps every field of ``optimizer`` (param groups, implementation, ...);
     ``wsm`` are :class:`WSMConfig`'s fields (``schedule``, ``window``,
     ``interval``, ``start``, ``keep_last``, ``merges``, ``nonfinite``,
-    ``backend``, ``overlap``), validated here.
+    ``backend``, ``overlap``, ``merge_buffers``), validated here.
     """
     if isinstance(optimizer, WSMOptimizersContainer.Config):
         raise TypeError("optimizer already has WSM (a WSMOptimizersContainer.Config); change its .wsm instead")
@@ -327,6 +349,29 @@ def with_wsm(optimizer: OptimizersContainer.Config, **wsm: Any) -> WSMOptimizers
         raise TypeError(f"with_wsm: unknown argument(s) {unknown}; allowed: {sorted(names)}")
     kept = {f.name: getattr(optimizer, f.name) for f in fields(optimizer) if f.init}
     return WSMOptimizersContainer.Config(**kept, wsm=WSMConfig(**wsm))
+
+
+def _buffer_owners(optimizers: list[torch.optim.Optimizer], model_parts: list[nn.Module]) -> dict[int, nn.Module]:
+    """``{optimizer index: model part}``: the first optimizer holding a part's params merges its buffers.
+
+    torchtitan builds one optimizer per model part and optimizer type, so a
+    part's buffers would otherwise be merged (and saved) once per optimizer.
+    """
+    part_of = {id(p): i for i, part in enumerate(model_parts) for p in part.parameters()}
+    owners: dict[int, nn.Module] = {}
+    taken: set[int] = set()
+    for index, optimizer in enumerate(optimizers):
+        parts = {part_of.get(id(p)) for g in optimizer.param_groups for p in g["params"]} - {None}
+        if len(parts) > 1:
+            raise ValueError(
+                f"WSMConfig.merge_buffers=True: optimizer {index} holds params of model parts {sorted(parts)}; "
+                "each part's buffers must be merged by one optimizer of that part"
+            )
+        part = next(iter(parts), None)
+        if part is not None and part not in taken:
+            taken.add(part)
+            owners[index] = model_parts[part]
+    return owners
 
 
 def _init_inner_state(optimizer: WSMOptimizer) -> None:
