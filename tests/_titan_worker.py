@@ -132,14 +132,21 @@ def build_run(out_dir: Path, parallel_dims, seed: int):
 
     ``parallel_dims=None``: the model is not parallelised (one process, no process group).
     """
-    from torchtitan.components.checkpoint import CheckpointManager
-    from torchtitan.components.optimizer import LRSchedulersContainer, default_adamw
+    from torchtitan.components.optimizer import default_adamw
 
     from wsm_optim.integrations.torchtitan import with_wsm
 
     torch.manual_seed(seed)
     spec, cfg, model = build_model(parallel_dims) if parallel_dims is not None else build_local_model(seed)
     optimizers = with_wsm(default_adamw(lr=3e-3), merges=MERGES, backend="foreach").build(model_parts=[model])
+    return _run_parts(out_dir, spec, cfg, model, optimizers)
+
+
+def _run_parts(out_dir: Path, spec, cfg, model, optimizers) -> types.SimpleNamespace:
+    """torchtitan's LR schedulers, train state and ``CheckpointManager`` around a built model and optimizers."""
+    from torchtitan.components.checkpoint import CheckpointManager
+    from torchtitan.components.optimizer import LRSchedulersContainer
+
     schedulers = LRSchedulersContainer.Config(warmup_steps=2, decay_ratio=0.0).build(
         optimizers=optimizers, training_steps=STEPS
     )
@@ -310,8 +317,7 @@ def build_moe_run(out_dir: Path, parallel_dims, seed: int):
     """The MoE model (``parallelize_qwen3``: FSDP2), ``with_wsm(..., merge_buffers=True)``, torchtitan's
     load-balancing hook (``spec.post_optimizer_build_fn``, as its Trainer calls it), schedulers, checkpointer."""
     from torch.distributed.fsdp import FSDPModule
-    from torchtitan.components.checkpoint import CheckpointManager
-    from torchtitan.components.optimizer import LRSchedulersContainer, default_adamw
+    from torchtitan.components.optimizer import default_adamw
     from torchtitan.config import CompileConfig, ParallelismConfig, TrainingConfig
 
     from wsm_optim.integrations.torchtitan import with_wsm
@@ -335,18 +341,7 @@ def build_moe_run(out_dir: Path, parallel_dims, seed: int):
     optimizers = with_wsm(default_adamw(lr=3e-3), merges=MOE_MERGES, backend="foreach",
                           merge_buffers=True).build(model_parts=[model])
     spec.post_optimizer_build_fn(optimizers, [model], parallel_dims)  # registers _update_expert_bias
-    schedulers = LRSchedulersContainer.Config(warmup_steps=2, decay_ratio=0.0).build(
-        optimizers=optimizers, training_steps=STEPS
-    )
-    state = TrainState()
-    checkpointer = CheckpointManager.Config(
-        enable=True, folder="checkpoint", interval=SAVE_STEP, keep_latest_k=0, last_save_model_only=False,
-    ).build(
-        dataloader=None, model_parts=[model], optimizers=optimizers, lr_schedulers=schedulers,
-        states={"train_state": state}, sd_adapter=spec.state_dict_adapter(cfg, None), base_folder=str(out_dir),
-    )
-    return types.SimpleNamespace(model=model, optimizers=optimizers, schedulers=schedulers,
-                                 state=state, checkpointer=checkpointer, spec=spec, cfg=cfg)
+    return _run_parts(out_dir, spec, cfg, model, optimizers)
 
 
 def moe_state(model) -> dict[str, torch.Tensor]:
