@@ -10,9 +10,11 @@ in one of four layouts:
   ``--dcp-ranks`` row shards (the layout an FSDP run of that many ranks writes).
 
 Then, each in a fresh child process reporting its peak resident set (VmHWM)
-before and after:
+once torch and the library are imported ("start") and at the end; "peak above
+start" is the difference, what the merge itself added:
 
-* ``read``: the raw bytes of every checkpoint read once (``cat`` throughput, 8 MiB reads);
+* ``read``: the raw bytes of every checkpoint read once, in 128 KiB reads as ``cat`` does
+  (on a warm page cache 8 MiB reads are ~4x slower here: the buffer no longer stays in the CPU cache);
 * ``streaming``: ``merge_checkpoints(dir, schedule="1-sqrt", out=...)`` (``--block-size``);
 * ``workers``: the same with ``--workers`` processes (``--workers 1`` skips it);
 * ``whole``: one whole checkpoint loaded at a time into a whole-model fp32 accumulator
@@ -20,7 +22,12 @@ before and after:
 * ``naive`` (``safetensors``/``pt`` only): every checkpoint loaded first.
 
 Outputs are compared (max abs difference); the checkpoints are deleted at the
-end (unless ``--keep``). Linux only (reads /proc/self/status).
+end (unless ``--keep`` or ``--ckpts``). ``--ckpts DIR`` reuses checkpoints kept
+from an earlier run; ``--repo PATH`` imports ``wsm_optim`` from another checkout
+(before/after comparisons on the same files). ``--cold``: before each mode, the
+checkpoint files are written back (``sync``) and dropped from the page cache
+with ``posix_fadvise(POSIX_FADV_DONTNEED)`` (no root needed for clean pages),
+so ``read`` and every merge read from disk alike. Linux only (reads /proc/self/status).
 
     PYTHONPATH=. python bench/bench_offline_merge.py                                  # 10 x 100M params, safetensors
     PYTHONPATH=. python bench/bench_offline_merge.py --format pt                      # torch.save files
@@ -58,9 +65,13 @@ def hwm():
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
 
+def cpu():
+    return sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+               for f in ("ru_utime", "ru_stime"))
+
 mode, fmt, ckpt_dir, out, block_size, workers = sys.argv[1:7]
 before = hwm()
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), cpu()
 paths = resolve_inputs(ckpt_dir)
 nbytes = 0
 
@@ -78,7 +89,7 @@ def load_whole(p):
     return load_file(p) if fmt == "safetensors" else torch.load(p, map_location="cpu", weights_only=True)
 
 if mode == "read":
-    buf = bytearray(8 << 20)
+    buf = bytearray(128 << 10)
     for p in paths:
         for f in ([p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file())):
             with open(f, "rb", buffering=0) as fh:
@@ -101,8 +112,9 @@ else:
         del sd
     save_file(acc, out) if out.endswith(".safetensors") else torch.save(acc, out)
 workers_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024   # the largest worker's peak RSS
-print(json.dumps({"before": before, "after": hwm(), "seconds": time.perf_counter() - t0, "bytes": nbytes,
-                  "worker": workers_peak}))
+import wsm_optim
+print(json.dumps({"module": wsm_optim.__file__, "before": before, "after": hwm(), "seconds": time.perf_counter() - t0, "bytes": nbytes,
+                  "worker": workers_peak, "cpu": cpu() - c0}))
 """
 
 
@@ -174,13 +186,37 @@ def write_checkpoints(directory: Path, shapes: dict, n: int, fmt: str, shard_siz
     return nbytes
 
 
-def run_child(mode: str, fmt: str, ckpt_dir: Path, out: Path, block_size: str, workers: int) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run([sys.executable, "-c", CHILD, mode, fmt, str(ckpt_dir), str(out), block_size, str(workers)],
-                       capture_output=True, text=True, env=env)
+def evict(root: Path) -> int:
+    """Drop ``root``'s files from the page cache (after writing them back); returns their bytes."""
+    os.sync()
+    total = 0
+    for f in [root] if root.is_file() else sorted(root.rglob("*")):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                total += os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+    return total
+
+
+def cached_kib() -> int:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Cached:"))
+
+
+def run_child(mode: str, fmt: str, ckpt_dir: Path, out: Path, block_size: str, workers: int, repo: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    # cwd: ``python -c`` puts the working directory first on sys.path, ahead of PYTHONPATH
+    r = subprocess.run([sys.executable, "-c", CHILD, mode, fmt, str(ckpt_dir.resolve()), str(out.resolve()), block_size,
+                        str(workers)], capture_output=True, text=True, env=env, cwd=repo)
     if r.returncode:
         raise SystemExit(f"{mode} merge failed:\n{r.stderr}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    if not Path(result["module"]).resolve().is_relative_to(repo):
+        raise SystemExit(f"the child imported {result['module']}, not wsm_optim from {repo}")
+    return result
 
 
 def main() -> None:
@@ -194,6 +230,11 @@ def main() -> None:
     ap.add_argument("--dcp-ranks", type=int, default=8, help="dcp: row shards per tensor")
     ap.add_argument("--dir", help="parent of the temporary checkpoint directory (default: system temp)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint files")
+    ap.add_argument("--ckpts", help="reuse the checkpoints in this folder (written by --keep; --format must match)")
+    ap.add_argument("--repo", default=str(REPO), help="the checkout whose wsm_optim the children import")
+    ap.add_argument("--cold", action="store_true", help="drop the checkpoints from the page cache before each mode")
+    ap.add_argument("--modes", default="read,streaming,workers,whole,naive",
+                    help="comma-separated subset of the modes to run (read is always run)")
     args = ap.parse_args()
     if not sys.platform.startswith("linux"):
         raise SystemExit("Linux only (reads VmHWM from /proc/self/status)")
@@ -204,23 +245,37 @@ def main() -> None:
     numel = sum(torch.Size(s).numel() for s in shapes.values())
     largest = max(torch.Size(s).numel() for s in shapes.values()) * 4
     tmp = Path(tempfile.mkdtemp(prefix="wsm_bench_", dir=args.dir))
+    repo = Path(args.repo).resolve()
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; "
-          f"torch {torch.__version__}, python {platform.python_version()}")
+          f"torch {torch.__version__}, python {platform.python_version()}; wsm_optim from {repo}")
     try:
-        ckpts = tmp / "ckpts"
-        ckpts.mkdir()
-        print(f"writing {args.files} fp32 checkpoints of {numel:,} params ({args.format}) to {ckpts}; "
-              f"largest tensor {largest / 2**20:.0f} MiB")
-        t0 = time.perf_counter()
-        one = write_checkpoints(ckpts, shapes, args.files, args.format, args.shard_size, args.dcp_ranks)
-        print(f"  {time.perf_counter() - t0:.0f} s")
+        if args.ckpts:
+            ckpts = Path(args.ckpts)
+            first = sorted(ckpts.iterdir())[0]
+            one = sum(f.stat().st_size for f in ([first] if first.is_file() else first.rglob("*")) if f.is_file())
+            print(f"reusing the checkpoints in {ckpts} ({args.format})")
+        else:
+            ckpts = tmp / "ckpts"
+            ckpts.mkdir()
+            print(f"writing {args.files} fp32 checkpoints of {numel:,} params ({args.format}) to {ckpts}; "
+                  f"largest tensor {largest / 2**20:.0f} MiB")
+            t0 = time.perf_counter()
+            one = write_checkpoints(ckpts, shapes, args.files, args.format, args.shard_size, args.dcp_ranks)
+            print(f"  {time.perf_counter() - t0:.0f} s")
         suffix = ".pt" if args.format == "pt" else ".safetensors"
-        modes = ["read", "streaming", *(["workers"] if args.workers > 1 else []), "whole",
-                 *(["naive"] if args.format in ("safetensors", "pt") else [])]
+        wanted = set(args.modes.split(","))
+        modes = ["read", *(m for m in ("streaming", "workers", "whole") if m in wanted
+                           and (m != "workers" or args.workers > 1)),
+                 *(["naive"] if "naive" in wanted and args.format in ("safetensors", "pt") else [])]
         results = {}
         for mode in modes:
             out = tmp / f"merged_{mode}{suffix}"
-            results[mode] = r = run_child(mode, args.format, ckpts, out, args.block_size, args.workers)
+            if args.cold:
+                dropped = evict(ckpts)
+                print(f"{'':>10}  (cold: {dropped / 1e9:.1f} GB of checkpoints dropped from the page cache; "
+                      f"{cached_kib() / 2**20:.1f} GiB cached in all)", flush=True)
+            load = os.getloadavg()[0]
+            results[mode] = r = run_child(mode, args.format, ckpts, out, args.block_size, args.workers, repo)
             extra = r["after"] - r["before"]
             what = f" ({r['bytes'] / r['seconds'] / 1e9:.2f} GB/s)" if mode == "read" else ""
             label = f"workers={args.workers}" if mode == "workers" else mode
@@ -229,15 +284,17 @@ def main() -> None:
                 f"{r['before'] / 2**20:.0f} MiB of it the interpreter and torch)" \
                 if mode == "workers" else ""
             print(f"{label:>10}: peak RSS {r['after'] / 2**30:.2f} GiB total, {extra / 2**20:.0f} MiB above start "
-                  f"= {extra / one:.1%} of one checkpoint{worker}; {r['seconds']:.1f} s{ratio}{what}", flush=True)
+                  f"= {extra / one:.1%} of one checkpoint{worker}; {r['seconds']:.1f} s{ratio}{what}; "
+                  f"CPU {r['cpu']:.1f} s; load {load:.1f} -> {os.getloadavg()[0]:.1f}", flush=True)
         from safetensors.torch import load_file
 
         load = load_file if suffix == ".safetensors" else (lambda p: torch.load(p, weights_only=True))
-        ref = load(tmp / f"merged_whole{suffix}")
-        for mode in (m for m in modes[1:] if m != "whole"):
+        ref_mode = "whole" if "whole" in modes else "streaming"
+        ref = load(tmp / f"merged_{ref_mode}{suffix}")
+        for mode in (m for m in modes[1:] if m != ref_mode):
             got = load(tmp / f"merged_{mode}{suffix}")
             diff = max((got[k].float() - ref[k].float()).abs().max().item() for k in ref)
-            print(f"max |{mode} - whole| = {diff:.3g}", end="; ")
+            print(f"max |{mode} - {ref_mode}| = {diff:.3g}", end="; ")
         print(f"one checkpoint: {one / 2**30:.2f} GiB ({one / 1e6:.0f} MB)")
     finally:
         if args.keep:

@@ -15,10 +15,13 @@ One interface for every input the offline merge accepts (:func:`open_reader`):
 A reader exposes ``names`` (after ``key`` selection), ``meta(name) -> (shape,
 dtype)`` and ``row_blocks(name)`` (where a tensor may be cut along dim 0
 without re-reading saved data), cheaply and without loading tensors. Data is
-read inside ``with reader.reading() as read: read(name, start, stop)``, which
-returns rows ``start:stop`` (dim 0) of the tensor as a CPU tensor valid until
-the ``with`` block ends: a new tensor the caller may modify when the reader's
-``fresh_reads`` is true, else a read-only view (of a memory map).
+read inside ``with reader.reading() as read: read(name, start, stop, out)``,
+which returns rows ``start:stop`` (dim 0) of the tensor as a CPU tensor valid
+until the ``with`` block ends, to be treated as read-only. ``out`` (optional):
+a contiguous tensor of the rows' dtype and number of elements that the reader
+fills and returns (viewed at the rows' shape), so a caller reuses one buffer for
+every read; the ``torch.save`` reader returns a view of its memory map instead
+(no copy at all).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import os
 import pickle
 import sys
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .dcp_direct import plain_tensor_offset
 from .io import UnsafePickleWarning, open_checkpoint
 
 __all__ = [
@@ -50,7 +55,7 @@ __all__ = [
     "OPTIMIZER_PREFIXES",
 ]
 
-Read = Callable[[str, int, int], Tensor]
+Read = Callable[..., Tensor]  # read(name, start, stop, out=None)
 
 #: safetensors dtype codes and the torch dtypes they store (little-endian).
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -118,6 +123,56 @@ def _rows(shape: tuple[int, ...], start: int, stop: int) -> tuple[int, ...]:
     return (stop - start, *shape[1:]) if shape else ()
 
 
+def _destination(shape: tuple[int, ...], dtype: torch.dtype, out: Tensor | None) -> Tensor:
+    """``out`` viewed at ``shape`` (checked), or a new tensor."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype)
+    if out.dtype != dtype or not out.is_contiguous() or out.numel() != torch.Size(shape).numel():
+        raise ValueError(f"out: {out.dtype} {list(out.shape)} cannot hold {list(shape)} of {dtype}")
+    return out.view(shape)
+
+
+class _OpenFiles:
+    """Files of one folder, opened on first use and closed together when the read context ends.
+
+    At most ``limit`` stay open (the least recently used is closed first): a DCP
+    checkpoint may keep every saved chunk in a file of its own.
+    """
+
+    def __init__(self, root: Path, limit: int = 64) -> None:
+        self.root, self.limit = root, limit
+        self._fds: OrderedDict[str, int] = OrderedDict()
+
+    def fd(self, relative: str) -> int:
+        fd = self._fds.pop(relative, None)
+        if fd is None:
+            fd = os.open(self.root / relative, os.O_RDONLY)
+            if len(self._fds) >= self.limit:
+                os.close(self._fds.popitem(last=False)[1])
+        self._fds[relative] = fd
+        return fd
+
+    def __enter__(self) -> "_OpenFiles":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        while self._fds:
+            os.close(self._fds.popitem()[1])
+
+
+def _pread_into(fd: int, dest: Tensor, offset: int, path: Path, what: str) -> None:
+    """Fill the contiguous ``dest`` with the file's bytes from ``offset`` (``preadv`` may return short reads)."""
+    if dest.numel() == 0:
+        return
+    buf = memoryview(dest.view(-1).view(torch.uint8).numpy())
+    pos = 0
+    while pos < len(buf):
+        got = os.preadv(fd, [buf[pos:]], offset + pos)
+        if got <= 0:
+            raise ValueError(f"cannot read {path}: {what} is cut short (file truncated?)")
+        pos += got
+
+
 def common_layout(readers: Sequence[Any], paths: Sequence[Path], key: str | None) -> dict[str, tuple]:
     """``{name: (shape, dtype)}`` of the oldest input, checked against every other input (metadata only).
 
@@ -166,7 +221,6 @@ class SafetensorsFile:
         self.entries = self._parse_header(path)
         self._full = _select_prefix(list(self.entries), key, path, "safetensors files")
         self.names = list(self._full)
-        self.fresh_reads = True
         self.skipped: dict[str, str] = {}
 
     @staticmethod
@@ -226,23 +280,16 @@ class SafetensorsFile:
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[Read]:
-        with open(self.path, "rb", buffering=0) as f:
-            yield lambda name, start, stop: self.read_rows(f, self._full[name], start, stop)
+        with _OpenFiles(self.path.parent) as files:
+            yield lambda name, start, stop, out=None: self.read_rows(files.fd(self.path.name), self._full[name],
+                                                                     start, stop, out)
 
-    def read_rows(self, f: Any, full_name: str, start: int, stop: int) -> Tensor:
+    def read_rows(self, fd: int, full_name: str, start: int, stop: int, out: Tensor | None = None) -> Tensor:
         dtype, shape, offset = self.entries[full_name]
-        out = torch.empty(_rows(shape, start, stop), dtype=dtype)
-        if out.numel() == 0:
-            return out
-        row_bytes = out.numel() // max(stop - start, 1) * dtype.itemsize if shape else 0
-        buf = memoryview(out.view(-1).view(torch.uint8).numpy())
-        at, pos = offset + start * row_bytes, 0
-        while pos < len(buf):  # os.preadv may return short reads
-            got = os.preadv(f.fileno(), [buf[pos:]], at + pos)
-            if got <= 0:
-                raise ValueError(f"cannot read {self.path}: tensor {full_name!r} is cut short (file truncated?)")
-            pos += got
-        return out
+        dest = _destination(_rows(shape, start, stop), dtype, out)
+        row_bytes = dest.numel() // max(stop - start, 1) * dtype.itemsize if shape else 0
+        _pread_into(fd, dest, offset + start * row_bytes, self.path, f"tensor {full_name!r}")
+        return dest
 
 
 # ---------------------------------------------------------------- torch.save
@@ -254,7 +301,6 @@ class TorchFile:
         with open_checkpoint(path, key, unsafe_pickle) as r:
             self._meta = {n: r.meta(n) for n in r.names}
         self.names = list(self._meta)
-        self.fresh_reads = False
         self.skipped: dict[str, str] = {}
 
     def meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
@@ -268,9 +314,9 @@ class TorchFile:
         # Closing after each block drops the memory map: touched pages of every
         # input would otherwise stay resident for the whole merge.
         with open_checkpoint(self.path, self.key, self.unsafe) as r:
-            def read(name: str, start: int, stop: int) -> Tensor:
+            def read(name: str, start: int, stop: int, out: Tensor | None = None) -> Tensor:
                 t = r.tensor(name)
-                return t[start:stop] if t.dim() else t  # a view of the memory map: no copy
+                return t[start:stop] if t.dim() else t  # a view of the memory map: copying into out would cost more
 
             yield read
 
@@ -305,7 +351,6 @@ class HFFolder:
         self._files, self._where = files, weight_map
         self._full = _select_prefix(list(weight_map), key, path, "safetensors folders")
         self.names = list(self._full)
-        self.fresh_reads = True
         self.skipped: dict[str, str] = {}
 
     def meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
@@ -318,15 +363,11 @@ class HFFolder:
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[Read]:
-        with contextlib.ExitStack() as stack:
-            handles: dict[str, Any] = {}
-
-            def read(name: str, start: int, stop: int) -> Tensor:
+        with _OpenFiles(self.path) as files:
+            def read(name: str, start: int, stop: int, out: Tensor | None = None) -> Tensor:
                 full = self._full[name]
                 shard = self._where[full]
-                if shard not in handles:
-                    handles[shard] = stack.enter_context(open(self.path / shard, "rb", buffering=0))
-                return self._files[shard].read_rows(handles[shard], full, start, stop)
+                return self._files[shard].read_rows(files.fd(shard), full, start, stop, out)
 
             yield read
 
@@ -378,6 +419,13 @@ class _RowsPlanner:
 class DCPDirectory:
     """A ``torch.distributed.checkpoint`` directory, read by FQN at global shapes.
 
+    Rows are read straight from the files: a saved chunk stored as a plain
+    ``torch.save`` record (what torch's ``FileSystemWriter`` writes) has its raw
+    bytes at a known offset (:mod:`wsm_optim.dcp_direct`), so a read costs
+    exactly the rows asked for. A chunk stored any other way (compressed,
+    transformed, strided) is read through ``FileSystemReader.read_data``, which
+    loads it whole (``direct_reads=False``: every chunk that way).
+
     Non-tensor entries (pickled objects such as ``train_state``) and optimizer
     state (names under :data:`OPTIMIZER_PREFIXES`, or ``X.state.*`` beside
     ``X.param_groups.*``) are listed in ``skipped`` (name -> reason) and not merged, unless
@@ -385,7 +433,7 @@ class DCPDirectory:
     """
 
     def __init__(self, path: Path, key: str | None = None, *, unsafe_pickle: set[Path] | None = None,
-                 optimizer_state: bool = False) -> None:
+                 optimizer_state: bool = False, direct_reads: bool = True) -> None:
         from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -406,7 +454,9 @@ class DCPDirectory:
         }
         self._full = _select_prefix([n for n in tensors if n not in optimizer], key, path, "DCP names")
         self.names = list(self._full)
-        self.fresh_reads = True
+        self.direct_reads = direct_reads
+        # saved chunk (its storage index) -> (file, offset of its raw bytes), or None: read through dcp
+        self._direct: dict[Any, tuple[str, int] | None] = {}
 
     @staticmethod
     def _read_metadata(path: Path, unsafe_pickle: set[Path] | None) -> Any:
@@ -438,15 +488,34 @@ class DCPDirectory:
         md = self._md(name)
         return tuple(md.size), md.properties.dtype
 
-    def row_blocks(self, name: str) -> list[int] | None:
-        """Row boundaries of the saved chunks, when every chunk spans whole rows (dim-0 sharding, as FSDP).
+    def _direct_location(self, fqn: str, chunk: Any, dtype: torch.dtype, files: _OpenFiles) -> tuple[str, int] | None:
+        """``(file, offset of the raw bytes)`` of a saved chunk stored plainly, else ``None`` (cached)."""
+        from torch.distributed.checkpoint.metadata import MetadataIndex
 
-        A read inside one block loads only that block's saved chunks; a read
-        across a saved chunk's boundary would load the chunk again. Other
-        layouts (TP column shards) return ``[0, rows]``: read whole.
+        index = MetadataIndex(fqn, chunk.offsets)
+        if index not in self._direct:
+            info = self.metadata.storage_data.get(index) if self.direct_reads else None
+            where = None
+            if info is not None and not getattr(info, "transform_descriptors", None):
+                at = plain_tensor_offset(files.fd(info.relative_path), info.offset, info.length, dtype,
+                                         tuple(chunk.sizes))
+                where = None if at is None else (info.relative_path, at)
+            self._direct[index] = where
+        return self._direct[index]
+
+    def row_blocks(self, name: str) -> list[int] | None:
+        """``None`` when every saved chunk of ``name`` is read directly (any row range costs its rows only).
+
+        Else the row boundaries of the saved chunks, when every chunk spans whole
+        rows (dim-0 sharding, as FSDP): a read inside one block loads only that
+        block's saved chunks, a read across a saved chunk's boundary would load
+        the chunk again. Other layouts (TP column shards) return ``[0, rows]``: read whole.
         """
         md = self._md(name)
         shape = tuple(md.size)
+        with _OpenFiles(self.path) as files:
+            if all(self._direct_location(self._full[name], c, md.properties.dtype, files) for c in md.chunks):
+                return None
         if not shape:
             return [0, 1]
         full_rows = all(
@@ -458,19 +527,24 @@ class DCPDirectory:
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[Read]:
-        yield self.read
+        with _OpenFiles(self.path) as files:
+            yield lambda name, start, stop, out=None: self.read(name, start, stop, out, files)
 
-    def read(self, name: str, start: int, stop: int) -> Tensor:
+    def read(self, name: str, start: int, stop: int, out: Tensor | None = None,
+             files: _OpenFiles | None = None) -> Tensor:
         """Rows ``start:stop`` of ``name`` at its global shape, assembled from the saved chunks that overlap them."""
+        if files is None:
+            with _OpenFiles(self.path) as own:
+                return self.read(name, start, stop, out, own)
         from torch.distributed.checkpoint.metadata import MetadataIndex
         from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
         md = self._md(name)
         fqn = self._full[name]
-        shape = tuple(md.size)
+        shape, dtype = tuple(md.size), md.properties.dtype
         want_off = (start, *(0,) * (len(shape) - 1)) if shape else ()
         want_len = _rows(shape, start, stop)
-        dest = torch.empty(want_len, dtype=md.properties.dtype)
+        dest = _destination(want_len, dtype, out)
         items, covered = [], 0
         for chunk in md.chunks:
             lo = [max(o, w) for o, w in zip(chunk.offsets, want_off)]
@@ -478,6 +552,11 @@ class DCPDirectory:
             if any(h <= lo_ for lo_, h in zip(lo, hi)) and shape:
                 continue
             lengths = [h - lo_ for lo_, h in zip(lo, hi)]
+            covered += int(torch.Size(lengths).numel())
+            where = self._direct_location(fqn, chunk, dtype, files)
+            if where is not None:
+                self._read_direct(files, where, fqn, chunk, lo, lengths, want_off, dest)
+                continue
             items.append(ReadItem(
                 type=LoadItemType.TENSOR,
                 dest_index=MetadataIndex(fqn, torch.Size(want_off)),
@@ -486,7 +565,6 @@ class DCPDirectory:
                 storage_offsets=torch.Size([a - o for a, o in zip(lo, chunk.offsets)]),
                 lengths=torch.Size(lengths),
             ))
-            covered += int(torch.Size(lengths).numel())
         if covered != dest.numel():
             raise ValueError(
                 f"{self.path}: the saved chunks of {fqn!r} cover {covered} of the {dest.numel()} values of "
@@ -495,6 +573,28 @@ class DCPDirectory:
         if items:
             self._reader.read_data(LoadPlan(items), _RowsPlanner(dest, want_off)).wait()
         return dest
+
+    def _read_direct(self, files: _OpenFiles, where: tuple[str, int], fqn: str, chunk: Any, lo: list[int],
+                     lengths: list[int], want_off: tuple[int, ...], dest: Tensor) -> None:
+        """Copy the part ``lo : lo + lengths`` (global indices) of a plainly stored chunk into ``dest``."""
+        relative, data_offset = where
+        sizes = tuple(chunk.sizes)
+        row_bytes = int(torch.Size(sizes[1:]).numel()) * dest.dtype.itemsize
+        first = lo[0] - chunk.offsets[0] if sizes else 0  # the chunk's first row wanted
+        target = dest
+        for dim, (a, n) in enumerate(zip(lo, lengths)):
+            target = target.narrow(dim, a - want_off[dim], n)
+        if sizes[1:] == tuple(lengths[1:]) and target.is_contiguous():  # whole rows of the chunk: straight in
+            _pread_into(files.fd(relative), target, data_offset + first * row_bytes, self.path / relative,
+                        f"the saved chunk of {fqn!r} at {list(chunk.offsets)}")
+            return
+        # a column shard (TP): its rows are contiguous in the file, not in dest
+        rows = torch.empty((lengths[0], *sizes[1:]), dtype=dest.dtype)
+        _pread_into(files.fd(relative), rows, data_offset + first * row_bytes, self.path / relative,
+                    f"the saved chunk of {fqn!r} at {list(chunk.offsets)}")
+        for dim in range(1, len(sizes)):
+            rows = rows.narrow(dim, lo[dim] - chunk.offsets[dim], lengths[dim])
+        target.copy_(rows)
 
 
 def _optimizer_names(names: list[str]) -> set[str]:

@@ -105,6 +105,7 @@ def _in_order(blocks: Iterable[Block], layout: Layout) -> Iterator[Block]:
             if b_name != name or start != at or t.dtype != dtype:
                 raise AssertionError(f"block {b_name}[{start}:{stop}] {t.dtype} out of order, expected {name}[{at}:] {dtype}")
             yield b_name, start, stop, t
+            del t  # a written block is freed before the next one is merged
             at = stop
             if rows == 0:
                 break
@@ -183,6 +184,7 @@ class SafetensorsOutput:
             writer = SafetensorsWriter(f, self.layout, self.metadata)
             for _, _, _, t in _in_order(blocks, self.layout):
                 writer.write(t)
+                del t  # freed before the next block is merged
             writer.finish()
         return self.path
 
@@ -225,6 +227,7 @@ class ShardedOutput:
                         while True:
                             _, _, stop, t = next(it)
                             writer.write(t)
+                            del t  # freed before the next block is merged
                             done = stop
                             if done >= rows:
                                 break

@@ -77,8 +77,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--workers", type=int, default=1, metavar="N", help="merge in N processes (same result; default 1)")
     p.add_argument(
-        "--block-size", default="64MiB", metavar="SIZE",
-        help="accumulator memory per batch of tensors; larger tensors are merged in row blocks (default 64MiB)",
+        "--block-size", default="16MiB", metavar="SIZE",
+        help="accumulator memory per batch of tensors; larger tensors are merged in row blocks (default 16MiB)",
     )
     p.add_argument(
         "--dtype",

@@ -10,11 +10,12 @@ Face ``save_pretrained`` folders (sharded or not) and
 or as one parent folder sorted by step number (:mod:`wsm_optim.checkpoint_readers`).
 
 Memory: the merge streams block by block (:mod:`wsm_optim.streaming_merge`):
-each block of rows of each tensor is read from every input in turn and added
-into a float32 accumulator (float64 for float64 inputs), then written out
-(:mod:`wsm_optim.checkpoint_writers`), so the peak is about ``block_size`` of
-accumulators plus one block read, whatever the model size and the number of
-inputs. Non-float tensors (integer buffers, step counters, masks) are copied
+each block of rows of each tensor is read from every input in turn, piece by
+piece into one reused buffer, and added into a float32 accumulator (float64
+for float64 inputs), then written out (:mod:`wsm_optim.checkpoint_writers`)
+while the next batch is merged, so the peak is about two ``block_size``
+batches of accumulators plus a 1 MiB buffer, whatever the model size and the
+number of inputs. Non-float tensors (integer buffers, step counters, masks) are copied
 from the newest checkpoint, never averaged.
 
 Every input's names, shapes and dtypes are checked before anything is read;
@@ -251,7 +252,7 @@ def merge_checkpoints(
     max_shard_size: str | int = "5GB",
     workers: int = 1,
     optimizer_state: bool = False,
-    block_size: str | int = "64MiB",
+    block_size: str | int = "16MiB",
 ) -> dict[str, Tensor] | Path:
     """Merge checkpoints with WSM weights: ``sum_j c_j * theta_j``, streaming block by block.
 
@@ -293,7 +294,7 @@ def merge_checkpoints(
             serial one). They are spawned, so they import the calling script: call
             from under ``if __name__ == "__main__":`` (the ``wsm-optim`` command does).
         optimizer_state: also merge a DCP checkpoint's optimizer state (skipped by default).
-        block_size: accumulator memory per batch of blocks (``"64MiB"``); a
+        block_size: accumulator memory per batch of blocks (``"16MiB"``); a
             tensor larger than that is merged in row blocks.
 
     Returns:
