@@ -21,8 +21,9 @@ param of the first group), as ``wsm_acc.<merge>:<buffer name>`` and
 ``wsm_last.<merge>:<buffer name>`` (``:`` appears in neither merge nor module
 names), with ``wsm_anchor:<buffer name>``: the buffer's value at the end of the
 last step after which a window anchored (``ModelBuffers.capture``), which a
-state saved at a window's end needs for the next anchor. They are plain tensors (replicated under FSDP2, whose buffers are
-not sharded), so DCP saves them once and loads them on every rank.
+state saved at a window's end needs for the next anchor. They are plain
+tensors (replicated under FSDP2, whose buffers are not sharded), so DCP saves
+them once and loads them on every rank.
 
 The copy in the param groups is what survives
 ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict``, which
