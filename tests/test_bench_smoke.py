@@ -1,4 +1,4 @@
-"""Smoke test of ``bench/bench_update.py``: the CPU bench runs end to end at toy sizes.
+"""Smoke tests of the CPU benches (``bench/bench_update.py``, ``bench/bench_merge_buffers.py``) at toy sizes.
 
 Asserts that every section ran and wrote well-formed results, and that the
 streaming merge equals the explicit save-load-average merge; nothing about speed.
@@ -61,3 +61,16 @@ def test_cpu_bench_quick_runs_and_writes_results(tmp_path):
     assert "<!-- BEGIN cpu -->" in report and "<!-- BEGIN cuda -->" in report
     assert "torch threads: 1" in report
     assert not list(tmp_path.glob("wsm_bench_ckpt_*")), "checkpoint temp dir left behind"
+
+
+def test_merge_buffers_bench_runs_at_toy_size():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run(
+        [sys.executable, os.path.join(REPO, "bench", "bench_merge_buffers.py"), "--width", "8", "--blocks", "2",
+         "--steps", "3", "--rounds", "1", "--threads", "1"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| 1 |") or line.startswith("| 10 |")]
+    assert len(rows) == 2 and all(float(r.split("|")[4]) > 0 for r in rows), res.stdout
