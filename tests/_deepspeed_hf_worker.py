@@ -5,15 +5,14 @@ environment set. Every case in one process (DeepSpeed's and accelerate's
 start-up dominate); writes ``OUT_DIR/hf-rank<r>.json``.
 """
 
-import json
 import os
 import sys
-import traceback
 
 import torch
 
 HERE = os.path.dirname(__file__)
 sys.path.insert(0, HERE)
+from _launch import run_cases  # noqa: E402
 from test_integrations_transformers import EVAL, TRAIN, BiasedGPT2, _args, _buffered_model, _equal, _model  # noqa: E402
 from transformers import GPT2LMHeadModel, Trainer, TrainerCallback  # noqa: E402
 
@@ -163,15 +162,7 @@ CASES = [
 
 
 def main():
-    out_dir = sys.argv[-1]  # argv: PREFIX OUT_DIR (tests/_dist_launch.py)
-    results = {}
-    for case in CASES:
-        try:
-            results[case.__name__[5:]] = case(out_dir)
-        except Exception:
-            results[case.__name__[5:]] = {"error": traceback.format_exc()}
-    with open(os.path.join(out_dir, f"hf-rank{RANK}.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    run_cases({case.__name__[5:]: case for case in CASES})
 
 
 if __name__ == "__main__":

@@ -6,10 +6,9 @@ and writes ``OUT_DIR/plain-rank<r>.json`` with what each case measured; the test
 asserts on it.
 """
 
-import json
+import functools
 import os
 import sys
-import traceback
 
 import torch
 from torch import nn
@@ -19,6 +18,7 @@ from deepspeed.utils import safe_get_full_fp32_param
 
 sys.path.insert(0, os.path.dirname(__file__))
 import reference  # noqa: E402
+from _launch import run_cases  # noqa: E402
 
 from wsm_optim import WSMOptimizer, unwrap  # noqa: E402
 from wsm_optim.integrations import deepspeed as wds  # noqa: E402
@@ -241,30 +241,12 @@ CASES = [case_merge_equals_explicit_merge, case_resume_through_deepspeed_checkpo
 
 
 def main():
-    out_dir = sys.argv[-1]  # argv: PREFIX OUT_DIR (tests/_dist_launch.py)
     deepspeed.init_distributed(dist_backend="gloo")
-    results = {}
-    for stage in (1, 2):
-        for case in CASES:
-            key = f"{case.__name__[5:]}[{stage}]"
-            try:
-                results[key] = case(stage, out_dir)
-            except Exception:
-                results[key] = {"error": traceback.format_exc()}
-    try:
-        results["bf16_copies_follow_the_merged_masters"] = case_bf16_copies_follow_the_merged_masters(2, out_dir)
-    except Exception:
-        results["bf16_copies_follow_the_merged_masters"] = {"error": traceback.format_exc()}
-    try:
-        results["stage0_steps_the_optimizer_as_is"] = case_stage0_steps_the_optimizer_as_is(0, out_dir)
-    except Exception:
-        results["stage0_steps_the_optimizer_as_is"] = {"error": traceback.format_exc()}
-    try:
-        results["stage3_is_refused"] = case_stage3_is_refused(3, out_dir)
-    except Exception:
-        results["stage3_is_refused"] = {"error": traceback.format_exc()}
-    with open(os.path.join(out_dir, f"plain-rank{RANK}.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    cases = {f"{case.__name__[5:]}[{stage}]": functools.partial(case, stage) for stage in (1, 2) for case in CASES}
+    cases["bf16_copies_follow_the_merged_masters"] = functools.partial(case_bf16_copies_follow_the_merged_masters, 2)
+    cases["stage0_steps_the_optimizer_as_is"] = functools.partial(case_stage0_steps_the_optimizer_as_is, 0)
+    cases["stage3_is_refused"] = functools.partial(case_stage3_is_refused, 3)
+    run_cases(cases)
 
 
 if __name__ == "__main__":

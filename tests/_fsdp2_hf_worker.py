@@ -4,15 +4,14 @@ Launched by tests/test_integrations_fsdp2.py on 2 ranks; every case in one
 process; writes ``OUT_DIR/fsdp2-rank<r>.json``.
 """
 
-import json
 import os
 import sys
-import traceback
 
 import torch
 
 HERE = os.path.dirname(__file__)
 sys.path.insert(0, HERE)
+from _launch import run_cases  # noqa: E402
 from test_integrations_transformers import EVAL, TRAIN, _args, _equal, _model  # noqa: E402
 from transformers import GPT2LMHeadModel, Trainer, TrainerCallback  # noqa: E402
 
@@ -89,15 +88,7 @@ CASES = [case_metrics_and_merged_folders, case_resume_mid_window_is_exact]
 
 
 def main():
-    out_dir = sys.argv[-1]  # argv: PREFIX OUT_DIR (tests/_dist_launch.py)
-    results = {}
-    for case in CASES:
-        try:
-            results[case.__name__[5:]] = case(out_dir)
-        except Exception:
-            results[case.__name__[5:]] = {"error": traceback.format_exc()}
-    with open(os.path.join(out_dir, f"fsdp2-rank{RANK}.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    run_cases({case.__name__[5:]: case for case in CASES})
 
 
 if __name__ == "__main__":

@@ -9,7 +9,12 @@ timeout (every rank killed) instead of hanging CI.
 from __future__ import annotations
 
 import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,3 +33,20 @@ def launch(worker: str, world: int, out_dir: Path, prefix: str) -> list[dict]:
             pytest.fail(f"{worker} rank {rank} exited without writing {path.name}")
         results.append(json.loads(path.read_text()))
     return results
+
+
+def run_cases(cases: dict[str, Callable[[str], Any]]) -> None:
+    """The worker's side of :func:`launch`: run every case with ``OUT_DIR``, keep its result or its traceback.
+
+    Writes ``OUT_DIR/<PREFIX>-rank<r>.json`` (argv: ``PREFIX OUT_DIR``); a failing
+    case does not stop the others, and the test names the one that failed.
+    """
+    prefix, out_dir = sys.argv[-2], sys.argv[-1]
+    results = {}
+    for key, case in cases.items():
+        try:
+            results[key] = case(out_dir)
+        except Exception:
+            results[key] = {"error": traceback.format_exc()}
+    rank = int(os.environ.get("RANK", 0))
+    Path(out_dir, f"{prefix}-rank{rank}.json").write_text(json.dumps(results, indent=1))
