@@ -107,6 +107,17 @@ def case_merge_equals_explicit_merge(stage, out_dir):
     }
 
 
+def resumed(ckpt, stage, batches, **options):
+    """A fresh engine (another init: everything comes from the checkpoint) loaded from ``ckpt``'s tag ``s5``,
+    then trained on ``batches``; returns ``(engine, wsm, steps counted right after the load)``."""
+    engine, wsm = engine_for(stage, seed=3, **options)
+    wds.attach(engine)
+    engine.load_checkpoint(ckpt, tag="s5")
+    steps = wsm.steps
+    train(engine, batches)
+    return engine, wsm, steps
+
+
 def case_resume_through_deepspeed_checkpoint_is_exact(stage, out_dir):
     ckpt = os.path.join(out_dir, f"ckpt{stage}")
     data = batches(STEPS)
@@ -115,11 +126,7 @@ def case_resume_through_deepspeed_checkpoint_is_exact(stage, out_dir):
     train(a, data[:5])  # mid-window (window 4, interval 2: step 5 is between checkpoints)
     a.save_checkpoint(ckpt, tag="s5")
     train(a, data[5:])
-    b, wb = engine_for(stage, seed=3)  # other init: everything comes from the checkpoint
-    wds.attach(b)
-    b.load_checkpoint(ckpt, tag="s5")
-    resumed_steps = wb.steps
-    train(b, data[5:])
+    b, wb, resumed_steps = resumed(ckpt, stage, data[5:])
     ma, mb = wds.merged_state_dict(a, torch.float32), wds.merged_state_dict(b, torch.float32)
     return {
         "resumed_steps": resumed_steps,
@@ -213,11 +220,7 @@ def case_merge_buffers(stage, out_dir):
     with wds.merged_weights(engine):
         inside = {k: v.clone() for k, v in engine.module.state_dict().items()}
     restored = all(torch.equal(v, live[k]) for k, v in engine.module.state_dict().items())
-    b, wb = engine_for(stage, seed=3, merge_buffers=True)  # other init: everything comes from the checkpoint
-    wds.attach(b)
-    b.load_checkpoint(ckpt, tag="s5")
-    resumed_steps = wb.steps
-    train(b, data[5:])
+    b, wb, resumed_steps = resumed(ckpt, stage, data[5:], merge_buffers=True)
     ma, mb = wds.merged_state_dict(engine, torch.float32), wds.merged_state_dict(b, torch.float32)
     return {
         "steps": [wsm.steps, wb.steps],
