@@ -167,9 +167,12 @@ class Runtime:
         """Before the inner step: anchor every merge whose window is due (``A <- c_0 theta``)."""
         due = [m for m in self.merges if m.position.anchor_due(self.steps)]
         run = self.merges if self.capturable else due  # capturable: the kernel decides
-        ok = self._checkpoint_ok(anchor=True) if run else None
+        if not run:
+            return
+        passes = self._passes(anchor=True)
+        ok = self._checkpoint_ok(passes)
         keep = [m.spec.keep_last and (m.position.complete or self.capturable) for m in run]
-        for g, backend, tensors in self._passes(anchor=True):
+        for g, backend, tensors in passes:
             updates = [m.update(g, m.weights.c(0), k) for m, k in zip(run, keep)]
             backend.anchor(tensors, updates, None if ok is None else ok[g.device], cache=g.cache)
         for m in due:
@@ -200,7 +203,7 @@ class Runtime:
         run = [(m, 0.0) for m in self.merges] if self.capturable else due
         if not run:
             return
-        ok = self._checkpoint_ok()
+        ok = self._checkpoint_ok(self._passes())
 
         def accumulate(groups: list[Group], backend: Backend) -> None:
             for g in groups:
@@ -237,13 +240,13 @@ class Runtime:
             passes.append((g, self.buffer_backend, tensors))
         return passes
 
-    def _checkpoint_ok(self, anchor: bool = False) -> dict[torch.device, Tensor] | None:
-        """Skip mode: an int32 flag per device, 1 iff every param (and merged buffer) is finite (device only)."""
+    def _checkpoint_ok(self, passes: list[tuple[Group, Backend, list[Tensor]]]) -> dict[torch.device, Tensor] | None:
+        """Skip mode: an int32 flag per device, 1 iff every tensor the ``passes`` read is finite (device only)."""
         if self.nonfinite != "skip":
             return None
         devices = self.registry.target_devices
         flags = {d: torch.ones((), dtype=torch.int32, device=d) for d in devices}
-        for g, backend, tensors in self._passes(anchor):
+        for g, backend, tensors in passes:
             backend.all_finite(tensors, flags[g.device], cache=g.cache)
         if len(devices) > 1:  # the checkpoint is bad if any device saw a bad value
             total = flags[devices[0]].clone()
