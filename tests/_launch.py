@@ -39,7 +39,8 @@ def run_cases(cases: dict[str, Callable[[str], Any]]) -> None:
     """The worker's side of :func:`launch`: run every case with ``OUT_DIR``, keep its result or its traceback.
 
     Writes ``OUT_DIR/<PREFIX>-rank<r>.json`` (argv: ``PREFIX OUT_DIR``); a failing
-    case does not stop the others, and the test names the one that failed.
+    case does not stop the others, and the test names the one that failed. Then
+    ends the process without interpreter teardown (see :func:`_exit`).
     """
     prefix, out_dir = sys.argv[-2], sys.argv[-1]
     results = {}
@@ -50,3 +51,23 @@ def run_cases(cases: dict[str, Callable[[str], Any]]) -> None:
             results[key] = {"error": traceback.format_exc()}
     rank = int(os.environ.get("RANK", 0))
     Path(out_dir, f"{prefix}-rank{rank}.json").write_text(json.dumps(results, indent=1))
+    _exit()
+
+
+def _exit() -> None:
+    """Leave a worker whose results are on disk: process group destroyed, then ``os._exit(0)``.
+
+    The process groups here are made by DeepSpeed/accelerate, which never
+    destroy them; at interpreter teardown a thread they leave (gloo, the
+    TCPStore) was once still joinable and the rank died with SIGABRT
+    ("terminate called without an active exception") after every case had
+    passed, failing CI. Nothing is left to run, so teardown is skipped.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
