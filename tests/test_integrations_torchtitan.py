@@ -75,10 +75,12 @@ def test_config_errors_name_the_argument():
         with_wsm(with_wsm(default_adamw(), window=4), window=8)
     with pytest.raises(TypeError, match="OptimizersContainer.Config"):
         with_wsm({"lr": 1e-3}, window=4)
-    with pytest.raises(ValueError, match="nonfinite must be 'raise' or 'skip', got 'ignore'"):
+    with pytest.raises(ValueError, match="WSMConfig.nonfinite must be 'raise' or 'skip', got 'ignore'"):
         WSMConfig(window=4, nonfinite="ignore")
-    with pytest.raises(ValueError, match="backend must be 'auto', 'foreach' or 'triton', got 'cuda'"):
+    with pytest.raises(ValueError, match=r"WSMConfig.backend must be one of \('auto', 'foreach', 'triton'\), got 'cuda'"):
         WSMConfig(window=4, backend="cuda")
+    with pytest.raises(TypeError, match="WSMConfig.overlap must be a bool .*got str 'no'"):
+        WSMConfig(window=4, overlap="no")
     with pytest.raises(TypeError, match="config.wsm must be a WSMConfig"):
         WSMOptimizersContainer(default_adamw(), model_parts=[torch.nn.Linear(2, 2)])
 
@@ -305,7 +307,7 @@ def test_checkpoint_holds_the_merge_as_sharded_tensors_keyed_by_param_fqn(jobs):
 # ------------------------------------------- MoE: merged expert_bias_E (merge_buffers=True)
 def test_merge_buffers_config_is_a_bool():
     assert WSMConfig(window=4, merge_buffers=True).merge_buffers is True
-    with pytest.raises(TypeError, match="WSMConfig.merge_buffers must be a bool, got 'yes'"):
+    with pytest.raises(TypeError, match=r"WSMConfig.merge_buffers must be a bool \(True or False\), got str 'yes'"):
         with_wsm(default_adamw(), window=4, merge_buffers="yes")
 
 

@@ -63,7 +63,7 @@ from torchtitan.components.checkpoint import AsyncMode, CheckpointManager, Model
 from torchtitan.components.optimizer import OptimizersContainer
 from torchtitan.components.optimizer.utils import get_flat_optim_state_dict, init_optim_state
 
-from ..merge import specs_from_arguments
+from ..spec import check_bool, check_options, specs_from_arguments
 from ..optimizer import WSMOptimizer
 from ..schedules import Schedule
 
@@ -110,12 +110,13 @@ class WSMConfig:
 
     def __post_init__(self) -> None:
         specs_from_arguments(self.schedule, self.window, self.interval, self.start, self.keep_last, self.merges)
-        if not isinstance(self.merge_buffers, bool):
-            raise TypeError(f"WSMConfig.merge_buffers must be a bool, got {self.merge_buffers!r}")
-        if self.nonfinite not in ("raise", "skip"):
-            raise ValueError(f"WSMConfig.nonfinite must be 'raise' or 'skip', got {self.nonfinite!r}")
-        if self.backend not in ("auto", "foreach", "triton"):
-            raise ValueError(f"WSMConfig.backend must be 'auto', 'foreach' or 'triton', got {self.backend!r}")
+        # WSMOptimizer's own rules and messages, naming the config field (a bad value would
+        # otherwise surface only when torchtitan builds the optimizers, far from the config)
+        try:
+            check_options(backend=self.backend, nonfinite=self.nonfinite, overlap=self.overlap)
+            check_bool("merge_buffers", self.merge_buffers)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"WSMConfig.{error}") from None
 
     def optimizer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``WSMOptimizer(inner, **kwargs)``."""
