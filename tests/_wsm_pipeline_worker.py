@@ -11,7 +11,7 @@ environment variables set. Scenarios:
 Each scenario trains to ``CKPT_STEP``, saves every stage to one DCP
 checkpoint, trains on to ``STEPS``, then builds fresh stages, schedules and
 optimizers, resumes them from the checkpoint and trains to ``STEPS`` again.
-After every step rank 0 records the gathered parameters of the whole model,
+After every step rank 0 records the gathered parameters and buffers of the whole model,
 the assembled merged model (``wsm_optim.pipeline.merged_pipeline_state_dict``)
 and each stage's own readout keys. ``OUT_DIR/<scenario>.pt`` =
 ``{"straight": record, "resumed": record}``.
@@ -36,6 +36,8 @@ GLOBAL_BATCH = 8
 MICROBATCHES = 2
 #: Which layers each stage keeps; stage 1 also keeps the head. Both keep the buffer ``scale``.
 STAGE_LAYERS = (("0", "1"), ("2", "3"))
+#: Each layer's float buffer that its forward moves (merged with ``merge_buffers=True``).
+RUNNING = [f"layers.{i}.running" for i in range(4)]
 
 
 class Stack(nn.Module):
@@ -43,19 +45,27 @@ class Stack(nn.Module):
 
     A stage is a copy with the other stages' layers deleted (and the head on
     the last stage only), so its parameter and buffer names are the unsplit
-    model's. 10 and 5 rows shard 2-way as 5/5 and 3/2.
+    model's. 10 and 5 rows shard 2-way as 5/5 and 3/2. Each layer has a
+    buffer ``running`` (its output width) that every training forward moves,
+    as BatchNorm statistics would, but by the same amount on every
+    data-parallel rank (FSDP2 replicates buffers; rank 0's are the ones
+    assembled).
     """
 
     def __init__(self) -> None:
         super().__init__()
         dims = [6, 10, 10, 5, 5]
         self.layers = nn.ModuleDict({str(i): nn.Linear(dims[i], dims[i + 1]) for i in range(4)})
+        for i, layer in self.layers.items():
+            layer.register_buffer("running", torch.full((dims[int(i) + 1],), float(i)))
         self.head: nn.Module | None = nn.Linear(5, 3)
         self.register_buffer("scale", torch.linspace(0.5, 1.5, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers.values():
+        for i, layer in self.layers.items():
             x = torch.tanh(layer(x))
+            if self.training:
+                layer.running.mul_(0.75).add_(torch.linspace(0.0, 1.0 + int(i), len(layer.running)))
         return self.head(x) * self.scale if self.head is not None else x
 
 
@@ -98,12 +108,18 @@ class Pipeline:
                 fully_shard(layer, mesh=mesh["dp"])
             fully_shard(self.module, mesh=mesh["dp"])
         self.pp_group = mesh["pp"].get_group()
+        # Static shapes: in dynamic mode a fresh schedule's first step runs the forward once more to infer them
+        # (on real first-stage inputs), which would move ``running`` once more after a resume than in one run.
+        rows = GLOBAL_BATCH // self.dp_size // MICROBATCHES
+        widths = ((6, 10), (10, 3))[self.stage]
         pipe_stage = PipelineStage(
-            self.module, self.stage, len(STAGE_LAYERS), torch.device("cpu"), group=self.pp_group
+            self.module, self.stage, len(STAGE_LAYERS), torch.device("cpu"), group=self.pp_group,
+            input_args=torch.zeros(rows, widths[0]), output_args=torch.zeros(rows, widths[1]),
+            input_grads=torch.zeros(rows, widths[0]), output_grads=torch.zeros(rows, widths[1]),
         )
         self.schedule = ScheduleGPipe(pipe_stage, n_microbatches=MICROBATCHES, loss_fn=F.mse_loss)
         inner = torch.optim.SGD(self.module.named_parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)
-        self.opt = WSMOptimizer(inner, merges=MERGES, backend="foreach")
+        self.opt = WSMOptimizer(inner, merges=MERGES, backend="foreach", model=self.module, merge_buffers=True)
         self.record = {"snapshots": {}, "assembled": {}, "completed": {}, "stage_keys": {}, "status": {}}
 
     @property
@@ -132,7 +148,7 @@ class Pipeline:
         s = self.opt.steps
         live = {
             k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
-            for k, v in self.module.named_parameters()
+            for k, v in [*self.module.named_parameters(), *self.module.named_buffers()]
         }
         snapshot = gather_to_rank0(live, self.pp_group)
         assembled = {
@@ -158,13 +174,14 @@ class Pipeline:
             assert assembled == {m: {} for m in MERGES}, "only global rank 0 keeps the assembled model"
 
     def check_merged_weights(self, own: dict) -> None:
-        """Inside ``merged_weights()`` this stage's params hold its merged readout; on exit the live bits come back."""
+        """Inside ``merged_weights()`` this stage's params and buffers hold its merged readout; on exit the live bits come back."""
         local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
-        live = {k: local(v).detach().clone() for k, v in self.module.named_parameters()}
+        tensors = lambda: [*self.module.named_parameters(), *self.module.named_buffers()]  # noqa: E731
+        live = {k: local(v).detach().clone() for k, v in tensors()}
         with self.opt.merged_weights(merge="sq"):
-            for k, v in self.module.named_parameters():
+            for k, v in tensors():
                 assert torch.equal(local(v), local(own[k])), f"stage {self.stage} {k}: merged_weights value"
-        for k, v in self.module.named_parameters():
+        for k, v in tensors():
             assert torch.equal(local(v), live[k]), f"stage {self.stage} {k}: live value not restored"
 
     def save(self, path: Path) -> None:

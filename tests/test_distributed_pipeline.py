@@ -1,13 +1,15 @@
 """Pipeline parallelism (``torch.distributed.pipelining``) with one ``WSMOptimizer`` per stage, on CPU/gloo.
 
 Two launches of ``tests/_wsm_pipeline_worker.py``: 2 stages on 2 ranks, and
-2 stages x 2 FSDP2 ranks on 4. Checked after every step: the whole merged
-model assembled by ``wsm_optim.pipeline.merged_pipeline_state_dict`` loads
-into the unsplit model with ``strict=True`` and equals the float64 explicit
-merge of the gathered parameters of all stages (both merges, current and last
-completed window); each stage's own readout holds its names only, and
-``merged_weights()`` swaps exactly that readout into the stage (asserted in
-the worker) and restores the live bits; a DCP
+2 stages x 2 FSDP2 ranks on 4, both with ``merge_buffers=True``. Checked
+after every step: the whole merged model assembled by
+``wsm_optim.pipeline.merged_pipeline_state_dict`` loads into the unsplit model
+with ``strict=True`` and equals the float64 explicit merge of the gathered
+parameters and moving buffers of all stages (both merges, current and last
+completed window), the constant buffer both stages keep stays bit-exact; each
+stage's own readout holds its names only, and ``merged_weights()`` swaps
+exactly that readout into the stage (asserted in the worker) and restores the
+live bits; a DCP
 checkpoint of all stages, resumed by fresh stages and optimizers, continues
 bit for bit like the uninterrupted run.
 """
@@ -35,9 +37,10 @@ import reference as R  # noqa: E402
 SPECS = {name: R.Window(**kwargs) for name, kwargs in W.MERGES.items()}
 RTOL = harness.FP32_READOUT_RTOL[torch.float32]
 PARAM_NAMES = [k for k, _ in W.make_model().named_parameters()]
+MERGED_NAMES = PARAM_NAMES + W.RUNNING  # ``scale`` is merged too, but it never moves
 STAGE_KEYS = {  # each stage's readout: its own layers (+ head on the last stage) and the shared buffer
     f"stage{i}": sorted(
-        [f"layers.{j}.{t}" for j in layers for t in ("weight", "bias")]
+        [f"layers.{j}.{t}" for j in layers for t in ("weight", "bias", "running")]
         + (["head.bias", "head.weight"] if i == len(W.STAGE_LAYERS) - 1 else [])
         + ["scale"]
     )
@@ -56,8 +59,8 @@ def job(request, tmp_path_factory) -> dict:
 def snapshots(record: dict, first: int = 0) -> list[list[torch.Tensor] | None]:
     out: list[list[torch.Tensor] | None] = [None] * (W.STEPS + 1)
     for s, snap in record["snapshots"].items():
-        assert sorted(snap) == sorted(PARAM_NAMES), sorted(snap)  # every stage's params, gathered
-        out[s] = R.snapshot([snap[k] for k in PARAM_NAMES])
+        assert sorted(snap) == sorted(MERGED_NAMES + ["scale"]), sorted(snap)  # every stage's, gathered
+        out[s] = R.snapshot([snap[k] for k in MERGED_NAMES])
     return out
 
 
@@ -73,7 +76,7 @@ def test_assembled_merge_loads_into_unsplit_model_and_matches_explicit_merge(job
             model.load_state_dict(assembled, strict=True)  # names of the unsplit model, nothing missing or extra
             assert torch.equal(assembled["scale"], model.scale)
             expected, scale = R.readout(spec, snaps, s), R.readout_scale(spec, snaps, s)
-            for i, key in enumerate(PARAM_NAMES):
+            for i, key in enumerate(MERGED_NAMES):
                 assert assembled[key].dtype == torch.float32 and assembled[key].device.type == "cpu"
                 err = harness.rel_error(assembled[key], expected[i], scale[i])
                 assert err <= RTOL, f"{merge} step {s} {key}: rel error {err:.3g} vs the float64 explicit merge"
@@ -82,12 +85,13 @@ def test_assembled_merge_loads_into_unsplit_model_and_matches_explicit_merge(job
         if done:
             expected = R.window_merge(SPECS["lin"], snaps, done - 1)
             scale = R.window_scale(SPECS["lin"], snaps, done - 1)
-            for i, key in enumerate(PARAM_NAMES):
+            for i, key in enumerate(MERGED_NAMES):
                 err = harness.rel_error(record["completed"][s][key], expected[i], scale[i])
                 assert err <= RTOL, f"completed lin window {done - 1} at step {s} {key}: rel error {err:.3g}"
     # The merge is not the live model (guards against comparing two copies of the params).
     final = record["assembled"][W.STEPS]["sq"]
-    assert (final["layers.0.weight"] - record["snapshots"][W.STEPS]["layers.0.weight"]).abs().max() > 1e-4
+    for key in ("layers.0.weight", "layers.3.running"):
+        assert (final[key] - record["snapshots"][W.STEPS][key]).abs().max() > 1e-4, key
 
 
 def test_each_stage_reads_out_its_own_names(job):
