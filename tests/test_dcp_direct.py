@@ -9,7 +9,9 @@ The FSDP2-written inputs are covered in ``test_offline_formats.py``.
 from __future__ import annotations
 
 import io
+import struct
 import tempfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -120,6 +122,45 @@ def test_plain_tensor_offset_finds_the_raw_bytes(tmp_path, dtype, shape):
     assert at is not None and start < at < start + length
     raw = data[at:at + t.numel() * dtype.itemsize]
     assert torch.equal(torch.frombuffer(bytearray(raw), dtype=dtype).view(shape), t)
+
+
+def _zip64(archive: bytes) -> bytes:
+    """The same stored members with every size and offset in zip64 fields and a zip64 end record, as a
+    ``torch.save`` record over 4 GiB has them (built by hand: 4 GiB of test data is out of reach)."""
+    with zipfile.ZipFile(io.BytesIO(archive)) as z:
+        members = [(i.filename.encode(), z.read(i), i.CRC) for i in z.infolist()]
+    out, central, big = bytearray(), bytearray(), 0xFFFFFFFF
+    for name, data, crc in members:
+        offset, n = len(out), len(data)
+        extra = struct.pack("<HHQQ", 1, 16, n, n)
+        out += struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 45, 0, 0, 0, 0, crc, big, big, len(name), len(extra))
+        out += name + extra + data
+        extra = struct.pack("<HHQQQ", 1, 24, n, n, offset)
+        central += struct.pack("<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 45, 45, 0, 0, 0, 0, crc, big, big,
+                               len(name), len(extra), 0, 0, 0, 0, big) + name + extra
+    cd_offset, end64 = len(out), len(out) + len(central)
+    out += central
+    out += struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", 44, 45, 45, 0, 0, len(members), len(members), len(central),
+                       cd_offset)
+    out += struct.pack("<4sIQI", b"PK\x06\x07", 0, end64, 1)
+    out += struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, big, big, 0)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_plain_tensor_offset_reads_zip64_records(tmp_path, dtype):
+    t = torch.randn(5, 3).to(dtype)
+    plain, start, _ = _record(t)
+    wide = _zip64(plain[start:])
+    assert torch.equal(torch.load(io.BytesIO(wide)), t)  # a zip64 archive torch itself reads
+    data = plain[:start] + wide
+    (tmp_path / "f").write_bytes(data)
+    with open(tmp_path / "f", "rb") as f:
+        at = plain_tensor_offset(f.fileno(), start, len(wide), dtype, (5, 3))
+        assert at is not None
+        assert torch.equal(torch.frombuffer(bytearray(data[at:at + t.numel() * dtype.itemsize]), dtype=dtype).view(5, 3), t)
+        for cut in (len(wide) - 30, 200):  # the zip64 end record or the central directory cut off
+            assert plain_tensor_offset(f.fileno(), start, cut, dtype, (5, 3)) is None, cut
 
 
 def test_plain_tensor_offset_leaves_everything_else_to_torch_load(tmp_path):

@@ -10,9 +10,11 @@ covers its whole storage, in the chunk's dtype and shape, little-endian, rows
 ``a:b`` of the chunk are the bytes ``[start + a * row_bytes, start + b * row_bytes)``
 of the file, with ``start`` what :func:`plain_tensor_offset` returns.
 
-Anything else (a compressed or transformed item, a strided or offset view,
-another pickle, a malformed or zip64-only layout this parser does not handle)
-returns ``None``: the caller reads that chunk through ``dcp.load`` instead.
+A chunk over 4 GiB makes its record a zip64 archive (64-bit sizes and offsets
+in the central directory's extra fields and a zip64 end record); both forms
+are read. Anything else (a compressed or transformed item, a strided or offset
+view, another pickle, a malformed layout) returns ``None``: the caller reads
+that chunk through ``dcp.load`` instead.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import torch
 __all__ = ["plain_tensor_offset"]
 
 _EOCD = b"PK\x05\x06"  # end of central directory record
+_EOCD64 = b"PK\x06\x06"  # zip64 end of central directory record
+_EOCD64_LOCATOR = b"PK\x06\x07"  # just before the EOCD: where the zip64 record is
 _CENTRAL = b"PK\x01\x02"  # central directory file header
 _LOCAL = b"PK\x03\x04"  # local file header
 _STORED = 0  # zip compression method: none
@@ -60,8 +64,15 @@ def _members(fd: int, start: int, length: int) -> dict[str, tuple[int, int, int,
     if at < 0 or len(tail) - at < 22:
         return None
     count, cd_size, cd_offset = struct.unpack_from("<HII", tail, at + 10)
-    if 0xFFFF in (count,) or 0xFFFFFFFF in (cd_size, cd_offset) or cd_offset + cd_size > length:
-        return None  # a zip64 archive: a >4 GiB record, rare enough to leave to dcp.load
+    if count == 0xFFFF or 0xFFFFFFFF in (cd_size, cd_offset):
+        if at < 20 or tail[at - 20:at - 16] != _EOCD64_LOCATOR:
+            return None
+        record = _pread(fd, 56, start + struct.unpack_from("<Q", tail, at - 12)[0])
+        if record[:4] != _EOCD64:
+            return None
+        count, cd_size, cd_offset = struct.unpack_from("<QQQ", record, 32)
+    if cd_offset + cd_size > length:
+        return None
     cd_in_tail = cd_offset - (length - tail_len)
     cd = tail[cd_in_tail:cd_in_tail + cd_size] if cd_in_tail >= 0 else _pread(fd, cd_size, start + cd_offset)
     if len(cd) != cd_size:
@@ -76,10 +87,32 @@ def _members(fd: int, start: int, length: int) -> dict[str, tuple[int, int, int,
         header, = struct.unpack_from("<I", cd, pos + 42)
         name = cd[pos + 46:pos + 46 + n_name].decode("utf-8", "replace")
         if 0xFFFFFFFF in (csize, size, header):
-            return None  # sizes or offset in a zip64 extra field: see above
+            wide = _zip64_fields(cd[pos + 46 + n_name:pos + 46 + n_name + n_extra], size, csize, header)
+            if wide is None:
+                return None
+            size, csize, header = wide
         out[name] = (method, csize, size, header)
         pos += 46 + n_name + n_extra + n_comment
     return out
+
+
+def _zip64_fields(extra: bytes, size: int, csize: int, header: int) -> tuple[int, int, int] | None:
+    """``(size, compressed size, local header offset)`` with each field that is ``0xFFFFFFFF`` read from the
+    zip64 extra field, where they follow in that order (APPNOTE 4.5.3)."""
+    pos = 0
+    while pos + 4 <= len(extra):
+        tag, n = struct.unpack_from("<HH", extra, pos)
+        if tag == _ZIP64_EXTRA:
+            body, out = extra[pos + 4:pos + 4 + n], []
+            for value in (size, csize, header):
+                if value == 0xFFFFFFFF:
+                    if len(body) < 8:
+                        return None
+                    value, body = struct.unpack_from("<Q", body)[0], body[8:]
+                out.append(value)
+            return out[0], out[1], out[2]
+        pos += 4 + n
+    return None
 
 
 def _data_start(fd: int, start: int, length: int, header: int, head: bytes) -> int | None:
