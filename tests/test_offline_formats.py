@@ -428,6 +428,17 @@ def test_mixed_layouts_merge_and_row_blocks_change_nothing(tmp_path):
     assert all(torch.equal(back[k], whole[k]) for k in whole)
 
 
+@pytest.mark.parametrize("out_format, workers", [("safetensors", 1), ("torch", 1), ("sharded", 1), ("dcp", 1), ("dcp", 2)])
+def test_progress_in_a_log_ends_with_every_tensor_counted(tmp_path, capsys, out_format, workers):
+    """Not a terminal: one plain line at the end, counting the last tensor for every output (the sharded and DCP
+    writers stop asking for blocks after the last one, which left the line at 3/4, printed after 'wrote')."""
+    paths, states = _mixed_inputs(tmp_path)
+    out = tmp_path / ("merged.pt" if out_format == "torch" else "merged")
+    merge_checkpoints(paths, out=out, out_format=out_format, block_size="100B", workers=workers, verbose=False)
+    lines = capsys.readouterr().err.splitlines()
+    assert [l.split(", elapsed")[0] for l in lines] == ["merging: 4/4 tensors (100%)"], lines
+
+
 @pytest.mark.parametrize(
     "kwargs, exc, message",
     [
