@@ -262,6 +262,22 @@ def test_dcp_refusals_name_the_key_and_the_input(tmp_path):
         merge_checkpoints([a], key="modle", progress=False)
 
 
+@pytest.mark.parametrize("keep", [0.2, 0.5, 0.9])
+def test_truncated_dcp_chunk_file_is_refused_naming_the_input_and_the_key(tmp_path, capsys, keep):
+    """A cut ``.distcp`` file is read through torch.load, whose RuntimeError/EOFError was a traceback (exit 1)."""
+    states = [{"model": {"w": torch.randn(64, 8), "b": torch.randn(8)}} for _ in range(2)]
+    a, b = _dcp(tmp_path / "a_1", states[0]), _dcp(tmp_path / "b_2", states[1])
+    (data,) = b.glob("*.distcp")
+    data.write_bytes(data.read_bytes()[: int(data.stat().st_size * keep)])
+    out = tmp_path / "m.safetensors"
+    with pytest.raises(ValueError, match=r"b_2: cannot read the saved chunks of 'model\.[wb]' .*corrupt or truncated"):
+        merge_checkpoints([a, b], out=out, progress=False)
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert cli_main(["merge", str(a), str(b), "-o", str(out), "-q"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"wsm-optim merge: error: {b}: cannot read the saved chunks"), err
+
+
 def test_dcp_metadata_with_foreign_objects_is_refused_without_unsafe_pickle(tmp_path):
     a = _dcp(tmp_path / "a", {"model": {"w": torch.ones(2)}})
     md = dcp.FileSystemReader(str(a)).read_metadata()
