@@ -300,6 +300,20 @@ def test_dcp_metadata_with_foreign_objects_is_refused_without_unsafe_pickle(tmp_
         assert "--unsafe-pickle" not in str(info.value)
 
 
+def test_glob_names_the_matched_folders_that_are_not_checkpoints(tmp_path):
+    """A folder the glob matches but cannot read (still being written, or ``pytorch_model.bin`` only) changes the
+    weights of the others: it is left out with a warning naming it, not silently."""
+    for step in (1, 2):
+        _dcp(tmp_path / f"step-{step}", {"w": torch.full((2,), float(step))})
+    (tmp_path / "step-3").mkdir()  # no .metadata yet
+    (tmp_path / "step-3" / "__0_0.distcp").write_bytes(b"partial")
+    with pytest.warns(UserWarning, match=r"--glob 'step-\*' also matches 1 folder that is not a checkpoint .*: step-3$"):
+        assert resolve_inputs(tmp_path, glob="step-*") == [tmp_path / "step-1", tmp_path / "step-2"]
+    with pytest.warns(UserWarning, match="left out of the merge: step-3"):
+        merged = merge_checkpoints(tmp_path, glob="step-*", progress=False)
+    assert torch.equal(merged["w"], torch.full((2,), 1.5))
+
+
 def test_cli_merges_a_parent_folder_of_dcp_checkpoints(dcp_run, tmp_path, capsys):
     out = tmp_path / "merged"
     argv = ["merge", str(dcp_run), "--glob", "step-*", "--key", "model", "-o", str(out), "--out-format", "dcp",
