@@ -409,6 +409,22 @@ def test_atomic_directory_appears_complete_or_not_at_all(tmp_path):
     assert os.listdir(target) == ["a.json"]
 
 
+def test_atomic_directory_filled_by_another_writer_meanwhile_is_left_as_it_is(tmp_path):
+    """Two merges to one new path: the one that finishes second is refused in one line (was an OSError traceback
+    from rmdir) and removes only its own temporary folder."""
+    target = tmp_path / "merged"
+    with pytest.raises(ValueError, match=r"output '.*merged' was created by another writer .* choose a new path"):
+        with wio.atomic_directory(target) as tmp:
+            (tmp / "mine.safetensors").write_bytes(b"mine")
+            target.mkdir()
+            (target / "theirs.safetensors").write_bytes(b"theirs")
+    assert os.listdir(tmp_path) == ["merged"] and os.listdir(target) == ["theirs.safetensors"]
+    with pytest.raises(ValueError, match="was created by another writer"):
+        with wio.atomic_directory(tmp_path / "file") as tmp:
+            (tmp_path / "file").write_text("theirs")  # a file in the way: rename says NotADirectoryError
+    assert (tmp_path / "file").read_text() == "theirs" and sorted(os.listdir(tmp_path)) == ["file", "merged"]
+
+
 def test_stale_temp_directory_of_a_dead_writer_is_removed(tmp_path):
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = tmp_path / f"{wio._temp_stem(tmp_path / 'merged')}{int(done.stdout)}-abc.tmp"

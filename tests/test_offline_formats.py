@@ -262,6 +262,22 @@ def test_dcp_refusals_name_the_key_and_the_input(tmp_path):
         merge_checkpoints([a], key="modle", progress=False)
 
 
+@pytest.mark.parametrize("keep", [0.2, 0.5, 0.9])
+def test_truncated_dcp_chunk_file_is_refused_naming_the_input_and_the_key(tmp_path, capsys, keep):
+    """A cut ``.distcp`` file is read through torch.load, whose RuntimeError/EOFError was a traceback (exit 1)."""
+    states = [{"model": {"w": torch.randn(64, 8), "b": torch.randn(8)}} for _ in range(2)]
+    a, b = _dcp(tmp_path / "a_1", states[0]), _dcp(tmp_path / "b_2", states[1])
+    (data,) = b.glob("*.distcp")
+    data.write_bytes(data.read_bytes()[: int(data.stat().st_size * keep)])
+    out = tmp_path / "m.safetensors"
+    with pytest.raises(ValueError, match=r"b_2: cannot read the saved chunks of 'model\.[wb]' .*corrupt or truncated"):
+        merge_checkpoints([a, b], out=out, progress=False)
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert cli_main(["merge", str(a), str(b), "-o", str(out), "-q"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"wsm-optim merge: error: {b}: cannot read the saved chunks"), err
+
+
 def test_dcp_metadata_with_foreign_objects_is_refused_without_unsafe_pickle(tmp_path):
     a = _dcp(tmp_path / "a", {"model": {"w": torch.ones(2)}})
     md = dcp.FileSystemReader(str(a)).read_metadata()
@@ -282,6 +298,20 @@ def test_dcp_metadata_with_foreign_objects_is_refused_without_unsafe_pickle(tmp_
         with pytest.raises(ValueError, match=r"cannot read .*a/\.metadata: not a DCP metadata file") as info:
             merge_checkpoints([a], unsafe_pickle=unsafe, progress=False)
         assert "--unsafe-pickle" not in str(info.value)
+
+
+def test_glob_names_the_matched_folders_that_are_not_checkpoints(tmp_path):
+    """A folder the glob matches but cannot read (still being written, or ``pytorch_model.bin`` only) changes the
+    weights of the others: it is left out with a warning naming it, not silently."""
+    for step in (1, 2):
+        _dcp(tmp_path / f"step-{step}", {"w": torch.full((2,), float(step))})
+    (tmp_path / "step-3").mkdir()  # no .metadata yet
+    (tmp_path / "step-3" / "__0_0.distcp").write_bytes(b"partial")
+    with pytest.warns(UserWarning, match=r"--glob 'step-\*' also matches 1 folder that is not a checkpoint .*: step-3$"):
+        assert resolve_inputs(tmp_path, glob="step-*") == [tmp_path / "step-1", tmp_path / "step-2"]
+    with pytest.warns(UserWarning, match="left out of the merge: step-3"):
+        merged = merge_checkpoints(tmp_path, glob="step-*", progress=False)
+    assert torch.equal(merged["w"], torch.full((2,), 1.5))
 
 
 def test_cli_merges_a_parent_folder_of_dcp_checkpoints(dcp_run, tmp_path, capsys):
@@ -426,6 +456,17 @@ def test_mixed_layouts_merge_and_row_blocks_change_nothing(tmp_path):
         assert json.loads(meta["wsm_merge"])["files"] == ["ck_1", "ck_2.safetensors", "ck_3.pt"]
     back = load_file(out)
     assert all(torch.equal(back[k], whole[k]) for k in whole)
+
+
+@pytest.mark.parametrize("out_format, workers", [("safetensors", 1), ("torch", 1), ("sharded", 1), ("dcp", 1), ("dcp", 2)])
+def test_progress_in_a_log_ends_with_every_tensor_counted(tmp_path, capsys, out_format, workers):
+    """Not a terminal: one plain line at the end, counting the last tensor for every output (the sharded and DCP
+    writers stop asking for blocks after the last one, which left the line at 3/4, printed after 'wrote')."""
+    paths, states = _mixed_inputs(tmp_path)
+    out = tmp_path / ("merged.pt" if out_format == "torch" else "merged")
+    merge_checkpoints(paths, out=out, out_format=out_format, block_size="100B", workers=workers, verbose=False)
+    lines = capsys.readouterr().err.splitlines()
+    assert [l.split(", elapsed")[0] for l in lines] == ["merging: 4/4 tensors (100%)"], lines
 
 
 @pytest.mark.parametrize(

@@ -571,7 +571,14 @@ class DCPDirectory:
                 f"rows {start}:{stop}; the checkpoint is incomplete"
             )
         if items:
-            self._reader.read_data(LoadPlan(items), _RowsPlanner(dest, want_off)).wait()
+            try:
+                self._reader.read_data(LoadPlan(items), _RowsPlanner(dest, want_off)).wait()
+            except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # torch.load of a cut or damaged file
+                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise ValueError(
+                    f"{self.path}: cannot read the saved chunks of {fqn!r} (rows {start}:{stop}): the checkpoint is "
+                    f"corrupt or truncated ({reason})"
+                ) from e
         return dest
 
     def _read_direct(self, files: _OpenFiles, where: tuple[str, int], fqn: str, chunk: Any, lo: list[int],

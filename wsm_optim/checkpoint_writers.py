@@ -113,6 +113,14 @@ def _in_order(blocks: Iterable[Block], layout: Layout) -> Iterator[Block]:
         raise AssertionError("more blocks than the layout holds")
 
 
+def _finish(ordered: Iterator[Block]) -> None:
+    """Run ``ordered`` (an :func:`_in_order` stream whose last block was taken) to its end: the merge's
+    generator then counts the last tensor and prints its final progress line before the output is
+    renamed, and the check that no block is left over runs."""
+    for _ in ordered:  # nothing is left: _in_order raises for an extra block
+        pass
+
+
 class SafetensorsWriter:
     """One safetensors file on an open binary stream: header from ``layout`` first, then tensor bytes in order."""
 
@@ -234,6 +242,7 @@ class ShardedOutput:
                         weight_map[name] = file_name
                     writer.finish()
                     os.fsync(f.fileno())
+            _finish(it)
             if len(self.names) > 1:
                 index = {
                     "metadata": {"total_size": sum(_nbytes(s, d) for _, s, d in self.layout), **(self.metadata or {})},
@@ -263,7 +272,8 @@ class DCPOutput:
 
         with atomic_directory(self.path) as tmp:
             writer = dcp.FileSystemWriter(str(tmp), single_file_per_rank=False, sync_files=True, thread_count=1)
-            planner = _pulling_planner(self.layout, self.block_rows, _in_order(blocks, self.layout))
+            ordered = _in_order(blocks, self.layout)
+            planner = _pulling_planner(self.layout, self.block_rows, ordered)
             try:
                 with warnings.catch_warnings():  # "torch.distributed is disabled ...": one process is the intent
                     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -272,6 +282,7 @@ class DCPOutput:
                 if planner.error is not None:  # dcp.save wraps it in a CheckpointException: give the merge's own
                     raise planner.error from None
                 raise
+            _finish(ordered)  # dcp.save took as many blocks as it planned: the stream's end is not asked for
             if self.sidecar is not None:
                 _write_json(tmp / "wsm_merge.json", self.sidecar)
         return self.path

@@ -341,9 +341,17 @@ def atomic_directory(path: str | os.PathLike, who: str = "") -> Iterator[Path]:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp gives 0o700; a plain mkdir follows the umask
         yield tmp
         _fsync_path(tmp, directory=True)
-        if target.is_dir():
-            target.rmdir()  # empty (checked above); rename cannot replace a directory on every system
-        os.rename(tmp, target)
+        try:
+            if target.is_dir():
+                target.rmdir()  # empty (checked above); rename cannot replace a directory on every system
+            os.rename(tmp, target)
+        except OSError as e:
+            if not (target.exists() or target.is_symlink()):
+                raise
+            raise ValueError(  # another writer (e.g. a second merge to the same path) finished first
+                f"{who}output {str(target)!r} was created by another writer while this one was written; "
+                "it is left as it is and this output is discarded: choose a new path"
+            ) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

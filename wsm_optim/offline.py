@@ -147,8 +147,18 @@ def resolve_inputs(
             what = (f"no checkpoint files ({', '.join('*' + s for s in CHECKPOINT_SUFFIXES)}) or checkpoint "
                     f"folders in {str(root)!r}")
         else:
-            found = [f for f in root.glob(glob) if f.is_file() or (f.is_dir() and checkpoint_kind(f))]
+            matched = list(root.glob(glob))
+            found = [f for f in matched if f.is_file() or (f.is_dir() and checkpoint_kind(f))]
             what = f"no files match --glob {glob!r} in {str(root)!r} (nor do any checkpoint folders)"
+            left_out = sorted(str(f.relative_to(root)) for f in matched if f.is_dir() and not checkpoint_kind(f))
+            if found and left_out:  # e.g. a checkpoint still being written, or saved as pytorch_model.bin
+                warnings.warn(
+                    f"--glob {glob!r} also matches {len(left_out)} folder{'s' if len(left_out) != 1 else ''} that "
+                    f"{'are' if len(left_out) != 1 else 'is'} not a checkpoint (no .metadata, no "
+                    f"*.safetensors.index.json, no model.safetensors), left out of the merge: {', '.join(left_out)}",
+                    UserWarning,
+                    stacklevel=2,
+                )
         if not found:
             raise ValueError(f"empty checkpoint list: {what}")
         return _sort_by_step(found, root)
