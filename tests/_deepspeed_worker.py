@@ -44,10 +44,11 @@ def groups(model):
     ]
 
 
-def engine_for(stage, seed=0, bf16=False, merge_buffers=False, **zero):
+def engine_for(stage, seed=0, bf16=False, merge_buffers=False, one_group=False, **zero):
     model = build(seed, batch_norm=merge_buffers)
     buffers = dict(model=model, merge_buffers=True) if merge_buffers else {}
-    wsm = WSMOptimizer(torch.optim.AdamW(groups(model), lr=0.05, weight_decay=0.1), **SPEC.as_kwargs(), **buffers)
+    params = model.parameters() if one_group else groups(model)
+    wsm = WSMOptimizer(torch.optim.AdamW(params, lr=0.05, weight_decay=0.1), **SPEC.as_kwargs(), **buffers)
     config = {
         "train_micro_batch_size_per_gpu": 4,
         "zero_optimization": {"stage": stage, **zero},
@@ -95,8 +96,11 @@ def case_merge_equals_explicit_merge(stage, out_dir):
         inside = {k: v.clone() for k, v in engine.module.state_dict().items()}
         inside_masters = [m.to(torch.float32) for m in masters(engine)]
     restored = all(torch.equal(v, live[k]) for k, v in engine.module.state_dict().items())
+    with unwrap(engine).merged_weights():  # the optimizer's own swap: the module's copies hold the merge too
+        through_unwrap = {k: v.clone() for k, v in engine.module.state_dict().items()}
     full = wds.merged_state_dict(engine, model=engine.module)
     return {
+        "unwrap_swap_equals_readout": all(torch.equal(through_unwrap[k], merged[k]) for k in merged),
         "steps": wsm.steps,
         "worst_vs_explicit_merge": worst,
         "swap_equals_readout": all(torch.equal(inside[k], merged[k]) for k in merged),
@@ -167,6 +171,22 @@ def case_stage3_is_refused(stage, out_dir):
     except NotImplementedError as e:
         return {"refused": str(e)}
     return {"refused": None}
+
+
+def refused_step(engine, wsm):
+    """The first engine step's error (type: message), or None if it trained; and the merge steps counted."""
+    try:
+        train(engine, batches(1))
+    except Exception as e:  # noqa: BLE001 - what a user would see
+        return f"{type(e).__name__}: {e}", wsm.steps
+    return None, wsm.steps
+
+
+def case_stepped_without_attach_is_refused(stage, out_dir):
+    """One param group (nothing cut per group) and no attach: refused at the first step, not merged silently."""
+    engine, wsm = engine_for(stage, one_group=True)
+    message, steps = refused_step(engine, wsm)
+    return {"message": message, "steps": steps}
 
 
 def case_stage0_steps_the_optimizer_as_is(stage, out_dir):
@@ -249,6 +269,10 @@ def main():
     cases["bf16_copies_follow_the_merged_masters"] = functools.partial(case_bf16_copies_follow_the_merged_masters, 2)
     cases["stage0_steps_the_optimizer_as_is"] = functools.partial(case_stage0_steps_the_optimizer_as_is, 0)
     cases["stage3_is_refused"] = functools.partial(case_stage3_is_refused, 3)
+    for stage in (2, 3):  # ZeRO-3 without attach: refused at the first step too, naming the stage
+        cases[f"stepped_without_attach_is_refused[{stage}]"] = functools.partial(
+            case_stepped_without_attach_is_refused, stage
+        )
     run_cases(cases)
 
 

@@ -48,6 +48,7 @@ def test_zero_merge_equals_an_explicit_merge_of_the_gathered_fp32_masters(plain,
         assert r["steps"] == 9, (rank, r)  # one merge step per engine step, whatever the param groups
         assert r["worst_vs_explicit_merge"] < 1e-6, (rank, r)
         assert r["swap_equals_readout"] and r["swap_masters_equal_readout"], (rank, r)
+        assert r["unwrap_swap_equals_readout"], (rank, r)  # unwrap(engine).merged_weights(): the copies too
         assert r["restored_bit_exactly"] and r["masters_restored"], (rank, r)
         assert r["model_keys"], (rank, r)
 
@@ -91,6 +92,20 @@ def test_zero_stage3_is_refused_naming_the_stage(plain):
     for results in plain:
         message = _case(results, "stage3_is_refused")["refused"]
         assert message is not None and "ZeRO stage 3" in message and "stage 1 or 2" in message
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_stepped_without_attach_is_refused_at_the_first_step(plain, stage):
+    """One param group (ZeRO cuts nothing) and no attach: the first step raises instead of merging silently."""
+    for rank, results in enumerate(plain):
+        r = _case(results, f"stepped_without_attach_is_refused[{stage}]")
+        assert r["steps"] == 0 and r["message"] is not None, (rank, r)
+        if stage == 3:
+            assert r["message"].startswith("NotImplementedError") and "ZeRO stage 3" in r["message"], (rank, r)
+            assert "stage 1 or 2" in r["message"], (rank, r)
+        else:
+            assert r["message"].startswith("RuntimeError") and "ZeRO stage 2" in r["message"], (rank, r)
+            assert "attach(engine)" in r["message"], (rank, r)
 
 
 def test_hf_trainer_with_deepspeed_reports_merged_metrics_and_writes_merged_folders(hf):
