@@ -152,12 +152,35 @@ def case_wrap_trainer_merge_buffers(out_dir):
     return out
 
 
+def case_wrap_trainer_refusals_name_the_setting(out_dir):
+    """ZeRO-3, an 'optimizer' section, load_best_model_at_end: wrap_trainer refuses before training.
+
+    Last in CASES: a ZeRO-3 config makes the Trainer set transformers' process-wide ZeRO-3 flag.
+    """
+    settings = {
+        "zero3": (ds_config(3), {}),
+        "optimizer_section": ({**ds_config(), "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}, {}),
+        "load_best_model_at_end": (ds_config(), dict(load_best_model_at_end=True, metric_for_best_model="eval_loss")),
+    }
+    out = {}
+    for key, (config, args) in settings.items():
+        trainer = Trainer(model=_model(), args=_args(os.path.join(out_dir, key), deepspeed=config, **args),
+                          train_dataset=TRAIN, eval_dataset=EVAL)
+        try:
+            wrap_trainer(trainer, schedule="1-sqrt", window=4)
+            out[key] = None
+        except NotImplementedError as e:
+            out[key] = str(e)
+    return out
+
+
 CASES = [
     case_wrap_trainer_merge_buffers,
     case_wrap_trainer_metrics_and_merged_folders,
     case_resume_from_checkpoint_mid_window_is_exact,
     case_optimizer_given_in_optimizers_is_the_one_stepped,
     case_without_wrap_trainer_unwrap_names_the_fix,
+    case_wrap_trainer_refusals_name_the_setting,
 ]
 
 

@@ -137,3 +137,10 @@ def test_hf_trainer_with_deepspeed_without_wrap_trainer_unwrap_names_the_fix(hf)
     r = _case(hf, "without_wrap_trainer_unwrap_names_the_fix")
     assert r["steps"] == 0  # the Trainer never stepped it: nothing in wsm_optim ran
     assert r["message"] is not None and "wrap_trainer(trainer" in r["message"], r
+
+
+def test_hf_trainer_with_deepspeed_refusals_name_the_setting(hf):
+    r = _case(hf, "wrap_trainer_refusals_name_the_setting")
+    assert r["zero3"] is not None and "ZeRO stage 3" in r["zero3"] and "zero_optimization.stage" in r["zero3"], r
+    assert r["optimizer_section"] is not None and "'optimizer' section" in r["optimizer_section"], r
+    assert r["load_best_model_at_end"] is not None and "load_best_model_at_end=False" in r["load_best_model_at_end"], r
