@@ -164,6 +164,34 @@ def case_bf16_copies_follow_the_merged_masters(stage, out_dir):
     }
 
 
+def case_round_robin_gradients(stage, out_dir):
+    """round_robin_gradients reorders the params in the flat groups: the readout follows DeepSpeed's layout.
+
+    fp32, so the module's params are the masters' values; the reference snapshots them (under round robin
+    DeepSpeed 0.19's safe_get_full_fp32_param returns other params' values, which the test records).
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(9, 7), nn.Tanh(), nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 1))
+    wsm = WSMOptimizer(torch.optim.AdamW(model.parameters(), lr=0.05), **SPEC.as_kwargs())
+    config = {"train_micro_batch_size_per_gpu": 4, "zero_allow_untested_optimizer": True,
+              "zero_optimization": {"stage": stage, "round_robin_gradients": True}}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=wsm, config=config)
+    wds.attach(engine)
+    names = [n for n, _ in engine.module.named_parameters()]
+    snapshots = [[p.detach().to(torch.float64, copy=True) for p in engine.module.parameters()]]
+    worst = 0.0
+    g = torch.Generator().manual_seed(100 + RANK)
+    for s in range(1, STEPS + 1):
+        engine.backward(engine(torch.randn(4, 9, generator=g)).square().mean())
+        engine.step()
+        snapshots.append([p.detach().to(torch.float64, copy=True) for p in engine.module.parameters()])
+        merged = wds.merged_state_dict(engine, torch.float32)
+        for name, ref in zip(names, reference.readout(SPEC, snapshots, s)):
+            worst = max(worst, float((merged[name].to(torch.float64) - ref).abs().max()))
+    accessor = max(float((a - b).abs().max()) for a, b in zip(masters(engine), snapshots[-1]))
+    return {"steps": wsm.steps, "worst_vs_explicit_merge": worst, "deepspeed_accessor_off_by": accessor}
+
+
 def case_stage3_is_refused(stage, out_dir):
     engine, _ = engine_for(3)
     try:
@@ -269,6 +297,7 @@ def main():
     cases["bf16_copies_follow_the_merged_masters"] = functools.partial(case_bf16_copies_follow_the_merged_masters, 2)
     cases["stage0_steps_the_optimizer_as_is"] = functools.partial(case_stage0_steps_the_optimizer_as_is, 0)
     cases["stage3_is_refused"] = functools.partial(case_stage3_is_refused, 3)
+    cases["round_robin_gradients"] = functools.partial(case_round_robin_gradients, 2)
     for stage in (2, 3):  # ZeRO-3 without attach: refused at the first step too, naming the stage
         cases[f"stepped_without_attach_is_refused[{stage}]"] = functools.partial(
             case_stepped_without_attach_is_refused, stage

@@ -75,6 +75,12 @@ def test_zero_merge_buffers_readouts_swap_and_resume(plain, stage):
         assert r["resumed_merged_equal"] and r["resumed_live_equal"], (rank, r)
 
 
+def test_zero2_round_robin_gradients_merge_follows_deepspeeds_reordered_layout(plain):
+    for rank, results in enumerate(plain):
+        r = _case(results, "round_robin_gradients")
+        assert r["steps"] == 9 and r["worst_vs_explicit_merge"] < 1e-6, (rank, r)
+
+
 def test_zero2_bf16_copies_are_the_cast_merge_of_the_fp32_masters_and_come_back(plain):
     for rank, results in enumerate(plain):
         r = _case(results, "bf16_copies_follow_the_merged_masters")

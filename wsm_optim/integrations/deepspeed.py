@@ -29,7 +29,10 @@ What DeepSpeed does to a client optimizer, and what :func:`attach` changes:
 * The merge then lives in one accumulator per flat partition (4 bytes per
   parameter per rank, divided by the data-parallel size like the masters).
   :func:`merged_state_dict` gathers the partitions and cuts them back into
-  parameters by DeepSpeed's own layout (what ``zero_to_fp32`` does for files).
+  parameters by DeepSpeed's own layout (what ``zero_to_fp32`` does for files),
+  also the reordered one of ``round_robin_gradients`` (where DeepSpeed 0.19's
+  ``safe_get_full_fp32_param`` returns other params' values: compare with the
+  module's copies there).
 * :func:`merged_weights` swaps the merged masters in and refreshes DeepSpeed's
   low-precision copies (the module's params) from them, and on exit restores
   both: the masters bit-exactly, the copies as the cast of the masters, which
