@@ -150,3 +150,9 @@ def test_hf_trainer_with_deepspeed_refusals_name_the_setting(hf):
     assert r["zero3"] is not None and "ZeRO stage 3" in r["zero3"] and "zero_optimization.stage" in r["zero3"], r
     assert r["optimizer_section"] is not None and "'optimizer' section" in r["optimizer_section"], r
     assert r["load_best_model_at_end"] is not None and "load_best_model_at_end=False" in r["load_best_model_at_end"], r
+
+
+def test_accelerate_deepspeed_plugin_with_attach_on_the_prepared_model(hf):
+    r = _case(hf, "accelerate_deepspeed_plugin_with_attach")
+    assert r["engine"] == "DeepSpeedEngine" and r["steps"] == 6 and r["worst_vs_explicit_merge"] < 1e-6, r
+    assert "attach(engine)" in r["refused_without_attach"], r
