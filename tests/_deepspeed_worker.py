@@ -210,6 +210,15 @@ def refused_step(engine, wsm):
     return None, wsm.steps
 
 
+def case_stage0_bf16_wrapper_is_refused(stage, out_dir):
+    """bf16 without ZeRO: DeepSpeed's master-weight wrapper steps the client optimizer in deepspeed.initialize."""
+    try:
+        engine_for(0, bf16=True, one_group=True)
+    except NotImplementedError as e:
+        return {"message": str(e)}
+    return {"message": None}
+
+
 def case_stepped_without_attach_is_refused(stage, out_dir):
     """One param group (nothing cut per group) and no attach: refused at the first step, not merged silently."""
     engine, wsm = engine_for(stage, one_group=True)
@@ -298,6 +307,7 @@ def main():
     cases["stage0_steps_the_optimizer_as_is"] = functools.partial(case_stage0_steps_the_optimizer_as_is, 0)
     cases["stage3_is_refused"] = functools.partial(case_stage3_is_refused, 3)
     cases["round_robin_gradients"] = functools.partial(case_round_robin_gradients, 2)
+    cases["stage0_bf16_wrapper_is_refused"] = functools.partial(case_stage0_bf16_wrapper_is_refused, 0)
     for stage in (2, 3):  # ZeRO-3 without attach: refused at the first step too, naming the stage
         cases[f"stepped_without_attach_is_refused[{stage}]"] = functools.partial(
             case_stepped_without_attach_is_refused, stage

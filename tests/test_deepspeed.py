@@ -114,6 +114,12 @@ def test_zero_stepped_without_attach_is_refused_at_the_first_step(plain, stage):
             assert "attach(engine)" in r["message"], (rank, r)
 
 
+def test_without_zero_bf16_master_weight_wrapper_is_refused(plain):
+    for rank, results in enumerate(plain):
+        message = _case(results, "stage0_bf16_wrapper_is_refused")["message"]
+        assert message is not None and "without ZeRO" in message and "stage 1 or 2" in message, (rank, message)
+
+
 def test_hf_trainer_with_deepspeed_reports_merged_metrics_and_writes_merged_folders(hf):
     r = _case(hf, "wrap_trainer_metrics_and_merged_folders")
     assert r["steps"] == 8 and r["eval_steps"] == [3, 6, 8]
