@@ -44,7 +44,7 @@ def groups(model):
     ]
 
 
-def engine_for(stage, seed=0, bf16=False, merge_buffers=False, one_group=False, **zero):
+def engine_for(stage, seed=0, bf16=False, merge_buffers=False, one_group=False, checkpoint=None, **zero):
     model = build(seed, batch_norm=merge_buffers)
     buffers = dict(model=model, merge_buffers=True) if merge_buffers else {}
     params = model.parameters() if one_group else groups(model)
@@ -54,6 +54,7 @@ def engine_for(stage, seed=0, bf16=False, merge_buffers=False, one_group=False, 
         "zero_optimization": {"stage": stage, **zero},
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": bf16},
+        **({"checkpoint": checkpoint} if checkpoint else {}),
     }
     engine, *_ = deepspeed.initialize(model=model, optimizer=wsm, config=config)
     return engine, wsm
@@ -210,6 +211,31 @@ def refused_step(engine, wsm):
     return None, wsm.steps
 
 
+def case_universal_checkpoint_is_refused(stage, out_dir):
+    """A ZeRO checkpoint converted by DeepSpeed's ds_to_universal (which keeps no merge) is refused on load."""
+    import subprocess
+
+    ckpt = os.path.join(out_dir, "universal")
+    engine, _ = engine_for(stage, one_group=True)
+    wds.attach(engine)
+    train(engine, batches(3))
+    engine.save_checkpoint(ckpt, tag="s3", client_state={"universal_checkpoint_info": {}})  # what the converter needs
+    if RANK == 0:
+        subprocess.run(
+            [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", os.path.join(ckpt, "s3"),
+             "--output_folder", os.path.join(ckpt, "s3_universal"), "--num_extract_workers", "1",
+             "--num_merge_workers", "1"], check=True, capture_output=True,
+        )
+    torch.distributed.barrier()
+    loaded, wsm = engine_for(stage, one_group=True, seed=3, checkpoint={"load_universal": True})
+    wds.attach(loaded)
+    try:
+        loaded.load_checkpoint(ckpt, tag="s3_universal")
+    except NotImplementedError as e:
+        return {"message": str(e), "steps": wsm.steps}
+    return {"message": None, "steps": wsm.steps}
+
+
 def case_stage0_bf16_wrapper_is_refused(stage, out_dir):
     """bf16 without ZeRO: DeepSpeed's master-weight wrapper steps the client optimizer in deepspeed.initialize."""
     try:
@@ -308,6 +334,7 @@ def main():
     cases["stage3_is_refused"] = functools.partial(case_stage3_is_refused, 3)
     cases["round_robin_gradients"] = functools.partial(case_round_robin_gradients, 2)
     cases["stage0_bf16_wrapper_is_refused"] = functools.partial(case_stage0_bf16_wrapper_is_refused, 0)
+    cases["universal_checkpoint_is_refused"] = functools.partial(case_universal_checkpoint_is_refused, 2)
     for stage in (2, 3):  # ZeRO-3 without attach: refused at the first step too, naming the stage
         cases[f"stepped_without_attach_is_refused[{stage}]"] = functools.partial(
             case_stepped_without_attach_is_refused, stage

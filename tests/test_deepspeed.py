@@ -120,6 +120,13 @@ def test_without_zero_bf16_master_weight_wrapper_is_refused(plain):
         assert message is not None and "without ZeRO" in message and "stage 1 or 2" in message, (rank, message)
 
 
+def test_universal_checkpoint_is_refused_naming_what_it_drops(plain):
+    for rank, results in enumerate(plain):
+        r = _case(results, "universal_checkpoint_is_refused")
+        assert r["message"] is not None and "universal checkpoint" in r["message"], (rank, r)
+        assert "data-parallel size" in r["message"] and r["steps"] == 0, (rank, r)
+
+
 def test_hf_trainer_with_deepspeed_reports_merged_metrics_and_writes_merged_folders(hf):
     r = _case(hf, "wrap_trainer_metrics_and_merged_folders")
     assert r["steps"] == 8 and r["eval_steps"] == [3, 6, 8]
