@@ -152,12 +152,80 @@ def case_wrap_trainer_merge_buffers(out_dir):
     return out
 
 
+def case_accelerate_deepspeed_plugin_with_attach(out_dir):
+    """accelerate's DeepSpeed plugin: ``accelerator.prepare(model, WSMOptimizer(...))`` returns the engine as the
+    model; ``attach(model)`` then merges once per step (vs a float64 explicit merge of the gathered masters);
+    without it the first step is refused."""
+    import reference
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DeepSpeedPlugin
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    spec = reference.Window(schedule="1-sqrt", window=4, interval=2)
+    out = {}
+    for attach in (True, False):
+        config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+                  "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True}
+        AcceleratorState._reset_state()  # the Trainers' accelerate state is process-wide; a new plugin needs a reset
+        accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config))
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+        model, opt = accelerator.prepare(model, WSMOptimizer(torch.optim.AdamW(model.parameters(), lr=0.05),
+                                                             **spec.as_kwargs()))
+        if attach:
+            wds.attach(model)
+        names = [n for n, _ in model.module.named_parameters()]
+        snapshots = [[safe_get_full_fp32_param(p).to(torch.float64) for p in model.module.parameters()]]
+        g = torch.Generator().manual_seed(1)
+        worst = 0.0
+        try:
+            for s in range(1, 7):
+                x, y = torch.randn(4, 7, generator=g), torch.randn(4, 3, generator=g)
+                accelerator.backward(torch.nn.functional.mse_loss(model(x), y))
+                opt.step()
+                opt.zero_grad()
+                snapshots.append([safe_get_full_fp32_param(p).to(torch.float64) for p in model.module.parameters()])
+                merged = wds.merged_state_dict(model, torch.float32)
+                for name, ref in zip(names, reference.readout(spec, snapshots, s)):
+                    worst = max(worst, float((merged[name].to(torch.float64) - ref).abs().max()))
+        except RuntimeError as e:
+            out["refused_without_attach"] = str(e)
+            continue
+        out.update(steps=unwrap(opt).steps, worst_vs_explicit_merge=worst, engine=type(model).__name__)
+    return out
+
+
+def case_wrap_trainer_refusals_name_the_setting(out_dir):
+    """ZeRO-3, an 'optimizer' section, load_best_model_at_end: wrap_trainer refuses before training.
+
+    Last in CASES: a ZeRO-3 config makes the Trainer set transformers' process-wide ZeRO-3 flag.
+    """
+    settings = {
+        "zero3": (ds_config(3), {}),
+        "optimizer_section": ({**ds_config(), "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}, {}),
+        "load_best_model_at_end": (ds_config(), dict(load_best_model_at_end=True, metric_for_best_model="eval_loss")),
+    }
+    out = {}
+    for key, (config, args) in settings.items():
+        trainer = Trainer(model=_model(), args=_args(os.path.join(out_dir, key), deepspeed=config, **args),
+                          train_dataset=TRAIN, eval_dataset=EVAL)
+        try:
+            wrap_trainer(trainer, schedule="1-sqrt", window=4)
+            out[key] = None
+        except NotImplementedError as e:
+            out[key] = str(e)
+    return out
+
+
 CASES = [
     case_wrap_trainer_merge_buffers,
     case_wrap_trainer_metrics_and_merged_folders,
     case_resume_from_checkpoint_mid_window_is_exact,
     case_optimizer_given_in_optimizers_is_the_one_stepped,
     case_without_wrap_trainer_unwrap_names_the_fix,
+    case_accelerate_deepspeed_plugin_with_attach,
+    case_wrap_trainer_refusals_name_the_setting,
 ]
 
 

@@ -44,15 +44,17 @@ def groups(model):
     ]
 
 
-def engine_for(stage, seed=0, bf16=False, merge_buffers=False, **zero):
+def engine_for(stage, seed=0, bf16=False, merge_buffers=False, one_group=False, checkpoint=None, **zero):
     model = build(seed, batch_norm=merge_buffers)
     buffers = dict(model=model, merge_buffers=True) if merge_buffers else {}
-    wsm = WSMOptimizer(torch.optim.AdamW(groups(model), lr=0.05, weight_decay=0.1), **SPEC.as_kwargs(), **buffers)
+    params = model.parameters() if one_group else groups(model)
+    wsm = WSMOptimizer(torch.optim.AdamW(params, lr=0.05, weight_decay=0.1), **SPEC.as_kwargs(), **buffers)
     config = {
         "train_micro_batch_size_per_gpu": 4,
         "zero_optimization": {"stage": stage, **zero},
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": bf16},
+        **({"checkpoint": checkpoint} if checkpoint else {}),
     }
     engine, *_ = deepspeed.initialize(model=model, optimizer=wsm, config=config)
     return engine, wsm
@@ -95,8 +97,11 @@ def case_merge_equals_explicit_merge(stage, out_dir):
         inside = {k: v.clone() for k, v in engine.module.state_dict().items()}
         inside_masters = [m.to(torch.float32) for m in masters(engine)]
     restored = all(torch.equal(v, live[k]) for k, v in engine.module.state_dict().items())
+    with unwrap(engine).merged_weights():  # the optimizer's own swap: the module's copies hold the merge too
+        through_unwrap = {k: v.clone() for k, v in engine.module.state_dict().items()}
     full = wds.merged_state_dict(engine, model=engine.module)
     return {
+        "unwrap_swap_equals_readout": all(torch.equal(through_unwrap[k], merged[k]) for k in merged),
         "steps": wsm.steps,
         "worst_vs_explicit_merge": worst,
         "swap_equals_readout": all(torch.equal(inside[k], merged[k]) for k in merged),
@@ -160,6 +165,34 @@ def case_bf16_copies_follow_the_merged_masters(stage, out_dir):
     }
 
 
+def case_round_robin_gradients(stage, out_dir):
+    """round_robin_gradients reorders the params in the flat groups: the readout follows DeepSpeed's layout.
+
+    fp32, so the module's params are the masters' values; the reference snapshots them (under round robin
+    DeepSpeed 0.19's safe_get_full_fp32_param returns other params' values, which the test records).
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(9, 7), nn.Tanh(), nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 1))
+    wsm = WSMOptimizer(torch.optim.AdamW(model.parameters(), lr=0.05), **SPEC.as_kwargs())
+    config = {"train_micro_batch_size_per_gpu": 4, "zero_allow_untested_optimizer": True,
+              "zero_optimization": {"stage": stage, "round_robin_gradients": True}}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=wsm, config=config)
+    wds.attach(engine)
+    names = [n for n, _ in engine.module.named_parameters()]
+    snapshots = [[p.detach().to(torch.float64, copy=True) for p in engine.module.parameters()]]
+    worst = 0.0
+    g = torch.Generator().manual_seed(100 + RANK)
+    for s in range(1, STEPS + 1):
+        engine.backward(engine(torch.randn(4, 9, generator=g)).square().mean())
+        engine.step()
+        snapshots.append([p.detach().to(torch.float64, copy=True) for p in engine.module.parameters()])
+        merged = wds.merged_state_dict(engine, torch.float32)
+        for name, ref in zip(names, reference.readout(SPEC, snapshots, s)):
+            worst = max(worst, float((merged[name].to(torch.float64) - ref).abs().max()))
+    accessor = max(float((a - b).abs().max()) for a, b in zip(masters(engine), snapshots[-1]))
+    return {"steps": wsm.steps, "worst_vs_explicit_merge": worst, "deepspeed_accessor_off_by": accessor}
+
+
 def case_stage3_is_refused(stage, out_dir):
     engine, _ = engine_for(3)
     try:
@@ -167,6 +200,56 @@ def case_stage3_is_refused(stage, out_dir):
     except NotImplementedError as e:
         return {"refused": str(e)}
     return {"refused": None}
+
+
+def refused_step(engine, wsm):
+    """The first engine step's error (type: message), or None if it trained; and the merge steps counted."""
+    try:
+        train(engine, batches(1))
+    except Exception as e:  # noqa: BLE001 - what a user would see
+        return f"{type(e).__name__}: {e}", wsm.steps
+    return None, wsm.steps
+
+
+def case_universal_checkpoint_is_refused(stage, out_dir):
+    """A ZeRO checkpoint converted by DeepSpeed's ds_to_universal (which keeps no merge) is refused on load."""
+    import subprocess
+
+    ckpt = os.path.join(out_dir, "universal")
+    engine, _ = engine_for(stage, one_group=True)
+    wds.attach(engine)
+    train(engine, batches(3))
+    engine.save_checkpoint(ckpt, tag="s3", client_state={"universal_checkpoint_info": {}})  # what the converter needs
+    if RANK == 0:
+        subprocess.run(
+            [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", os.path.join(ckpt, "s3"),
+             "--output_folder", os.path.join(ckpt, "s3_universal"), "--num_extract_workers", "1",
+             "--num_merge_workers", "1"], check=True, capture_output=True,
+        )
+    torch.distributed.barrier()
+    loaded, wsm = engine_for(stage, one_group=True, seed=3, checkpoint={"load_universal": True})
+    wds.attach(loaded)
+    try:
+        loaded.load_checkpoint(ckpt, tag="s3_universal")
+    except NotImplementedError as e:
+        return {"message": str(e), "steps": wsm.steps}
+    return {"message": None, "steps": wsm.steps}
+
+
+def case_stage0_bf16_wrapper_is_refused(stage, out_dir):
+    """bf16 without ZeRO: DeepSpeed's master-weight wrapper steps the client optimizer in deepspeed.initialize."""
+    try:
+        engine_for(0, bf16=True, one_group=True)
+    except NotImplementedError as e:
+        return {"message": str(e)}
+    return {"message": None}
+
+
+def case_stepped_without_attach_is_refused(stage, out_dir):
+    """One param group (nothing cut per group) and no attach: refused at the first step, not merged silently."""
+    engine, wsm = engine_for(stage, one_group=True)
+    message, steps = refused_step(engine, wsm)
+    return {"message": message, "steps": steps}
 
 
 def case_stage0_steps_the_optimizer_as_is(stage, out_dir):
@@ -249,6 +332,13 @@ def main():
     cases["bf16_copies_follow_the_merged_masters"] = functools.partial(case_bf16_copies_follow_the_merged_masters, 2)
     cases["stage0_steps_the_optimizer_as_is"] = functools.partial(case_stage0_steps_the_optimizer_as_is, 0)
     cases["stage3_is_refused"] = functools.partial(case_stage3_is_refused, 3)
+    cases["round_robin_gradients"] = functools.partial(case_round_robin_gradients, 2)
+    cases["stage0_bf16_wrapper_is_refused"] = functools.partial(case_stage0_bf16_wrapper_is_refused, 0)
+    cases["universal_checkpoint_is_refused"] = functools.partial(case_universal_checkpoint_is_refused, 2)
+    for stage in (2, 3):  # ZeRO-3 without attach: refused at the first step too, naming the stage
+        cases[f"stepped_without_attach_is_refused[{stage}]"] = functools.partial(
+            case_stepped_without_attach_is_refused, stage
+        )
     run_cases(cases)
 
 

@@ -1,4 +1,6 @@
-"""One rank of the Hugging Face ``Trainer`` + FSDP2 (accelerate, ``fsdp_version=2``) tests, gloo on CPU.
+"""One rank of the Hugging Face ``Trainer`` + FSDP2 config (accelerate, ``fsdp_version=2``) tests, gloo on CPU.
+
+On CPU accelerate ignores the FSDP plugin (see tests/test_integrations_fsdp2.py): the Trainer runs DDP here.
 
 Launched by tests/test_integrations_fsdp2.py on 2 ranks; every case in one
 process; writes ``OUT_DIR/fsdp2-rank<r>.json``.
@@ -8,6 +10,7 @@ import os
 import sys
 
 import torch
+from torch.distributed.tensor import DTensor
 
 HERE = os.path.dirname(__file__)
 sys.path.insert(0, HERE)
@@ -61,7 +64,11 @@ def case_metrics_and_merged_folders(out_dir):
     trainer.add_callback(record)
     trainer.train()
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
-    out = {"steps": unwrap(trainer.optimizer).steps, "eval_steps": [h["step"] for h in evals],
+    params = [p for g in unwrap(trainer.optimizer).param_groups for p in g["params"]]
+    out = {"distributed_type": trainer.accelerator.distributed_type.name, "fsdp_enabled": trainer.is_fsdp_enabled,
+           "wrapped": type(trainer.model_wrapped).__name__, "params": len(params),
+           "dtensor_params": sum(isinstance(p, DTensor) for p in params),
+           "steps": unwrap(trainer.optimizer).steps, "eval_steps": [h["step"] for h in evals],
            "merged_metric": [], "live_metric": [], "folder_matches": [], "merged_differs": []}
     for h in evals:
         merged, live = record.at_save[h["step"]]

@@ -117,6 +117,7 @@ class Pipeline:
             input_args=torch.zeros(rows, widths[0]), output_args=torch.zeros(rows, widths[1]),
             input_grads=torch.zeros(rows, widths[0]), output_grads=torch.zeros(rows, widths[1]),
         )
+        self.pipe_stage = pipe_stage
         self.schedule = ScheduleGPipe(pipe_stage, n_microbatches=MICROBATCHES, loss_fn=F.mse_loss)
         inner = torch.optim.SGD(self.module.named_parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)
         self.opt = WSMOptimizer(inner, merges=MERGES, backend="foreach", model=self.module, merge_buffers=True)
@@ -151,8 +152,9 @@ class Pipeline:
             for k, v in [*self.module.named_parameters(), *self.module.named_buffers()]
         }
         snapshot = gather_to_rank0(live, self.pp_group)
-        assembled = {
-            m: merged_pipeline_state_dict(self.opt, self.module, self.pp_group, torch.float32, merge=m) for m in MERGES
+        assembled = {  # the stage given as its module, and as its PipelineStage (its submod is read)
+            m: merged_pipeline_state_dict(self.opt, stage, self.pp_group, torch.float32, merge=m)
+            for m, stage in zip(MERGES, (self.module, self.pipe_stage))
         }
         completed = None
         if self.opt.merge_status("lin")["windows_completed"] > 0:

@@ -48,6 +48,7 @@ def test_zero_merge_equals_an_explicit_merge_of_the_gathered_fp32_masters(plain,
         assert r["steps"] == 9, (rank, r)  # one merge step per engine step, whatever the param groups
         assert r["worst_vs_explicit_merge"] < 1e-6, (rank, r)
         assert r["swap_equals_readout"] and r["swap_masters_equal_readout"], (rank, r)
+        assert r["unwrap_swap_equals_readout"], (rank, r)  # unwrap(engine).merged_weights(): the copies too
         assert r["restored_bit_exactly"] and r["masters_restored"], (rank, r)
         assert r["model_keys"], (rank, r)
 
@@ -74,6 +75,12 @@ def test_zero_merge_buffers_readouts_swap_and_resume(plain, stage):
         assert r["resumed_merged_equal"] and r["resumed_live_equal"], (rank, r)
 
 
+def test_zero2_round_robin_gradients_merge_follows_deepspeeds_reordered_layout(plain):
+    for rank, results in enumerate(plain):
+        r = _case(results, "round_robin_gradients")
+        assert r["steps"] == 9 and r["worst_vs_explicit_merge"] < 1e-6, (rank, r)
+
+
 def test_zero2_bf16_copies_are_the_cast_merge_of_the_fp32_masters_and_come_back(plain):
     for rank, results in enumerate(plain):
         r = _case(results, "bf16_copies_follow_the_merged_masters")
@@ -91,6 +98,33 @@ def test_zero_stage3_is_refused_naming_the_stage(plain):
     for results in plain:
         message = _case(results, "stage3_is_refused")["refused"]
         assert message is not None and "ZeRO stage 3" in message and "stage 1 or 2" in message
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_stepped_without_attach_is_refused_at_the_first_step(plain, stage):
+    """One param group (ZeRO cuts nothing) and no attach: the first step raises instead of merging silently."""
+    for rank, results in enumerate(plain):
+        r = _case(results, f"stepped_without_attach_is_refused[{stage}]")
+        assert r["steps"] == 0 and r["message"] is not None, (rank, r)
+        if stage == 3:
+            assert r["message"].startswith("NotImplementedError") and "ZeRO stage 3" in r["message"], (rank, r)
+            assert "stage 1 or 2" in r["message"], (rank, r)
+        else:
+            assert r["message"].startswith("RuntimeError") and "ZeRO stage 2" in r["message"], (rank, r)
+            assert "attach(engine)" in r["message"], (rank, r)
+
+
+def test_without_zero_bf16_master_weight_wrapper_is_refused(plain):
+    for rank, results in enumerate(plain):
+        message = _case(results, "stage0_bf16_wrapper_is_refused")["message"]
+        assert message is not None and "without ZeRO" in message and "stage 1 or 2" in message, (rank, message)
+
+
+def test_universal_checkpoint_is_refused_naming_what_it_drops(plain):
+    for rank, results in enumerate(plain):
+        r = _case(results, "universal_checkpoint_is_refused")
+        assert r["message"] is not None and "universal checkpoint" in r["message"], (rank, r)
+        assert "data-parallel size" in r["message"] and r["steps"] == 0, (rank, r)
 
 
 def test_hf_trainer_with_deepspeed_reports_merged_metrics_and_writes_merged_folders(hf):
@@ -122,3 +156,16 @@ def test_hf_trainer_with_deepspeed_without_wrap_trainer_unwrap_names_the_fix(hf)
     r = _case(hf, "without_wrap_trainer_unwrap_names_the_fix")
     assert r["steps"] == 0  # the Trainer never stepped it: nothing in wsm_optim ran
     assert r["message"] is not None and "wrap_trainer(trainer" in r["message"], r
+
+
+def test_hf_trainer_with_deepspeed_refusals_name_the_setting(hf):
+    r = _case(hf, "wrap_trainer_refusals_name_the_setting")
+    assert r["zero3"] is not None and "ZeRO stage 3" in r["zero3"] and "zero_optimization.stage" in r["zero3"], r
+    assert r["optimizer_section"] is not None and "'optimizer' section" in r["optimizer_section"], r
+    assert r["load_best_model_at_end"] is not None and "load_best_model_at_end=False" in r["load_best_model_at_end"], r
+
+
+def test_accelerate_deepspeed_plugin_with_attach_on_the_prepared_model(hf):
+    r = _case(hf, "accelerate_deepspeed_plugin_with_attach")
+    assert r["engine"] == "DeepSpeedEngine" and r["steps"] == 6 and r["worst_vs_explicit_merge"] < 1e-6, r
+    assert "attach(engine)" in r["refused_without_attach"], r

@@ -128,3 +128,5 @@ def test_assembly_needs_a_process_group():
     opt = WSMOptimizer(torch.optim.SGD(model.named_parameters(), lr=0.1), window=2)
     with pytest.raises(RuntimeError, match="initialised torch.distributed process group"):
         merged_pipeline_state_dict(opt, model)
+    with pytest.raises(TypeError, match="stage_module must be this rank's stage module .* or its PipelineStage"):
+        merged_pipeline_state_dict(opt, opt)

@@ -107,6 +107,29 @@ def test_init_optim_state_before_the_first_step_does_not_count(local_run):
     assert (status["anchored"], status["checkpoint"]) == (True, 3)
 
 
+def test_init_optim_state_called_on_a_wsm_optimizer_itself_does_not_count():
+    """torchtitan's ``init_optim_state`` on a bare ``WSMOptimizer`` (as its torchft optimizer calls it), not
+    through the container: no merge step; the merge then equals a float64 explicit merge from the live start."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 4)
+    spec = R.Window(schedule="1-sqrt", window=4, interval=2)
+    opt = WSMOptimizer(torch.optim.AdamW(model.named_parameters(), lr=0.05), **spec.as_kwargs())
+    snapshots = [R.snapshot(list(model.parameters()))]
+    init_optim_state(opt)  # empty state: a zero-gradient step at lr = 0
+    assert opt.steps == 0 and opt.merge_status()["anchored"] is False and len(opt.inner.state) == 2
+    assert all(torch.equal(a, b.float()) for a, b in zip(model.parameters(), snapshots[0]))
+    for s in range(1, 7):
+        model(torch.randn(3, 6)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        snapshots.append(R.snapshot(list(model.parameters())))
+        merged = opt.merged_state_dict(torch.float64)
+        for (name, _), ref in zip(model.named_parameters(), R.readout(spec, snapshots, s)):
+            scale = max(1.0, float(ref.abs().max()))
+            assert float((merged[name] - ref).abs().max()) < REFERENCE_RTOL * scale, (s, name)
+    assert opt.steps == 6
+
+
 def test_flat_state_dict_round_trips_the_merge_by_param_fqn(local_run, tmp_path):
     W.train(local_run, 0, 3, {}, {})
     flat = local_run.optimizers.state_dict()

@@ -211,7 +211,8 @@ class WSMOptimizer(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         # an LR scheduler wraps ``step`` on the instance, bound to this object: a copy uses its class step
-        return {k: v for k, v in self.__dict__.items() if k not in ("step", "_opt_called")}
+        # (and DeepSpeed's attach binds ``merged_weights`` to its engine: a copy uses the class's)
+        return {k: v for k, v in self.__dict__.items() if k not in ("step", "_opt_called", "merged_weights")}
 
     def __repr__(self) -> str:
         merges = ", ".join(repr(m) for m in self._runtime.merges)
@@ -247,6 +248,9 @@ class WSMOptimizer(torch.optim.Optimizer):
         rt.fence()  # the previous checkpoint's reads of the params come before the inner step changes them
         if distributed.called_by_dcp_state_init(max_depth=16):
             return True
+        stepper = distributed.deepspeed_unattached_stepper(self, max_depth=12)
+        if stepper is not None:
+            _refuse_deepspeed_stepper(stepper)
         rt.follow_params(self.inner.param_groups)
         rt.check_step()
         rt.anchor_windows()
@@ -425,3 +429,27 @@ class WSMOptimizer(torch.optim.Optimizer):
         persistence.load(self._runtime, self.inner, state_dict)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
+
+
+def _refuse_deepspeed_stepper(zero: Any) -> None:
+    """Raise for a DeepSpeed optimizer wrapper stepping a ``WSMOptimizer`` without ``attach(engine)``."""
+    name = type(zero).__name__
+    if "Stage3" in name:
+        raise NotImplementedError(
+            f"WSMOptimizer: stepped by DeepSpeed ZeRO stage 3 ({name}); ZeRO stage 3 partitions every parameter "
+            "and gathers it on the fly, and a WSM merge of it is not supported. Use ZeRO stage 1 or 2 "
+            "(zero_optimization.stage) with wsm_optim.integrations.deepspeed.attach(engine), or FSDP2 (fully_shard)"
+        )
+    if hasattr(zero, "single_partition_of_fp32_groups"):
+        stage = 2 if getattr(zero, "partition_gradients", False) else 1
+        raise RuntimeError(
+            f"WSMOptimizer: stepped by DeepSpeed ZeRO stage {stage} ({name}) without "
+            "wsm_optim.integrations.deepspeed.attach(engine): ZeRO steps it once per param group on flat fp32 "
+            "partitions, so steps would miscount and the merge could not be read by parameter name. Call "
+            "wsm_optim.integrations.deepspeed.attach(engine) right after deepspeed.initialize, before the first "
+            "step (the HF Trainer's wrap_trainer does it)"
+        )
+    raise NotImplementedError(
+        f"WSMOptimizer: stepped by DeepSpeed's {name} (bf16/fp16 master weights without ZeRO); not supported. "
+        "Use ZeRO stage 1 or 2 (zero_optimization.stage) with wsm_optim.integrations.deepspeed.attach(engine)"
+    )

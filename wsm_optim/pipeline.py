@@ -46,7 +46,8 @@ def merged_pipeline_state_dict(
         opt: this rank's ``WSMOptimizer``, over ``stage_module``'s parameters.
         stage_module: this rank's stage (possibly ``fully_shard``-ed or tensor
             parallel within the stage); its ``state_dict()`` keys are the
-            unsplit model's names of its parameters and buffers.
+            unsplit model's names of its parameters and buffers. Its
+            ``PipelineStage`` is accepted too (its ``submod`` is read).
         pp_group: the process group across stages that contains this rank
             (``device_mesh["pp"].get_group()``); ``None``: the default group
             (pure pipeline parallelism, one rank per stage).
@@ -66,7 +67,16 @@ def merged_pipeline_state_dict(
     Raises:
         ValueError: on global rank 0, if two stages hold different values under one name.
         RuntimeError: if ``torch.distributed`` is not initialised.
+        TypeError: ``stage_module`` is neither a module nor a ``PipelineStage``.
     """
+    if not isinstance(stage_module, nn.Module):
+        submod = getattr(stage_module, "submod", None)  # torch.distributed.pipelining's PipelineStage
+        if not isinstance(submod, nn.Module):
+            raise TypeError(
+                "merged_pipeline_state_dict: stage_module must be this rank's stage module (an nn.Module) or its "
+                f"PipelineStage, got {type(stage_module).__name__}"
+            )
+        stage_module = submod
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("merged_pipeline_state_dict needs an initialised torch.distributed process group")

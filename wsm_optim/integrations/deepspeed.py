@@ -29,11 +29,21 @@ What DeepSpeed does to a client optimizer, and what :func:`attach` changes:
 * The merge then lives in one accumulator per flat partition (4 bytes per
   parameter per rank, divided by the data-parallel size like the masters).
   :func:`merged_state_dict` gathers the partitions and cuts them back into
-  parameters by DeepSpeed's own layout (what ``zero_to_fp32`` does for files).
+  parameters by DeepSpeed's own layout (what ``zero_to_fp32`` does for files),
+  also the reordered one of ``round_robin_gradients`` (where DeepSpeed 0.19's
+  ``safe_get_full_fp32_param`` returns other params' values: compare with the
+  module's copies there).
 * :func:`merged_weights` swaps the merged masters in and refreshes DeepSpeed's
   low-precision copies (the module's params) from them, and on exit restores
   both: the masters bit-exactly, the copies as the cast of the masters, which
-  is what they were.
+  is what they were. After :func:`attach`, the ``WSMOptimizer``'s own
+  ``merged_weights()`` (e.g. ``wsm_optim.unwrap(engine).merged_weights()``) is
+  this function for the engine. Its own ``merged_state_dict()`` returns this
+  rank's flat partitions (keys ``FLAT_NAME``); :func:`merged_state_dict`
+  gives them by parameter name.
+* Stepping the ``WSMOptimizer`` under ZeRO-1/2 without :func:`attach` raises
+  ``RuntimeError`` at the first step, naming ``attach(engine)``; under ZeRO-3, or
+  DeepSpeed's bf16/fp16 wrapper without ZeRO, ``NotImplementedError`` naming them.
 * ``engine.save_checkpoint`` / ``load_checkpoint`` store the client optimizer's
   ``state_dict()`` per rank (ZeRO's non-elastic checkpoints, the default), so
   the merge resumes exactly at the same data-parallel size. Elastic
@@ -59,6 +69,7 @@ gathered on the fly), optimizer offload, elastic checkpoints.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any
 
 import torch
@@ -179,6 +190,9 @@ def attach(engine: Any) -> WSMOptimizer:
     zero.step = step
     zero.load_state_dict = load_state_dict
     zero._wsm_attached = wsm
+    # wsm.merged_weights() (through wsm_optim.unwrap(engine)) would swap the masters only, and the module's
+    # copies, which a forward reads, would stay live: it is this module's merged_weights(engine) instead.
+    wsm.merged_weights = functools.partial(merged_weights, engine)
     return wsm
 
 
@@ -303,7 +317,7 @@ def merged_weights(engine: Any, *, merge: str | None = None, completed: bool = F
             yield engine
         return
     try:
-        with wsm.merged_weights(merge=merge, completed=completed):
+        with WSMOptimizer.merged_weights(wsm, merge=merge, completed=completed):
             zero.update_lp_params()
             yield engine
     finally:

@@ -29,7 +29,8 @@ What it changes, and why:
   (``torchtitan.components.optimizer.utils.init_optim_state``). Called on a
   ``WSMOptimizer`` that step would count as a merge step and fold a checkpoint
   into the window. The container runs it on the inner optimizer instead, so it
-  never counts.
+  never counts; called on a ``WSMOptimizer`` directly (torchtitan's torchft
+  optimizer does), it is recognised as DCP's same step is, and does not count either.
 
 Readouts over all model parts: :meth:`~WSMOptimizersContainer.merged_state_dict`
 (keyed by the optimizer's param FQNs), :meth:`~WSMOptimizersContainer.merged_weights`,

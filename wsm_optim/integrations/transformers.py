@@ -27,8 +27,9 @@ as usual:
   fp32 masters merged); read merges by name with
   ``wsm_optim.integrations.deepspeed.merged_state_dict(trainer.model_wrapped)``.
   ZeRO-3 and ``load_best_model_at_end`` under DeepSpeed are refused;
-* FSDP2 (``fsdp_config={"fsdp_version": 2}``): merges live beside the DTensor
-  shards; ``merged_state_dict(full=True)`` gathers. FSDP1 is refused;
+* FSDP2 (``fsdp="full_shard", fsdp_config={"fsdp_version": 2}``): merges live
+  beside the DTensor shards; ``merged_state_dict(full=True)`` gathers. FSDP1 is
+  refused. (On CPU accelerate ignores its FSDP plugin and the Trainer runs DDP.);
 * a learning-rate scheduler that decays after warmup (the ``Trainer`` default,
   linear to 0) gets a warning naming ``lr_scheduler_type="constant_with_warmup"``.
 
