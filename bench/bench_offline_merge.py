@@ -16,7 +16,8 @@ start" is the difference, what the merge itself added:
 * ``read``: the raw bytes of every checkpoint read once, in 128 KiB reads as ``cat`` does
   (on a warm page cache 8 MiB reads are ~4x slower here: the buffer no longer stays in the CPU cache);
 * ``streaming``: ``merge_checkpoints(dir, schedule="1-sqrt", out=...)`` (``--block-size``);
-* ``workers``: the same with ``--workers`` processes (``--workers 1`` skips it);
+* ``workers``: the same with ``--workers`` processes (``--workers 1`` skips it); each worker's own
+  VmHWM, and its RssAnon / RssFile / RssShmem when its sampled RSS peaked, read from /proc every 10 ms;
 * ``whole``: one whole checkpoint loaded at a time into a whole-model fp32 accumulator
   (the previous single-file merge; safetensors/pt/hf: ``load_file``/``torch.load``, dcp: ``dcp.load``);
 * ``naive`` (``safetensors``/``pt`` only): every checkpoint loaded first.
@@ -70,6 +71,33 @@ def cpu():
                for f in ("ru_utime", "ru_stime"))
 
 mode, fmt, ckpt_dir, out, block_size, workers = sys.argv[1:7]
+
+# Each worker's own VmHWM and, at its largest sampled VmRSS, the split RssAnon / RssFile / RssShmem (MiB).
+# Not RUSAGE_CHILDREN's ru_maxrss: a spawned process's maxrss starts at its parent's VmHWM (vfork + exec
+# records the old address space's high-water mark), so it never reads below the parent's ~0.27 GiB.
+import os, threading
+KEYS = ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem")
+children_peak, sampling = {}, threading.Event()
+
+def sample_children():
+    me = str(os.getpid())
+    while not sampling.wait(0.01):
+        for pid in os.listdir("/proc"):
+            try:
+                if not pid.isdigit() or open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1] != me:
+                    continue
+                with open(f"/proc/{pid}/status") as f:
+                    st = {l.split(":")[0]: int(l.split()[1]) >> 10 for l in f if l.split(":")[0] in KEYS}
+            except (OSError, IndexError, ValueError):
+                continue
+            old = children_peak.get(pid)
+            if old is None or st["VmRSS"] >= old["VmRSS"]:
+                children_peak[pid] = {**st, "VmHWM": max(st["VmHWM"], old["VmHWM"] if old else 0)}
+            else:
+                old["VmHWM"] = max(old["VmHWM"], st["VmHWM"])
+
+if mode == "workers":
+    threading.Thread(target=sample_children, daemon=True).start()
 before = hwm()
 t0, c0 = time.perf_counter(), cpu()
 paths = resolve_inputs(ckpt_dir)
@@ -111,7 +139,8 @@ else:
                 acc[k] = v.clone()
         del sd
     save_file(acc, out) if out.endswith(".safetensors") else torch.save(acc, out)
-workers_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024   # the largest worker's peak RSS
+sampling.set()
+workers_peak = max(children_peak.values(), key=lambda st: st["VmHWM"], default={})  # the largest worker's
 import wsm_optim
 print(json.dumps({"module": wsm_optim.__file__, "before": before, "after": hwm(), "seconds": time.perf_counter() - t0, "bytes": nbytes,
                   "worker": workers_peak, "cpu": cpu() - c0}))
@@ -280,9 +309,10 @@ def main() -> None:
             what = f" ({r['bytes'] / r['seconds'] / 1e9:.2f} GB/s)" if mode == "read" else ""
             label = f"workers={args.workers}" if mode == "workers" else mode
             ratio = "" if mode == "read" else f" = {r['seconds'] / results['read']['seconds']:.2f}x the raw read"
-            worker = f" (+ {args.workers} workers of peak RSS {r['worker'] / 2**20:.0f} MiB each at most, " \
-                f"{r['before'] / 2**20:.0f} MiB of it the interpreter and torch)" \
-                if mode == "workers" else ""
+            w = r["worker"]
+            worker = f" (+ {args.workers} workers of VmHWM {w.get('VmHWM')} MiB each at most; at its peak RSS " \
+                f"anon {w.get('RssAnon')} / file {w.get('RssFile')} / shmem {w.get('RssShmem')} MiB; " \
+                f"{r['before'] / 2**20:.0f} MiB the parent's after imports)" if mode == "workers" else ""
             print(f"{label:>10}: peak RSS {r['after'] / 2**30:.2f} GiB total, {extra / 2**20:.0f} MiB above start "
                   f"= {extra / one:.1%} of one checkpoint{worker}; {r['seconds']:.1f} s{ratio}{what}; "
                   f"CPU {r['cpu']:.1f} s; load {load:.1f} -> {os.getloadavg()[0]:.1f}", flush=True)
@@ -290,8 +320,8 @@ def main() -> None:
 
         load = load_file if suffix == ".safetensors" else (lambda p: torch.load(p, weights_only=True))
         ref_mode = "whole" if "whole" in modes else "streaming"
-        ref = load(tmp / f"merged_{ref_mode}{suffix}")
-        for mode in (m for m in modes[1:] if m != ref_mode):
+        ref = load(tmp / f"merged_{ref_mode}{suffix}") if ref_mode in modes else None  # not with --modes read,workers
+        for mode in (m for m in modes[1:] if m != ref_mode and ref is not None):
             got = load(tmp / f"merged_{mode}{suffix}")
             diff = max((got[k].float() - ref[k].float()).abs().max().item() for k in ref)
             print(f"max |{mode} - {ref_mode}| = {diff:.3g}", end="; ")

@@ -238,6 +238,37 @@ def test_workers_give_bitwise_the_serial_result(dcp_run, tmp_path):
         assert torch.equal(serial[k], parallel[k]), k
 
 
+def test_worker_blocks_are_allocated_in_shared_memory(tmp_path):
+    # A worker's accumulators (and bf16 casts) are made in shared memory: returned without a copy and never freed
+    # into the worker's heap (glibc kept ~270 MiB of freed 16 MiB blocks per worker in a 4 x 270M merge).
+    from wsm_optim import streaming_merge as M
+
+    paths = []
+    for j in range(3):
+        g = torch.Generator().manual_seed(j)
+        sd = {"w": torch.randn(37, 5, generator=g), "h": torch.randn(11, generator=g).bfloat16(),
+              "s": torch.randn((), generator=g), "e": torch.zeros(0, 3), "step": torch.tensor(j)}
+        save_file(sd, tmp_path / f"{j}.safetensors")
+        paths.append(tmp_path / f"{j}.safetensors")
+    readers = [checkpoint_readers.open_reader(p) for p in paths]
+    layout = [(n, s, dt, torch.bfloat16 if dt == torch.float32 and n == "w" else dt)
+              for n, (s, dt) in checkpoint_readers.common_layout(readers, paths, None).items()]
+    c = np.array([0.2, 0.3, 0.5])
+    threads = torch.get_num_threads()
+    try:
+        M._worker_init(paths, None, False, False, c)  # what a pool worker runs, here in-process
+        batches = M.plan_batches(M.plan_blocks(layout, readers, 256), 256)
+        results = [(batch, M.merge_batch(readers, batch, c), M._worker_batch(batch)) for batch in batches]
+    finally:
+        torch.set_num_threads(threads)
+        M._worker_readers, M._worker_c, M._worker_buffers = [], None, None
+    for batch, private, shared in results:
+        for b, p, q in zip(batch, private, shared):
+            assert p.dtype == q.dtype == b.out_dtype and p.shape == q.shape and torch.equal(p, q), b
+            if q.numel() and q.is_floating_point():
+                assert q.untyped_storage().is_shared(), b
+
+
 def _dcp(path: Path, sd: dict) -> Path:
     dcp.save(sd, checkpoint_id=str(path), no_dist=True)
     return path
