@@ -13,17 +13,11 @@ Nothing here communicates during training. The rules:
   (:func:`wrap_like`), ready for ``torch.distributed.checkpoint.save``. Only
   the opt-in full gather (:func:`gather_full`) communicates, one tensor at a time.
 
-``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` /
-``set_optimizer_state_dict`` call ``optim.step()`` with zero gradients and
-``lr = 0`` when the optimizer has no state yet (``_init_optim_state``), to
-make the inner optimizer create its state. :func:`called_by_dcp_state_init`
-lets ``WSMOptimizer.step`` recognise that call and forward it to the inner
-optimizer only, so it neither counts as a WSM step nor touches accumulators.
+DCP's state-initialising ``step()`` call is recognised in :mod:`wsm_optim.callers`.
 """
 
 from __future__ import annotations
 
-import sys
 
 import torch
 from torch import Tensor
@@ -38,8 +32,6 @@ __all__ = [
     "copy_into",
     "gather_full",
     "get_rank",
-    "called_by_dcp_state_init",
-    "deepspeed_unattached_stepper",
 ]
 
 try:  # torch.distributed may be absent from a build (e.g. some macOS wheels).
@@ -219,73 +211,3 @@ def _gather_shards_to_rank0(value: Tensor) -> Tensor | None:
     if dim == 0:
         return buffer if chunk * world == n else buffer.narrow(0, 0, n).clone()
     return torch.cat(outputs, dim=dim).narrow(dim, 0, n).contiguous()
-
-
-_DCP_STATE_DICT_MODULE = "torch.distributed.checkpoint.state_dict"
-_DCP_INIT_FUNCTION = "_init_optim_state"
-# The same zero-gradient, lr = 0 step elsewhere: (module, function). torchtitan's OptimizersContainer
-# (and its torchft optimizer) call this one on each optimizer before a save or load.
-_STATE_INIT_FUNCTIONS = (
-    (_DCP_STATE_DICT_MODULE, _DCP_INIT_FUNCTION),
-    ("torchtitan.components.optimizer.utils", "init_optim_state"),
-)
-
-
-def deepspeed_unattached_stepper(opt: object, max_depth: int = 8) -> object | None:
-    """The DeepSpeed optimizer wrapper stepping ``opt`` without ``attach(engine)``, else ``None``.
-
-    ZeRO-1/2/3 and DeepSpeed's bf16/fp16 master-weight wrappers step the client
-    optimizer from their own ``step`` (ZeRO: once per param group or sub-group,
-    on flat partitions). Only ``wsm_optim.integrations.deepspeed.attach`` makes
-    that one merge step per engine step. Found by walking at most ``max_depth``
-    caller frames of files under ``deepspeed/runtime/`` for a ``self`` whose
-    ``optimizer`` is ``opt`` (the engine itself, stepping ``opt`` directly at
-    stage 0, is fine); costs a dictionary look-up when DeepSpeed was never imported.
-    """
-    if "deepspeed" not in sys.modules:
-        return None
-    frame = sys._getframe(1)
-    for _ in range(max_depth):
-        if frame is None:
-            return None
-        if "/deepspeed/runtime/" in frame.f_code.co_filename.replace("\\", "/"):
-            owner = frame.f_locals.get("self")
-            if (
-                owner is not None
-                and getattr(owner, "optimizer", None) is opt
-                and not hasattr(owner, "zero_optimization_stage")  # the DeepSpeedEngine stepping opt as is
-                and getattr(owner, "_wsm_attached", None) is not opt
-            ):
-                return owner
-        frame = frame.f_back
-    return None
-
-
-def called_by_dcp_state_init(max_depth: int = 8) -> bool:
-    """True when the current ``step()`` call comes from DCP's ``_init_optim_state``.
-
-    That function (``get_optimizer_state_dict`` / ``set_optimizer_state_dict``,
-    on an optimizer without state) sets zero gradients and ``lr = 0`` and calls
-    ``optim.step()`` so the inner optimizer allocates its state. Matched by the
-    function's code object, walking at most ``max_depth`` caller frames (the
-    optimizer's profiling and ``no_grad`` wrappers sit in between); costs a
-    dictionary look-up when DCP was never imported. torchtitan's
-    ``init_optim_state`` (the same step, called on each optimizer of its
-    ``OptimizersContainer``) is recognised the same way.
-    """
-    codes = []
-    for module_name, function in _STATE_INIT_FUNCTIONS:
-        module = sys.modules.get(module_name)
-        code = getattr(getattr(module, function, None), "__code__", None) if module is not None else None
-        if code is not None:
-            codes.append(code)
-    if not codes:
-        return False
-    frame = sys._getframe(1)
-    for _ in range(max_depth):
-        if frame is None:
-            return False
-        if any(frame.f_code is code for code in codes):
-            return True
-        frame = frame.f_back
-    return False

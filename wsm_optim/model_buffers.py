@@ -38,6 +38,16 @@ class ModelBuffers:
             ``named_buffers()`` lists them).
     """
 
+    @classmethod
+    def opted_in(cls, model: nn.Module | None, merge_buffers: bool) -> ModelBuffers | None:
+        """``WSMOptimizer(model=..., merge_buffers=...)``'s buffers: ``None`` unless asked for, which needs ``model``."""
+        if merge_buffers and model is None:
+            raise ValueError(
+                "merge_buffers=True needs model= (the module whose buffers to merge), e.g. "
+                "WSMOptimizer(inner, window=..., model=model, merge_buffers=True)"
+            )
+        return cls(model) if merge_buffers else None
+
     def __init__(self, model: nn.Module) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__} {model!r}")

@@ -5,7 +5,7 @@ readouts. What they rest on lives in one module each: the options in
 ``spec``, the window arithmetic in ``window``, each merge with its buffers in
 ``merge``, the params in ``registry``, the NaN/inf policy in ``nonfinite``,
 the readouts in ``readout``, the state-dict format in ``persistence``, the
-update arithmetic in ``backends``.
+update arithmetic in ``backends``, the framework calls of ``step()`` in ``callers``.
 
 All mutable state sits in one :class:`~wsm_optim.runtime.Runtime` object,
 assigned once in the constructor: framework wrappers such as Lightning's
@@ -23,14 +23,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import distributed, persistence, readout, schedules
-from .merge import Merge
+from . import callers, persistence, readout, schedules
 from .model_buffers import ModelBuffers
 from .nonfinite import NonFiniteMergeError
 from .runtime import Runtime
 from .spec import DEFAULT_MERGE, MergeSpec, check_bool, specs_from_arguments
 
 __all__ = ["WSMOptimizer", "MergeSpec", "DEFAULT_MERGE", "NonFiniteMergeError"]
+
+
+def _inner_attribute(name: str) -> property:
+    """An attribute of the wrapper that lives on the inner optimizer (get, set and delete go there)."""
+    return property(lambda self: getattr(self.inner, name), lambda self, v: setattr(self.inner, name, v),
+                    lambda self: delattr(self.inner, name))
 
 
 class WSMOptimizer(torch.optim.Optimizer):
@@ -136,17 +141,13 @@ class WSMOptimizer(torch.optim.Optimizer):
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__} {model!r}")
         specs = specs_from_arguments(schedule, window, interval, start, keep_last, merges)
-        if check_bool("merge_buffers", merge_buffers) and model is None:
-            raise ValueError(
-                "merge_buffers=True needs model= (the module whose buffers to merge), e.g. "
-                "WSMOptimizer(inner, window=..., model=model, merge_buffers=True)"
-            )
+        buffers = ModelBuffers.opted_in(model, check_bool("merge_buffers", merge_buffers))
         self.inner = inner
         self.model = model
         self._init_hooks()
         self._runtime = Runtime.create(
             specs, inner.param_groups, backend=backend, nonfinite=nonfinite, overlap=overlap, capturable=capturable,
-            offload=offload, model_buffers=ModelBuffers(model) if merge_buffers else None,
+            offload=offload, model_buffers=buffers,
         )
 
     def _init_hooks(self) -> None:
@@ -166,45 +167,20 @@ class WSMOptimizer(torch.optim.Optimizer):
 
     @param_groups.setter
     def param_groups(self, groups: list[dict[str, Any]]) -> None:
-        current = self.inner.param_groups
-        if 0 < len(groups) < len(current) and all(any(g is c for c in current) for g in groups):
-            # DeepSpeed ZeRO steps its client optimizer one group at a time this way: each call of
-            # step() would count as a WSM step, and the merge would fold every group at every call.
-            raise RuntimeError(
-                f"WSMOptimizer.param_groups was cut to {len(groups)} of its {len(current)} groups, as a framework "
-                "that steps one group at a time does (DeepSpeed ZeRO-1/2): every such step() would count as a "
-                "merge step. With DeepSpeed call wsm_optim.integrations.deepspeed.attach(engine) right after "
-                "deepspeed.initialize (the HF Trainer's wrap_trainer does it); to drop groups for good, edit "
-                "opt.inner.param_groups"
-            )
+        callers.refuse_group_cut(self.inner.param_groups, groups)
         self.inner.param_groups = groups
-    state = property(lambda self: self.inner.state, lambda self, v: setattr(self.inner, "state", v))
-    defaults = property(lambda self: self.inner.defaults, lambda self, v: setattr(self.inner, "defaults", v))
+    state, defaults = _inner_attribute("state"), _inner_attribute("defaults")
 
     @property
     def _step_supports_amp_scaling(self) -> bool:  # GradScaler's fused path (fused=True inner optimizers)
         return bool(getattr(self.inner, "_step_supports_amp_scaling", False))
 
-    # GradScaler's fused path sets these on the optimizer it steps; the inner step reads them.
-    grad_scale = property(lambda self: self.inner.grad_scale,  # AttributeError when unset, as GradScaler expects
-                          lambda self, v: setattr(self.inner, "grad_scale", v),
-                          lambda self: delattr(self.inner, "grad_scale"))
-    found_inf = property(lambda self: self.inner.found_inf,
-                         lambda self, v: setattr(self.inner, "found_inf", v),
-                         lambda self: delattr(self.inner, "found_inf"))
+    # GradScaler's fused path sets these on the optimizer it steps (AttributeError while unset, as it
+    # expects); the inner step reads them.
+    grad_scale, found_inf = _inner_attribute("grad_scale"), _inner_attribute("found_inf")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        self._runtime.join()
-        group = dict(param_group)
-        params = group["params"]
-        group["params"] = [params] if isinstance(params, Tensor) else list(params)
-        rt = self._runtime
-        new = [p[1] if isinstance(p, tuple) else p for p in group["params"]]
-        for p in new:  # refuse before the inner optimizer takes the group
-            rt.registry.check_param(p, place=rt.placed)
-        rt.check_capturable(new)
-        self.inner.add_param_group(group)
-        rt.follow_params(self.inner.param_groups, place=rt.placed)
+        self._runtime.add_param_group(self.inner, param_group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
@@ -246,11 +222,9 @@ class WSMOptimizer(torch.optim.Optimizer):
         if rt.swapped:
             raise RuntimeError("step() called inside merged_weights(): the live params are swapped out")
         rt.fence()  # the previous checkpoint's reads of the params come before the inner step changes them
-        if distributed.called_by_dcp_state_init(max_depth=16):
+        if callers.called_by_state_init():
             return True
-        stepper = distributed.deepspeed_unattached_stepper(self, max_depth=12)
-        if stepper is not None:
-            _refuse_deepspeed_stepper(stepper)
+        callers.refuse_unattached_deepspeed(self)
         rt.follow_params(self.inner.param_groups)
         rt.check_step()
         rt.anchor_windows()
@@ -268,13 +242,6 @@ class WSMOptimizer(torch.optim.Optimizer):
     def sync_steps(self) -> int:
         """Capturable mode: adopt the device step count after CUDA-graph replays (one host sync)."""
         return self._runtime.sync_steps()
-
-    def _prepare_readout(self, merge: str | None) -> Merge:
-        rt = self._runtime
-        chosen = rt.merge(merge)
-        rt.join()
-        rt.follow_params(self.inner.param_groups, place=rt.placed)  # before step 1 nothing is anchored
-        return chosen
 
     # ---------------------------------------------------------------- readout
     def merged_state_dict(
@@ -330,15 +297,8 @@ class WSMOptimizer(torch.optim.Optimizer):
         current window's readout uses live params that were edited since the
         last ``step()``.
         """
-        if (rank0_only or cpu_offload) and not full:
-            raise ValueError(
-                f"rank0_only={rank0_only} / cpu_offload={cpu_offload} apply to full=True gathers; "
-                "sharded readouts (full=False) stay on each rank's device"
-            )
-        dtype = readout.check_dtype(dtype)
-        chosen = self._prepare_readout(merge)
         return readout.state_dict(
-            self._runtime, chosen, dtype=dtype, model=model if model is not None else self.model,
+            self._runtime, merge, self.inner.param_groups, dtype=dtype, model=model if model is not None else self.model,
             completed=check_bool("completed", completed), full=full, rank0_only=rank0_only,
             cpu_offload=cpu_offload,
         )
@@ -358,7 +318,7 @@ class WSMOptimizer(torch.optim.Optimizer):
         ``torch.optim.Optimizer``: do not step and read from two threads.
         """
         completed = check_bool("completed", completed)
-        with readout.swapped(self._runtime, self._prepare_readout(merge), completed):
+        with readout.swapped(self._runtime, merge, self.inner.param_groups, completed):
             yield self
 
     def save_merged(self, path, dtype: torch.dtype | None = None, *, model: nn.Module | None = None,
@@ -430,26 +390,3 @@ class WSMOptimizer(torch.optim.Optimizer):
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
-
-def _refuse_deepspeed_stepper(zero: Any) -> None:
-    """Raise for a DeepSpeed optimizer wrapper stepping a ``WSMOptimizer`` without ``attach(engine)``."""
-    name = type(zero).__name__
-    if "Stage3" in name:
-        raise NotImplementedError(
-            f"WSMOptimizer: stepped by DeepSpeed ZeRO stage 3 ({name}); ZeRO stage 3 partitions every parameter "
-            "and gathers it on the fly, and a WSM merge of it is not supported. Use ZeRO stage 1 or 2 "
-            "(zero_optimization.stage) with wsm_optim.integrations.deepspeed.attach(engine), or FSDP2 (fully_shard)"
-        )
-    if hasattr(zero, "single_partition_of_fp32_groups"):
-        stage = 2 if getattr(zero, "partition_gradients", False) else 1
-        raise RuntimeError(
-            f"WSMOptimizer: stepped by DeepSpeed ZeRO stage {stage} ({name}) without "
-            "wsm_optim.integrations.deepspeed.attach(engine): ZeRO steps it once per param group on flat fp32 "
-            "partitions, so steps would miscount and the merge could not be read by parameter name. Call "
-            "wsm_optim.integrations.deepspeed.attach(engine) right after deepspeed.initialize, before the first "
-            "step (the HF Trainer's wrap_trainer does it)"
-        )
-    raise NotImplementedError(
-        f"WSMOptimizer: stepped by DeepSpeed's {name} (bf16/fp16 master weights without ZeRO); not supported. "
-        "Use ZeRO stage 1 or 2 (zero_optimization.stage) with wsm_optim.integrations.deepspeed.attach(engine)"
-    )

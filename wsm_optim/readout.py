@@ -205,16 +205,24 @@ def _cast(p: Tensor, value: Tensor, dtype: torch.dtype | None, key: str) -> Tens
 
 def state_dict(
     rt: "Runtime",
-    merge: "Merge",
+    name: str | None,
+    param_groups,
     *,
-    dtype: torch.dtype | None,
+    dtype: Any,
     model: nn.Module | None,
     completed: bool,
     full: bool,
     rank0_only: bool,
     cpu_offload: bool,
 ) -> dict[str, Tensor]:
-    """The readout behind ``WSMOptimizer.merged_state_dict`` (arguments documented there)."""
+    """The readout behind ``WSMOptimizer.merged_state_dict`` (arguments documented there) of the merge ``name``."""
+    if (rank0_only or cpu_offload) and not full:
+        raise ValueError(
+            f"rank0_only={rank0_only} / cpu_offload={cpu_offload} apply to full=True gathers; "
+            "sharded readouts (full=False) stay on each rank's device"
+        )
+    dtype = check_dtype(dtype)
+    merge = rt.prepare_readout(name, param_groups)
     entries = _entries(rt, model)
     source, scale = _prepare(rt, merge, completed, "merged_state_dict()")
     out: dict[str, Tensor] = {}
@@ -251,12 +259,13 @@ def state_dict(
 
 
 @contextlib.contextmanager
-def swapped(rt: "Runtime", merge: "Merge", completed: bool) -> Iterator[None]:
-    """Swap the merge into the live params for a ``with`` block; restore them bit-exactly on exit.
+def swapped(rt: "Runtime", name: str | None, param_groups, completed: bool) -> Iterator[None]:
+    """Swap the merge ``name`` into the live params for a ``with`` block; restore them bit-exactly on exit.
 
     One swap at a time per optimizer, whatever the thread: a second entry
     raises at once (the check and the claim are one atomic step).
     """
+    merge = rt.prepare_readout(name, param_groups)
     if not rt.swap_lock.acquire(blocking=False):
         raise RuntimeError(
             "merged_weights() is already active for this optimizer (in this thread or another): swaps cannot "

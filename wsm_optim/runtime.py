@@ -157,6 +157,26 @@ class Runtime:
             m.rebind(self.registry.rebound)
             m.follow(self.registry.params, self.backend, self.registry.buffers, self.buffer_backend)
 
+    def add_param_group(self, inner: torch.optim.Optimizer, param_group: dict[str, Any]) -> None:
+        """``inner.add_param_group`` for a group whose params are checked first; buffers follow."""
+        self.join()
+        group = dict(param_group)
+        params = group["params"]
+        group["params"] = [params] if isinstance(params, Tensor) else list(params)
+        new = [p[1] if isinstance(p, tuple) else p for p in group["params"]]
+        for p in new:  # refuse before the inner optimizer takes the group
+            self.registry.check_param(p, place=self.placed)
+        self.check_capturable(new)
+        inner.add_param_group(group)
+        self.follow_params(inner.param_groups, place=self.placed)
+
+    def prepare_readout(self, name: str | None, param_groups) -> Merge:
+        """The merge called ``name``, its folds joined and its buffers following the params, ready to read."""
+        chosen = self.merge(name)
+        self.join()
+        self.follow_params(param_groups, place=self.placed)  # before step 1 nothing is anchored
+        return chosen
+
     # ------------------------------------------------------------- passes
     def check_step(self) -> None:
         """Compute every weight the next step needs; a weight that cannot be computed raises here, before anything moves."""
