@@ -1,1 +1,0 @@
-"""Triton kernels for wsm_optim, installed as ``wsm_optim.kernels``."""
