@@ -21,6 +21,11 @@ HERE = Path(__file__).resolve().parent
 JOB_TIMEOUT_S = 180
 
 
+def worker_pythonpath() -> str:
+    """``PYTHONPATH`` of every launched rank: the repository root (the checkout's ``wsm_optim``) and ``tests/``."""
+    return os.pathsep.join(filter(None, [str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH")]))
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -44,7 +49,6 @@ def run_job(worker: str, scenario: str, world: int, out_dir: Path, attempts: int
 
 def _run_job_once(worker: str, scenario: str, world: int, out_dir: Path, timeout_s: float) -> str | None:
     port = _free_port()
-    repo_root = str(HERE.parent)
     procs, logs = [], []
     for rank in range(world):
         env = dict(
@@ -56,7 +60,7 @@ def _run_job_once(worker: str, scenario: str, world: int, out_dir: Path, timeout
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(port),
             OMP_NUM_THREADS="1",
-            PYTHONPATH=os.pathsep.join(filter(None, [repo_root, str(HERE), os.environ.get("PYTHONPATH")])),
+            PYTHONPATH=worker_pythonpath(),
         )
         log = open(out_dir / f"{scenario}-ws{world}-rank{rank}.log", "w+")
         logs.append(log)
