@@ -5,7 +5,7 @@ Each measurement runs in a fresh subprocess: build a model of ``--params``
 parameters (one tensor of ``--largest`` of them, the rest in equal tensors),
 train three steps into a window, reset the peak-RSS counter
 (``/proc/self/clear_refs``), run one readout, and report the peak resident
-memory above the level just before it. Bounds (issue 11):
+memory above the level just before it. Bounds:
 
 * ``merged_state_dict(dtype)``: output size + one fp32 copy of the largest param;
 * ``merged_weights()``: one copy of the params in their dtype + one fp32 copy of the largest param.

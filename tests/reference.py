@@ -5,7 +5,7 @@ thing it takes from ``wsm_optim`` is ``schedules`` (decay weights ``w`` and
 merge weights ``c`` of Theorem 3.1, tested separately against hand-computed
 values); it shares no code with the optimizer's coefficient or update path.
 
-Window semantics, modelled here from the issue / docs/method.md (not from the code):
+Window semantics, modelled here from docs/method.md (not from the code):
 
 * ``snapshots[s]`` are the params after ``s`` counted optimizer steps
   (``s = 0``: the params at wrap time).

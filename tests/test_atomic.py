@@ -215,7 +215,7 @@ def test_save_merged_failure_keeps_previous(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["m.safetensors"]
 
 
-# ------------------------------------------------- symlinks and permissions (issue 16, item 7)
+# ------------------------------------------------- symlinks and permissions
 @pytest.mark.parametrize("name", ["m.safetensors", "m.pt"])
 def test_save_through_a_symlink_writes_the_target_and_keeps_the_link(tmp_path, name):
     real = tmp_path / "store" / name

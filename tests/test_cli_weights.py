@@ -46,7 +46,7 @@ def test_prints_method_check_values(schedule, capsys):
 
 
 def test_cosine_window_9_exact_command(capsys):
-    """The command quoted in the README/issue."""
+    """The command quoted in the README."""
     assert cli.main(["weights", "--schedule", "cosine", "--window", "9"]) == 0
     _, c, _ = _parse_table(capsys.readouterr().out)
     np.testing.assert_allclose(c, CHECK_VALUES["cosine"], atol=5e-4)

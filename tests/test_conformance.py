@@ -233,7 +233,7 @@ ROWS = _rows()
 
 #: Library bugs this matrix found: ``(predicate(backend, row), reason)``; matching rows are
 #: ``xfail(strict=True)``, so the fix must delete the entry.
-KNOWN_BUGS: list = []  # the float64 skip-mode precision bug it found is fixed (issue 16)
+KNOWN_BUGS: list = []  # cases that are known to fail, each with its reason; none today
 
 
 def _matrix():

@@ -62,7 +62,7 @@ TINY = ["--quick", "--steps", "40", "--warmup", "10", "--windows", "10,15", "--d
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    """``demo --quick`` once per session (about 30-60 s on 2 cores)."""
+    """``demo --quick`` once per test run (about 30-60 s on 2 cores)."""
     out = tmp_path_factory.mktemp("quick")
     rc, stdout, stderr = _main(["demo", "--quick", "--out", str(out), "--no-progress"])
     return rc, stdout, stderr, out

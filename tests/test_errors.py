@@ -80,7 +80,7 @@ def test_readout_errors_name_the_merges():
             pass
 
 
-# ------------------------------------------------ misuse table: the optimizer (issue 11)
+# ------------------------------------------------ misuse table: the optimizer
 def _trained(**kwargs):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
@@ -169,7 +169,7 @@ def test_float64_params_keep_float64_range():
     assert opt.state_dict()["state"][0]["wsm_acc.default"].dtype == torch.float64
 
 
-# ------------------------- misuse table: schedules.weights, offline merge, atomic_save (issue 11)
+# ------------------------- misuse table: schedules.weights, offline merge, atomic_save
 # Each row is (call, exception type, message fragment); the call takes pytest's tmp_path for
 # rows that need real files.
 

@@ -405,7 +405,7 @@ def test_cli_prints_warnings_as_one_line(tmp_path, capsys):
 
 
 def test_cli_output_through_a_dangling_symlink_names_the_wrong_path(tmp_path, capsys):
-    """Issue 16, item 9: the message names the link and its missing target directory, not the link's (existing) one."""
+    """The message names the link and its missing target directory, not the link's (existing) one."""
     paths = _write(tmp_path, 2)
     out = tmp_path / "out"
     out.mkdir()
@@ -424,7 +424,7 @@ def test_cli_output_through_a_dangling_symlink_names_the_wrong_path(tmp_path, ca
 
 
 def test_progress_in_a_log_is_plain_lines_not_a_frozen_bar(tmp_path, capsys):
-    """Issue 16: stderr is not a terminal here, as in a log: a final plain line, no tqdm bar at 0%."""
+    """stderr is not a terminal here, as in a log: a final plain line, no tqdm bar at 0%."""
     paths = _write(tmp_path, 3)
     merge_checkpoints(paths, progress=True, verbose=False)
     err = capsys.readouterr().err
@@ -436,7 +436,7 @@ def test_progress_in_a_log_is_plain_lines_not_a_frozen_bar(tmp_path, capsys):
 
 
 def test_file_tools_do_not_import_the_training_engine():
-    """offline, io and the CLIs must stay usable without the engine (issue 15, point 3)."""
+    """offline, io and the CLIs must stay usable without the engine."""
     code = (
         "import sys, wsm_optim.offline, wsm_optim.io, wsm_optim.merge_cli, wsm_optim.weights_cli, wsm_optim.cli\n"
         "import wsm_optim.checkpoint_readers, wsm_optim.checkpoint_writers, wsm_optim.streaming_merge\n"

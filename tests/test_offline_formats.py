@@ -1,4 +1,4 @@
-"""Offline merge at scale (issue 19): DCP directories and HF sharded folders in, every output layout out.
+"""Offline merge at scale: DCP directories and HF sharded folders in, every output layout out.
 
 Inputs are written by the real frameworks: DCP checkpoints by a 2-rank and a
 1-rank FSDP2 run (gloo, CPU; ``_dcp_checkpoint_writer.py``), sharded

@@ -27,7 +27,7 @@ from wsm_optim import WSMOptimizer
 NAMED = ["linear", "mean", "cosine", "1-sqrt", "minus-sqrt", "inv-sqrt", "ema"]
 SHAPES = [(), (1,), (1, 1), (5,), (2, 3), (3, 1, 2)]
 
-#: Largest relative errors seen by the property tests in this session, per param dtype.
+#: Largest relative errors the property tests have shown, per param dtype.
 MAX_ERRORS: dict[str, dict[str, float]] = {}
 
 PROPERTY = settings(

@@ -1,8 +1,8 @@
-"""Readouts stay within one model copy (issue 11), measured as peak RSS in a fresh subprocess.
+"""Readouts stay within one model copy, measured as peak RSS in a fresh subprocess.
 
 Uses ``bench/bench_readout_memory.py``'s measurement (peak RSS reset through
 ``/proc/self/clear_refs``, fixed glibc mmap threshold). Bounds are checked
-generously (10% + 8 MiB slack); v0.1 exceeded them by 1.4-3x.
+generously (10% + 8 MiB slack); a readout that builds a full extra copy exceeds them 1.4-3x.
 """
 
 import os

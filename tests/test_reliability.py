@@ -1,8 +1,9 @@
 """A step is all or nothing; precision, concurrency and load validation hold in every mode.
 
-Each test here failed on v0.2 (issue 16: half-applied step, float64 precision
+Covered here: a step that fails half-way changes nothing, float64 precision
 with ``nonfinite="skip"``, concurrent ``merged_weights()``, corrupt skip
-counters, an overflowing cast reported as a non-finite checkpoint).
+counters refused at load, an overflowing cast reported as such (not as a
+non-finite checkpoint).
 """
 
 import copy
@@ -64,7 +65,7 @@ def test_float64_merges_keep_float64_precision_in_every_mode(nonfinite, dtype):
     got = opt.merged_state_dict()["p"]
     assert got.dtype == dtype
     rel = float((got - expected).abs().max() / expected.abs().max())
-    assert rel < 1e-13, rel  # v0.2 with nonfinite="skip": ~1e-8 (float32 coefficient and ledger)
+    assert rel < 1e-13, rel  # a float32 coefficient and ledger give ~1e-8 here
 
 
 def test_float64_skip_mode_renormalises_in_float64():
