@@ -6,6 +6,7 @@ and writes ``OUT_DIR/plain-rank<r>.json`` with what each case measured; the test
 asserts on it.
 """
 
+import copy
 import functools
 import os
 import sys
@@ -100,7 +101,10 @@ def case_merge_equals_explicit_merge(stage, out_dir):
     with unwrap(engine).merged_weights():  # the optimizer's own swap: the module's copies hold the merge too
         through_unwrap = {k: v.clone() for k, v in engine.module.state_dict().items()}
     full = wds.merged_state_dict(engine, model=engine.module)
+    of_a_copy = wds.merged_state_dict(engine, model=copy.deepcopy(engine.module))
     return {
+        "copy_of_the_module_gives_the_merge": sorted(of_a_copy) == sorted(full) and all(
+            torch.equal(of_a_copy[k], full[k]) for k in full) and all(torch.equal(of_a_copy[k], merged[k]) for k in merged),
         "unwrap_swap_equals_readout": all(torch.equal(through_unwrap[k], merged[k]) for k in merged),
         "steps": wsm.steps,
         "worst_vs_explicit_merge": worst,

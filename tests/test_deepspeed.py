@@ -51,6 +51,7 @@ def test_zero_merge_equals_an_explicit_merge_of_the_gathered_fp32_masters(plain,
         assert r["unwrap_swap_equals_readout"], (rank, r)  # unwrap(engine).merged_weights(): the copies too
         assert r["restored_bit_exactly"] and r["masters_restored"], (rank, r)
         assert r["model_keys"], (rank, r)
+        assert r["copy_of_the_module_gives_the_merge"], (rank, r)  # model=copy.deepcopy(engine.module): matched by name
 
 
 @pytest.mark.parametrize("stage", [1, 2])

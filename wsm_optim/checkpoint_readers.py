@@ -34,7 +34,7 @@ import sys
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -327,6 +327,25 @@ def _hf_index(path: Path) -> Path | None:
     return found[0] if found else None
 
 
+def _weight_map(index: Path) -> dict[str, str]:
+    """The index's ``weight_map``, checked: tensor names to shard files inside the index's own folder."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {index}: not a safetensors index with a weight_map ({e!r})") from e
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: 'weight_map' must map tensor names to shard files, got a "
+                         f"{type(weight_map).__name__}")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise ValueError(f"{index}: 'weight_map' maps {name!r} to {shard!r}; expected a shard file name")
+        relative = PurePosixPath(shard)
+        if relative.is_absolute() or ".." in relative.parts or "\\" in shard:
+            raise ValueError(f"{index}: 'weight_map' maps {name!r} to {shard!r}, outside the checkpoint folder; "
+                             "shard files must lie in the index's folder")
+    return weight_map
+
+
 class HFFolder:
     """A ``save_pretrained`` folder: ``*.safetensors.index.json`` + shards, or ``model.safetensors``."""
 
@@ -334,10 +353,7 @@ class HFFolder:
         self.path = path
         index = _hf_index(path)
         if index is not None:
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"cannot read {index}: not a safetensors index with a weight_map ({e!r})") from e
+            weight_map = _weight_map(index)
             files = {f: SafetensorsFile(path / f) for f in sorted(set(weight_map.values()))}
             for name, f in weight_map.items():
                 if name not in files[f].entries:
@@ -545,7 +561,7 @@ class DCPDirectory:
         want_off = (start, *(0,) * (len(shape) - 1)) if shape else ()
         want_len = _rows(shape, start, stop)
         dest = _destination(want_len, dtype, out)
-        items, covered = [], 0
+        items, covered, boxes = [], 0, []
         for chunk in md.chunks:
             lo = [max(o, w) for o, w in zip(chunk.offsets, want_off)]
             hi = [min(o + s, w + n) for o, s, w, n in zip(chunk.offsets, chunk.sizes, want_off, want_len)]
@@ -553,6 +569,19 @@ class DCPDirectory:
                 continue
             lengths = [h - lo_ for lo_, h in zip(lo, hi)]
             covered += int(torch.Size(lengths).numel())
+            for other_lo, other_hi in boxes:  # disjoint boxes whose volumes add up to the rows tile them exactly
+                if all(a < d and c < b for a, b, c, d in zip(lo, hi, other_lo, other_hi)):
+                    raise ValueError(
+                        f"{self.path}: the .metadata lists overlapping saved chunks of {fqn!r} (at "
+                        f"{list(chunk.offsets)} and another one covering {other_lo}..{other_hi}); the checkpoint "
+                        "is corrupt"
+                    )
+            boxes.append((lo, hi))
+            if MetadataIndex(fqn, chunk.offsets) not in self.metadata.storage_data:
+                raise ValueError(
+                    f"{self.path}: the .metadata lists a saved chunk of {fqn!r} at {list(chunk.offsets)} but says "
+                    "nowhere in which file it is stored (no storage_data entry); the checkpoint is corrupt"
+                )
             where = self._direct_location(fqn, chunk, dtype, files)
             if where is not None:
                 self._read_direct(files, where, fqn, chunk, lo, lengths, want_off, dest)

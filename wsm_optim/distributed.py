@@ -81,9 +81,27 @@ def wrap_like(p: Tensor, local: Tensor) -> Tensor:
 def check_copy(dst: Tensor, src: Tensor, what: str) -> None:
     """Raise ``ValueError`` (naming ``what``) unless :func:`copy_into` can copy ``src`` into ``dst``.
 
-    ``dst`` may be a parameter standing in for its accumulator: only the shape
-    and the layout (plain or ``DTensor``, mesh, placements) are compared.
+    ``dst`` may be a parameter standing in for its accumulator: the shape and
+    the layout (plain or ``DTensor``, mesh, placements) are compared, and the
+    values must fit it: finite (a loaded NaN/inf would later be blamed on the
+    checkpoints or the live params), and real for a real ``dst`` (copying a
+    complex tensor into it would drop the imaginary part).
     """
+    _check_layout(dst, src, what)
+    if src.dtype.is_complex and not dst.dtype.is_complex:
+        raise ValueError(f"load_state_dict: {what} is complex ({src.dtype}) but the parameter is real ({dst.dtype})")
+    values = local_view(src)
+    values = torch.view_as_real(values) if values.is_complex() else values
+    bad = values.numel() - int(torch.isfinite(values).sum())
+    if bad:
+        raise ValueError(
+            f"load_state_dict: {what} holds {bad} NaN/inf value{'s' if bad != 1 else ''}; a merge saved with "
+            "non-finite values cannot continue (its window's readouts would fail later, blaming the checkpoints "
+            "or the live params)"
+        )
+
+
+def _check_layout(dst: Tensor, src: Tensor, what: str) -> None:
     if not isinstance(src, Tensor):
         raise ValueError(f"load_state_dict: {what} is {a(type(src).__name__)}, expected a tensor")
     if src.device.type == "meta":
@@ -120,7 +138,7 @@ def copy_into(dst: Tensor, src: Tensor) -> None:
     """
     if src is dst:
         return
-    check_copy(dst, src, "accumulator")
+    _check_layout(dst, src, "accumulator")
     if is_dtensor(dst):
         if is_dtensor(src):
             dst.to_local().copy_(src.to_local())

@@ -123,8 +123,9 @@ def resolve_inputs(
     ``**`` recurses) sorted by :func:`step_number`. A single folder that is itself
     a checkpoint (it holds ``.metadata``, ``*.safetensors.index.json`` or
     ``model.safetensors``) is one input unless ``glob`` is given.
-    Raises ``ValueError`` for an empty list, a name without a step number or
-    two entries with the same step number, ``FileNotFoundError`` for a missing path.
+    Raises ``ValueError`` for an empty list, a name without a step number,
+    two entries with the same step number or one checkpoint given twice (the
+    same path, or a link to it), ``FileNotFoundError`` for a missing path.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -161,7 +162,7 @@ def resolve_inputs(
                 )
         if not found:
             raise ValueError(f"empty checkpoint list: {what}")
-        return _sort_by_step(found, root)
+        return _refuse_repeats(_sort_by_step(found, root))
     if glob is not None:
         raise ValueError("--glob needs a single directory argument (the files to match live in it)")
     for p in paths:
@@ -176,6 +177,22 @@ def resolve_inputs(
             UserWarning,
             stacklevel=2,
         )
+    return _refuse_repeats(paths)
+
+
+def _refuse_repeats(paths: list[Path]) -> list[Path]:
+    """``paths``, unless two of them are one checkpoint (the same path, or a link to it): it would count twice."""
+    seen: dict[str, Path] = {}
+    for p in paths:
+        real = os.path.realpath(p)
+        if real in seen:
+            first = seen[real]
+            same = "the same path" if str(first) == str(p) else f"both are {real!r}"
+            raise ValueError(
+                f"checkpoint {str(p)!r} is given twice ({str(first)!r} and {str(p)!r}: {same}); each checkpoint "
+                "must appear once (to weight one more heavily, use --weights / weights=)"
+            )
+        seen[real] = p
     return paths
 
 

@@ -125,6 +125,14 @@ def _check_counters(merge: "Merge", counters: Mapping[str, Any]) -> None:
             )
     if counters["t"] == spec.k and counters["r"] != 0:
         raise ValueError(f"load_state_dict: merge {name!r}: counters t = k and r = {counters['r']} != 0")
+    for key in ("anchored", "has_last"):  # a string such as "False" would be truthy
+        if not isinstance(counters[key], (bool, np.bool_)):
+            raise ValueError(f"load_state_dict: merge {name!r}: counter {key} = {counters[key]!r} must be a bool")
+    if counters["has_last"] and counters["windows_completed"] == 0:
+        raise ValueError(
+            f"load_state_dict: merge {name!r}: counters say a completed window is kept (has_last = True) but no "
+            "window has completed (windows_completed = 0)"
+        )
     for key in _LEDGER_KEYS:
         _check_ledger(name, key, counters.get(key), spec.k)
 

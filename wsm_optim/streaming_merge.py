@@ -212,8 +212,19 @@ def merge_batch(readers: Sequence[Any], batch: Sequence[Block], c: np.ndarray,
     out = []
     for i, b in enumerate(batch):
         acc, accs[i] = accs[i], None  # cast one block at a time: the batch is never held twice
-        out.append(copied.pop(i) if acc is None else acc if acc.dtype == b.out_dtype
-                   else empty(acc.shape, dtype=b.out_dtype).copy_(acc))
+        if acc is None:
+            out.append(copied.pop(i))
+        elif acc.dtype == b.out_dtype:
+            out.append(acc)
+        else:
+            cast = empty(acc.shape, dtype=b.out_dtype).copy_(acc)
+            if _nonfinite_counts(cast) is not None:  # the accumulator is finite (checked above): the cast overflowed
+                raise ValueError(
+                    f"tensor {b.name!r}: the merged value is finite (largest magnitude "
+                    f"{float(acc.abs().max()):.4g}) but overflows when cast to {b.out_dtype}; write it with a "
+                    "wider dtype (--dtype fp32 / dtype=torch.float32, or no --dtype for the inputs' own)"
+                )
+            out.append(cast)
         del acc
     return out
 

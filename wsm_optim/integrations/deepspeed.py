@@ -290,10 +290,18 @@ def merged_state_dict(
     out.update(buffers)
     if model is None:
         return out
+    # a copy of the module (copy.deepcopy(engine.module)) holds other tensors: match its params by name, as
+    # WSMOptimizer.merged_state_dict(model=copy) does; tied params answer to each of their names
+    names: dict[Tensor, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(p, []).append(name)
     result = {}
     for key, value in model.state_dict(keep_vars=True).items():
+        by_name = [out[n] for n in names.get(value, [key]) if n in out and out[n].shape == value.shape]
         if value in by_param:
             result[key] = by_param[value]
+        elif by_name:
+            result[key] = by_name[0]
         elif key in buffers and buffers[key].shape == value.shape:
             result[key] = buffers[key]
         else:
