@@ -15,17 +15,45 @@ from torch import Tensor
 
 from . import BackendBase, MergeUpdate
 
-__all__ = ["ForeachBackend", "anchor", "accumulate", "all_finite"]
+__all__ = ["ForeachBackend", "anchor", "accumulate", "all_finite", "CHUNK"]
+
+
+#: Elements of the fp32 displacements ``theta - theta_0`` made at once (64 MiB): bounds the
+#: temporaries of one pass whatever the model size, while keeping foreach's batching.
+CHUNK = 1 << 24
 
 
 def anchor(params: Sequence[Tensor], updates: Sequence[MergeUpdate], ok: Tensor | None = None) -> None:
-    """``A <- c_0 * theta`` (after ``completed <- A`` when given); ``ok == 0``: ``A <- 0``."""
+    """Begin a window at ``params`` (each ``[*shape]``, any float dtype).
+
+    With origins: ``completed <- A + kept * theta_0`` (when given), then
+    ``theta_0 <- theta`` and ``A <- 0``; ``ok == 0``: ``theta_0 <- 0`` (the window
+    sums raw params). Without: ``completed <- A``, then ``A <- c_0 * theta``;
+    ``ok == 0``: ``A <- 0``.
+    """
     if not params:
         return
     with torch.no_grad():
+        # every finished window is folded before any origin is overwritten: merges share origins
         for up in updates:
-            if up.completed is not None:
+            if up.completed is None:
+                continue
+            if up.origins is None:
                 torch._foreach_copy_(up.completed, up.accs)
+                continue
+            torch._foreach_copy_(up.completed, up.origins)  # exact: the accumulator is at least as wide
+            if up.kept is not None:
+                for c in up.completed:
+                    c.mul_(up.kept.to(c.dtype))
+            torch._foreach_add_(up.completed, up.accs)
+        for up in updates:
+            if up.origins is not None:
+                torch._foreach_copy_(up.origins, list(params))
+                if ok is not None:
+                    for o in up.origins:
+                        o.nan_to_num_(0.0, 0.0, 0.0).mul_(ok.to(o.dtype))
+                torch._foreach_zero_(up.accs)
+                continue
             # copy_ upcasts exactly; the scale then happens in the accumulator's precision
             # (a bf16 ``mul`` would round c_0 * theta to bf16 first).
             torch._foreach_copy_(up.accs, list(params))
@@ -37,16 +65,49 @@ def anchor(params: Sequence[Tensor], updates: Sequence[MergeUpdate], ok: Tensor 
 
 
 def accumulate(params: Sequence[Tensor], updates: Sequence[MergeUpdate], ok: Tensor | None = None) -> None:
-    """``A <- A + c_j * theta``; with ``ok == 0`` (skip mode) ``A`` is unchanged."""
+    """``A <- A + c_j * (theta - theta_0)`` (``A + c_j * theta`` without origins); ``ok == 0`` leaves ``A``.
+
+    ``theta - theta_0`` is formed in the accumulator's precision (exact for
+    bf16/fp16 params, one rounding of the displacement for fp32), ``CHUNK``
+    elements at a time.
+    """
     if not params:
         return
+    params = list(params)
     with torch.no_grad():
         for up in updates:
-            if ok is None:
-                torch._foreach_add_(up.accs, list(params), alpha=up.coef)
+            if up.origins is None:
+                if ok is None:
+                    torch._foreach_add_(up.accs, params, alpha=up.coef)
+                    continue
+                for a, p in zip(up.accs, params):
+                    a.addcmul_(torch.nan_to_num(p.to(a.dtype), 0.0, 0.0, 0.0), _scale(ok, up.coef, a.dtype))
                 continue
-            for a, p in zip(up.accs, params):
-                a.addcmul_(torch.nan_to_num(p.to(a.dtype), 0.0, 0.0, 0.0), _scale(ok, up.coef, a.dtype))
+            if ok is not None:
+                for a, p, o in zip(up.accs, params, up.origins):
+                    d = torch.nan_to_num(p.to(a.dtype), 0.0, 0.0, 0.0).sub_(o)
+                    a.addcmul_(d, _scale(ok, up.coef, a.dtype))
+                continue
+            for idx in _chunks(params):
+                accs = [up.accs[i] for i in idx]
+                d = [torch.empty_like(accs[n]).copy_(params[i]) for n, i in enumerate(idx)]
+                torch._foreach_sub_(d, [up.origins[i] for i in idx])
+                torch._foreach_add_(accs, d, alpha=up.coef)
+                del d
+
+
+def _chunks(params: Sequence[Tensor]) -> list[list[int]]:
+    """Consecutive index runs of ``params`` of at most ``CHUNK`` elements (a larger tensor alone)."""
+    runs, run, size = [], [], 0
+    for i, p in enumerate(params):
+        if run and size + p.numel() > CHUNK:
+            runs.append(run)
+            run, size = [], 0
+        run.append(i)
+        size += p.numel()
+    if run:
+        runs.append(run)
+    return runs
 
 
 def all_finite(params: Sequence[Tensor], ok: Tensor) -> None:
