@@ -15,12 +15,16 @@ from torch import Tensor
 
 from . import BackendBase, MergeUpdate
 
-__all__ = ["ForeachBackend", "anchor", "accumulate", "all_finite", "CHUNK"]
+__all__ = ["ForeachBackend", "anchor", "accumulate", "all_finite", "CHUNK", "BLOCK"]
 
 
-#: Elements of the fp32 displacements ``theta - theta_0`` made at once (64 MiB): bounds the
+#: Elements of the fp32 displacements ``theta - theta_0`` made at once on CUDA (64 MiB): bounds the
 #: temporaries of one pass whatever the model size, while keeping foreach's batching.
 CHUNK = 1 << 24
+#: Elements per block on the CPU (1 MiB of fp32): the displacement of a block is made in a scratch
+#: buffer that stays in cache while it is added, so the pass costs about one more read (the origin)
+#: instead of writing and re-reading a model-sized temporary (measured 4x slower on GPT-2 124M).
+BLOCK = 1 << 18
 
 
 def anchor(params: Sequence[Tensor], updates: Sequence[MergeUpdate], ok: Tensor | None = None) -> None:
@@ -68,8 +72,8 @@ def accumulate(params: Sequence[Tensor], updates: Sequence[MergeUpdate], ok: Ten
     """``A <- A + c_j * (theta - theta_0)`` (``A + c_j * theta`` without origins); ``ok == 0`` leaves ``A``.
 
     ``theta - theta_0`` is formed in the accumulator's precision (exact for
-    bf16/fp16 params, one rounding of the displacement for fp32), ``CHUNK``
-    elements at a time.
+    bf16/fp16 params, one rounding of the displacement for fp32), ``BLOCK``
+    elements at a time on the CPU, ``CHUNK`` at a time elsewhere.
     """
     if not params:
         return
@@ -88,12 +92,38 @@ def accumulate(params: Sequence[Tensor], updates: Sequence[MergeUpdate], ok: Ten
                     d = torch.nan_to_num(p.to(a.dtype), 0.0, 0.0, 0.0).sub_(o)
                     a.addcmul_(d, _scale(ok, up.coef, a.dtype))
                 continue
+            if params[0].device.type == "cpu":
+                _add_displacements_blocked(up.accs, params, up.origins, up.coef)
+                continue
             for idx in _chunks(params):
                 accs = [up.accs[i] for i in idx]
                 d = [torch.empty_like(accs[n]).copy_(params[i]) for n, i in enumerate(idx)]
                 torch._foreach_sub_(d, [up.origins[i] for i in idx])
                 torch._foreach_add_(accs, d, alpha=up.coef)
                 del d
+
+
+def _add_displacements_blocked(accs: Sequence[Tensor], params: Sequence[Tensor], origins: Sequence[Tensor],
+                               coef: float) -> None:
+    """``A <- A + coef * (theta - theta_0)``, ``BLOCK`` elements at a time through one scratch buffer (CPU)."""
+    scratch: Tensor | None = None
+    for a, p, o in zip(accs, params, origins):
+        if not (a.is_contiguous() and p.is_contiguous() and o.is_contiguous()):
+            a.add_(torch.empty_like(a).copy_(p).sub_(o), alpha=coef)  # dense but permuted: one temporary
+            continue
+        if scratch is None or scratch.dtype != a.dtype:
+            scratch = torch.empty(min(BLOCK, max(a.numel(), 1)), dtype=a.dtype)
+        af, pf, of = a.view(-1), p.view(-1), o.view(-1)
+        for first in range(0, af.numel(), BLOCK):
+            last = min(first + BLOCK, af.numel())
+            if last - first > scratch.numel():
+                scratch = torch.empty(BLOCK, dtype=a.dtype)
+            d = scratch[: last - first]
+            if p.dtype == a.dtype:
+                torch.sub(pf[first:last], of[first:last], out=d)
+            else:  # formed in the accumulator's precision: bf16/fp16 differences are exact there
+                d.copy_(pf[first:last]).sub_(of[first:last])
+            af[first:last].add_(d, alpha=coef)
 
 
 def _chunks(params: Sequence[Tensor]) -> list[list[int]]:
