@@ -322,7 +322,7 @@ def _buffers(rt: "Runtime", inner: torch.optim.Optimizer, state_dict: Mapping[st
             field = f"{ANCHOR}:{name}"
             if field not in entry:
                 raise ValueError(f"load_state_dict: parameter {home!r} has no {field!r} entry (merged buffer {name!r})")
-            distributed.check_copy(b, entry[field], f"state[{home!r}][{field!r}]")
+            distributed.check_copy(b, entry[field], f"state[{home!r}][{field!r}]", finite=rt.nonfinite == "skip")
             copies.append((b, None, ANCHOR, entry[field]))
     return copies
 
@@ -344,7 +344,7 @@ def _entry_copies(rt: "Runtime", saved: Mapping[str, Any], tensor: Tensor, entry
                     what = "" if buffer is None else f" (merged buffer {buffer!r})"
                     raise ValueError(f"load_state_dict: parameter {key!r} has no {field!r} entry{what}")
                 continue
-            distributed.check_copy(tensor, entry[field], f"state[{key!r}][{field!r}]")
+            distributed.check_copy(tensor, entry[field], f"state[{key!r}][{field!r}]", finite=rt.nonfinite == "skip")
             if needed:
                 copies.append((tensor, merge, prefix, entry[field]))
     return copies
@@ -356,7 +356,7 @@ def _origin_copy(rt: "Runtime", merge: "Merge", tensor: Tensor, entry: Mapping[s
 
     An origin is a checkpoint of the param: one that would round when cast to
     the param's dtype would move every readout of the window by that rounding.
-    Skip mode never stores a non-finite origin (a skipped anchor stores 0).
+    With ``nonfinite="skip"`` it is always finite (a checkpoint left out at the anchor stores 0).
     """
     field = _key(ORIGIN, merge.name, buffer)
     where = f"state[{key!r}][{field!r}]"
@@ -367,16 +367,11 @@ def _origin_copy(rt: "Runtime", merge: "Merge", tensor: Tensor, entry: Mapping[s
             f"{VERSION} state dict has for every parameter (the window origin of merge {merge.name!r})"
         )
     value = entry[field]
-    distributed.check_copy(tensor, value, where)
+    distributed.check_copy(tensor, value, where, finite=rt.nonfinite == "skip")
     if torch.promote_types(value.dtype, tensor.dtype) != tensor.dtype:
         raise ValueError(
             f"load_state_dict: {where} has dtype {value.dtype}, which would round when cast to the "
             f"parameter's {tensor.dtype}; a window origin is the param at the window's anchor, saved in its dtype"
-        )
-    if rt.nonfinite == "skip" and not bool(torch.isfinite(distributed.local_view(value)).all()):
-        raise ValueError(
-            f"load_state_dict: {where} holds NaN/inf; with nonfinite='skip' a window origin is always "
-            "finite (a checkpoint left out at the anchor stores 0)"
         )
     return [(tensor, merge, ORIGIN, value)]
 
