@@ -15,7 +15,9 @@ ratios are medians of per-round ratios, so load from other processes hits both s
    single flat-tensor axpy over the same bytes, ``torch._foreach_lerp_`` EMA
    (``AveragedModel`` style, EMA in the params' dtype), NeMo-style
    ``_foreach_mul_`` + ``_foreach_add_``, and a per-tensor Python loop.
-   Bytes per element per merge: ``param_bytes + 8`` (read theta, read+write fp32 A).
+   Bytes per element per merge: ``param_bytes + 8`` (read theta, read+write fp32 A); the
+   window-origin form training uses (``A <- A + c * (theta - theta_0)``) reads ``theta_0`` too:
+   ``2 * param_bytes + 8``.
 2. explicit (CPU): the paper's workflow, ``torch.save`` N checkpoints then load
    and average, against N streaming updates into one accumulator; time, disk,
    and peak RSS (each measured in a fresh subprocess).
@@ -23,6 +25,9 @@ ratios are medians of per-round ratios, so load from other processes hits both s
    foreach on CPU), interval 1 and 10.
 4. e2e: a GPT-2 training step (bf16 autocast) with and without WSM, with and
    without ``overlap=True``. GPT-2-124M on CUDA; a toy config on CPU (code-path check only).
+5. offload: ``offload="cpu"`` vs the inline fold (buffer bytes, step time).
+6. origins: the window-origin form (what training runs) vs raw sums (runs resumed from
+   format-1 state dicts): buffer bytes per param, ``step()`` at interval 1, same process.
 
 Results go to ``<out>/RESULTS.md`` (this device's section is replaced, the
 other's kept) and ``<out>/results_<device>_<section>.csv``.
@@ -146,6 +151,7 @@ def bench_update(args, device, timer, peak, backends, model, dtype_name, rows, n
     params = list(C.make_params(shapes, dtype, device).values())
     pbytes = params[0].element_size()
     accs = [accumulator_like(p) for p in params]
+    origins = [p.detach().clone() for p in params]
     coef, decay = 1e-3, 0.999
     flat_p = torch.empty(n, dtype=dtype, device=device).normal_(0.0, 0.02)
     flat_acc = torch.zeros(n, dtype=torch.float32, device=device)
@@ -173,6 +179,11 @@ def bench_update(args, device, timer, peak, backends, model, dtype_name, rows, n
         fns[name], nbytes[name], kind[name] = fn, n * (pbytes + 8), "wsm"
         if wsm_auto is None:
             wsm_auto = name
+        # what training runs: A += c (theta - theta_0), theta_0 in the params' dtype (one more read)
+        with_origin = [MergeUpdate(targets[0].plan, coef, accs, origins=origins)]
+        name_o = f"WSM update from window origins [{label}]"
+        fns[name_o] = functools.partial(be.accumulate, params, with_origin, cache={})
+        nbytes[name_o], kind[name_o] = n * (2 * pbytes + 8), "wsm-origin"
         if args.multi > 1:
             many = [checkpoint_target(be, a, coef, i) for i, a in enumerate([accs, *extra_accs])]
             name_m = f"WSM update, {args.multi} merges in one call [{label}]"
@@ -446,6 +457,58 @@ def bench_offload(args, device, timer, model, rows, notes):
                      "GB_per_s": nbytes / max(C.median(t["offload step"]) - C.median(t["inner AdamW"]), 1e-9) / 1e9})
 
 
+def bench_origins(args, device, timer, model, rows, notes):
+    """Section 6: window origins vs raw sums: buffer bytes per param, and step time at interval 1."""
+    cuda = device.type == "cuda"
+    shapes = C.MODELS[model]()
+    n = C.numel(shapes)
+    kmax = 4096  # no window completes while timing (its anchor runs once, in the warmup)
+
+    def raw(opt):  # the arithmetic of a run resumed from a format-1 state dict
+        opt._runtime.use_origins(False)
+        return opt
+
+    for dtype_name in ("fp32", "bf16"):
+        params = [nn.Parameter(t) for t in C.make_params(shapes, DTYPES[dtype_name], device).values()]
+        for p in params:
+            p.grad = torch.empty_like(p).normal_(0.0, 1e-3)
+        inner = torch.optim.SGD(params, lr=1e-5, foreach=True)
+        for keep in (False, True):
+            for form in ("raw sums", "origins"):
+                opt = WSMOptimizer(inner, window=kmax, keep_last=keep)
+                if form == "raw sums":
+                    raw(opt)
+                opt.step()
+                sd = opt.state_dict()
+                nbytes = sum(v.numel() * v.element_size() for e in sd["state"].values()
+                             for k, v in e.items() if k.startswith("wsm_"))
+                rows.append({"model": model, "dtype": dtype_name, "variant": f"memory, keep_last={keep}, {form}",
+                             "B_per_param": nbytes / n, "note": "one merge; wsm_* buffers of state_dict()"})
+                del opt, sd
+        block = 10
+        for name in backend_names(device):
+            try:
+                forms = {"origins": WSMOptimizer(inner, window=kmax, backend=name),
+                         "raw sums": raw(WSMOptimizer(inner, window=kmax, backend=name))}
+            except Exception as e:  # noqa: BLE001
+                notes.append(f"origins {model}: backend {name!r} not available: {type(e).__name__}: {e}")
+                continue
+            label = forms["origins"].backend
+            if name == "auto" and not cuda:
+                continue  # the same as foreach on CPU
+            fns = {"inner SGD": inner.step, "WSM interval 1, raw sums": forms["raw sums"].step,
+                   "WSM interval 1, origins": forms["origins"].step}
+            s = C.interleaved(fns, timer, rounds=args.step_rounds, warmup=1, inner=block)
+            for v, ts in s.items():
+                rows.append({"model": model, "dtype": dtype_name, "backend": label if v != "inner SGD" else "",
+                             "variant": v, "step_ms": C.median(ts) * 1e3,
+                             "ratio_vs_raw": C.paired_ratio(ts, s["WSM interval 1, raw sums"]),
+                             "ratio_vs_inner": C.paired_ratio(ts, s["inner SGD"]),
+                             "note": f"{block} steps per sample, {len(ts)} rounds"})
+            del forms, fns
+        del params, inner
+
+
 def bench_e2e(args, device, timer, rows, notes):
     """Section 4: GPT-2 training step, bf16 autocast, with/without WSM and overlap."""
     cuda = device.type == "cuda"
@@ -607,6 +670,8 @@ SECTION_COLS = {
     "e2e": ["model", "batch", "seq", "variant", "backend", "step_ms", "overhead_pct", "note"],
     "offload": ["model", "variant", "host_B_per_param", "gpu_B_per_param", "step_ms", "ratio_vs_inner", "GB_per_s",
                 "note"],
+    "origins": ["model", "dtype", "backend", "variant", "B_per_param", "step_ms", "ratio_vs_raw", "ratio_vs_inner",
+                "note"],
 }
 
 SECTION_TEXT = {
@@ -614,7 +679,7 @@ SECTION_TEXT = {
         "### 1. One update pass over a parameter list\n\n"
         "Bytes per call: WSM / flat axpy / loop `(param_bytes + 8) * n`; EMA lerp `3 * param_bytes * n`; "
         "NeMo `(param_bytes + 16) * n`; k merges in one call `(param_bytes + 8k) * n`. "
-        "`flat_time_over_this` = time of one flat-tensor axpy over the same number of elements / this "
+        "WSM from window origins `(2 * param_bytes + 8) * n`. `flat_time_over_this` = time of one flat-tensor axpy over the same number of elements / this "
         "time (1.0 = as fast as the flat axpy). `this_time_over_wsm` = this time / the first WSM backend's "
         "time (>1: WSM is faster). `pct_of_peak` is against the peak named above."
     ),
@@ -646,6 +711,13 @@ SECTION_TEXT = {
         "fold's time is inside the sample; on a CPU-only machine the worker competes with training for the "
         "same cores. On CUDA: GPU bytes by `torch.cuda.memory_allocated`, and the device-to-host bandwidth "
         "of the staging copy vs a plain pinned `copy_` of the same bytes."
+    ),
+    "origins": (
+        "### 6. Window origins: what the precise form costs\n\n"
+        "Training folds `A += c_j (theta_j - theta_0)` from each window's origin `theta_0` (state-dict "
+        "format 2); runs resumed from format 1 keep raw sums `A += c_j theta_j`. Buffer bytes per param of "
+        "one merge (from `state_dict()`), then `WSMOptimizer.step()` at interval 1 with origins vs raw sums, "
+        "same process, round-robin (`ratio_vs_raw` = paired median of origins / raw)."
     ),
     "e2e": (
         "### 4. End to end\n\n"
@@ -795,7 +867,7 @@ def parse_args(argv=None):
                    help=f"comma list from {sorted(C.MODELS)} (default: cpu gpt2-124m; cuda gpt2-124m,llama-1b)")
     p.add_argument("--dtypes", default=None, help="param dtypes for section 1, from fp32,bf16,fp16 "
                    "(default: cpu fp32; cuda fp32,bf16)")
-    p.add_argument("--sections", default="update,explicit,step,e2e,offload", help="comma list of sections to run")
+    p.add_argument("--sections", default="update,explicit,step,e2e,offload,origins", help="comma list of sections to run")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds in section 1")
     p.add_argument("--step-rounds", type=int, default=None, help="timed rounds in section 3")
     p.add_argument("--e2e-rounds", type=int, default=None, help="timed rounds in section 4")
@@ -918,6 +990,14 @@ def main(argv=None) -> int:
             free(device)
 
     run("offload", sec_offload)
+    free(device)
+
+    def sec_origins():
+        for model in args.models:
+            bench_origins(args, device, timer, model, results["origins"], notes)
+            free(device)
+
+    run("origins", sec_origins)
     free(device)
 
     env["load_end"] = C.loadavg()

@@ -380,7 +380,7 @@ def test_fsdp2_moe_merged_expert_bias_matches_float64_explicit_merge(jobs):
     # saved once, under the first param of the part's first optimizer
     fqn = "tok_embeddings.weight"
     assert moe["home_keys"] == sorted([f"state.{fqn}.wsm_acc.lin:{W.MOE_BIAS}", f"state.{fqn}.wsm_last.lin:{W.MOE_BIAS}",
-                                       f"state.{fqn}.wsm_anchor:{W.MOE_BIAS}"])
+                                       f"state.{fqn}.wsm_origin.lin:{W.MOE_BIAS}", f"state.{fqn}.wsm_anchor:{W.MOE_BIAS}"])
 
 
 def test_fsdp2_moe_checkpoint_manager_resume_is_exact_also_on_one_rank(jobs):

@@ -3,6 +3,9 @@
 Each of these loaded before and gave wrong readouts later: a kept completed
 window that never completed read as zeros; a NaN accumulator was blamed on
 finite checkpoints; a complex accumulator of a real param lost its imaginary part.
+NaN/inf are refused with ``nonfinite="skip"``, where no non-finite checkpoint
+reaches a merge's buffers; with ``nonfinite="raise"`` a window poisoned by a
+non-finite checkpoint is a state training produces, and it loads.
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ def _counters(sd: dict) -> list[dict]:
     return found
 
 
-def _refused(sd: dict, match: str) -> None:
-    model, opt = _run(steps=6)  # mid-window of its second window, with a kept completed one
+def _refused(sd: dict, match: str, **kw) -> None:
+    model, opt = _run(steps=6, **kw)  # mid-window of its second window, with a kept completed one
     before = (copy.deepcopy(opt.state_dict()), {n: p.detach().clone() for n, p in model.named_parameters()})
     with pytest.raises(ValueError, match=match):
         opt.load_state_dict(sd)
@@ -65,18 +68,29 @@ def test_anchored_must_be_a_bool():
 
 @pytest.mark.parametrize("key", ["wsm_acc.default", "wsm_last.default"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_accumulators_are_refused_naming_the_key(key, bad):
-    _, opt = _run(steps=6)
+def test_non_finite_accumulators_are_refused_in_skip_mode_naming_the_key(key, bad):
+    _, opt = _run(steps=6, nonfinite="skip")
     sd = opt.state_dict()
     sd["state"][0][key] = sd["state"][0][key].clone()
     sd["state"][0][key].view(-1)[1] = bad
-    _refused(sd, rf"state\[0\]\['{key}'\] holds 1 NaN/inf value;")
+    _refused(sd, rf"state\[0\]\['{key}'\] holds 1 NaN/inf value; with nonfinite='skip'", nonfinite="skip")
+
+
+def test_a_window_poisoned_in_raise_mode_still_loads():
+    _, opt = _run(steps=6)
+    sd = opt.state_dict()
+    sd["state"][0]["wsm_acc.default"] = sd["state"][0]["wsm_acc.default"].clone()
+    sd["state"][0]["wsm_acc.default"].view(-1)[1] = float("nan")
+    _, other = _run(steps=1)
+    other.load_state_dict(sd)
+    assert torch.isnan(other.state_dict()["state"][0]["wsm_acc.default"]).any()
 
 
 def test_a_non_finite_merged_buffer_anchor_is_refused():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
-    opt = WSMOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), window=4, model=model, merge_buffers=True)
+    opt = WSMOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), window=4, model=model, merge_buffers=True,
+                       nonfinite="skip")
     for _ in range(2):
         model(torch.randn(5, 3)).square().mean().backward()
         opt.step()
@@ -84,7 +98,8 @@ def test_a_non_finite_merged_buffer_anchor_is_refused():
     sd = opt.state_dict()
     (key,) = [k for k in sd["state"][0] if k.startswith("wsm_anchor:") and k.endswith("running_mean")]
     sd["state"][0][key] = torch.full_like(sd["state"][0][key], float("nan"))
-    fresh = WSMOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), window=4, model=model, merge_buffers=True)
+    fresh = WSMOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), window=4, model=model, merge_buffers=True,
+                         nonfinite="skip")
     with pytest.raises(ValueError, match=rf"\['{key}'\] holds 4 NaN/inf values"):
         fresh.load_state_dict(sd)
 

@@ -78,26 +78,28 @@ def wrap_like(p: Tensor, local: Tensor) -> Tensor:
     )
 
 
-def check_copy(dst: Tensor, src: Tensor, what: str) -> None:
+def check_copy(dst: Tensor, src: Tensor, what: str, *, finite: bool = False) -> None:
     """Raise ``ValueError`` (naming ``what``) unless :func:`copy_into` can copy ``src`` into ``dst``.
 
     ``dst`` may be a parameter standing in for its accumulator: the shape and
     the layout (plain or ``DTensor``, mesh, placements) are compared, and the
-    values must fit it: finite (a loaded NaN/inf would later be blamed on the
-    checkpoints or the live params), and real for a real ``dst`` (copying a
-    complex tensor into it would drop the imaginary part).
+    values must fit it: real for a real ``dst`` (copying a complex tensor into
+    it would drop the imaginary part) and, with ``finite``, free of NaN/inf
+    (where training cannot have put them, a loaded one would later be blamed
+    on the checkpoints or the live params).
     """
     _check_layout(dst, src, what)
     if src.dtype.is_complex and not dst.dtype.is_complex:
         raise ValueError(f"load_state_dict: {what} is complex ({src.dtype}) but the parameter is real ({dst.dtype})")
+    if not finite:
+        return
     values = local_view(src)
     values = torch.view_as_real(values) if values.is_complex() else values
     bad = values.numel() - int(torch.isfinite(values).sum())
     if bad:
         raise ValueError(
-            f"load_state_dict: {what} holds {bad} NaN/inf value{'s' if bad != 1 else ''}; a merge saved with "
-            "non-finite values cannot continue (its window's readouts would fail later, blaming the checkpoints "
-            "or the live params)"
+            f"load_state_dict: {what} holds {bad} NaN/inf value{'s' if bad != 1 else ''}; with "
+            "nonfinite='skip' no non-finite checkpoint reaches a merge's buffers, so the state dict is corrupt"
         )
 
 

@@ -6,10 +6,16 @@ asks it: the runtime's checkpoint passes (:meth:`Merge.update`), the readouts
 position's counters). A ``Merge`` gives a param adopted mid-window its buffers
 and seeds them itself (:meth:`Merge.follow`).
 
-Buffers are keyed by the param object: ``acc[p]`` is the running sum ``A`` of
-the current window, ``completed[p]`` (``keep_last`` only) the last completed
-window's merge. They are placed by the backend (beside their param, or on the
-host for an offloading backend).
+Buffers are keyed by the param object: ``origin[p]`` is the window origin
+``theta_0`` (``p`` at the current window's anchor, in ``p``'s dtype), ``acc[p]``
+the running sum ``A = sum_j c_j (theta_j - theta_0)`` of the current window,
+``completed[p]`` (``keep_last`` only) the last completed window's merge, stored
+folded (``theta_0 + A``, accumulator precision, before any skip-mode
+renormalisation). They are placed by the backend (beside their param, or on
+the host for an offloading backend). Merges anchored at the same steps (same
+``start`` and ``window``) share one ``origin`` dict. ``origin`` is ``None`` for a
+run resumed from a format-1 state dict: ``A`` then sums raw params,
+``sum_j c_j theta_j``, as that format did.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ class Merge:
         ledger: skipped checkpoints (``nonfinite="skip"``).
         acc: ``{param: A}``, accumulator precision (fp32, float64 for float64 params).
         completed: ``{param: merged}`` of the last completed window, or ``None`` without ``keep_last``.
+        origin: ``{param: theta_0}`` in the param's dtype, or ``None`` (raw sums, a format-1 run).
         plan: what the backend in use built for this merge (``Backend.plan``).
     """
 
@@ -48,8 +55,9 @@ class Merge:
         self.ledger = SkipLedger()
         self.acc: dict[Tensor, Tensor] = {}
         self.completed: dict[Tensor, Tensor] | None = {} if spec.keep_last else None
+        self.origin: dict[Tensor, Tensor] | None = {}
         self.plan: Any = None
-        self._views: dict[int, tuple[Any, list[Tensor], list[Tensor] | None]] = {}
+        self._views: dict[int, tuple[Any, list[Tensor], list[Tensor] | None, list[Tensor] | None]] = {}
 
     def __repr__(self) -> str:
         s = self.spec
@@ -71,28 +79,41 @@ class Merge:
         """
         placements = [(p, backend) for p in params] + [(b, buffer_backend) for b in buffers]
         current = {t for t, _ in placements}
-        stores = [self.acc] + ([self.completed] if self.completed is not None else [])
-        for store in stores:
+        for store, _ in self._stores():
             for p in [p for p in store if p not in current]:
                 del store[p]
         with torch.no_grad():
             for p, place in placements:
                 fresh = p not in self.acc
-                for store in stores:
+                for store, origin in self._stores():
+                    like, fits = (place.origin_like, place.origin_fits) if origin else (place.buffer_like, place.buffer_fits)
                     old = store.get(p)
                     if old is None:
-                        store[p] = place.buffer_like(p)
-                    elif not place.buffer_fits(old, p):
-                        new = place.buffer_like(p)
+                        store[p] = like(p)
+                    elif not fits(old, p):
+                        new = like(p)
                         new.copy_(old)  # by logical index: values kept whatever the layout
                         store[p] = new
                 if fresh:
                     self._seed(p)
         self._views.clear()
 
+    def _stores(self) -> list[tuple[dict[Tensor, Tensor], bool]]:
+        """``(buffers, whether they are window origins)``: the origins first, so that seeding finds them placed."""
+        stores = [(self.origin, True)] if self.origin is not None else []
+        stores.append((self.acc, False))
+        if self.completed is not None:
+            stores.append((self.completed, False))
+        return stores
+
+    def use_origins(self, origin: dict[Tensor, Tensor] | None) -> None:
+        """Fold displacements from ``origin`` (a dict shared with merges anchored at the same steps), or raw sums (``None``)."""
+        self.origin = origin
+        self._views.clear()
+
     def rebind(self, replaced: dict[Tensor, Tensor]) -> None:
         """Key the buffers of merged model buffers replaced by new tensor objects (``old -> new``) by the new ones."""
-        for store in [self.acc] + ([self.completed] if self.completed is not None else []):
+        for store, _ in self._stores():
             for old, new in replaced.items():
                 if old in store:
                     store[new] = store.pop(old)
@@ -101,33 +122,51 @@ class Merge:
         """A param adopted mid-window counts as constant at its current value since the anchor.
 
         Skip mode divides readouts by ``1 - skipped weight``: seed so that they return ``p``.
+        With origins that is ``theta_0 = p``, ``A = 0`` (a shared origin is
+        seeded alike by every merge that shares it: they are anchored together).
         """
         pos, live = self.position, distributed.local_view(p)
-        if pos.anchored:
+        if pos.anchored and self.origin is not None:
+            distributed.local_view(self.origin[p]).copy_(live)
+            distributed.local_view(self.acc[p]).zero_()
+        elif pos.anchored:
             weight = 1.0 - self.ledger.skipped_weight() - pos.live_weight()
             distributed.local_view(self.acc[p]).copy_(live).mul_(weight)
         if self.completed is not None and pos.has_completed:
             weight = 1.0 - self.ledger.skipped_weight(completed=True)
             distributed.local_view(self.completed[p]).copy_(live).mul_(weight)
 
-    def views(self, group: Any) -> tuple[list[Tensor], list[Tensor] | None]:
-        """Local views of this merge's buffers aligned with ``group.params`` (cached per grouping)."""
+    def views(self, group: Any) -> tuple[list[Tensor], list[Tensor] | None, list[Tensor] | None]:
+        """Local views of this merge's ``(accumulators, completed, origins)`` aligned with ``group.params`` (cached)."""
         entry = self._views.get(id(group))
         if entry is None or entry[0] is not group:
-            accs = [distributed.local_view(self.acc[p]) for p in group.params]
-            completed = ([distributed.local_view(self.completed[p]) for p in group.params]
-                         if self.completed is not None else None)
-            entry = self._views[id(group)] = (group, accs, completed)
-        return entry[1], entry[2]
+            def local(store):
+                return [distributed.local_view(store[p]) for p in group.params] if store is not None else None
 
-    def update(self, group: Any, coef: float, keep_completed: bool = False):
-        """This merge's share of a pass over ``group`` (a ``backends.MergeUpdate``)."""
+            entry = self._views[id(group)] = (group, local(self.acc), local(self.completed), local(self.origin))
+        return entry[1], entry[2], entry[3]
+
+    def update(self, group: Any, coef: float, keep_completed: bool = False, kept: Tensor | None = None):
+        """This merge's share of a pass over ``group`` (a ``backends.MergeUpdate``).
+
+        ``kept``: the weight the finished window kept (skip mode, an anchor that keeps it).
+        """
         from .backends import MergeUpdate
 
-        accs, completed = self.views(group)
-        return MergeUpdate(self.plan, coef, accs, completed if keep_completed else None)
+        accs, completed, origins = self.views(group)
+        return MergeUpdate(self.plan, coef, accs, completed if keep_completed else None, origins,
+                           kept if keep_completed and origins is not None else None)
+
+    def kept_weight(self) -> Tensor | None:
+        """Skip mode: ``1 - skipped weight`` of the current window (a float64 device scalar), else ``None``."""
+        mass = self.ledger.mass
+        return None if mass is None else 1.0 - mass
 
     # ------------------------------------------------------------- readouts
+    def origin_of(self, source: dict[Tensor, Tensor] | None) -> dict[Tensor, Tensor] | None:
+        """The origins ``source`` (from :meth:`source`) is relative to: the current window's ``A`` has them."""
+        return self.origin if source is self.acc else None
+
     def source(self, completed: bool) -> dict[Tensor, Tensor] | None:
         """The buffers a readout reads: the completed window's, the current ``A``, or ``None`` (the live model).
 

@@ -1,14 +1,18 @@
 """``WSMOptimizer.state_dict`` / ``load_state_dict``: the format and its validation.
 
-Format version 1 (unchanged since v0.1): the inner optimizer's state dict,
-plus in each parameter's ``state`` entry the buffers ``wsm_acc.<merge>`` (the
-running sum ``A``) and, for merges with ``keep_last``, ``wsm_last.<merge>``
-(the last completed window; zeros until one completes), as the live tensors
-themselves (``DTensor`` s under FSDP2 / TP). Parameters are numbered exactly as
-``torch.optim.Optimizer.state_dict`` numbers them (duplicates included). Under
-the key ``"wsm"``, both at the top level and in every param group::
+Format version 2: the inner optimizer's state dict, plus in each parameter's
+``state`` entry the buffers ``wsm_origin.<merge>`` (the window origin
+``theta_0``: the param at the current window's anchor, in the param's dtype;
+merges anchored at the same steps hold the same tensor), ``wsm_acc.<merge>``
+(the running sum ``A = sum_j c_j (theta_j - theta_0)``) and, for merges with
+``keep_last``, ``wsm_last.<merge>`` (the last completed window's merge,
+``theta_0 + A`` before skip renormalisation; zeros until one completes), as the
+live tensors themselves (``DTensor`` s under FSDP2 / TP). Parameters are
+numbered exactly as ``torch.optim.Optimizer.state_dict`` numbers them
+(duplicates included). Under the key ``"wsm"``, both at the top level and in
+every param group::
 
-    {"version": 1, "steps": int,
+    {"version": 2, "steps": int,
      "merges": {name: {"config": {schedule, weights_sha256, window, interval, start},
                        "counters": {anchored, t, r, windows_completed, has_last,
                                     skipped, last_skipped}}},
@@ -24,6 +28,12 @@ last step after which a window anchored (``ModelBuffers.capture``), which a
 state saved at a window's end needs for the next anchor. They are plain
 tensors (replicated under FSDP2, whose buffers are not sharded), so DCP saves
 them once and loads them on every rank.
+
+Format version 1 (v0.1, v0.2) has no ``wsm_origin`` entries: ``wsm_acc`` sums
+raw params (``sum_j c_j theta_j``), ``wsm_last`` is as in version 2. It loads,
+and the run goes on with that arithmetic bit for bit (so a resumed run equals
+the run it continues); such a run saves version 1 again. Fresh optimizers use
+origins and save version 2, which releases before it refuse by its version.
 
 The copy in the param groups is what survives
 ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict``, which
@@ -55,8 +65,11 @@ if TYPE_CHECKING:
 
 __all__ = ["VERSION", "save", "load"]
 
-VERSION = 1
+VERSION = 2
+RAW_SUMS = 1  # the format without window origins (v0.1, v0.2), still loaded and written for such runs
+VERSIONS = (RAW_SUMS, VERSION)
 ACC = "wsm_acc"
+ORIGIN = "wsm_origin"  # the window origin theta_0 (format 2)
 COMPLETED = "wsm_last"  # format-1 name of the kept completed window
 ANCHOR = "wsm_anchor"  # merged model buffers: the next anchor's checkpoint 0
 _CONFIG_KEYS = ("schedule", "window", "interval", "start", "weights_sha256")
@@ -170,6 +183,8 @@ def save(rt: "Runtime", inner: torch.optim.Optimizer) -> dict[str, Any]:
         pid = numbering[id(p)]
         entry = dict(state.get(pid, {}))
         for merge in rt.merges:
+            if merge.origin is not None:
+                entry[_key(ORIGIN, merge.name)] = merge.origin[p]
             entry[_key(ACC, merge.name)] = merge.acc[p]
             if merge.completed is not None:
                 # Always present (zeros until a window completes), so that a DCP
@@ -180,13 +195,15 @@ def save(rt: "Runtime", inner: torch.optim.Optimizer) -> dict[str, Any]:
             for b, name in zip(rt.registry.buffers, _buffer_names(rt)):
                 entry[f"{ANCHOR}:{name}"] = model_buffers.at_anchor(name, b)
                 for merge in rt.merges:
+                    if merge.origin is not None:
+                        entry[_key(ORIGIN, merge.name, name)] = merge.origin[b]
                     entry[_key(ACC, merge.name, name)] = merge.acc[b]
                     if merge.completed is not None:
                         entry[_key(COMPLETED, merge.name, name)] = merge.completed[b]
         state[pid] = entry
     sd["state"] = state
     wsm = {
-        "version": VERSION,
+        "version": VERSION if rt.origins else RAW_SUMS,
         "steps": rt.steps,
         "merges": {m.name: {"config": _config(m), "counters": _counters(m)} for m in rt.merges},
     }
@@ -222,10 +239,10 @@ def _require(mapping: Any, key: str, where: str, kind: type | tuple[type, ...]) 
     return value
 
 
-def _check_merges(rt: "Runtime", wsm: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
+def _check_merges(rt: "Runtime", wsm: Mapping[str, Any]) -> tuple[int, dict[str, Any], int]:
     version = wsm.get("version") if isinstance(wsm, Mapping) else None
-    if version != VERSION:
-        raise ValueError(f"load_state_dict: unsupported wsm state version {version!r}")
+    if isinstance(version, bool) or version not in VERSIONS:
+        raise ValueError(f"load_state_dict: unsupported wsm state version {version!r} (this release reads {list(VERSIONS)})")
     steps = _require(wsm, "steps", "'wsm'", (int, np.integer))
     if steps < 0:
         raise ValueError(f"load_state_dict: 'wsm'['steps'] = {steps} is negative")
@@ -260,7 +277,7 @@ def _check_merges(rt: "Runtime", wsm: Mapping[str, Any]) -> tuple[int, dict[str,
                 f"load_state_dict: merge {name!r}: counters (anchored, t, r, windows_completed) = {got} "
                 f"do not match steps = {steps}, which give {(expected.anchored, expected.t, expected.r, expected.windows_completed)}"
             )
-    return int(steps), saved
+    return int(steps), saved, int(version)
 
 
 def _has_buffers(rt: "Runtime", state: Mapping[Any, Any], key: Any) -> bool:
@@ -268,8 +285,12 @@ def _has_buffers(rt: "Runtime", state: Mapping[Any, Any], key: Any) -> bool:
     return isinstance(entry, Mapping) and all(_key(ACC, m.name) in entry for m in rt.merges)
 
 
-def _buffers(rt: "Runtime", inner: torch.optim.Optimizer, state_dict: Mapping[str, Any], saved: Mapping[str, Any]):
-    """``[(param, merge, kind, saved tensor)]`` to copy, validated against the params; nothing is changed."""
+def _buffers(rt: "Runtime", inner: torch.optim.Optimizer, state_dict: Mapping[str, Any], saved: Mapping[str, Any],
+             origins: bool):
+    """``[(param, merge, kind, saved tensor)]`` to copy, validated against the params; nothing is changed.
+
+    ``origins``: the state holds window origins (format 2), which are then required.
+    """
     groups = _require(state_dict, "param_groups", "the state dict", (list, tuple))
     state = _require(state_dict, "state", "the state dict", Mapping)
     saved_keys = []
@@ -292,25 +313,27 @@ def _buffers(rt: "Runtime", inner: torch.optim.Optimizer, state_dict: Mapping[st
             key_of = legacy
     copies = []
     for p in unique:
-        copies += _entry_copies(rt, saved, p, state.get(key_of[p], {}), key_of[p])
+        copies += _entry_copies(rt, saved, p, state.get(key_of[p], {}), key_of[p], origins=origins)
     if rt.registry.model_buffers is not None and unique:
         home = key_of[unique[0]]  # the merged model buffers' home: the first param's entry
         entry = state.get(home, {})
         for b, name in zip(rt.registry.model_buffers.current(), _buffer_names(rt)):
-            copies += _entry_copies(rt, saved, b, entry, home, name)
+            copies += _entry_copies(rt, saved, b, entry, home, name, origins=origins)
             field = f"{ANCHOR}:{name}"
             if field not in entry:
                 raise ValueError(f"load_state_dict: parameter {home!r} has no {field!r} entry (merged buffer {name!r})")
-            distributed.check_copy(b, entry[field], f"state[{home!r}][{field!r}]")
+            distributed.check_copy(b, entry[field], f"state[{home!r}][{field!r}]", finite=rt.nonfinite == "skip")
             copies.append((b, None, ANCHOR, entry[field]))
     return copies
 
 
 def _entry_copies(rt: "Runtime", saved: Mapping[str, Any], tensor: Tensor, entry: Mapping[str, Any], key: Any,
-                  buffer: str | None = None) -> list[tuple[Tensor, "Merge", str, Any]]:
+                  buffer: str | None = None, origins: bool = False) -> list[tuple[Tensor, "Merge", str, Any]]:
     """The copies into ``tensor``'s buffers from the state entry saved under ``key`` (validated, nothing changed)."""
     copies = []
     for merge in rt.merges:
+        if origins:
+            copies += _origin_copy(rt, merge, tensor, entry, key, buffer)
         kinds = [(ACC, True)]
         if merge.completed is not None:
             kinds.append((COMPLETED, bool(saved[merge.name]["counters"]["has_last"])))
@@ -321,21 +344,48 @@ def _entry_copies(rt: "Runtime", saved: Mapping[str, Any], tensor: Tensor, entry
                     what = "" if buffer is None else f" (merged buffer {buffer!r})"
                     raise ValueError(f"load_state_dict: parameter {key!r} has no {field!r} entry{what}")
                 continue
-            distributed.check_copy(tensor, entry[field], f"state[{key!r}][{field!r}]")
+            distributed.check_copy(tensor, entry[field], f"state[{key!r}][{field!r}]", finite=rt.nonfinite == "skip")
             if needed:
                 copies.append((tensor, merge, prefix, entry[field]))
     return copies
 
 
+def _origin_copy(rt: "Runtime", merge: "Merge", tensor: Tensor, entry: Mapping[str, Any], key: Any,
+                 buffer: str | None) -> list[tuple[Tensor, "Merge", str, Any]]:
+    """The copy into ``tensor``'s window origin (format 2): present, shaped like it, exact in its dtype.
+
+    An origin is a checkpoint of the param: one that would round when cast to
+    the param's dtype would move every readout of the window by that rounding.
+    With ``nonfinite="skip"`` it is always finite (a checkpoint left out at the anchor stores 0).
+    """
+    field = _key(ORIGIN, merge.name, buffer)
+    where = f"state[{key!r}][{field!r}]"
+    if field not in entry:
+        what = "" if buffer is None else f" (merged buffer {buffer!r})"
+        raise ValueError(
+            f"load_state_dict: parameter {key!r} has no {field!r} entry{what}, which a version "
+            f"{VERSION} state dict has for every parameter (the window origin of merge {merge.name!r})"
+        )
+    value = entry[field]
+    distributed.check_copy(tensor, value, where, finite=rt.nonfinite == "skip")
+    if torch.promote_types(value.dtype, tensor.dtype) != tensor.dtype:
+        raise ValueError(
+            f"load_state_dict: {where} has dtype {value.dtype}, which would round when cast to the "
+            f"parameter's {tensor.dtype}; a window origin is the param at the window's anchor, saved in its dtype"
+        )
+    return [(tensor, merge, ORIGIN, value)]
+
+
 def load(rt: "Runtime", inner: torch.optim.Optimizer, state_dict: Mapping[str, Any]) -> None:
     """Validate ``state_dict`` completely, then restore inner state, buffers and counters."""
-    steps, saved = _check_merges(rt, _saved_wsm(state_dict))
-    copies = _buffers(rt, inner, state_dict, saved)
+    steps, saved, version = _check_merges(rt, _saved_wsm(state_dict))
+    copies = _buffers(rt, inner, state_dict, saved, origins=version == VERSION)
     inner_sd = {k: v for k, v in state_dict.items() if k not in ("state", "wsm", "param_groups")}
     inner_sd["param_groups"] = [{k: v for k, v in g.items() if k != "wsm"} for g in state_dict["param_groups"]]
     inner_sd["state"] = {}
     for pid, entry in state_dict["state"].items():
-        plain = {k: v for k, v in entry.items() if not k.startswith((ACC + ".", COMPLETED + ".", ANCHOR + ":"))}
+        plain = {k: v for k, v in entry.items()
+                 if not k.startswith((ACC + ".", COMPLETED + ".", ORIGIN + ".", ANCHOR + ":"))}
         if plain:
             inner_sd["state"][pid] = plain
     before = {"state": inner.state, "param_groups": inner.param_groups}  # torch's load replaces both
@@ -345,6 +395,7 @@ def load(rt: "Runtime", inner: torch.optim.Optimizer, state_dict: Mapping[str, A
         inner.__dict__.update(before)
         raise ValueError(f"load_state_dict: the inner {type(inner).__name__} refused its part: {e}") from e
     # Nothing below can fail on valid input: the buffers were checked against the params.
+    rt.use_origins(version == VERSION)  # a format-1 run keeps its raw sums: it continues bit for bit
     rt.follow_params(inner.param_groups)
     with torch.no_grad():
         for merge in rt.merges:
@@ -360,7 +411,7 @@ def load(rt: "Runtime", inner: torch.optim.Optimizer, state_dict: Mapping[str, A
                 name = rt.registry.buffer_names[p]
                 rt.registry.model_buffers.captured[name] = value.detach().to(p.device, p.dtype, copy=True)
                 continue
-            store = merge.acc if prefix == ACC else merge.completed
+            store = {ACC: merge.acc, COMPLETED: merge.completed, ORIGIN: merge.origin}[prefix]
             distributed.copy_into(store[p], value)
     device = rt.registry.devices[0] if rt.registry.devices else torch.device("cpu")
     for merge in rt.merges:

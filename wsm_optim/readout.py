@@ -1,8 +1,8 @@
 """Reading a merge out: ``merged_state_dict`` and the ``merged_weights`` swap, streamed per tensor.
 
 A readout never builds a full copy of the model on top of its result: each
-tensor is computed (``A + w_{t+1} theta`` in the accumulator's precision, one
-temporary the size of that param), flagged for NaN/inf, cast and stored, before
+tensor is computed (``theta_0 + A + w_{t+1} (theta - theta_0)`` in the
+accumulator's precision, one temporary the size of that param), flagged for NaN/inf, cast and stored, before
 the next one. The finiteness flags are read with one host sync at the end
 (:class:`~wsm_optim.nonfinite.FiniteCheck`); a swap that finds a bad value puts
 every param back before raising.
@@ -58,19 +58,37 @@ def _value(merge: "Merge", p: Tensor, source: dict[Tensor, Tensor] | None, compl
     """One param's merged value: a new tensor in accumulator precision, laid out like ``p``.
 
     Computed where the buffer lives (beside the param, or on the host for an
-    offloaded merge), one tensor at a time.
+    offloaded merge), one tensor at a time. The current window's value is
+    ``theta_0 + s * (A + w_{t+1} (theta - theta_0))`` (``s``: the skip-mode
+    ``scale``, else 1): ``theta_0`` is added last, in one rounding, so the result
+    keeps the precision of the displacement ``A`` holds.
     """
     with torch.no_grad():
         lp = distributed.local_view(p)
         if source is None:  # before the first anchor the merge is the live model
             v = lp.to(accumulator_dtype(lp.dtype), copy=True)
-        else:
-            buffer = distributed.local_view(source[p])
-            weight = 0.0 if completed else merge.position.live_weight()
+            if scale is not None:
+                v.mul_(scale)
+            return distributed.wrap_like(p, v)
+        buffer = distributed.local_view(source[p])
+        origins = merge.origin_of(source)
+        weight = 0.0 if completed else merge.position.live_weight()
+        if origins is None:
             # type promotion reads lp in the buffer's precision on the fly: no converted copy of the param
             v = buffer.clone() if weight == 0.0 else torch.add(buffer, lp.to(buffer.device), alpha=weight)
+            if scale is not None:
+                v.mul_(scale)
+            return distributed.wrap_like(p, v)
+        origin = distributed.local_view(origins[p])
+        if weight == 0.0:
+            v = buffer.clone()
+        else:
+            v = torch.empty_like(buffer).copy_(lp)  # one temporary: device move and upcast in one copy
+            v.sub_(origin)
+            torch.add(buffer, v, alpha=weight, out=v)
         if scale is not None:
             v.mul_(scale)
+        v.add_(origin)
     return distributed.wrap_like(p, v)
 
 

@@ -11,8 +11,8 @@ A ``step()`` is: :meth:`Runtime.check_step` (every weight the step needs is
 computed first, so a bad one raises before anything moves),
 :meth:`Runtime.anchor_windows` (before the inner step: merges whose window is
 complete, or whose ``start`` is reached, anchor at the current params), the
-inner step, then :meth:`Runtime.fold` (``A <- A + c_t theta`` for every merge
-at a checkpoint), possibly on a side stream. Merged model buffers
+inner step, then :meth:`Runtime.fold` (``A <- A + c_t (theta - theta_0)`` for
+every merge at a checkpoint), possibly on a side stream. Merged model buffers
 (``merge_buffers=True``) take the same passes with the same weights, always
 inline on the current stream (``backends.inline``): the next forward changes
 them in place.
@@ -94,6 +94,7 @@ class Runtime:
             devices=devices,
         )
         rt.check_capturable(params)
+        rt.use_origins(True)
         rt.initial = _sums(params)
         if model_buffers is not None:
             model_buffers.capture()  # checkpoint 0 of a window anchored at the first step (start=0)
@@ -110,6 +111,27 @@ class Runtime:
                     f"{p.stride()} is not handled by the Triton kernel (it needs fp32/bf16/fp16 params dense "
                     "in memory); the foreach fallback cannot run inside a CUDA graph"
                 )
+
+    def use_origins(self, enabled: bool) -> None:
+        """Fold displacements from window origins (``True``, format 2) or raw params (``False``, format-1 runs).
+
+        Merges anchored at the same steps (same ``start`` and ``window``, any
+        schedule or interval) share one origin per param. Placed buffers follow at once.
+        """
+        shared: dict[tuple[int, int], dict[Tensor, Tensor]] = {}
+        for m in self.merges:
+            current = m.origin
+            m.use_origins(shared.setdefault((m.spec.start, m.spec.window), current if current is not None else {})
+                          if enabled else None)
+        if self.registry.placed:
+            self.join()
+            for m in self.merges:
+                m.follow(self.registry.params, self.backend, self.registry.buffers, self.buffer_backend)
+
+    @property
+    def origins(self) -> bool:
+        """Whether the merges fold displacements from window origins (format 2) rather than raw params."""
+        return all(m.origin is not None for m in self.merges)
 
     def _plan(self) -> None:
         for m in self.merges:
@@ -184,7 +206,7 @@ class Runtime:
             m.position.upcoming(self.steps)
 
     def anchor_windows(self) -> None:
-        """Before the inner step: anchor every merge whose window is due (``A <- c_0 theta``)."""
+        """Before the inner step: anchor every merge whose window is due (``theta_0 <- theta``, ``A <- 0``)."""
         due = [m for m in self.merges if m.position.anchor_due(self.steps)]
         run = self.merges if self.capturable else due  # capturable: the kernel decides
         if not run:
@@ -192,8 +214,9 @@ class Runtime:
         passes = self._passes(anchor=True)
         ok = self._checkpoint_ok(passes)
         keep = [m.spec.keep_last and (m.position.complete or self.capturable) for m in run]
+        kept = [m.kept_weight() if ok is not None else None for m in run]
         for g, backend, tensors in passes:
-            updates = [m.update(g, m.weights.c(0), k) for m, k in zip(run, keep)]
+            updates = [m.update(g, m.weights.c(0), k, w) for m, k, w in zip(run, keep, kept)]
             backend.anchor(tensors, updates, None if ok is None else ok[g.device], cache=g.cache)
         for m in due:
             if m.position.complete and m.spec.keep_last:
@@ -214,7 +237,7 @@ class Runtime:
             self.backend.clock.advance(self.registry.devices)
 
     def fold(self) -> None:
-        """After the inner step: ``A <- A + c_t theta`` for every merge at a checkpoint.
+        """After the inner step: ``A <- A + c_t (theta - theta_0)`` for every merge at a checkpoint.
 
         With ``overlap=True`` the params' pass runs on the side stream, overlapping
         the next forward/backward (joined before the params change again).

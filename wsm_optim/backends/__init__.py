@@ -1,13 +1,29 @@
 """Update backends: the arithmetic of a checkpoint pass over one group of tensors.
 
 Every backend applies, to a list of local tensors sharing device and dtype and
-one accumulator list per merge (see ``docs/method.md``, streaming form):
+one accumulator list per merge (see ``docs/method.md``, streaming form). With
+the window's origin ``theta_0`` (``MergeUpdate.origins``, the params at the
+anchor in their own dtype):
 
-* ``anchor``:      ``A <- c_0 * theta``  (after ``completed <- A`` when a finished window is kept)
+* ``anchor``:      ``completed <- A + kept * theta_0`` (when a finished window is kept),
+                   then ``theta_0 <- theta``, ``A <- 0``
+* ``accumulate``:  ``A <- A + c_j * (theta - theta_0)``
+
+and without origins (a run resumed from a format-1 state dict, which summed raw
+params; bitwise the arithmetic of that format):
+
+* ``anchor``:      ``completed <- A`` (when kept), then ``A <- c_0 * theta``
 * ``accumulate``:  ``A <- A + c_j * theta``
 
 with an optional int32 device flag ``ok`` (skip mode: 0 leaves the checkpoint
-out). Readouts (``A + w_{t+1} theta``) are plain torch ops in ``readout.py``.
+out; a left-out anchor sets ``theta_0 <- 0``). Readouts
+(``theta_0 + A + w_{t+1} (theta - theta_0)``) are plain torch ops in ``readout.py``.
+
+Why origins: ``A`` then holds ``sum_j c_j (theta_j - theta_0)``, a sum of the
+size of the merge's displacement from the window's start, not of the params;
+fp32 rounding is relative to what is summed, so a window of ``k`` checkpoints
+keeps about ``1e-7 * |merge - theta_0|`` instead of ``k * 1e-7 * |theta|``
+(``docs/method.md``, "Precision of long windows").
 
 A backend is one file in this package and one entry in :data:`BACKENDS`; the
 rest of the package sees only the :class:`Backend` surface and its
@@ -48,20 +64,28 @@ class MergeUpdate:
     pass, ``c_j`` for a checkpoint pass (host float). ``accs``: accumulators
     aligned with the group's tensors (fp32, or wider for float64/complex
     params). ``completed``: buffers that receive the finished window's ``A``
-    before an anchor overwrites it, else ``None``.
+    before an anchor overwrites it, else ``None``. ``origins``: each tensor's
+    window origin ``theta_0`` (its own dtype and layout; merges anchored at the
+    same steps share them), or ``None`` for the raw-sum arithmetic of format 1.
+    ``kept``: skip mode, anchor passes that keep a finished window: the weight
+    the finished window kept (``1 - skipped``, a float64 device scalar), which
+    its origin carries into ``completed``; ``None`` means 1.
     """
 
     plan: Any
     coef: float
     accs: list[Tensor]
     completed: list[Tensor] | None = None
+    origins: list[Tensor] | None = None
+    kept: Tensor | None = None
 
     def subset(self, idx: list[int]) -> "MergeUpdate":
         """The same update restricted to the group's tensors at ``idx``."""
         if len(idx) == len(self.accs):
             return self
         completed = [self.completed[i] for i in idx] if self.completed is not None else None
-        return MergeUpdate(self.plan, self.coef, [self.accs[i] for i in idx], completed)
+        origins = [self.origins[i] for i in idx] if self.origins is not None else None
+        return MergeUpdate(self.plan, self.coef, [self.accs[i] for i in idx], completed, origins, self.kept)
 
 
 class Backend(Protocol):
@@ -81,6 +105,12 @@ class Backend(Protocol):
 
     def buffer_fits(self, buffer: Tensor, p: Tensor) -> bool:
         """Whether ``buffer`` can stay the accumulator of ``p`` (else it is re-placed, values kept)."""
+
+    def origin_like(self, p: Tensor) -> Tensor:
+        """A zeroed window origin for ``p``: ``p``'s dtype and layout, where this backend keeps its accumulators."""
+
+    def origin_fits(self, origin: Tensor, p: Tensor) -> bool:
+        """Whether ``origin`` can stay the window origin of ``p`` (else it is re-placed, values kept)."""
 
     def handles(self, p: Tensor) -> bool: ...
 
@@ -121,6 +151,17 @@ class BackendBase:
         if is_dtensor(p):
             return True
         return buffer.device == p.device and buffer.dtype == accumulator_dtype(p.dtype) and buffer.stride() == p.stride()
+
+    @staticmethod
+    def origin_like(p: Tensor) -> Tensor:
+        # the param's own dtype: the origin IS checkpoint 0, stored exactly
+        return torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    @staticmethod
+    def origin_fits(origin: Tensor, p: Tensor) -> bool:
+        if is_dtensor(p):
+            return True
+        return origin.device == p.device and origin.dtype == p.dtype and origin.stride() == p.stride()
 
     def fence(self) -> None:
         pass

@@ -1,6 +1,7 @@
 """``offload="cpu"``: accumulators in host memory, folds on a host worker thread.
 
-Nothing of the merge lives on the GPU. At a checkpoint the params (their local
+Nothing of the merge lives on the GPU (accumulators, kept windows and window
+origins are all host tensors). At a checkpoint the params (their local
 shards) are copied device-to-host into a reused staging buffer, in the param's
 dtype, on a side stream ordered after the inner step; a worker thread waits for
 that copy and folds it (the arithmetic of the foreach backend, in the
@@ -22,6 +23,7 @@ the worker folds it while training goes on.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -94,6 +96,17 @@ class OffloadBackend(BackendBase):
         return local.device.type == "cpu" and local.dtype == accumulator_dtype(p.dtype)
 
     @staticmethod
+    def origin_like(p: Tensor) -> Tensor:
+        local = distributed.local_view(p)
+        host = torch.zeros(local.shape, dtype=p.dtype, device="cpu", pin_memory=_pinned(local))
+        return distributed.wrap_like(p, host)
+
+    @staticmethod
+    def origin_fits(origin: Tensor, p: Tensor) -> bool:
+        local = distributed.local_view(origin)
+        return local.device.type == "cpu" and local.dtype == p.dtype
+
+    @staticmethod
     def handles(p: Tensor) -> bool:
         return True
 
@@ -127,6 +140,9 @@ class OffloadBackend(BackendBase):
                 torch._foreach_copy_(slot.staged, list(params), non_blocking=True)
                 if ok is not None:
                     slot.ok.copy_(ok, non_blocking=True)
+                # a finished window's kept weight (skip mode) is a device scalar: the host fold needs its value
+                updates = [up if up.kept is None or up.kept.device.type == "cpu"
+                           else dataclasses.replace(up, kept=up.kept.to("cpu", non_blocking=True)) for up in updates]
                 copied = stream.record_event()
             self._fences.append((device, copied))
         else:

@@ -136,6 +136,8 @@ class _Launch:
     chunk_start: Tensor
     acc_ptrs: Tensor
     completed_ptrs: Tensor
+    origin_ptrs: Tensor
+    origin: bool  # the merges fold displacements from their window origins
     coefs: Tensor
     meta: Tensor
     n_chunks: int
@@ -183,6 +185,7 @@ class TritonBackend(BackendBase):
             tuple(up.plan.name for up in updates),
             tuple(up.completed is not None for up in updates),
             tuple(id(up.accs[0]) if up.accs else 0 for up in updates),
+            tuple(id(up.origins[0]) if up.origins else 0 for up in updates),
         )
         launches = cache.setdefault("launches", {})
         cached = launches.get(key)
@@ -198,15 +201,22 @@ class TritonBackend(BackendBase):
         per_tensor = -(-numels // self.block)
         chunk_tensor = np.repeat(np.arange(n, dtype=np.int32), per_tensor)
         starts = np.concatenate([np.arange(c, dtype=np.int64) * self.block for c in per_tensor]) if n else []
-        acc, completed, meta, tables = [], [], [], []
+        acc, completed, origins, meta, tables = [], [], [], [], []
         offset = 0
+        with_origin = {up.origins is not None for up in updates}
+        if len(with_origin) > 1:
+            raise RuntimeError("internal: merges of one launch differ in whether they have window origins")
         for up in updates:
             for a, p in zip(up.accs, params):
                 if a.stride() != p.stride() or a.dtype != torch.float32:
                     raise RuntimeError("internal: accumulator layout differs from its parameter")
+            for o, p in zip(up.origins or (), params):
+                if o.stride() != p.stride() or o.dtype != p.dtype:
+                    raise RuntimeError("internal: window origin layout differs from its parameter")
             table = up.plan.coefficients()
             acc += [a.data_ptr() for a in up.accs]
             completed += [x.data_ptr() for x in up.completed] if up.completed is not None else [0] * n
+            origins += [o.data_ptr() for o in up.origins] if up.origins is not None else [0] * n
             meta += [up.plan.start, up.plan.interval, up.plan.k, offset, int(up.completed is not None)]
             tables.append(table)
             offset += len(table)
@@ -215,7 +225,7 @@ class TritonBackend(BackendBase):
             return torch.as_tensor(np.asarray(x), dtype=dtype).to(device)
 
         param_ptrs = [p.data_ptr() for p in params]
-        pointers = param_ptrs + acc + [x for x in completed if x]
+        pointers = param_ptrs + acc + [x for x in completed + origins if x]
         return _Launch(
             ptr_key=tuple(param_ptrs),
             param_ids=tuple(id(p) for p in params),
@@ -225,6 +235,8 @@ class TritonBackend(BackendBase):
             chunk_start=dev(starts, torch.int64),
             acc_ptrs=dev(acc, torch.int64),
             completed_ptrs=dev(completed, torch.int64),
+            origin_ptrs=dev(origins if origins else [0], torch.int64),
+            origin=with_origin == {True},
             coefs=dev(np.concatenate(tables) if tables else np.zeros(1), torch.float32),
             meta=dev(meta, torch.int64),
             n_chunks=int(per_tensor.sum()),
@@ -251,6 +263,12 @@ class TritonBackend(BackendBase):
         ps = split.fast_params
         device = ps[0].device
         with _guard(device):
+            kept = tab.coefs  # not read unless an anchor of a skip-mode run with origins keeps a window
+            if phase == 0 and ok is not None and tab.origin:
+                kept = torch.stack([
+                    up.kept.to(device, torch.float32) if up.kept is not None
+                    else torch.ones((), dtype=torch.float32, device=device) for up in updates
+                ])
             wsm_update_kernel[(tab.n_chunks,)](
                 tab.param_ptrs,
                 tab.numels,
@@ -258,6 +276,8 @@ class TritonBackend(BackendBase):
                 tab.chunk_start,
                 tab.acc_ptrs,
                 tab.completed_ptrs,
+                tab.origin_ptrs,
+                kept,
                 tab.coefs,
                 tab.meta,
                 self.clock.counter(device),
@@ -268,6 +288,7 @@ class TritonBackend(BackendBase):
                 PHASE=phase,
                 PARAM_DTYPE=_TL_DTYPES[ps[0].dtype],
                 SKIP=ok is not None,
+                ORIGIN=tab.origin,
                 BLOCK=self.block,
                 ALIGNED=tab.aligned,
                 num_warps=self.num_warps,

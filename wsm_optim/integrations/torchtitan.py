@@ -18,7 +18,7 @@ What it changes, and why:
 * Checkpoints. torchtitan's ``CheckpointManager`` saves the container's flat,
   FQN-keyed state dict (``state.<param fqn>.<name>``,
   ``param_groups.<param fqn>.<key>``) with DCP. The WSM accumulators sit there
-  as ``state.<fqn>.wsm_acc.<merge>`` (``DTensor`` s sharded like their param
+  as ``state.<fqn>.wsm_acc.<merge>`` and ``wsm_origin.<merge>`` (``DTensor`` s sharded like their param
   under FSDP2 / TP, so DCP reshards them on a change of world size) and the
   counters as ``param_groups.<fqn>.wsm``. torchtitan's own unflattening reads
   back only the keys the *inner* optimizer's live state has, so it would drop
