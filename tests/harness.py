@@ -267,3 +267,11 @@ def assert_matches(merged: dict, names, expected, rtol: float = 1e-6) -> None:
 def named_groups(*params: Tensor) -> list[dict]:
     """One param group naming ``params`` ``p0, p1, ...`` (readouts keyed by those names)."""
     return [{"params": list(params), "param_names": [f"p{i}" for i in range(len(params))]}]
+
+
+def assert_state_unchanged(before: dict, after: dict) -> None:
+    """A refused ``load_state_dict`` changed nothing: the WSM counters and every state tensor, bit for bit."""
+    assert after["wsm"] == before["wsm"]
+    for key, entry in before["state"].items():
+        for field_name, value in entry.items():
+            assert torch.equal(after["state"][key][field_name], value), (key, field_name)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+import harness as H
 import reference as R
 from wsm_optim import WSMOptimizer
 
@@ -115,10 +116,7 @@ def test_a_bad_origin_is_refused_and_changes_nothing(how, needle):
         target.load_state_dict(_bad(good, how))
     assert needle in str(info.value)
     after = target.state_dict()
-    assert after["wsm"] == before["wsm"]
-    for key, entry in before["state"].items():
-        for field, value in entry.items():
-            assert torch.equal(after["state"][key][field], value), (key, field)
+    H.assert_state_unchanged(before, after)
 
 
 def _fixtures():

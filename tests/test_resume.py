@@ -409,10 +409,7 @@ def test_a_bad_state_dict_changes_nothing(how, needle):
         target.load_state_dict(_corrupt(good, how))
     assert needle in str(info.value)
     after = target.state_dict()
-    assert after["wsm"] == before["wsm"]
-    for key, entry in before["state"].items():
-        for field, value in entry.items():
-            assert torch.equal(after["state"][key][field], value), (key, field)
+    H.assert_state_unchanged(before, after)
     assert after["param_groups"] == before["param_groups"]
 
 

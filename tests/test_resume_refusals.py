@@ -15,6 +15,7 @@ import copy
 import pytest
 import torch
 
+import harness as H
 from wsm_optim import WSMOptimizer
 
 
@@ -40,9 +41,7 @@ def _refused(sd: dict, match: str, **kw) -> None:
     before = (copy.deepcopy(opt.state_dict()), {n: p.detach().clone() for n, p in model.named_parameters()})
     with pytest.raises(ValueError, match=match):
         opt.load_state_dict(sd)
-    after = opt.state_dict()
-    torch.testing.assert_close(after["state"], before[0]["state"], rtol=0, atol=0)
-    assert after["wsm"] == before[0]["wsm"]
+    H.assert_state_unchanged(before[0], opt.state_dict())
 
 
 @pytest.mark.parametrize("value, match", [
