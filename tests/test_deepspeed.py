@@ -155,8 +155,16 @@ def test_hf_trainer_with_deepspeed_steps_the_optimizer_given_in_optimizers(hf):
 
 def test_hf_trainer_with_deepspeed_without_wrap_trainer_unwrap_names_the_fix(hf):
     r = _case(hf, "without_wrap_trainer_unwrap_names_the_fix")
-    assert r["steps"] == 0  # the Trainer never stepped it: nothing in wsm_optim ran
+    assert r["steps"] == 0  # the Trainer never stepped it: it trains an optimizer of its own
     assert r["message"] is not None and "wrap_trainer(trainer" in r["message"], r
+
+
+def test_hf_trainer_with_deepspeed_hand_passed_optimizer_fails_after_the_first_step(hf):
+    """Not 8 silent steps: the run stops at the backward pass after the first training step, naming the fix."""
+    r = _case(hf, "without_wrap_trainer_unwrap_names_the_fix")
+    assert r["train_error"] is not None and "wrap_trainer(trainer" in r["train_error"], r
+    assert "WSMOptimizer.step() has never been called" in r["train_error"], r
+    assert r["global_step"] == 1 and r["steps"] == 0, r
 
 
 def test_hf_trainer_with_deepspeed_refusals_name_the_setting(hf):

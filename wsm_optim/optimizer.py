@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from . import callers, persistence, readout, schedules
+from .bypass import BypassGuard
 from .model_buffers import ModelBuffers
 from .nonfinite import NonFiniteMergeError
 from .runtime import Runtime
@@ -102,7 +103,10 @@ class WSMOptimizer(torch.optim.Optimizer):
     ``torch.amp.GradScaler`` skips for inf/NaN gradients never calls it with an
     unfused inner optimizer; with a fused one (``fused=True``) GradScaler calls
     it and the inner step leaves the params unchanged, so it counts as a step
-    without progress.
+    without progress. Until the first :meth:`step`, a backward pass that finds
+    the params moved since the previous one raises ``RuntimeError``: another
+    optimizer is stepping them (e.g. the Hugging Face ``Trainer`` with
+    DeepSpeed drops an optimizer given in ``optimizers=``; use ``wrap_trainer``).
 
     Memory: one fp32 buffer per parameter and merge (two with ``keep_last``;
     float64 for float64 params), allocated at the first :meth:`step` (or
@@ -149,6 +153,7 @@ class WSMOptimizer(torch.optim.Optimizer):
             specs, inner.param_groups, backend=backend, nonfinite=nonfinite, overlap=overlap, capturable=capturable,
             offload=offload, model_buffers=buffers,
         )
+        self._bypass = BypassGuard(self, inner.param_groups)  # last: a refused constructor leaves no hooks
 
     def _init_hooks(self) -> None:
         # What torch.optim.Optimizer.__init__ sets up, minus param_groups/state (the inner optimizer's).
@@ -170,6 +175,7 @@ class WSMOptimizer(torch.optim.Optimizer):
         callers.refuse_group_cut(self.inner.param_groups, groups)
         self.inner.param_groups = groups
     state, defaults = _inner_attribute("state"), _inner_attribute("defaults")
+    _bypass: BypassGuard | None = None  # copies and unpickled optimizers have none
 
     @property
     def _step_supports_amp_scaling(self) -> bool:  # GradScaler's fused path (fused=True inner optimizers)
@@ -188,7 +194,8 @@ class WSMOptimizer(torch.optim.Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         # an LR scheduler wraps ``step`` on the instance, bound to this object: a copy uses its class step
         # (and DeepSpeed's attach binds ``merged_weights`` to its engine: a copy uses the class's)
-        return {k: v for k, v in self.__dict__.items() if k not in ("step", "_opt_called", "merged_weights")}
+        # (a copy has its own params: the original's bypass guard does not follow it)
+        return {k: v for k, v in self.__dict__.items() if k not in ("step", "_opt_called", "merged_weights", "_bypass")}
 
     def __repr__(self) -> str:
         merges = ", ".join(repr(m) for m in self._runtime.merges)
@@ -224,6 +231,8 @@ class WSMOptimizer(torch.optim.Optimizer):
         rt.fence()  # the previous checkpoint's reads of the params come before the inner step changes them
         if callers.called_by_state_init():
             return True
+        if self._bypass is not None:
+            self._bypass.disarm()
         callers.refuse_unattached_deepspeed(self)
         rt.follow_params(self.inner.param_groups)
         rt.check_step()
