@@ -60,7 +60,7 @@ import torch, safetensors.torch, tqdm.auto
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from wsm_optim import schedules as S
-from wsm_optim.offline import merge_checkpoints, resolve_inputs
+from wsm_optim.offline.merge import merge_checkpoints, resolve_inputs
 
 def hwm():
     with open("/proc/self/status") as f:

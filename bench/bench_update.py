@@ -11,7 +11,7 @@ Sections (each candidate timed in the same process, round-robin, median of round
 ratios are medians of per-round ratios, so load from other processes hits both sides):
 
 1. update: one WSM checkpoint update ``A <- A + c * theta`` through each backend
-   (``wsm_optim.backends``' ``accumulate``) over a real model's parameter list, against a
+   (``wsm_optim.core.backends``' ``accumulate``) over a real model's parameter list, against a
    single flat-tensor axpy over the same bytes, ``torch._foreach_lerp_`` EMA
    (``AveragedModel`` style, EMA in the params' dtype), NeMo-style
    ``_foreach_mul_`` + ``_foreach_add_``, and a per-tensor Python loop.
@@ -61,9 +61,9 @@ from torch import nn  # noqa: E402
 
 import common as C  # noqa: E402
 from wsm_optim import WSMOptimizer  # noqa: E402
-from wsm_optim.backends import MergeUpdate, select  # noqa: E402
-from wsm_optim.spec import MergeSpec  # noqa: E402
-from wsm_optim.precision import accumulator_like  # noqa: E402
+from wsm_optim.core.backends import MergeUpdate, select  # noqa: E402
+from wsm_optim.core.spec import MergeSpec  # noqa: E402
+from wsm_optim.common.precision import accumulator_like  # noqa: E402
 from wsm_optim.schedules import merge_coefficients  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -85,7 +85,7 @@ TARGETS = {
 def select_backend(name: str, device: torch.device):
     """The backend object ``WSMOptimizer(..., backend=name)`` picks on ``device``, and its name.
 
-    ``wsm_optim.backends.select``, the switch ``WSMOptimizer`` itself uses.
+    ``wsm_optim.core.backends.select``, the switch ``WSMOptimizer`` itself uses.
     """
     be = select(name, [device], [2])
     return be, be.name

@@ -1,4 +1,4 @@
-"""Raw Triton kernels of the WSM streaming merge (launchers: ``wsm_optim.backends.triton``).
+"""Raw Triton kernels of the WSM streaming merge (launchers: ``wsm_optim.core.backends.triton``).
 
 One launch updates every tensor of a (device, dtype) group and every merge:
 program ``pid`` handles ``BLOCK`` elements of one tensor, found through a chunk

@@ -152,7 +152,7 @@ def scenario_train(out_dir: Path) -> None:
     from torch.distributed.tensor import DTensor
 
     from wsm_optim import LiveParamsChangedWarning
-    from wsm_optim.distributed import local_view
+    from wsm_optim.core.distributed import local_view
 
     # FSDP2 and DDP never edit the live params outside step(): a readout warning would be a false positive
     warnings.simplefilter("error", LiveParamsChangedWarning)
@@ -250,7 +250,7 @@ def _state_dict_round_trips(model, opt) -> None:
     assert not hasattr(full_sd["state"]["fc2.weight"][acc_key], "device_mesh")  # gathered, plain
     assert full_sd["state"]["fc2.weight"][acc_key].shape == (5, 16)
     # A plain full tensor loads into a DTensor accumulator as this rank's slice, locally.
-    from wsm_optim.distributed import copy_into
+    from wsm_optim.core.distributed import copy_into
 
     accs = wsm_buffers(opt, "sq")
     for fqn, p in model.named_parameters():

@@ -12,7 +12,7 @@ Each scenario trains to ``CKPT_STEP``, saves every stage to one DCP
 checkpoint, trains on to ``STEPS``, then builds fresh stages, schedules and
 optimizers, resumes them from the checkpoint and trains to ``STEPS`` again.
 After every step rank 0 records the gathered parameters and buffers of the whole model,
-the assembled merged model (``wsm_optim.pipeline.merged_pipeline_state_dict``)
+the assembled merged model (``wsm_optim.integrations.pipeline.merged_pipeline_state_dict``)
 and each stage's own readout keys. ``OUT_DIR/<scenario>.pt`` =
 ``{"straight": record, "resumed": record}``.
 """
@@ -144,7 +144,7 @@ class Pipeline:
             self.observe()
 
     def observe(self) -> None:
-        from wsm_optim.pipeline import merged_pipeline_state_dict
+        from wsm_optim.integrations.pipeline import merged_pipeline_state_dict
 
         s = self.opt.steps
         live = {
@@ -245,7 +245,7 @@ def run(out_dir: Path, scenario: str) -> dict:
 def conflicting_stages_error(mesh) -> str | None:
     """Both stages claim ``layers.0`` with other values: rank 0 must refuse to assemble (its message; else None)."""
     from wsm_optim import WSMOptimizer
-    from wsm_optim.pipeline import merged_pipeline_state_dict
+    from wsm_optim.integrations.pipeline import merged_pipeline_state_dict
 
     torch.manual_seed(dist.get_rank())
     module = nn.Module()

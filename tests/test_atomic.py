@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from wsm_optim import WSMOptimizer
-from wsm_optim import io as wio
+from wsm_optim.common import atomic as wio
 
 
 def _state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -275,7 +275,7 @@ _BLOCKED_WRITER = r"""
 import sys, time
 from pathlib import Path
 import torch
-from wsm_optim import io as wio
+from wsm_optim.common import atomic as wio
 
 target, flag = Path(sys.argv[1]), Path(sys.argv[2])
 

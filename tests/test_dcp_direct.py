@@ -1,4 +1,4 @@
-"""Reading DCP rows straight from the saved files (:mod:`wsm_optim.dcp_direct`) against ``dcp.load``.
+"""Reading DCP rows straight from the saved files (:mod:`wsm_optim.offline.dcp_rows`) against ``dcp.load``.
 
 Checkpoints are written by torch's own ``FileSystemWriter`` with saved chunks
 of any box shape (row shards as FSDP writes, column shards as TP writes) and
@@ -20,8 +20,8 @@ import torch.distributed.checkpoint as dcp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from wsm_optim.checkpoint_readers import DCPDirectory
-from wsm_optim.dcp_direct import plain_tensor_offset
+from wsm_optim.offline.readers import DCPDirectory
+from wsm_optim.offline.dcp_rows import plain_tensor_offset
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 

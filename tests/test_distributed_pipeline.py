@@ -3,7 +3,7 @@
 Two launches of ``tests/_wsm_pipeline_worker.py``: 2 stages on 2 ranks, and
 2 stages x 2 FSDP2 ranks on 4, both with ``merge_buffers=True``. Checked
 after every step: the whole merged model assembled by
-``wsm_optim.pipeline.merged_pipeline_state_dict`` loads into the unsplit model
+``wsm_optim.integrations.pipeline.merged_pipeline_state_dict`` loads into the unsplit model
 with ``strict=True`` and equals the float64 explicit merge of the gathered
 parameters and moving buffers of all stages (both merges, current and last
 completed window), the constant buffer both stages keep stays bit-exact; each
@@ -122,7 +122,7 @@ def test_stages_with_conflicting_values_are_refused(job):
 
 def test_assembly_needs_a_process_group():
     from wsm_optim import WSMOptimizer
-    from wsm_optim.pipeline import merged_pipeline_state_dict
+    from wsm_optim.integrations.pipeline import merged_pipeline_state_dict
 
     model = W.make_model()
     opt = WSMOptimizer(torch.optim.SGD(model.named_parameters(), lr=0.1), window=2)

@@ -13,9 +13,9 @@ from safetensors.torch import save_file
 
 import harness as H
 from wsm_optim import NonFiniteMergeError, WSMOptimizer
-from wsm_optim import io as wio
+from wsm_optim.common import atomic as wio
 from wsm_optim import schedules
-from wsm_optim.offline import merge_checkpoints
+from wsm_optim.offline.merge import merge_checkpoints
 
 
 def _inner():

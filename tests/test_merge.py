@@ -1,4 +1,4 @@
-"""``wsm_optim.merge``: the window arithmetic, incremental and closed form, against each other and the reference.
+"""``wsm_optim.core.merge``: the window arithmetic, incremental and closed form, against each other and the reference.
 
 The reference (``tests/reference.py``) models the windows from the method note,
 not from the code; here the state machine's counters and readout weights are
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import reference as R
-from wsm_optim.merge import MergeSpec, MergeState
+from wsm_optim.core.merge import MergeSpec, MergeState
 
 SHAPES = ["linear", "cosine", "1-sqrt", "inv-sqrt", "ema"]
 

@@ -18,7 +18,7 @@ from torch import nn
 from wsm_optim import WSMOptimizer, merge_checkpoints
 from wsm_optim import schedules as S
 from wsm_optim.cli import main as cli_main
-from wsm_optim.offline import (
+from wsm_optim.offline.merge import (
     WEIGHT_SUM_ATOL,
     UnsafePickleWarning,
     checkpoint_weights,
@@ -436,12 +436,12 @@ def test_progress_in_a_log_is_plain_lines_not_a_frozen_bar(tmp_path, capsys):
 
 
 def test_file_tools_do_not_import_the_training_engine():
-    """offline, io and the CLIs must stay usable without the engine."""
+    """The offline tool, the shared pieces and the CLIs must stay usable without the engine (wsm_optim.core)."""
     code = (
-        "import sys, wsm_optim.offline, wsm_optim.io, wsm_optim.merge_cli, wsm_optim.weights_cli, wsm_optim.cli\n"
-        "import wsm_optim.checkpoint_readers, wsm_optim.checkpoint_writers, wsm_optim.streaming_merge\n"
-        "engine = ('registry', 'runtime', 'optimizer', 'readout', 'persistence', 'backends')\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'wsm_optim' and m.split('.')[1:2] and m.split('.')[1] in engine))"
+        "import sys, wsm_optim.offline, wsm_optim.offline.merge, wsm_optim.cli.merge, wsm_optim.cli.weights\n"
+        "import wsm_optim.cli, wsm_optim.common.atomic, wsm_optim.offline.files\n"
+        "import wsm_optim.offline.readers, wsm_optim.offline.writers, wsm_optim.offline.streaming\n"
+        "print(sorted(m for m in sys.modules if m == 'wsm_optim.core' or m.startswith('wsm_optim.core.')))"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
@@ -492,7 +492,7 @@ _MEMORY_CHILD = textwrap.dedent(
     """
     import sys
     import torch, safetensors.torch, tqdm.auto
-    from wsm_optim.offline import merge_checkpoints
+    from wsm_optim.offline.merge import merge_checkpoints
 
     def peak():  # bytes
         # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork+exec,

@@ -24,11 +24,11 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from wsm_optim import checkpoint_readers
+from wsm_optim.offline import readers as checkpoint_readers
 from wsm_optim import schedules as S
-from wsm_optim.checkpoint_readers import DCPDirectory
+from wsm_optim.offline.readers import DCPDirectory
 from wsm_optim.cli import main as cli_main
-from wsm_optim.offline import merge_checkpoints, resolve_inputs
+from wsm_optim.offline.merge import merge_checkpoints, resolve_inputs
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -319,7 +319,7 @@ def test_dcp_metadata_with_foreign_objects_is_refused_without_unsafe_pickle(tmp_
         pickle.dump(md, f)
     with pytest.raises(ValueError, match=r"a/\.metadata holds objects that safe loading refuses .*--unsafe-pickle"):
         merge_checkpoints([a], progress=False)
-    from wsm_optim.offline import UnsafePickleWarning
+    from wsm_optim.offline.merge import UnsafePickleWarning
 
     with pytest.warns(UnsafePickleWarning, match="without restrictions"):
         merged = merge_checkpoints([a], unsafe_pickle=True, progress=False)
@@ -406,8 +406,8 @@ _RSS_CHILD = textwrap.dedent(
     """
     import sys
     import torch, torch.distributed.checkpoint, safetensors.torch
-    import wsm_optim.offline, wsm_optim.checkpoint_writers, wsm_optim.streaming_merge
-    from wsm_optim.offline import merge_checkpoints
+    import wsm_optim.offline.merge, wsm_optim.offline.writers, wsm_optim.offline.streaming
+    from wsm_optim.offline.merge import merge_checkpoints
 
     def peak():  # VmHWM: ru_maxrss would carry pytest's own peak over fork+exec
         with open("/proc/self/status") as f:

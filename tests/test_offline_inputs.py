@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from wsm_optim.cli import main as cli_main
-from wsm_optim.offline import merge_checkpoints
+from wsm_optim.offline.merge import merge_checkpoints
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_dcp_direct import _save_chunks  # noqa: E402

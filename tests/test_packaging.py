@@ -110,7 +110,7 @@ def test_installed_wheel_imports_the_kernels_and_runs_the_cli(wheel, tmp_path):
                            str(wheel)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = _python(
-        "import torch, wsm_optim, wsm_optim.kernels.wsm_update, wsm_optim.backends.triton\n"
+        "import torch, wsm_optim, wsm_optim.kernels.wsm_update, wsm_optim.core.backends.triton\n"
         "from wsm_optim import WSMOptimizer\n"
         "p = torch.nn.Parameter(torch.ones(3))\n"
         "opt = WSMOptimizer(torch.optim.SGD([p], lr=0.1), schedule='linear', window=2)\n"

@@ -1,4 +1,4 @@
-"""``wsm_optim.text``: the indefinite article in messages ("an OrderedDict", never "a OrderedDict")."""
+"""``wsm_optim.common.text``: the indefinite article in messages ("an OrderedDict", never "a OrderedDict")."""
 
 import subprocess
 import sys
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from wsm_optim.text import a, article
+from wsm_optim.common.text import a, article
 
 
 @pytest.mark.parametrize("value, expected", [
@@ -44,7 +44,7 @@ def test_bad_nouns_name_the_argument():
 def test_importable_without_torch():
     root = Path(__file__).resolve().parents[1]
     code = ("import sys; sys.modules['torch'] = None; sys.path.insert(0, sys.argv[1]); "
-            "from wsm_optim.text import a; print(a('OrderedDict'))")
+            "from wsm_optim.common.text import a; print(a('OrderedDict'))")
     out = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "an OrderedDict"

@@ -16,8 +16,8 @@ import torch
 
 from wsm_optim import NonFiniteMergeError, WSMOptimizer
 from wsm_optim import schedules as S
-from wsm_optim.backends import triton as TB
-from wsm_optim.merge import MergeSpec, MergeState
+from wsm_optim.core.backends import triton as TB
+from wsm_optim.core.merge import MergeSpec, MergeState
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK = TB.TritonBackend().block

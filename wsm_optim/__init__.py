@@ -5,18 +5,12 @@ checkpoints (Tian et al., arXiv 2507.17634, Theorem 3.1; ``docs/method.md``) in
 one fp32 accumulator per parameter, updated in a single streaming pass per
 checkpoint.
 
-Layout, one concept per module: ``optimizer`` (the ``torch.optim`` face),
-``spec`` (merge and option rules), ``window`` (window arithmetic), ``merge``
-(one tracked merge and its buffers), ``runtime`` (the running state and
-checkpoint passes), ``schedules`` (Theorem 3.1 weights), ``registry`` (params,
-names, groups), ``readout`` (streamed readouts), ``nonfinite`` (NaN/inf policy),
-``persistence`` (state-dict format), ``backends`` (foreach / Triton / host
-offload; kernels in ``wsm_optim.kernels``), ``precision`` (accumulator dtype),
-``distributed`` and ``pipeline`` (DTensor, DCP, pipeline stages), ``selection``
-/ ``unwrap`` / ``integrations`` (trainers), ``offline``, ``streaming_merge``,
-``io``, ``checkpoint_readers``, ``checkpoint_writers`` (saved checkpoints),
-``cli`` / ``merge_cli`` / ``weights_cli`` (command line), ``demo`` (never
-imported by the library).
+Layout: ``core/`` (the online engine: ``WSMOptimizer``, its merges, backends,
+readouts and state-dict format), ``offline/`` (merging saved checkpoints),
+``cli/`` (the ``wsm-optim`` command), ``integrations/`` (trainers and engines),
+``common/`` (pieces the three share), ``schedules`` (decay shapes and Theorem 3.1
+weights, torch-free), ``demo`` (never imported by the library). 0.2 module paths
+(``wsm_optim.optimizer`` and the like) still import, with a ``DeprecationWarning``.
 """
 
 import importlib
@@ -25,18 +19,22 @@ from typing import Any
 #: Public names and the modules they live in, imported on first use (PEP 562), so that
 #: ``wsm-optim weights`` and ``import wsm_optim.schedules`` do not pay for importing torch.
 _EXPORTS = {
-    "WSMOptimizer": "optimizer",
-    "MergeSpec": "merge",
-    "DEFAULT_MERGE": "merge",
-    "NonFiniteMergeError": "nonfinite",
-    "LiveParamsChangedWarning": "readout",
+    "WSMOptimizer": "core.optimizer",
+    "MergeSpec": "core.spec",
+    "DEFAULT_MERGE": "core.spec",
+    "NonFiniteMergeError": "core.nonfinite",
+    "LiveParamsChangedWarning": "core.readout",
     "merge_checkpoints": "offline",
-    "evaluate_merges": "selection",
-    "MergeScores": "selection",
+    "evaluate_merges": "core.selection",
+    "MergeScores": "core.selection",
 }
 
 
-from .unwrap import unwrap  # noqa: E402  (torch-free; eager so the submodule never shadows the function)
+from . import _moved  # noqa: E402
+
+_moved.install()
+
+from .integrations.unwrap import unwrap  # noqa: E402  (torch-free; eager so the submodule never shadows the function)
 
 
 def __getattr__(name: str) -> Any:

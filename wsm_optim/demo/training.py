@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .. import WSMOptimizer, evaluate_merges
-from ..progress import Progress
+from ..common.progress import Progress
 from .baselines import CosineRun, EMAWeights, ScheduleFreeRun, WSDBranch, adamw, train_step
 from .config import BETAS, WEIGHT_DECAY, Config, UsageError, lr_multipliers
 from .data import Corpus
@@ -60,7 +60,7 @@ def train(cfg: Config, corpus: Corpus, progress: bool | None, progress_period: f
     """Train everything in one pass; evaluate along the way.
 
     ``progress``: ``None`` shows a bar on a terminal and a line every
-    ``progress_period`` seconds in a log or pipe (``wsm_optim.progress.Progress``,
+    ``progress_period`` seconds in a log or pipe (``wsm_optim.common.progress.Progress``,
     on stderr), ``True`` always shows, ``False`` never.
 
     Returns ``{"curves": {run: {"step": [...], "val_loss": [...]}}`` (runs that reach

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..spec import check_bool, check_options, specs_from_arguments
+from ..core.spec import check_bool, check_options, specs_from_arguments
 
 __all__ = ["merge_config"]
 
@@ -34,7 +34,7 @@ def merge_config(
     ``None`` (every merge argument at its default, ``window=None`` and no
     ``merges``) means: the framework already holds a ``WSMOptimizer`` and it is
     used as is. Otherwise the arguments are validated by
-    :func:`wsm_optim.merge.specs_from_arguments` (the one rule for the merge
+    :func:`wsm_optim.core.merge.specs_from_arguments` (the one rule for the merge
     arguments, also "window or merges, not both") and the option checks of
     ``WSMOptimizer``; errors are those ``WSMOptimizer(...)`` raises.
     """

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..optimizer import WSMOptimizer
-from ..readout import LiveParamsChangedWarning
+from ..core.optimizer import WSMOptimizer
+from ..core.readout import LiveParamsChangedWarning
 
 __all__ = ["keep_final_weights", "forget_final_weights"]
 

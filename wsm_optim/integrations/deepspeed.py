@@ -37,7 +37,7 @@ What DeepSpeed does to a client optimizer, and what :func:`attach` changes:
   low-precision copies (the module's params) from them, and on exit restores
   both: the masters bit-exactly, the copies as the cast of the masters, which
   is what they were. After :func:`attach`, the ``WSMOptimizer``'s own
-  ``merged_weights()`` (e.g. ``wsm_optim.unwrap(engine).merged_weights()``) is
+  ``merged_weights()`` (e.g. ``wsm_optim.integrations.unwrap(engine).merged_weights()``) is
   this function for the engine. Its own ``merged_state_dict()`` returns this
   rank's flat partitions (keys ``FLAT_NAME``); :func:`merged_state_dict`
   gives them by parameter name.
@@ -75,8 +75,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..optimizer import WSMOptimizer
-from ..unwrap import unwrap
+from ..core.optimizer import WSMOptimizer
+from .unwrap import unwrap
 
 __all__ = ["attach", "merged_state_dict", "merged_weights", "FLAT_NAME"]
 
@@ -190,7 +190,7 @@ def attach(engine: Any) -> WSMOptimizer:
     zero.step = step
     zero.load_state_dict = load_state_dict
     zero._wsm_attached = wsm
-    # wsm.merged_weights() (through wsm_optim.unwrap(engine)) would swap the masters only, and the module's
+    # wsm.merged_weights() (through wsm_optim.integrations.unwrap(engine)) would swap the masters only, and the module's
     # copies, which a forward reads, would stay live: it is this module's merged_weights(engine) instead.
     wsm.merged_weights = functools.partial(merged_weights, engine)
     return wsm

@@ -22,8 +22,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from .. import schedules
-from ..optimizer import WSMOptimizer
-from ..unwrap import unwrap
+from ..core.optimizer import WSMOptimizer
+from .unwrap import unwrap
 from ._arguments import merge_config
 from ._schedulers import describe_decay, repoint_scheduler
 

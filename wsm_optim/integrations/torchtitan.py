@@ -59,13 +59,13 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from ..text import a
+from ..common.text import a
 from torchtitan.components.checkpoint import AsyncMode, CheckpointManager, ModelWrapper
 from torchtitan.components.optimizer import OptimizersContainer
 from torchtitan.components.optimizer.utils import get_flat_optim_state_dict, init_optim_state
 
-from ..spec import check_bool, check_options, specs_from_arguments
-from ..optimizer import WSMOptimizer
+from ..core.spec import check_bool, check_options, specs_from_arguments
+from ..core.optimizer import WSMOptimizer
 from ..schedules import Schedule
 
 __all__ = ["WSMConfig", "WSMOptimizersContainer", "with_wsm"]

@@ -47,8 +47,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from .. import schedules
-from ..optimizer import WSMOptimizer
-from ..unwrap import unwrap
+from ..core.optimizer import WSMOptimizer
+from .unwrap import unwrap
 from ._arguments import merge_config
 from ._final_weights import forget_final_weights, keep_final_weights
 from ._saved_model import load_saved_model

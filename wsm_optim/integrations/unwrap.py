@@ -24,7 +24,7 @@ def unwrap(optimizer: Any) -> Any:
         TypeError: no ``WSMOptimizer`` is found; the message lists the chain
             of wrappers that was followed.
     """
-    from .optimizer import WSMOptimizer
+    from ..core.optimizer import WSMOptimizer
 
     chain, current = [], optimizer
     for _ in range(_MAX_DEPTH):

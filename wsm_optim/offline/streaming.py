@@ -7,7 +7,7 @@ twice). Consecutive blocks form batches of at most ``block_bytes``; for each
 batch, every input is opened once, and its rows are read piece by piece
 (about :data:`PIECE_BYTES`) into one reused buffer and added into one
 accumulator per block (float32; float64/complex128 for such inputs,
-:func:`wsm_optim.precision.accumulator_dtype`); each block is checked for
+:func:`wsm_optim.common.precision.accumulator_dtype`); each block is checked for
 NaN/inf, cast to the output dtype and handed on. The serial merge runs one
 batch ahead in a thread, so the output's writes overlap the next batch's reads.
 Peak memory: two batches of accumulators, one piece-sized buffer (two for a
@@ -37,9 +37,9 @@ import torch
 import torch.multiprocessing
 from torch import Tensor
 
-from .checkpoint_readers import open_reader
-from .precision import accumulator_dtype
-from .progress import Progress
+from .readers import open_reader
+from ..common.precision import accumulator_dtype
+from ..common.progress import Progress
 
 __all__ = ["Block", "ReadBuffers", "plan_blocks", "plan_batches", "merge_batch", "merged_blocks", "check_finite",
            "averaged", "PIECE_BYTES"]

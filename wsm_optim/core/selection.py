@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .unwrap import unwrap
+from ..integrations.unwrap import unwrap
 
 __all__ = ["MergeScores", "evaluate_merges"]
 
@@ -69,7 +69,7 @@ def evaluate_merges(
 
     Args:
         optimizer: a :class:`~wsm_optim.WSMOptimizer`, or a framework wrapper
-            around one (see :func:`wsm_optim.unwrap`).
+            around one (see :func:`wsm_optim.integrations.unwrap`).
         evaluate: called with no argument while a merge is swapped in; returns
             a number (e.g. the validation loss of the model the optimizer trains).
         merges: names to evaluate (default: every tracked merge).

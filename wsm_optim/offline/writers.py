@@ -32,7 +32,7 @@ from typing import Any, BinaryIO
 import torch
 from torch import Tensor
 
-from .io import atomic_directory, atomic_file, atomic_save
+from ..common.atomic import atomic_directory, atomic_file, atomic_save
 
 __all__ = [
     "MemoryOutput",

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .spec import NONFINITE_MODES  # re-exported: the option rules live in spec
-from .warn import warn
+from ..common.warn import warn
 
 __all__ = ["NonFiniteMergeError", "FiniteCheck", "SkipLedger", "nonfinite_error", "NONFINITE_MODES"]
 

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from ..distributed import is_dtensor
-from ..precision import accumulator_dtype, accumulator_like
+from ...common.precision import accumulator_dtype, accumulator_like
 from ..spec import BACKEND_NAMES, OFFLOAD_CHOICES, check_options  # the option rules live in spec
 
 __all__ = ["Backend", "BackendBase", "MergeUpdate", "select", "inline", "resolve", "BACKEND_NAMES", "BACKENDS", "OFFLOAD_CHOICES"]
@@ -189,7 +189,7 @@ def select(name: str, devices: Iterable[torch.device], table_sizes: Iterable[int
     the host-resident backend (with ``"auto"`` or ``"foreach"``: it folds with
     the foreach arithmetic on the host).
     """
-    from ..schedules import TABLE_LIMIT
+    from ...schedules import TABLE_LIMIT
 
     check_options(backend=name, offload=offload)
     if offload is not None:

@@ -7,12 +7,12 @@ list of existing checkpoints ``theta_0 .. theta_k`` (oldest first,
 Inputs (:func:`resolve_inputs`): safetensors or ``torch.save`` files, Hugging
 Face ``save_pretrained`` folders (sharded or not) and
 ``torch.distributed.checkpoint`` directories, in any mix, given oldest first
-or as one parent folder sorted by step number (:mod:`wsm_optim.checkpoint_readers`).
+or as one parent folder sorted by step number (:mod:`wsm_optim.offline.readers`).
 
-Memory: the merge streams block by block (:mod:`wsm_optim.streaming_merge`):
+Memory: the merge streams block by block (:mod:`wsm_optim.offline.streaming`):
 each block of rows of each tensor is read from every input in turn, piece by
 piece into one reused buffer, and added into a float32 accumulator (float64
-for float64 inputs), then written out (:mod:`wsm_optim.checkpoint_writers`)
+for float64 inputs), then written out (:mod:`wsm_optim.offline.writers`)
 while the next batch is merged, so the peak is about two ``block_size``
 batches of accumulators plus a 1 MiB buffer, whatever the model size and the
 number of inputs. Non-float tensors (integer buffers, step counters, masks) are copied
@@ -37,11 +37,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import schedules
-from . import checkpoint_writers as writers
-from .checkpoint_readers import checkpoint_kind, common_layout, open_reader
-from .io import TORCH_SUFFIXES, UnsafePickleWarning, write_target
-from .streaming_merge import averaged, merged_blocks, plan_batches, plan_blocks
+from .. import schedules
+from . import writers as writers
+from .readers import checkpoint_kind, common_layout, open_reader
+from ..common.atomic import TORCH_SUFFIXES, write_target
+from .files import UnsafePickleWarning
+from .streaming import averaged, merged_blocks, plan_batches, plan_blocks
 
 __all__ = [
     "merge_checkpoints",
@@ -309,7 +310,7 @@ def merge_checkpoints(
             This executes code stored in the file.
         progress: show progress over the tensors on stderr: a bar on a terminal,
             a plain line with elapsed time and ETA every 30 s (and at the end)
-            in a log (:class:`wsm_optim.progress.Progress`).
+            in a log (:class:`wsm_optim.common.progress.Progress`).
         glob: pattern for a parent-folder input.
         verbose: print the weights table, the list of non-float tensors copied
             from the newest checkpoint, skipped entries and the output path (stdout).

@@ -40,8 +40,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .dcp_direct import plain_tensor_offset
-from .io import UnsafePickleWarning, open_checkpoint
+from .dcp_rows import plain_tensor_offset
+from .files import UnsafePickleWarning, open_checkpoint
 
 __all__ = [
     "open_reader",
@@ -437,7 +437,7 @@ class DCPDirectory:
 
     Rows are read straight from the files: a saved chunk stored as a plain
     ``torch.save`` record (what torch's ``FileSystemWriter`` writes) has its raw
-    bytes at a known offset (:mod:`wsm_optim.dcp_direct`), so a read costs
+    bytes at a known offset (:mod:`wsm_optim.offline.dcp_rows`), so a read costs
     exactly the rows asked for. A chunk stored any other way (compressed,
     transformed, strided) is read through ``FileSystemReader.read_data``, which
     loads it whole (``direct_reads=False``: every chunk that way).

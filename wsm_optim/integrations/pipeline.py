@@ -8,7 +8,7 @@ and the stages are gathered into one dict on global rank 0:
 
 .. code-block:: python
 
-    from wsm_optim.pipeline import merged_pipeline_state_dict
+    from wsm_optim.integrations.pipeline import merged_pipeline_state_dict
 
     sd = merged_pipeline_state_dict(opt, stage_module, pp_group=mesh["pp"].get_group())
     if dist.get_rank() == 0:

@@ -28,9 +28,9 @@ from torch import Tensor
 
 from . import distributed
 from .model_buffers import ModelBuffers
-from .precision import accumulator_dtype, accumulator_like  # re-exported (earlier home)
-from .warn import warn
-from .text import a
+from ..common.precision import accumulator_dtype, accumulator_like  # re-exported (earlier home)
+from ..common.warn import warn
+from ..common.text import a
 
 __all__ = ["Group", "Registry", "accumulator_like", "accumulator_dtype", "param_numbering", "unique_names"]
 

@@ -1,4 +1,4 @@
-"""``wsm-optim merge``: the command line of :func:`wsm_optim.offline.merge_checkpoints`.
+"""``wsm-optim merge``: the command line of :func:`wsm_optim.offline.merge.merge_checkpoints`.
 
 Arguments map one to one onto the function's; warnings print as one line
 (``wsm-optim merge: warning: ...``), errors as one line with exit code 2 (see
@@ -11,8 +11,8 @@ import argparse
 import sys
 import warnings
 
-from . import schedules
-from .offline import CHECKPOINT_SUFFIXES, DTYPES, OUT_FORMATS, WEIGHT_SUM_ATOL, merge_checkpoints
+from .. import schedules
+from ..offline.merge import CHECKPOINT_SUFFIXES, DTYPES, OUT_FORMATS, WEIGHT_SUM_ATOL, merge_checkpoints
 
 __all__ = ["add_arguments", "run"]
 

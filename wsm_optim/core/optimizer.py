@@ -7,7 +7,7 @@ readouts. What they rest on lives in one module each: the options in
 the readouts in ``readout``, the state-dict format in ``persistence``, the
 update arithmetic in ``backends``, the framework calls of ``step()`` in ``callers``.
 
-All mutable state sits in one :class:`~wsm_optim.runtime.Runtime` object,
+All mutable state sits in one :class:`~wsm_optim.core.runtime.Runtime` object,
 assigned once in the constructor: framework wrappers such as Lightning's
 ``LightningOptimizer`` forward or copy the wrapper's attributes, and methods
 entered through them still change the one shared runtime.
@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import callers, persistence, readout, schedules
+from . import callers, persistence, readout
+from .. import schedules
 from .bypass import BypassGuard
 from .model_buffers import ModelBuffers
 from .nonfinite import NonFiniteMergeError
@@ -302,7 +303,7 @@ class WSMOptimizer(torch.optim.Optimizer):
             ``model`` the keys are the ``param_names`` the inner optimizer got
             from ``named_parameters()``; with neither, ``ValueError``.
 
-        Warns :class:`~wsm_optim.readout.LiveParamsChangedWarning` when the
+        Warns :class:`~wsm_optim.core.readout.LiveParamsChangedWarning` when the
         current window's readout uses live params that were edited since the
         last ``step()``.
         """
@@ -338,7 +339,7 @@ class WSMOptimizer(torch.optim.Optimizer):
         Written via :func:`wsm_optim.io.atomic_save` (temp file, fsync,
         ``os.replace``): a crash never leaves a partial file under ``path``.
         """
-        from .io import atomic_save
+        from ..common.atomic import atomic_save
 
         return atomic_save(self.merged_state_dict(dtype, model=model, merge=merge, completed=completed), path)
 
@@ -359,12 +360,12 @@ class WSMOptimizer(torch.optim.Optimizer):
         return self._runtime.backend.name
 
     def merge_status(self, merge: str | None = None) -> dict[str, Any]:
-        """Counters of one merge (see :meth:`wsm_optim.window.Position.status`)."""
+        """Counters of one merge (see :meth:`wsm_optim.core.window.Position.status`)."""
         return self._runtime.merge(merge).position.status()
 
     # ------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """Inner state plus WSM buffers and counters (format: ``wsm_optim.persistence``).
+        """Inner state plus WSM buffers and counters (format: ``wsm_optim.core.persistence``).
 
         Tensors in the result are references to the live buffers, as with
         ``torch.optim``: ``torch.save`` or ``copy.deepcopy`` it for a snapshot.

@@ -34,7 +34,7 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without triton
     raise ImportError("backend='triton' needs the triton package (pip install triton; Linux only)") from e
 
-from ..kernels.wsm_update import nonfinite_check_kernel, wsm_update_kernel
+from ...kernels.wsm_update import nonfinite_check_kernel, wsm_update_kernel
 
 __all__ = ["TritonBackend", "DeviceClock", "interpreted", "is_dense"]
 
@@ -146,7 +146,7 @@ class _Launch:
 
 
 class TritonBackend(BackendBase):
-    """Fused one-launch update, same interface as :class:`~wsm_optim.backends.foreach.ForeachBackend`.
+    """Fused one-launch update, same interface as :class:`~wsm_optim.core.backends.foreach.ForeachBackend`.
 
     The kernel ignores ``MergeUpdate.coef``: it reads the merge weights from a
     device table (built from each merge's :class:`MergePlan`) at the index given by :attr:`clock`. Parameters that are not

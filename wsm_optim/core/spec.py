@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from . import schedules
+from .. import schedules
 
 __all__ = ["MergeSpec", "DEFAULT_MERGE", "specs_from_arguments", "check_options", "check_name", "check_int",
            "check_bool", "BACKEND_NAMES", "NONFINITE_MODES", "OFFLOAD_CHOICES"]

@@ -34,9 +34,10 @@ import torch
 from torch import Tensor
 
 from .. import distributed
-from ..precision import accumulator_dtype
-from ..warn import warn
-from . import BackendBase, MergeUpdate, foreach
+from ...common.precision import accumulator_dtype
+from ...common.warn import warn
+from . import BackendBase, MergeUpdate
+from . import foreach
 
 __all__ = ["OffloadBackend"]
 

@@ -12,7 +12,7 @@ import argparse
 
 import numpy as np
 
-from . import schedules
+from .. import schedules
 
 #: Longest table printed in full; a longer one shows its first and last SUMMARY_ROWS // 2 rows.
 SUMMARY_ROWS = 40

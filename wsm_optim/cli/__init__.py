@@ -14,8 +14,8 @@ import sys
 # subcommand -> (module, help)
 SUBCOMMANDS = {
     "demo": ("wsm_optim.demo", "train a small char-level transformer: WSM merges vs WSD decays, EMA and schedule-free"),
-    "weights": ("wsm_optim.weights_cli", "print (and plot) the decay / merge weights of a schedule"),
-    "merge": ("wsm_optim.merge_cli", "merge saved checkpoint files with a WSM schedule"),
+    "weights": ("wsm_optim.cli.weights", "print (and plot) the decay / merge weights of a schedule"),
+    "merge": ("wsm_optim.cli.merge", "merge saved checkpoint files with a WSM schedule"),
 }
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from . import schedules
+from .. import schedules
 from .spec import MergeSpec
 
 __all__ = ["Position"]

@@ -54,10 +54,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import distributed, schedules
+from . import distributed
+from .. import schedules
 from .registry import param_numbering
 from .window import Position
-from .text import a
+from ..common.text import a
 
 if TYPE_CHECKING:
     from .merge import Merge

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import distributed, schedules
+from . import distributed
+from .. import schedules
 from .nonfinite import SkipLedger
 from .spec import DEFAULT_MERGE, MergeSpec, check_bool, check_int, check_name, specs_from_arguments
 from .window import Position
@@ -41,7 +42,7 @@ class Merge:
     Attributes:
         name: the merge's name (``"default"`` for the single-merge arguments).
         spec: its :class:`MergeSpec`.
-        position: its :class:`~wsm_optim.window.Position` in the windows.
+        position: its :class:`~wsm_optim.core.window.Position` in the windows.
         ledger: skipped checkpoints (``nonfinite="skip"``).
         acc: ``{param: A}``, accumulator precision (fp32, float64 for float64 params).
         completed: ``{param: merged}`` of the last completed window, or ``None`` without ``keep_last``.
@@ -201,7 +202,7 @@ class Merge:
 
 
 class MergeState(Position):
-    """Deprecated: the window position is :class:`wsm_optim.window.Position` (``Merge.position``)."""
+    """Deprecated: the window position is :class:`wsm_optim.core.window.Position` (``Merge.position``)."""
 
     def __init__(self, name: str, spec: MergeSpec) -> None:
         super().__init__(spec)

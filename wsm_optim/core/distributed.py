@@ -13,7 +13,7 @@ Nothing here communicates during training. The rules:
   (:func:`wrap_like`), ready for ``torch.distributed.checkpoint.save``. Only
   the opt-in full gather (:func:`gather_full`) communicates, one tensor at a time.
 
-DCP's state-initialising ``step()`` call is recognised in :mod:`wsm_optim.callers`.
+DCP's state-initialising ``step()`` call is recognised in :mod:`wsm_optim.core.callers`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .text import a
+from ..common.text import a
 
 __all__ = [
     "is_dtensor",

@@ -4,7 +4,7 @@ A readout never builds a full copy of the model on top of its result: each
 tensor is computed (``theta_0 + A + w_{t+1} (theta - theta_0)`` in the
 accumulator's precision, one temporary the size of that param), flagged for NaN/inf, cast and stored, before
 the next one. The finiteness flags are read with one host sync at the end
-(:class:`~wsm_optim.nonfinite.FiniteCheck`); a swap that finds a bad value puts
+(:class:`~wsm_optim.core.nonfinite.FiniteCheck`); a swap that finds a bad value puts
 every param back before raising.
 
 Peak memory above the live model: ``merged_state_dict`` about its output plus
@@ -24,9 +24,9 @@ from torch import Tensor, nn
 
 from . import distributed
 from .nonfinite import FiniteCheck, NonFiniteMergeError, nonfinite_error
-from .precision import accumulator_dtype
+from ..common.precision import accumulator_dtype
 from .registry import unique_names
-from .warn import warn
+from ..common.warn import warn
 
 if TYPE_CHECKING:
     from .merge import Merge
