@@ -139,3 +139,34 @@ def test_lightning_style_attribute_copy_shares_the_guard():
     face.step()
     _backward(model, 1)
     assert opt.steps == 1 and _hooks(model) == 0
+
+
+def test_several_wsm_optimizers_over_one_model_one_of_them_stepped():
+    """A second WSMOptimizer built to load and inspect a state dict, or one stepped while another waits, passes."""
+    model = _model()
+    trained = WSMOptimizer(torch.optim.SGD(model.named_parameters(), lr=0.1), window=2)
+    waiting = WSMOptimizer(torch.optim.SGD(model.named_parameters(), lr=0.1), window=2)  # never stepped
+    for s in range(3):
+        _backward(model, s)
+        trained.step()
+        trained.zero_grad()
+    inspected = WSMOptimizer(torch.optim.SGD(model.named_parameters(), lr=0.1), window=2)
+    inspected.load_state_dict(trained.state_dict())
+    for s in range(3):
+        _backward(model, 10 + s)
+        trained.step()
+        trained.zero_grad()
+    assert trained.steps == 6 and waiting.steps == 0 and _hooks(model) == len(list(model.parameters()))  # waiting's
+
+
+def test_a_loaded_optimizer_is_not_guarded():
+    model = _model()
+    source = WSMOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), window=2)
+    source.step()
+    resumed = WSMOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), window=2)
+    resumed.load_state_dict(source.state_dict())
+    plain = torch.optim.SGD(model.parameters(), lr=0.1)
+    for s in range(3):
+        _backward(model, s)
+        plain.step()
+    assert _hooks(model) == 0

@@ -7,12 +7,14 @@ builds an optimizer from ``TrainingArguments``, so ``optimizers=(WSMOptimizer(..
 None)`` is dropped); so does a loop that calls ``opt.inner.step()``. Nothing of
 the merge then runs, and a readout days later finds 0 steps.
 
-:class:`BypassGuard` is armed from construction until the first ``step()``:
-one post-accumulate-grad hook per trainable param records a few of its values
-at each backward pass. If the values moved between two backward passes and
-``step()`` was not called in between, another optimizer stepped them, and the
-second backward raises, naming the fix. Gradient accumulation (several backward
-passes before the first step) leaves the params unchanged and passes. The
+:class:`BypassGuard` is armed from construction until the first ``step()`` or
+``load_state_dict()``: one post-accumulate-grad hook per trainable param
+records a few of its values at each backward pass. If the values moved between
+two backward passes and no ``WSMOptimizer`` in the process was stepped in
+between, another optimizer stepped them, and the second backward raises, naming
+the fix. Gradient accumulation (several backward passes before the first step)
+leaves the params unchanged and passes; a second ``WSMOptimizer`` over the same
+params that is stepped (the first only loaded or inspected) passes too. The
 first ``step()`` removes every hook: a correctly wired run pays one small copy
 per param during its first step's backward passes, nothing afterwards.
 """
@@ -27,9 +29,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["BypassGuard"]
+__all__ = ["BypassGuard", "count_step"]
 
 _SAMPLES = 16  # values recorded per param, spread over the whole tensor
+_steps = [0]  # WSMOptimizer.step() calls in this process, any instance
+
+
+def count_step() -> None:
+    """Note a ``WSMOptimizer.step()``: params that move across it moved through a merge."""
+    _steps[0] += 1
 
 
 def _sample(p: Tensor) -> Tensor:
@@ -56,7 +64,7 @@ class BypassGuard:
     def __init__(self, owner: Any, param_groups: Sequence[dict[str, Any]]) -> None:
         self._owner = weakref.ref(owner)
         self._handles: list[Any] = []
-        self._seen: dict[int, Tensor] = {}
+        self._seen: dict[int, tuple[Tensor, int]] = {}
         seen_ids: set[int] = set()
         for group in param_groups:
             names = group.get("param_names") or [None] * len(group["params"])
@@ -67,7 +75,7 @@ class BypassGuard:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._hook(len(self._handles), name)))
 
     def disarm(self) -> None:
-        """Remove every hook (the owner was stepped: the framework runs it)."""
+        """Remove every hook (the owner was stepped or loaded: the framework runs it)."""
         for handle in self._handles:
             handle.remove()
         self._handles, self._seen = [], {}
@@ -80,10 +88,10 @@ class BypassGuard:
         def after_grad(p: Tensor) -> None:
             if not self._handles or (p.is_cuda and torch.cuda.is_current_stream_capturing()):
                 return
-            now = _sample(p)
-            before = self._seen.get(index)
-            self._seen[index] = now
-            if before is None or (before.device == now.device and torch.equal(before, now)):
+            now, steps = _sample(p), _steps[0]
+            before, steps_before = self._seen.get(index, (None, steps))
+            self._seen[index] = (now, steps)
+            if before is None or steps != steps_before or (before.device == now.device and torch.equal(before, now)):
                 return
             gc.collect()  # a WSMOptimizer dropped by its user may still wait in a reference cycle
             if self._owner() is None:

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import callers, persistence, readout
 from .. import schedules
-from .bypass import BypassGuard
+from . import callers, persistence, readout
+from .bypass import BypassGuard, count_step
 from .model_buffers import ModelBuffers
 from .nonfinite import NonFiniteMergeError
 from .runtime import Runtime
@@ -104,8 +104,9 @@ class WSMOptimizer(torch.optim.Optimizer):
     ``torch.amp.GradScaler`` skips for inf/NaN gradients never calls it with an
     unfused inner optimizer; with a fused one (``fused=True``) GradScaler calls
     it and the inner step leaves the params unchanged, so it counts as a step
-    without progress. Until the first :meth:`step`, a backward pass that finds
-    the params moved since the previous one raises ``RuntimeError``: another
+    without progress. Until the first :meth:`step` (or :meth:`load_state_dict`),
+    a backward pass that finds the params moved since the previous one, with no
+    ``WSMOptimizer`` stepped in between, raises ``RuntimeError``: another
     optimizer is stepping them (e.g. the Hugging Face ``Trainer`` with
     DeepSpeed drops an optimizer given in ``optimizers=``; use ``wrap_trainer``).
 
@@ -232,6 +233,7 @@ class WSMOptimizer(torch.optim.Optimizer):
         rt.fence()  # the previous checkpoint's reads of the params come before the inner step changes them
         if callers.called_by_state_init():
             return True
+        count_step()
         if self._bypass is not None:
             self._bypass.disarm()
         callers.refuse_unattached_deepspeed(self)
@@ -397,6 +399,8 @@ class WSMOptimizer(torch.optim.Optimizer):
                 state_dict = result
         self._runtime.join()
         persistence.load(self._runtime, self.inner, state_dict)
+        if self._bypass is not None:  # a resumed optimizer is wired by hand; copies loaded to inspect need no guard
+            self._bypass.disarm()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
