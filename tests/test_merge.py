@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import reference as R
-from wsm_optim.core.merge import MergeSpec, MergeState
+from wsm_optim.core.spec import MergeSpec
+from wsm_optim.core.window import Position
 
 SHAPES = ["linear", "cosine", "1-sqrt", "inv-sqrt", "ema"]
 
@@ -29,14 +30,14 @@ def specs(draw):
     )
 
 
-def _counters(m: MergeState):
+def _counters(m: Position):
     return (m.anchored, m.t, m.r, m.windows_completed, m.has_completed, m.complete, m.window_index)
 
 
 @settings(max_examples=150, deadline=None)
 @given(specs(), st.integers(1, 60))
 def test_incremental_and_closed_form_agree_at_every_step(spec, steps):
-    live = MergeState("live", spec)
+    live = Position(spec)
     coefficients = {}  # step -> coefficient the incremental machine folds in
     for s in range(steps):
         if live.anchor_due(s):
@@ -44,7 +45,7 @@ def test_incremental_and_closed_form_agree_at_every_step(spec, steps):
         c = live.advance()
         if c is not None:
             coefficients[(s + 1, "checkpoint")] = c
-        shadow = MergeState("shadow", spec)
+        shadow = Position(spec)
         shadow.set_position(s + 1)
         assert _counters(shadow) == _counters(live), (spec, s + 1)
     # what the kernel computes on the device from the step count alone (kernels/wsm_update.py)
@@ -61,7 +62,7 @@ def test_incremental_and_closed_form_agree_at_every_step(spec, steps):
 @settings(max_examples=100, deadline=None)
 @given(specs(), st.integers(0, 60))
 def test_readout_weights_match_the_reference_terms(spec, steps):
-    m = MergeState("m", spec)
+    m = Position(spec)
     m.set_position(steps)
     got = m.readout_weights()
     assert got.sum() == pytest.approx(1.0, abs=1e-12)

@@ -131,13 +131,13 @@ def test_round_trip_decay_to_merge_to_decay(w):
     # c_j = w_j - w_{j+1}, computed here term by term
     padded = [1.0, *w, 0.0]
     np.testing.assert_array_equal(c, [padded[j] - padded[j + 1] for j in range(len(w) + 1)])
-    np.testing.assert_allclose(S.decay_from_merge(c), w, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(S.decay_from_coefficients(c), w, rtol=0, atol=1e-12)
 
 
 @settings(deadline=None, max_examples=100, derandomize=True)
 @given(merges())
 def test_round_trip_merge_to_decay_to_merge(c):
-    w = S.decay_from_merge(c)
+    w = S.decay_from_coefficients(c)
     assert w.shape == (len(c) - 1,)
     np.testing.assert_allclose(w, [sum(c[i:]) for i in range(1, len(c))], rtol=0, atol=1e-12)
     assert np.all(np.diff(w) <= 0)
@@ -262,7 +262,7 @@ def test_bad_k_type_and_bad_spec_type():
     "c,needle",
     [([0.5, 0.6], "sum to"), ([1.2, -0.2], "c_1 = -0.2"), ([1.0], "k + 1 >= 2"), ([0.5, float("nan")], "c_1")],
 )
-def test_decay_from_merge_validation(c, needle):
+def test_decay_from_coefficients_validation(c, needle):
     with pytest.raises(ValueError) as info:
-        S.decay_from_merge(c)
+        S.decay_from_coefficients(c)
     assert needle in str(info.value)

@@ -65,7 +65,7 @@ def test_lazy_values_are_bit_identical_to_the_materialised_arrays(sk, data):
     assert mw.w(0) == 1.0 and mw.w(k + 1) == 0.0
     j = data.draw(st.integers(0, k))
     assert bits(mw.c(j)) == bits(float(c[j])) and bits(mw.c(j)) == bits(mw.w(j) - mw.w(j + 1))
-    table = mw.table()
+    table = mw.coefficients()
     assert table.dtype == np.float64 and table.shape == (k + 1,)
     assert table.tobytes() == c.tobytes()
     # the digest that v0.1 state dicts store
@@ -129,7 +129,7 @@ def test_callable_up_to_the_limit_is_validated_at_every_point():
     k = 5000
     mw = S.weights(f, k)
     assert f.calls == k + 1  # f(0) and every w_i, evaluated once and kept
-    mw.c(10), mw.w(3), mw.table()
+    mw.c(10), mw.w(3), mw.coefficients()
     assert f.calls == k + 1
 
 
@@ -155,7 +155,7 @@ def test_digest_past_the_table_limit_follows_its_documented_formula():
 def test_materialised_forms_refuse_past_the_table_limit():
     k = S.TABLE_LIMIT  # k + 1 = TABLE_LIMIT + 1
     for call in (lambda: S.decay_weights("linear", k), lambda: S.merge_coefficients("cosine", k),
-                 lambda: S.weights("ema", k).table()):
+                 lambda: S.weights("ema", k).coefficients()):
         with pytest.raises(ValueError, match=rf"TABLE_LIMIT = {S.TABLE_LIMIT}.*schedules\.weights"):
             call()
     counting = CountingShape(square)
@@ -199,7 +199,7 @@ def test_explicit_numpy_schedule():
     seq = np.array([0.9, 0.5, 0.5, 0.1])
     mw = S.weights(seq, 4)
     assert mw.name == "explicit"
-    assert mw.table().tobytes() == S.merge_coefficients(seq, 4).tobytes()
+    assert mw.coefficients().tobytes() == S.merge_coefficients(seq, 4).tobytes()
     seq[0] = 0.0  # the caller's array may change: the weights do not
     assert mw.w(1) == 0.9
     with pytest.raises(ValueError, match="length 4, expected k = 3"):

@@ -17,7 +17,8 @@ import torch
 from wsm_optim import NonFiniteMergeError, WSMOptimizer
 from wsm_optim import schedules as S
 from wsm_optim.core.backends import triton as TB
-from wsm_optim.core.merge import MergeSpec, MergeState
+from wsm_optim.core.spec import MergeSpec
+from wsm_optim.core.window import Position
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK = TB.TritonBackend().block
@@ -217,7 +218,7 @@ def test_closed_form_position_matches_state_machine():
                        start=int(rng.integers(0, 5)), keep_last=True)
         p = torch.nn.Parameter(torch.zeros(2))
         opt = WSMOptimizer(torch.optim.SGD([("p", p)], lr=0.1), **spec_kw)
-        shadow = MergeState("x", MergeSpec(**spec_kw))
+        shadow = Position(MergeSpec(**spec_kw))
         for step in range(1, 25):
             p.grad = torch.ones(2)
             opt.step()
@@ -225,7 +226,7 @@ def test_closed_form_position_matches_state_machine():
             live = opt.merge_status()
             assert (shadow.anchored, shadow.t, shadow.r, shadow.windows_completed, shadow.has_completed) == (
                 live["anchored"], live["checkpoint"], live["steps_since_checkpoint"], live["windows_completed"],
-                live["completed_kept"],
+                live["has_completed"],
             ), (spec_kw, step)
 
 

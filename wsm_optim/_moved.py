@@ -19,7 +19,7 @@ from typing import Any
 #: 0.2 module -> its 0.3 home (modules that were new in 0.3 have no alias).
 MOVED = {
     "wsm_optim.optimizer": "wsm_optim.core.optimizer",
-    "wsm_optim.merge": "wsm_optim.core.merge",
+    "wsm_optim.merge": ("wsm_optim.core.merge", "wsm_optim.core.spec"),  # 0.2's merge held MergeSpec
     "wsm_optim.nonfinite": "wsm_optim.core.nonfinite",
     "wsm_optim.persistence": "wsm_optim.core.persistence",
     "wsm_optim.readout": "wsm_optim.core.readout",

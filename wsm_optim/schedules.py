@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Union
 
@@ -438,7 +439,9 @@ class WindowWeights:
         return c
 
     def table(self) -> np.ndarray:
-        """Deprecated name of :meth:`coefficients` (its errors keep the old name)."""
+        """Deprecated (0.2) name of :meth:`coefficients` (its errors keep the old name)."""
+        warnings.warn("WindowWeights.table() is now .coefficients(); the old name goes in 1.0", DeprecationWarning,
+                      stacklevel=2)
         _check_table_limit(self.k, "MergeWeights.table()")
         return self.coefficients()
 
@@ -542,10 +545,16 @@ def weights(schedule: Schedule, k: int) -> WindowWeights:
     return WindowWeights(k, name, "lazy", spec)
 
 
-# Deprecated names, kept for compatibility: one word per idea ("coefficients" c_j, "decay" w_i,
-# "parse" a schedule argument; ``merged_weights`` is the optimizer's swap).
-resolve = parse
-merge_weights = coefficients_from_decay
-decay_from_merge = decay_from_coefficients
-MergeWeights = WindowWeights
+#: 0.2 names -> today's: one word per idea ("coefficients" c_j, "decay" w_i, "parse" a schedule argument;
+#: ``merged_weights`` is the optimizer's swap). They import with a ``DeprecationWarning`` until 1.0.
+_RENAMED = {"resolve": "parse", "merge_weights": "coefficients_from_decay",
+            "decay_from_merge": "decay_from_coefficients", "MergeWeights": "WindowWeights"}
 _restore_merge_weights = _restore_window_weights  # pickles written before the rename
+
+
+def __getattr__(name: str) -> Any:
+    if name in _RENAMED:
+        warnings.warn(f"wsm_optim.schedules.{name} is now {_RENAMED[name]}; the old name goes in 1.0",
+                      DeprecationWarning, stacklevel=2)
+        return globals()[_RENAMED[name]]
+    raise AttributeError(f"module 'wsm_optim.schedules' has no attribute {name!r}")

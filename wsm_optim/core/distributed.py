@@ -18,7 +18,6 @@ DCP's state-initialising ``step()`` call is recognised in :mod:`wsm_optim.core.c
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 

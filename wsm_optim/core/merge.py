@@ -20,20 +20,20 @@ run resumed from a format-1 state dict: ``A`` then sums raw params,
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import distributed
 from .. import schedules
+from . import distributed
 from .nonfinite import SkipLedger
-from .spec import DEFAULT_MERGE, MergeSpec, check_bool, check_int, check_name, specs_from_arguments
+from .spec import MergeSpec
 from .window import Position
 
-__all__ = ["Merge", "MergeSpec", "MergeState", "DEFAULT_MERGE", "specs_from_arguments", "check_name",
-           "check_int", "check_bool"]
+__all__ = ["Merge"]
 
 
 class Merge:
@@ -202,8 +202,10 @@ class Merge:
 
 
 class MergeState(Position):
-    """Deprecated: the window position is :class:`wsm_optim.core.window.Position` (``Merge.position``)."""
+    """Deprecated (0.2): the window position is :class:`wsm_optim.core.window.Position` (``Merge.position``)."""
 
     def __init__(self, name: str, spec: MergeSpec) -> None:
+        warnings.warn("wsm_optim.merge.MergeState is now wsm_optim.core.window.Position(spec); the old name goes "
+                      "in 1.0", DeprecationWarning, stacklevel=2)
         super().__init__(spec)
         self.name = name

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .spec import NONFINITE_MODES  # re-exported: the option rules live in spec
 from ..common.warn import warn
+from .spec import NONFINITE_MODES  # re-exported: the option rules live in spec
 
 __all__ = ["NonFiniteMergeError", "FiniteCheck", "SkipLedger", "nonfinite_error", "NONFINITE_MODES"]
 

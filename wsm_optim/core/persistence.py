@@ -54,11 +54,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import distributed
 from .. import schedules
+from ..common.text import a
+from . import distributed
 from .registry import param_numbering
 from .window import Position
-from ..common.text import a
 
 if TYPE_CHECKING:
     from .merge import Merge

@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from ..common.precision import accumulator_dtype
+from ..common.warn import warn
 from . import distributed
 from .nonfinite import FiniteCheck, NonFiniteMergeError, nonfinite_error
-from ..common.precision import accumulator_dtype
 from .registry import unique_names
-from ..common.warn import warn
 
 if TYPE_CHECKING:
     from .merge import Merge

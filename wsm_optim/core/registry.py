@@ -26,11 +26,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..common.precision import accumulator_dtype, accumulator_like  # re-exported (earlier home)
+from ..common.text import a
+from ..common.warn import warn
 from . import distributed
 from .model_buffers import ModelBuffers
-from ..common.precision import accumulator_dtype, accumulator_like  # re-exported (earlier home)
-from ..common.warn import warn
-from ..common.text import a
 
 __all__ = ["Group", "Registry", "accumulator_like", "accumulator_dtype", "param_numbering", "unique_names"]
 

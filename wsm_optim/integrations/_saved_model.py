@@ -27,9 +27,7 @@ def load_saved_model(trainer: Any, folder: str) -> bool:
             ones, or holds weights the model does not have; names them.
     """
     import safetensors.torch
-    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
-
-    from transformers.utils import is_sagemaker_mp_enabled
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, is_sagemaker_mp_enabled
 
     if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled or is_sagemaker_mp_enabled():
         return False

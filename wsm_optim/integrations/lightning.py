@@ -23,9 +23,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from .. import schedules
 from ..core.optimizer import WSMOptimizer
-from .unwrap import unwrap
 from ._arguments import merge_config
 from ._schedulers import describe_decay, repoint_scheduler
+from .unwrap import unwrap
 
 __all__ = ["WSMCallback"]
 

@@ -58,14 +58,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
-
-from ..common.text import a
 from torchtitan.components.checkpoint import AsyncMode, CheckpointManager, ModelWrapper
 from torchtitan.components.optimizer import OptimizersContainer
 from torchtitan.components.optimizer.utils import get_flat_optim_state_dict, init_optim_state
 
-from ..core.spec import check_bool, check_options, specs_from_arguments
+from ..common.text import a
 from ..core.optimizer import WSMOptimizer
+from ..core.spec import check_bool, check_options, specs_from_arguments
 from ..schedules import Schedule
 
 __all__ = ["WSMConfig", "WSMOptimizersContainer", "with_wsm"]

@@ -48,11 +48,11 @@ from typing import Any
 
 from .. import schedules
 from ..core.optimizer import WSMOptimizer
-from .unwrap import unwrap
 from ._arguments import merge_config
 from ._final_weights import forget_final_weights, keep_final_weights
 from ._saved_model import load_saved_model
 from ._schedulers import describe_decay, repoint_scheduler
+from .unwrap import unwrap
 
 __all__ = ["wrap_trainer", "WSMTrainerMixin", "merged_folder"]
 

@@ -38,10 +38,10 @@ import torch
 from torch import Tensor
 
 from .. import schedules
-from . import writers as writers
-from .readers import checkpoint_kind, common_layout, open_reader
 from ..common.atomic import TORCH_SUFFIXES, write_target
+from . import writers as writers
 from .files import UnsafePickleWarning
+from .readers import checkpoint_kind, common_layout, open_reader
 from .streaming import averaged, merged_blocks, plan_batches, plan_blocks
 
 __all__ = [

@@ -37,9 +37,9 @@ import torch
 import torch.multiprocessing
 from torch import Tensor
 
-from .readers import open_reader
 from ..common.precision import accumulator_dtype
 from ..common.progress import Progress
+from .readers import open_reader
 
 __all__ = ["Block", "ReadBuffers", "plan_blocks", "plan_batches", "merge_batch", "merged_blocks", "check_finite",
            "averaged", "PIECE_BYTES"]

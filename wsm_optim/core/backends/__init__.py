@@ -38,6 +38,7 @@ captured in a CUDA graph).
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -45,8 +46,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from ..distributed import is_dtensor
 from ...common.precision import accumulator_dtype, accumulator_like
+from ..distributed import is_dtensor
 from ..spec import BACKEND_NAMES, OFFLOAD_CHOICES, check_options  # the option rules live in spec
 
 __all__ = ["Backend", "BackendBase", "MergeUpdate", "select", "inline", "resolve", "BACKEND_NAMES", "BACKENDS", "OFFLOAD_CHOICES"]
@@ -233,5 +234,9 @@ def inline() -> Backend:
     return _load("foreach")
 
 
-#: Deprecated name of :func:`select` (``resolve`` also names schedule and input lookups).
-resolve = select
+def __getattr__(name: str) -> Any:
+    if name == "resolve":  # the 0.2 name of select() ("resolve" also named schedule and input lookups)
+        warnings.warn("wsm_optim.backends.resolve is now select; the old name goes in 1.0", DeprecationWarning,
+                      stacklevel=2)
+        return select
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

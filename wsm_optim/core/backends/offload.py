@@ -33,11 +33,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import distributed
 from ...common.precision import accumulator_dtype
 from ...common.warn import warn
-from . import BackendBase, MergeUpdate
-from . import foreach
+from .. import distributed
+from . import BackendBase, MergeUpdate, foreach
 
 __all__ = ["OffloadBackend"]
 

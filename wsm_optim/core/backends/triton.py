@@ -26,8 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import BackendBase, MergeUpdate
-from . import foreach
+from . import BackendBase, MergeUpdate, foreach
 
 try:
     import triton.language as tl
