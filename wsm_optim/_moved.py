@@ -69,10 +69,14 @@ class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         _warn(spec.name, home if isinstance(home, str) else " and ".join(home))
         if isinstance(home, tuple):
             return _joined(spec.name, home)
-        return importlib.import_module(home)
+        module = importlib.import_module(home)
+        spec.loader_state = module.__spec__  # the import system sets __spec__ to the alias's next
+        return module
 
     def exec_module(self, module: types.ModuleType) -> None:
-        pass
+        own = module.__spec__.loader_state
+        if own is not None:  # the new module keeps its own spec (its relative imports resolve from it)
+            module.__spec__ = own
 
 
 def install() -> None:
