@@ -1,4 +1,4 @@
-"""accelerate: ``accelerator.prepare(model, WSMOptimizer(...))``, then readouts through ``wsm_optim.integrations.unwrap``."""
+"""accelerate: ``accelerator.prepare(model, WSMOptimizer(...))``, then readouts through ``wsm_optim.unwrap``."""
 
 import copy
 

@@ -300,8 +300,8 @@ def test_accelerate(tmp_path, monkeypatch):
     opt = wsm_optim.WSMOptimizer(torch.optim.AdamW(fresh.named_parameters(), lr=1e-3), window=4)
     fresh, opt = accelerator.prepare(fresh, opt)
     accelerator.load_state("ckpt")
-    assert wsm_optim.integrations.unwrap(opt).steps == ns["wsm"].steps
-    expected, got = ns["wsm"].merged_state_dict(), wsm_optim.integrations.unwrap(opt).merged_state_dict()
+    assert wsm_optim.unwrap(opt).steps == ns["wsm"].steps
+    expected, got = ns["wsm"].merged_state_dict(), wsm_optim.unwrap(opt).merged_state_dict()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 

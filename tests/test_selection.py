@@ -8,7 +8,7 @@ from torch import nn
 
 from wsm_optim import WSMOptimizer
 from wsm_optim.core.selection import evaluate_merges
-from wsm_optim.integrations.unwrap import unwrap
+from wsm_optim import unwrap
 
 MERGES = {"lin4": dict(window=4), "sqrt6": dict(schedule="1-sqrt", window=6, keep_last=True), "lin2": dict(window=2)}
 

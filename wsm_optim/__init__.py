@@ -34,6 +34,7 @@ from . import _moved  # noqa: E402
 
 _moved.install()
 
+from .integrations import _callers  # noqa: E402,F401  (torch-free: what the engines need from step())
 from .integrations.unwrap import unwrap  # noqa: E402  (torch-free; eager so the submodule never shadows the function)
 
 

@@ -1,11 +1,10 @@
 """Stop a run whose ``WSMOptimizer`` is constructed but never stepped, while something else trains its params.
 
 The merge only advances when ``WSMOptimizer.step()`` runs. A framework can
-silently replace the optimizer it was given: Hugging Face ``Trainer`` with a
-DeepSpeed config does (``deepspeed_init`` sets ``trainer.optimizer = None`` and
-builds an optimizer from ``TrainingArguments``, so ``optimizers=(WSMOptimizer(...),
-None)`` is dropped); so does a loop that calls ``opt.inner.step()``. Nothing of
-the merge then runs, and a readout days later finds 0 steps.
+silently replace the optimizer it was given and train one of its own; so does a
+loop that calls ``opt.inner.step()``. Nothing of the merge then runs, and a
+readout days later finds 0 steps. (The integrations register the fix for the
+frameworks known to do it as ``callers.HINTS["bypass"]``.)
 
 :class:`BypassGuard` is armed from construction until the first ``step()`` or
 ``load_state_dict()``: one post-accumulate-grad hook per trainable param
@@ -28,6 +27,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from . import callers
 
 __all__ = ["BypassGuard", "count_step"]
 
@@ -101,12 +102,9 @@ class BypassGuard:
             label = f"parameter {name!r}" if name is not None else f"parameter #{index} (shape {tuple(p.shape)})"
             raise RuntimeError(
                 f"WSMOptimizer: {label} changed between two backward passes, but WSMOptimizer.step() has never "
-                "been called: another optimizer is training these params and the merge counts none of its steps. "
-                "With the Hugging Face Trainer and DeepSpeed, Trainer(optimizers=(WSMOptimizer(...), None)) is "
-                "dropped by transformers' DeepSpeed set-up, which builds its own optimizer: use "
-                "wsm_optim.integrations.transformers.wrap_trainer(trainer, window=...) before train() (it keeps a "
-                "WSMOptimizer given in optimizers=). Otherwise step the WSMOptimizer, not the optimizer it wraps "
-                "(for steps before the first window, use start=)"
+                "been called: another optimizer is training these params and the merge counts none of its steps."
+                f"{callers.hint('bypass')} Otherwise step the WSMOptimizer, not the optimizer it wraps (for steps "
+                "before the first window, use start=)"
             )
 
         return after_grad

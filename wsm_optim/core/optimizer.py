@@ -16,8 +16,9 @@ entered through them still change the one shared runtime.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -28,7 +29,7 @@ from . import callers, persistence, readout
 from .bypass import BypassGuard, count_step
 from .model_buffers import ModelBuffers
 from .nonfinite import NonFiniteMergeError
-from .runtime import Runtime
+from .runtime import EngineBinding, Runtime
 from .spec import DEFAULT_MERGE, MergeSpec, check_bool, specs_from_arguments
 
 __all__ = ["WSMOptimizer", "MergeSpec", "DEFAULT_MERGE", "NonFiniteMergeError"]
@@ -194,10 +195,9 @@ class WSMOptimizer(torch.optim.Optimizer):
         self.inner.zero_grad(set_to_none=set_to_none)
 
     def __getstate__(self) -> dict[str, Any]:
-        # an LR scheduler wraps ``step`` on the instance, bound to this object: a copy uses its class step
-        # (and DeepSpeed's attach binds ``merged_weights`` to its engine: a copy uses the class's)
-        # (a copy has its own params: the original's bypass guard does not follow it)
-        return {k: v for k, v in self.__dict__.items() if k not in ("step", "_opt_called", "merged_weights", "_bypass")}
+        # an LR scheduler wraps ``step`` on the instance, bound to this object: a copy uses its class step;
+        # a copy has its own params: the original's bypass guard does not follow it
+        return {k: v for k, v in self.__dict__.items() if k not in ("step", "_opt_called", "_bypass")}
 
     def __repr__(self) -> str:
         merges = ", ".join(repr(m) for m in self._runtime.merges)
@@ -236,7 +236,7 @@ class WSMOptimizer(torch.optim.Optimizer):
         count_step()
         if self._bypass is not None:
             self._bypass.disarm()
-        callers.refuse_unattached_deepspeed(self)
+        callers.run_step_checks(self)
         rt.follow_params(self.inner.param_groups)
         rt.check_step()
         rt.anchor_windows()
@@ -330,8 +330,30 @@ class WSMOptimizer(torch.optim.Optimizer):
         ``torch.optim.Optimizer``: do not step and read from two threads.
         """
         completed = check_bool("completed", completed)
+        engine = self._runtime.engine
+        if engine is not None and engine.merged_weights is not None:
+            with engine.merged_weights(
+                functools.partial(readout.swapped, self._runtime, merge, self.inner.param_groups, completed)
+            ) as value:
+                yield value
+            return
         with readout.swapped(self._runtime, merge, self.inner.param_groups, completed):
             yield self
+
+    def _bind_engine(self, *, merged_weights: Callable[[Callable[[], Any]], Any] | None = None,
+                     drop_model: bool = False) -> None:
+        """The hook for an engine integration that re-homes the params (not user API; DeepSpeed's ``attach``).
+
+        An engine that replaces the tracked params with its own (DeepSpeed ZeRO's
+        flat fp32 partitions) calls this once. ``merged_weights(core_swap)``
+        replaces :meth:`merged_weights` (see :class:`~wsm_optim.core.runtime.EngineBinding`);
+        ``drop_model=True`` forgets the constructor's ``model``, whose params
+        are no longer the tracked ones (readouts are keyed by ``param_names``).
+        Copies of the optimizer do not keep the binding.
+        """
+        self._runtime.engine = EngineBinding(merged_weights)
+        if drop_model:
+            self.model = None
 
     def save_merged(self, path, dtype: torch.dtype | None = None, *, model: nn.Module | None = None,
                     merge: str | None = None, completed: bool = False):

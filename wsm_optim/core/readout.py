@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..common.precision import accumulator_dtype
 from ..common.warn import warn
-from . import distributed
+from . import callers, distributed
 from .nonfinite import FiniteCheck, NonFiniteMergeError, nonfinite_error
 from .registry import unique_names
 
@@ -104,10 +104,9 @@ def _prepare(rt: "Runtime", merge: "Merge", completed: bool, what: str):
     if rt.steps == 0 and rt.trained_elsewhere():
         warn(
             f"{what}: this WSMOptimizer has counted no step(), yet its parameters changed since it was built: "
-            "another optimizer is training them, so there is no merge (the readout is the live model). "
-            "DeepSpeed under the Hugging Face Trainer discards the optimizer given in optimizers=(...): call "
-            "wsm_optim.integrations.transformers.wrap_trainer(trainer, ...) before train(). (If you loaded "
-            "weights into the model yourself before the first step, ignore this.)",
+            "another optimizer is training them, so there is no merge (the readout is the live model)."
+            f"{callers.hint('unstepped')} (If you loaded weights into the model yourself before the first step, "
+            "ignore this.)",
             RuntimeWarning,
         )
     source = merge.source(completed)  # raises if there is no completed window to read
@@ -175,7 +174,7 @@ def _entries(rt: "Runtime", model: nn.Module | None) -> list[tuple[str, Tensor, 
             )
         unique_names({p: names[p] for p in rt.registry.params}, "merged_state_dict()")
         # merged model buffers (merge_buffers=True) under their module names: reached without a model
-        # where the optimizer's model was dropped (DeepSpeed ZeRO tracks flat partitions, not the module)
+        # where an engine dropped the optimizer's model (its params are not the module's any more)
         buffers = [(n, b, b) for b, n in rt.registry.buffer_names.items()]
         return [(names[p], p, p) for p in rt.registry.params] + buffers
     if not isinstance(model, nn.Module):

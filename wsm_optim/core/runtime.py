@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,19 @@ from .registry import Group, Registry
 from .spec import MergeSpec, check_options
 
 __all__ = ["Runtime"]
+
+
+@dataclass(frozen=True)
+class EngineBinding:
+    """What an engine integration that re-homes the params asks of the optimizer (``WSMOptimizer._bind_engine``).
+
+    ``merged_weights(core_swap)``: a context-manager factory that replaces
+    ``WSMOptimizer.merged_weights()``; ``core_swap()`` is the optimizer's own
+    swap of the params it tracks (enter it, then swap whatever copies the
+    engine keeps; what the block yields is what ``merged_weights()`` yields).
+    """
+
+    merged_weights: Callable[[Callable[[], Any]], Any] | None = None
 
 
 @dataclass
@@ -58,6 +72,7 @@ class Runtime:
     side_done: Any = None
     swap_lock: Any = field(default_factory=threading.Lock)
     initial: dict[int, tuple] = field(default_factory=dict)  # id(param) -> _sums when wrapped
+    engine: EngineBinding | None = None  # what an engine integration bound (WSMOptimizer._bind_engine)
 
     @classmethod
     def create(cls, specs: dict[str, MergeSpec], param_groups, *, backend: str, nonfinite: str, overlap: Any,
@@ -139,7 +154,8 @@ class Runtime:
 
     def __getstate__(self) -> dict[str, Any]:  # CUDA streams, events and locks cannot be pickled
         self.join()  # a copy holds every fold that was started
-        return dict(self.__dict__, side_stream=None, side_done=None, swap_lock=None)
+        # nor the engine a binding refers to: a copy is a plain WSMOptimizer again
+        return dict(self.__dict__, side_stream=None, side_done=None, swap_lock=None, engine=None)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state, swap_lock=threading.Lock())
@@ -320,7 +336,6 @@ class Runtime:
     def trained_elsewhere(self) -> bool:
         """No ``step()`` was counted, yet the params changed since wrapping: another optimizer is stepping them.
 
-        (DeepSpeed under the HF ``Trainer`` builds and steps its own optimizer.)
         One reduction per param and one host sync; readouts call it only while ``steps == 0``.
         """
         now = _sums([p for p in self.registry.params if id(p) in self.initial])

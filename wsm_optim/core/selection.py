@@ -69,7 +69,7 @@ def evaluate_merges(
 
     Args:
         optimizer: a :class:`~wsm_optim.WSMOptimizer`, or a framework wrapper
-            around one (see :func:`wsm_optim.integrations.unwrap`).
+            around one (see :func:`wsm_optim.unwrap`).
         evaluate: called with no argument while a merge is swapped in; returns
             a number (e.g. the validation loss of the model the optimizer trains).
         merges: names to evaluate (default: every tracked merge).

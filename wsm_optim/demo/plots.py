@@ -168,7 +168,7 @@ def plot_ablations(cfg: Config, abl: dict[str, Any], table: list[dict[str, Any]]
     ax.set_xscale("log", base=2)
     ax.set_xticks(ws, [str(w) for w in ws])
     ax.minorticks_off()
-    ax.set(xlabel="window W (steps)", ylabel=f"val loss at the last step vs WSD (%)\nlower is better",
+    ax.set(xlabel="window W (steps)", ylabel="val loss at the last step vs WSD (%)\nlower is better",
            title=f"window length ({abl['regime']} regime)")
 
     ax = axes[1]

@@ -37,7 +37,7 @@ What DeepSpeed does to a client optimizer, and what :func:`attach` changes:
   low-precision copies (the module's params) from them, and on exit restores
   both: the masters bit-exactly, the copies as the cast of the masters, which
   is what they were. After :func:`attach`, the ``WSMOptimizer``'s own
-  ``merged_weights()`` (e.g. ``wsm_optim.integrations.unwrap(engine).merged_weights()``) is
+  ``merged_weights()`` (e.g. ``wsm_optim.unwrap(engine).merged_weights()``) is
   this function for the engine. Its own ``merged_state_dict()`` returns this
   rank's flat partitions (keys ``FLAT_NAME``); :func:`merged_state_dict`
   gives them by parameter name.
@@ -69,7 +69,8 @@ gathered on the fly), optimizer offload, elastic checkpoints.
 from __future__ import annotations
 
 import contextlib
-import functools
+import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -82,6 +83,8 @@ __all__ = ["attach", "merged_state_dict", "merged_weights", "FLAT_NAME"]
 
 #: Name under which the ``WSMOptimizer`` tracks param group ``i``'s flat partition: ``FLAT_NAME.format(i)``.
 FLAT_NAME = "deepspeed_flat_group_{}"
+#: DeepSpeed's optimizer wrapper (or, at stage 0, the WSMOptimizer itself) -> the WSMOptimizer attach() wired.
+_ATTACHED: weakref.WeakKeyDictionary[Any, WSMOptimizer] = weakref.WeakKeyDictionary()
 
 
 def _zero(engine: Any) -> Any:
@@ -112,7 +115,7 @@ def attach(engine: Any) -> WSMOptimizer:
             "a WSM merge of its partitions is not supported. Use ZeRO stage 1 or 2, or FSDP2 (fully_shard)"
         )
     wsm = unwrap(zero)
-    if getattr(zero, "_wsm_attached", None) is wsm:
+    if _ATTACHED.get(zero) is wsm:
         return wsm
     if stage == 0:
         if zero is not wsm:
@@ -120,7 +123,7 @@ def attach(engine: Any) -> WSMOptimizer:
                 f"wsm_optim.integrations.deepspeed: without ZeRO, DeepSpeed wraps the optimizer in "
                 f"{type(zero).__name__} (bf16/fp16 master weights); not supported. Use ZeRO stage 1 or 2"
             )
-        wsm._wsm_attached = wsm  # stepped as is: nothing to rewire
+        _ATTACHED[wsm] = wsm  # stepped as is: nothing to rewire
         return wsm
     if not hasattr(zero, "single_partition_of_fp32_groups"):
         raise NotImplementedError(
@@ -153,9 +156,6 @@ def attach(engine: Any) -> WSMOptimizer:
             "one per param group; call attach(engine) right after deepspeed.initialize, before the first step"
         )
     inner = wsm.inner
-    # The optimizer now tracks flat partitions, not the module's params: its own model-keyed readouts cannot
-    # apply (merged_state_dict(engine, model=...) here gives them); its readouts are keyed by FLAT_NAME.
-    wsm.model = None
     for i, group in enumerate(inner.param_groups):
         # ZeRO left the names of the params it flattened; the group now holds one flat partition.
         group["param_names"] = [FLAT_NAME.format(i)]
@@ -186,14 +186,31 @@ def attach(engine: Any) -> WSMOptimizer:
             _check_loadable(zero, state_dict_list, kwargs.get("checkpoint_folder", args[1] if len(args) > 1 else None))
         return type(zero).load_state_dict(zero, state_dict_list, load_optimizer_states, *args, **kwargs)
 
+    @contextlib.contextmanager
+    def swap(core_swap: Any) -> Iterator[Any]:
+        """The optimizer's merged_weights(): the masters swapped by the core, then the module's copies refreshed."""
+        try:
+            with core_swap():
+                zero.update_lp_params()
+                yield engine
+        finally:
+            zero.update_lp_params()
+
+    # DeepSpeed offers no hook around its optimizer step: ZeRO's own step and checkpoint load are rewired here.
     zero._optimizer_step = step_group
     zero.step = step
     zero.load_state_dict = load_state_dict
-    zero._wsm_attached = wsm
-    # wsm.merged_weights() (through wsm_optim.integrations.unwrap(engine)) would swap the masters only, and the module's
-    # copies, which a forward reads, would stay live: it is this module's merged_weights(engine) instead.
-    wsm.merged_weights = functools.partial(merged_weights, engine)
+    _ATTACHED[zero] = wsm
+    # The optimizer now tracks flat partitions, not the module's params: its model-keyed readouts cannot apply
+    # (merged_state_dict(engine, model=...) gives them by name; its own are keyed by FLAT_NAME), and its
+    # merged_weights() (e.g. through wsm_optim.unwrap(engine)) must also refresh the module's copies.
+    wsm._bind_engine(merged_weights=swap, drop_model=True)
     return wsm
+
+
+def attached_to(zero: Any) -> WSMOptimizer | None:
+    """The ``WSMOptimizer`` that :func:`attach` rewired ``zero`` (DeepSpeed's optimizer wrapper) for, or ``None``."""
+    return _ATTACHED.get(zero)
 
 
 def _check_loadable(zero: Any, state_dict_list: Any, checkpoint_folder: Any) -> None:
@@ -239,7 +256,7 @@ def _gather(zero: Any, group_no: int, partition: Tensor) -> Tensor:
 
 def _attached(engine: Any) -> tuple[Any, WSMOptimizer]:
     zero = _zero(engine)
-    wsm = getattr(zero, "_wsm_attached", None)
+    wsm = _ATTACHED.get(zero)
     if wsm is None:
         raise RuntimeError(
             "wsm_optim.integrations.deepspeed: call attach(engine) after deepspeed.initialize (before the first step)"
@@ -319,14 +336,6 @@ def merged_weights(engine: Any, *, merge: str | None = None, completed: bool = F
     them (the cast of the masters, which they were before). Every rank must
     enter (the copies are all-gathered).
     """
-    zero, wsm = _attached(engine)
-    if zero is wsm:  # stage 0: the module's params are the optimizer's
-        with wsm.merged_weights(merge=merge, completed=completed):
-            yield engine
-        return
-    try:
-        with WSMOptimizer.merged_weights(wsm, merge=merge, completed=completed):
-            zero.update_lp_params()
-            yield engine
-    finally:
-        zero.update_lp_params()
+    _, wsm = _attached(engine)
+    with wsm.merged_weights(merge=merge, completed=completed):  # at stages 1/2 the swap attach bound
+        yield engine
