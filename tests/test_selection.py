@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from wsm_optim import WSMOptimizer
-from wsm_optim.core.selection import evaluate_merges
+from wsm_optim.selection import evaluate_merges
 from wsm_optim import unwrap
 
 MERGES = {"lin4": dict(window=4), "sqrt6": dict(schedule="1-sqrt", window=6, keep_last=True), "lin2": dict(window=2)}

@@ -9,7 +9,8 @@ Layout: ``core/`` (the online engine: ``WSMOptimizer``, its merges, backends,
 readouts and state-dict format), ``offline/`` (merging saved checkpoints),
 ``cli/`` (the ``wsm-optim`` command), ``integrations/`` (trainers and engines),
 ``common/`` (pieces the three share), ``schedules`` (decay shapes and Theorem 3.1
-weights, torch-free), ``demo`` (never imported by the library). 0.2 module paths
+weights, torch-free), ``selection`` (``evaluate_merges``), ``demo`` (never imported by the
+library). 0.2 module paths
 (``wsm_optim.optimizer`` and the like) still import, with a ``DeprecationWarning``.
 """
 
@@ -25,8 +26,8 @@ _EXPORTS = {
     "NonFiniteMergeError": "core.nonfinite",
     "LiveParamsChangedWarning": "core.readout",
     "merge_checkpoints": "offline",
-    "evaluate_merges": "core.selection",
-    "MergeScores": "core.selection",
+    "evaluate_merges": "selection",
+    "MergeScores": "selection",
 }
 
 

@@ -25,7 +25,6 @@ MOVED = {
     "wsm_optim.readout": "wsm_optim.core.readout",
     "wsm_optim.registry": "wsm_optim.core.registry",
     "wsm_optim.runtime": "wsm_optim.core.runtime",
-    "wsm_optim.selection": "wsm_optim.core.selection",
     "wsm_optim.distributed": "wsm_optim.core.distributed",
     "wsm_optim.backends": "wsm_optim.core.backends",
     "wsm_optim.backends.foreach": "wsm_optim.core.backends.foreach",

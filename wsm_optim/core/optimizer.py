@@ -309,11 +309,12 @@ class WSMOptimizer(torch.optim.Optimizer):
         current window's readout uses live params that were edited since the
         last ``step()``.
         """
-        return readout.state_dict(
-            self._runtime, merge, self.inner.param_groups, dtype=dtype, model=model if model is not None else self.model,
-            completed=check_bool("completed", completed), full=full, rank0_only=rank0_only,
-            cpu_offload=cpu_offload,
-        )
+        with readout.held_live_in(self._runtime):
+            return readout.state_dict(
+                self._runtime, merge, self.inner.param_groups, dtype=dtype,
+                model=model if model is not None else self.model, completed=check_bool("completed", completed),
+                full=full, rank0_only=rank0_only, cpu_offload=cpu_offload,
+            )
 
     @contextlib.contextmanager
     def merged_weights(self, *, merge: str | None = None, completed: bool = False):
@@ -330,15 +331,28 @@ class WSMOptimizer(torch.optim.Optimizer):
         ``torch.optim.Optimizer``: do not step and read from two threads.
         """
         completed = check_bool("completed", completed)
+        core_swap = functools.partial(readout.swapped, self._runtime, merge, self.inner.param_groups, completed)
         engine = self._runtime.engine
-        if engine is not None and engine.merged_weights is not None:
-            with engine.merged_weights(
-                functools.partial(readout.swapped, self._runtime, merge, self.inner.param_groups, completed)
-            ) as value:
-                yield value
-            return
-        with readout.swapped(self._runtime, merge, self.inner.param_groups, completed):
-            yield self
+        with readout.held_live_in(self._runtime):
+            if engine is not None and engine.merged_weights is not None:
+                with engine.merged_weights(core_swap) as value:
+                    yield value
+            else:
+                with core_swap():
+                    yield self
+
+    def _hold_live(self) -> None:
+        """The hook for a trainer that loads other weights into the model at the end (not user API).
+
+        Keeps the live params on the host as the readouts' live terms until the
+        next step or :meth:`load_state_dict` (:func:`wsm_optim.core.readout.hold_live`);
+        the Hugging Face ``Trainer`` integration calls it before ``load_best_model_at_end``.
+        """
+        readout.hold_live(self._runtime, self.inner.param_groups)
+
+    def _release_live(self) -> None:
+        """Drop what :meth:`_hold_live` kept: readouts use the live params again."""
+        self._runtime.held_live = None
 
     def _bind_engine(self, *, merged_weights: Callable[[Callable[[], Any]], Any] | None = None,
                      drop_model: bool = False) -> None:
@@ -421,6 +435,7 @@ class WSMOptimizer(torch.optim.Optimizer):
                 state_dict = result
         self._runtime.join()
         persistence.load(self._runtime, self.inner, state_dict)
+        self._runtime.held_live = None  # the loaded state goes with the params the caller holds now
         if self._bypass is not None:  # a resumed optimizer is wired by hand; copies loaded to inspect need no guard
             self._bypass.disarm()
         for hook in self._optimizer_load_state_dict_post_hooks.values():

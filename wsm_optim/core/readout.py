@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -273,6 +275,61 @@ def state_dict(
         label = repr(key) if rt.registry.names or model else rt.registry.label(param)
         _raise_bad(rt, merge, completed, label, param, out[key].dtype, source, scale)
     return out
+
+
+@dataclass
+class HeldLive:
+    """The live terms of the readouts, kept aside while other weights sit in the params (:func:`hold_live`).
+
+    ``values``: ``(param or merged model buffer, its local value on the host)``;
+    ``steps``: the step count they belong to (a later step drops them).
+    """
+
+    values: list[tuple[Tensor, Tensor]]
+    steps: int
+
+
+def hold_live(rt: "Runtime", param_groups) -> None:
+    """Keep the live params (and merged model buffers) on the host as the readouts' live terms.
+
+    The current window's merge ``M_t = A_t + w_{t+1} theta_live`` uses the live
+    params as its newest term. A trainer that loads other weights into the model
+    when training ends (a "best" checkpoint) would replace that term; with the
+    final live values held, every readout puts them back in the params for its
+    duration (and the loaded values back after it), so it reads the run's final
+    merge exactly. Costs one host copy of the params in their dtype; dropped at
+    the next step or ``load_state_dict``.
+    """
+    terms = list(dict.fromkeys(p for group in param_groups for p in group["params"]))
+    if rt.registry.model_buffers is not None:
+        terms += rt.registry.model_buffers.current()
+    with torch.no_grad():
+        rt.held_live = HeldLive([(p, distributed.local_view(p).detach().to("cpu", copy=True)) for p in terms],
+                                rt.steps)
+
+
+@contextlib.contextmanager
+def held_live_in(rt: "Runtime") -> Iterator[None]:
+    """For a readout's duration: the held live terms in the params (nothing without :func:`hold_live`)."""
+    held = rt.held_live
+    if held is not None and rt.steps != held.steps:
+        rt.held_live = held = None  # trained on since: the live params are the run's again
+    if held is None:
+        yield
+        return
+    with torch.no_grad():
+        now = [(p, distributed.local_view(p).detach().clone()) for p, _ in held.values]
+        for p, final in held.values:
+            distributed.local_view(p).copy_(final)
+    try:
+        # the params hold the final step's values bit-exactly again: "changed since the last step()" does not apply
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", LiveParamsChangedWarning)
+            yield
+    finally:
+        with torch.no_grad():
+            for p, value in now:
+                distributed.local_view(p).copy_(value)
 
 
 @contextlib.contextmanager

@@ -73,6 +73,7 @@ class Runtime:
     swap_lock: Any = field(default_factory=threading.Lock)
     initial: dict[int, tuple] = field(default_factory=dict)  # id(param) -> _sums when wrapped
     engine: EngineBinding | None = None  # what an engine integration bound (WSMOptimizer._bind_engine)
+    held_live: Any = None  # readout.HeldLive: final live terms kept aside (WSMOptimizer._hold_live)
 
     @classmethod
     def create(cls, specs: dict[str, MergeSpec], param_groups, *, backend: str, nonfinite: str, overlap: Any,
@@ -155,7 +156,7 @@ class Runtime:
     def __getstate__(self) -> dict[str, Any]:  # CUDA streams, events and locks cannot be pickled
         self.join()  # a copy holds every fold that was started
         # nor the engine a binding refers to: a copy is a plain WSMOptimizer again
-        return dict(self.__dict__, side_stream=None, side_done=None, swap_lock=None, engine=None)
+        return dict(self.__dict__, side_stream=None, side_done=None, swap_lock=None, engine=None, held_live=None)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state, swap_lock=threading.Lock())

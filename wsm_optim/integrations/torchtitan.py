@@ -170,7 +170,7 @@ class WSMOptimizersContainer(OptimizersContainer):
             # Readouts stay keyed by param FQN (plus the buffers' names): a model part's own
             # state_dict() runs its hooks (fused wqkv split into wq/wk/wv), whose slices no
             # optimizer tracks; merged_model_state_dict reads that through merged_weights().
-            opt.model = None
+            opt._bind_engine(drop_model=True)
             wrapped.append(opt)
         self.optimizers = wrapped
 

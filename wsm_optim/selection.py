@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..integrations.unwrap import unwrap
+from .integrations.unwrap import unwrap
 
 __all__ = ["MergeScores", "evaluate_merges"]
 
