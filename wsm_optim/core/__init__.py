@@ -1,1 +1,1 @@
-"""The online engine: `WSMOptimizer`, its merges, buffers, backends, readouts and state-dict format."""
+"""The online engine: `WSMOptimizer`, its merges, accumulators, backends, readouts and state-dict format."""

@@ -1,12 +1,12 @@
-"""One tracked merge: :class:`Merge` holds its spec, window position, skip ledger and buffers.
+"""One tracked merge: :class:`Merge` holds its spec, window position, skip ledger and accumulators.
 
 Everything about one merge lives on its ``Merge`` object, and everything else
 asks it: the runtime's checkpoint passes (:meth:`Merge.update`), the readouts
 (:meth:`Merge.source`), the state-dict format (``acc`` / ``completed`` and the
-position's counters). A ``Merge`` gives a param adopted mid-window its buffers
-and seeds them itself (:meth:`Merge.follow`).
+position's counters). A ``Merge`` gives a param adopted mid-window its
+accumulators and seeds them itself (:meth:`Merge.follow`).
 
-Buffers are keyed by the param object: ``origin[p]`` is the window origin
+The accumulators are keyed by the param object: ``origin[p]`` is the window origin
 ``theta_0`` (``p`` at the current window's anchor, in ``p``'s dtype), ``acc[p]``
 the running sum ``A = sum_j c_j (theta_j - theta_0)`` of the current window,
 ``completed[p]`` (``keep_last`` only) the last completed window's merge, stored
@@ -37,7 +37,7 @@ __all__ = ["Merge"]
 
 
 class Merge:
-    """One merge of a ``WSMOptimizer``: what it is, where it stands, and its buffers.
+    """One merge of a ``WSMOptimizer``: what it is, where it stands, and its accumulators.
 
     Attributes:
         name: the merge's name (``"default"`` for the single-merge arguments).
@@ -69,16 +69,17 @@ class Merge:
     def weights(self) -> schedules.WindowWeights:
         return self.spec.weights
 
-    # ------------------------------------------------------------- buffers
-    def follow(self, params: Sequence[Tensor], backend: Any, buffers: Sequence[Tensor] = (),
-               buffer_backend: Any = None) -> None:
-        """Give every param (and merged model buffer) its buffers, seeded if it arrives mid-window; drop those gone.
+    # -------------------------------------------------------- accumulators
+    def follow(self, params: Sequence[Tensor], backend: Any, model_buffers: Sequence[Tensor] = (),
+               model_buffer_backend: Any = None) -> None:
+        """Give every param (and merged model buffer) accumulators, seeded if it comes mid-window; drop those gone.
 
-        ``backend`` places the params' buffers, ``buffer_backend`` those of the
-        merged model buffers. A buffer that no longer fits its tensor (device,
-        dtype or strides changed) is re-placed with its values kept.
+        ``backend`` places the params' accumulators, ``model_buffer_backend``
+        those of the merged model buffers. An accumulator that no longer fits
+        its tensor (device, dtype or strides changed) is re-placed with its
+        values kept.
         """
-        placements = [(p, backend) for p in params] + [(b, buffer_backend) for b in buffers]
+        placements = [(p, backend) for p in params] + [(b, model_buffer_backend) for b in model_buffers]
         current = {t for t, _ in placements}
         for store, _ in self._stores():
             for p in [p for p in store if p not in current]:
@@ -87,7 +88,10 @@ class Merge:
             for p, place in placements:
                 fresh = p not in self.acc
                 for store, origin in self._stores():
-                    like, fits = (place.origin_like, place.origin_fits) if origin else (place.buffer_like, place.buffer_fits)
+                    if origin:
+                        like, fits = place.origin_like, place.origin_fits
+                    else:
+                        like, fits = place.accumulator_like, place.accumulator_fits
                     old = store.get(p)
                     if old is None:
                         store[p] = like(p)
@@ -100,7 +104,7 @@ class Merge:
         self._views.clear()
 
     def _stores(self) -> list[tuple[dict[Tensor, Tensor], bool]]:
-        """``(buffers, whether they are window origins)``: the origins first, so that seeding finds them placed."""
+        """``(accumulators, whether they are window origins)``: the origins first, so that seeding finds them placed."""
         stores = [(self.origin, True)] if self.origin is not None else []
         stores.append((self.acc, False))
         if self.completed is not None:
@@ -169,7 +173,7 @@ class Merge:
         return self.origin if source is self.acc else None
 
     def source(self, completed: bool) -> dict[Tensor, Tensor] | None:
-        """The buffers a readout reads: the completed window's, the current ``A``, or ``None`` (the live model).
+        """The accumulators a readout reads: the completed window's, the current ``A``, or ``None`` (the live model).
 
         Raises ``RuntimeError`` saying why when ``completed=True`` has nothing to read.
         """

@@ -2,7 +2,7 @@
 
 This file is the constructor, the ordering of ``step()`` and the public
 readouts. What they rest on lives in one module each: the options in
-``spec``, the window arithmetic in ``window``, each merge with its buffers in
+``spec``, the window arithmetic in ``window``, each merge with its accumulators in
 ``merge``, the params in ``registry``, the NaN/inf policy in ``nonfinite``,
 the readouts in ``readout``, the state-dict format in ``persistence``, the
 update arithmetic in ``backends``, the framework calls of ``step()`` in ``callers``.
@@ -65,7 +65,7 @@ class WSMOptimizer(torch.optim.Optimizer):
             ``TRITON_INTERPRET=1``) or ``"auto"`` (Triton when the params are
             on CUDA at the first ``step()``, foreach otherwise).
         keep_last: keep the last completed window's merge in one more fp32
-            buffer per parameter, readable with ``completed=True``. A bool.
+            accumulator per parameter, readable with ``completed=True``. A bool.
         merges: several merges updated side by side, ``{name: MergeSpec(...)}``
             or ``{name: dict(schedule=..., window=..., interval=..., start=...,
             keep_last=...)}``. Mutually exclusive with the single-merge
@@ -92,8 +92,8 @@ class WSMOptimizer(torch.optim.Optimizer):
             decide on the device whether a checkpoint is due, so a step can be
             captured in a CUDA graph. After graph replays call :meth:`sync_steps`
             before reading the merge. Needs the Triton backend.
-        offload: ``None`` (default): buffers beside their params. ``"cpu"``:
-            every buffer of every merge in host memory (pinned with CUDA; the
+        offload: ``None`` (default): accumulators beside their params. ``"cpu"``:
+            every accumulator of every merge in host memory (pinned with CUDA; the
             local shard's for ``DTensor`` params), none on the GPU. At a
             checkpoint the params are copied to a host staging buffer on a
             side stream and a host worker thread folds them; ``step()`` does
@@ -111,13 +111,13 @@ class WSMOptimizer(torch.optim.Optimizer):
     optimizer is stepping them (e.g. the Hugging Face ``Trainer`` with
     DeepSpeed drops an optimizer given in ``optimizers=``; use ``wrap_trainer``).
 
-    Memory: one fp32 buffer per parameter and merge (two with ``keep_last``;
+    Memory: one fp32 accumulator per parameter and merge (two with ``keep_last``;
     float64 for float64 params), allocated at the first :meth:`step` (or
     ``state_dict``/``load_state_dict``) on the params' device of that time, and
     moved with a param that changes device afterwards.
 
     Distributed: with ``DTensor`` params (FSDP2 ``fully_shard``, tensor
-    parallel) the buffers are ``DTensor`` s sharded like their param and every
+    parallel) the accumulators are ``DTensor`` s sharded like their param and every
     update runs on the local shards, with no communication; DDP needs nothing
     special. ``merged_state_dict(full=True, rank0_only=True)`` gathers; the
     state dict works with ``torch.distributed.checkpoint``.
@@ -403,9 +403,9 @@ class WSMOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """Inner state plus WSM buffers and counters (format: ``wsm_optim.core.persistence``).
+        """Inner state plus WSM accumulators and counters (format: ``wsm_optim.core.persistence``).
 
-        Tensors in the result are references to the live buffers, as with
+        Tensors in the result are references to the live accumulators, as with
         ``torch.optim``: ``torch.save`` or ``copy.deepcopy`` it for a snapshot.
         State-dict hooks registered on the wrapper run around it.
         """
@@ -421,7 +421,7 @@ class WSMOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        """Restore inner state, buffers and counters; a bad dict raises ``ValueError`` and changes nothing.
+        """Restore inner state, accumulators and counters; a bad dict raises ``ValueError`` and changes nothing.
 
         Accepts this class's :meth:`state_dict` (any release), also after
         ``torch.distributed.checkpoint`` re-keyed it by parameter name. Raises

@@ -1,7 +1,7 @@
 """``WSMOptimizer.state_dict`` / ``load_state_dict``: the format and its validation.
 
 Format version 2: the inner optimizer's state dict, plus in each parameter's
-``state`` entry the buffers ``wsm_origin.<merge>`` (the window origin
+``state`` entry the tensors ``wsm_origin.<merge>`` (the window origin
 ``theta_0``: the param at the current window's anchor, in the param's dtype;
 merges anchored at the same steps hold the same tensor), ``wsm_acc.<merge>``
 (the running sum ``A = sum_j c_j (theta_j - theta_0)``) and, for merges with
@@ -176,7 +176,7 @@ def _check_ledger(name: str, key: str, pair: Any, k: int) -> None:
 
 
 def save(rt: "Runtime", inner: torch.optim.Optimizer) -> dict[str, Any]:
-    """Inner state plus the WSM buffers and counters (tensors are references to the live buffers)."""
+    """Inner state plus the WSM accumulators and counters (tensors are references to the live accumulators)."""
     sd = inner.state_dict()
     numbering = param_numbering(inner.param_groups)
     state = dict(sd["state"])
@@ -308,7 +308,7 @@ def _buffers(rt: "Runtime", inner: torch.optim.Optimizer, state_dict: Mapping[st
         key_of.setdefault(p, key)
     unique = list(dict.fromkeys(flat))
     if len(unique) < len(flat) and not all(_has_buffers(rt, state, key_of[p]) for p in unique):
-        # v0.1 numbered the WSM buffers of duplicated params by their first position among distinct params
+        # v0.1 numbered the WSM accumulators of duplicated params by their first position among distinct params
         legacy = {p: i for i, p in enumerate(unique)}
         if all(_has_buffers(rt, state, i) for i in legacy.values()):
             key_of = legacy
@@ -378,7 +378,7 @@ def _origin_copy(rt: "Runtime", merge: "Merge", tensor: Tensor, entry: Mapping[s
 
 
 def load(rt: "Runtime", inner: torch.optim.Optimizer, state_dict: Mapping[str, Any]) -> None:
-    """Validate ``state_dict`` completely, then restore inner state, buffers and counters."""
+    """Validate ``state_dict`` completely, then restore inner state, accumulators and counters."""
     steps, saved, version = _check_merges(rt, _saved_wsm(state_dict))
     copies = _buffers(rt, inner, state_dict, saved, origins=version == VERSION)
     inner_sd = {k: v for k, v in state_dict.items() if k not in ("state", "wsm", "param_groups")}
@@ -395,7 +395,7 @@ def load(rt: "Runtime", inner: torch.optim.Optimizer, state_dict: Mapping[str, A
     except Exception as e:
         inner.__dict__.update(before)
         raise ValueError(f"load_state_dict: the inner {type(inner).__name__} refused its part: {e}") from e
-    # Nothing below can fail on valid input: the buffers were checked against the params.
+    # Nothing below can fail on valid input: the accumulators were checked against the params.
     rt.use_origins(version == VERSION)  # a format-1 run keeps its raw sums: it continues bit for bit
     rt.follow_params(inner.param_groups)
     with torch.no_grad():

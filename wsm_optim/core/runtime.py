@@ -65,7 +65,7 @@ class Runtime:
     capturable: bool
     overlap: bool
     devices: list[torch.device]
-    buffer_backend: Backend = field(default_factory=inline)  # merged model buffers: inline, current stream
+    model_buffer_backend: Backend = field(default_factory=inline)  # merged model buffers: inline, current stream
     steps: int = 0
     swapped: bool = False
     side_stream: Any = None
@@ -142,7 +142,7 @@ class Runtime:
         if self.registry.placed:
             self.join()
             for m in self.merges:
-                m.follow(self.registry.params, self.backend, self.registry.buffers, self.buffer_backend)
+                m.follow(self.registry.params, self.backend, self.registry.buffers, self.model_buffer_backend)
 
     @property
     def origins(self) -> bool:
@@ -194,7 +194,7 @@ class Runtime:
                 self.backend.clock.set(self.steps)
         for m in self.merges:
             m.rebind(self.registry.rebound)
-            m.follow(self.registry.params, self.backend, self.registry.buffers, self.buffer_backend)
+            m.follow(self.registry.params, self.backend, self.registry.buffers, self.model_buffer_backend)
 
     def add_param_group(self, inner: torch.optim.Optimizer, param_group: dict[str, Any]) -> None:
         """``inner.add_param_group`` for a group whose params are checked first; buffers follow."""
@@ -270,7 +270,7 @@ class Runtime:
                 updates = [m.update(g, c) for m, c in run]
                 backend.accumulate(g.local, updates, None if ok is None else ok[g.device], cache=g.cache)
 
-        accumulate(self.registry.buffer_groups, self.buffer_backend)  # before the next forward changes them
+        accumulate(self.registry.buffer_groups, self.model_buffer_backend)  # before the next forward changes them
         side = self.side()
         if side is None:
             accumulate(self.registry.groups, self.backend)
@@ -297,7 +297,7 @@ class Runtime:
             tensors = g.local
             if anchor:
                 tensors = [registry.model_buffers.at_anchor(registry.buffer_names[b], b) for b in g.params]
-            passes.append((g, self.buffer_backend, tensors))
+            passes.append((g, self.model_buffer_backend, tensors))
         return passes
 
     def _checkpoint_ok(self, passes: list[tuple[Group, Backend, list[Tensor]]]) -> dict[torch.device, Tensor] | None:

@@ -101,11 +101,11 @@ class Backend(Protocol):
     def plan(self, name: str, spec: Any) -> Any:
         """What this backend needs about one merge (a ``MergeSpec``), built once per merge."""
 
-    def buffer_like(self, p: Tensor) -> Tensor:
+    def accumulator_like(self, p: Tensor) -> Tensor:
         """A zeroed accumulator for param ``p`` (a ``DTensor`` for a ``DTensor`` param), where this backend keeps it."""
 
-    def buffer_fits(self, buffer: Tensor, p: Tensor) -> bool:
-        """Whether ``buffer`` can stay the accumulator of ``p`` (else it is re-placed, values kept)."""
+    def accumulator_fits(self, acc: Tensor, p: Tensor) -> bool:
+        """Whether ``acc`` can stay the accumulator of ``p`` (else it is re-placed, values kept)."""
 
     def origin_like(self, p: Tensor) -> Tensor:
         """A zeroed window origin for ``p``: ``p``'s dtype and layout, where this backend keeps its accumulators."""
@@ -127,7 +127,7 @@ class Backend(Protocol):
         """Order what comes next after this backend's reads of the params (before the params change)."""
 
     def join(self) -> None:
-        """Wait for all work this backend still runs asynchronously (before buffers are read or replaced)."""
+        """Wait for all work this backend still runs asynchronously (before accumulators are read or replaced)."""
 
     def nonfinite_steps(self, caches: Iterable[dict]) -> dict[int, tuple[int, int]]: ...
 
@@ -143,15 +143,15 @@ class BackendBase:
         return None
 
     @staticmethod
-    def buffer_like(p: Tensor) -> Tensor:
+    def accumulator_like(p: Tensor) -> Tensor:
         return accumulator_like(p)
 
     @staticmethod
-    def buffer_fits(buffer: Tensor, p: Tensor) -> bool:
+    def accumulator_fits(acc: Tensor, p: Tensor) -> bool:
         # a DTensor's placement is FSDP2's/TP's business; local views are re-read at regrouping
         if is_dtensor(p):
             return True
-        return buffer.device == p.device and buffer.dtype == accumulator_dtype(p.dtype) and buffer.stride() == p.stride()
+        return acc.device == p.device and acc.dtype == accumulator_dtype(p.dtype) and acc.stride() == p.stride()
 
     @staticmethod
     def origin_like(p: Tensor) -> Tensor:

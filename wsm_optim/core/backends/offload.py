@@ -85,14 +85,14 @@ class OffloadBackend(BackendBase):
 
     # ------------------------------------------------------------- buffers
     @staticmethod
-    def buffer_like(p: Tensor) -> Tensor:
+    def accumulator_like(p: Tensor) -> Tensor:
         local = distributed.local_view(p)
         host = torch.zeros(local.shape, dtype=accumulator_dtype(p.dtype), device="cpu", pin_memory=_pinned(local))
         return distributed.wrap_like(p, host)
 
     @staticmethod
-    def buffer_fits(buffer: Tensor, p: Tensor) -> bool:
-        local = distributed.local_view(buffer)
+    def accumulator_fits(acc: Tensor, p: Tensor) -> bool:
+        local = distributed.local_view(acc)
         return local.device.type == "cpu" and local.dtype == accumulator_dtype(p.dtype)
 
     @staticmethod
