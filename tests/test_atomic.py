@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from wsm_optim import WSMOptimizer
-from wsm_optim.common import atomic as wio
+from wsm_optim.common import atomic
 
 
 def _state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -42,9 +42,9 @@ def _assert_equal(a: dict, b: dict) -> None:
 @pytest.mark.parametrize("name", ["m.safetensors", "m.pt", "m.bin", "m.pth", "model_no_suffix"])
 def test_round_trip_and_format_by_suffix(tmp_path, name):
     path = tmp_path / name
-    assert wio.atomic_save(_state(), path) == path
+    assert atomic.atomic_save(_state(), path) == path
     expected = "torch" if name.endswith((".pt", ".bin", ".pth")) else "safetensors"
-    assert wio.infer_format(path) == expected
+    assert atomic.infer_format(path) == expected
     loaded = torch.load(path, weights_only=True) if expected == "torch" else load_file(path)
     _assert_equal(loaded, _state())
     assert os.listdir(tmp_path) == [name]
@@ -52,19 +52,19 @@ def test_round_trip_and_format_by_suffix(tmp_path, name):
 
 def test_explicit_format_and_metadata(tmp_path):
     path = tmp_path / "x.bin"
-    wio.atomic_save(_state(), path, format="safetensors", metadata={"note": "hi"})
+    atomic.atomic_save(_state(), path, format="safetensors", metadata={"note": "hi"})
     _assert_equal(load_file(path), _state())
     with safetensors.safe_open(str(path), "pt") as f:
         assert f.metadata() == {"note": "hi"}
     with pytest.raises(ValueError, match="format must be one of"):
-        wio.atomic_save(_state(), tmp_path / "y.pt", format="npz")
+        atomic.atomic_save(_state(), tmp_path / "y.pt", format="npz")
 
 
 def test_safetensors_accepts_tied_views_and_noncontiguous(tmp_path):
     base = torch.randn(6, 4)
     state = {"a": base, "tied": base, "t": base.t(), "row": base[2], "cols": base[:, 1:3]}
     path = tmp_path / "v.safetensors"
-    wio.atomic_save(state, path)
+    atomic.atomic_save(state, path)
     loaded = load_file(path)
     for k, v in state.items():
         assert torch.equal(loaded[k], v), k
@@ -73,19 +73,19 @@ def test_safetensors_accepts_tied_views_and_noncontiguous(tmp_path):
 
 def test_safetensors_refuses_non_tensor_value(tmp_path):
     with pytest.raises(TypeError, match="entry 'step' is a int"):
-        wio.atomic_save({"w": torch.ones(2), "step": 3}, tmp_path / "x.safetensors")
+        atomic.atomic_save({"w": torch.ones(2), "step": 3}, tmp_path / "x.safetensors")
     assert os.listdir(tmp_path) == []
 
 
 def test_missing_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        wio.atomic_save(_state(), tmp_path / "nope" / "x.safetensors")
+        atomic.atomic_save(_state(), tmp_path / "nope" / "x.safetensors")
 
 
 def test_permissions_follow_umask(tmp_path):
     old = os.umask(0o022)
     try:
-        path = wio.atomic_save(_state(), tmp_path / "p.safetensors")
+        path = atomic.atomic_save(_state(), tmp_path / "p.safetensors")
     finally:
         os.umask(old)
     assert (path.stat().st_mode & 0o777) == 0o644  # not mkstemp's 0o600
@@ -113,7 +113,7 @@ def _partial_then_fail(exc: BaseException):
 def test_failure_mid_write_leaves_previous_file_and_no_temp(tmp_path, monkeypatch, name, exc, previous):
     path = tmp_path / name
     if previous:
-        wio.atomic_save(_state(seed=1), path)
+        atomic.atomic_save(_state(seed=1), path)
         before = path.read_bytes()
     # Patch the library writers themselves, so the real atomic_save code path runs.
     if name.endswith(".safetensors"):
@@ -121,7 +121,7 @@ def test_failure_mid_write_leaves_previous_file_and_no_temp(tmp_path, monkeypatc
     else:
         monkeypatch.setattr(torch, "save", _partial_then_fail(exc))
     with pytest.raises(type(exc)):
-        wio.atomic_save(_state(seed=2), path)
+        atomic.atomic_save(_state(seed=2), path)
     if previous:
         assert path.read_bytes() == before
         _assert_equal(_load(path), _state(seed=1))
@@ -132,15 +132,15 @@ def test_failure_mid_write_leaves_previous_file_and_no_temp(tmp_path, monkeypatc
 
 def test_failure_at_rename_cleans_up(tmp_path, monkeypatch):
     path = tmp_path / "m.safetensors"
-    wio.atomic_save(_state(seed=1), path)
+    atomic.atomic_save(_state(seed=1), path)
     before = path.read_bytes()
 
     def broken_replace(src, dst):
         raise OSError("rename failed")
 
-    monkeypatch.setattr(wio.os, "replace", broken_replace)
+    monkeypatch.setattr(atomic.os, "replace", broken_replace)
     with pytest.raises(OSError, match="rename failed"):
-        wio.atomic_save(_state(seed=2), path)
+        atomic.atomic_save(_state(seed=2), path)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["m.safetensors"]
 
@@ -157,10 +157,10 @@ def test_fsync_file_before_rename_then_directory(tmp_path, monkeypatch):
         events.append(("replace", str(dst)))
         real_replace(src, dst)
 
-    monkeypatch.setattr(wio.os, "fsync", fsync)
-    monkeypatch.setattr(wio.os, "replace", replace)
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    monkeypatch.setattr(atomic.os, "replace", replace)
     path = tmp_path / "m.safetensors"
-    wio.atomic_save(_state(), path)
+    atomic.atomic_save(_state(), path)
     kinds = [e[0] for e in events]
     assert kinds == ["fsync", "replace", "fsync"]
     if events[0][1] != "?":
@@ -220,10 +220,10 @@ def test_save_merged_failure_keeps_previous(tmp_path, monkeypatch):
 def test_save_through_a_symlink_writes_the_target_and_keeps_the_link(tmp_path, name):
     real = tmp_path / "store" / name
     real.parent.mkdir()
-    wio.atomic_save(_state(0), real)
+    atomic.atomic_save(_state(0), real)
     link = tmp_path / ("link_" + name)
     link.symlink_to(Path("store") / name)  # relative, as `ln -s` users write it
-    wio.atomic_save(_state(1), link)
+    atomic.atomic_save(_state(1), link)
     assert link.is_symlink() and os.readlink(link) == str(Path("store") / name)
     _assert_equal(_load(real), _state(1))  # the file the link points to has the new content
     assert sorted(os.listdir(real.parent)) == [name] and sorted(os.listdir(tmp_path)) == sorted(["store", link.name])
@@ -233,7 +233,7 @@ def test_save_merged_through_a_symlink_chain_keeps_mode_0600(tmp_path):
     model = nn.Linear(5, 2)
     opt = _trained_optimizer(model)
     real = tmp_path / "real.safetensors"
-    wio.atomic_save(_state(0), real)
+    atomic.atomic_save(_state(0), real)
     os.chmod(real, 0o600)
     hop = tmp_path / "hop.safetensors"
     hop.symlink_to(real)
@@ -246,9 +246,9 @@ def test_save_merged_through_a_symlink_chain_keeps_mode_0600(tmp_path):
 
 
 def test_existing_file_keeps_its_mode_new_file_follows_umask(tmp_path):
-    path = wio.atomic_save(_state(0), tmp_path / "m.pt")
+    path = atomic.atomic_save(_state(0), tmp_path / "m.pt")
     os.chmod(path, 0o640)
-    wio.atomic_save(_state(1), path)
+    atomic.atomic_save(_state(1), path)
     assert (path.stat().st_mode & 0o777) == 0o640
     _assert_equal(_load(path), _state(1))
 
@@ -256,13 +256,13 @@ def test_existing_file_keeps_its_mode_new_file_follows_umask(tmp_path):
 def test_dangling_symlink_is_written_through_or_names_the_missing_directory(tmp_path):
     link = tmp_path / "out.safetensors"
     link.symlink_to(tmp_path / "later.safetensors")  # target does not exist yet: created, like open(link, "w")
-    wio.atomic_save(_state(0), link)
+    atomic.atomic_save(_state(0), link)
     assert link.is_symlink()
     _assert_equal(load_file(tmp_path / "later.safetensors"), _state(0))
     broken = tmp_path / "broken.safetensors"
     broken.symlink_to(tmp_path / "gone" / "x.safetensors")
     with pytest.raises(FileNotFoundError) as info:
-        wio.atomic_save(_state(0), broken)
+        atomic.atomic_save(_state(0), broken)
     assert str(info.value) == (
         f"atomic_save: output {str(broken)!r} is a symlink to {str(tmp_path / 'gone' / 'x.safetensors')!r}, "
         f"whose directory {str(tmp_path / 'gone')!r} does not exist"
@@ -275,7 +275,7 @@ _BLOCKED_WRITER = r"""
 import sys, time
 from pathlib import Path
 import torch
-from wsm_optim.common import atomic as wio
+from wsm_optim.common import atomic
 
 target, flag = Path(sys.argv[1]), Path(sys.argv[2])
 
@@ -289,7 +289,7 @@ class Block:
         return (int, ())
 
 
-wio.atomic_save({"w": torch.ones(1 << 16), "block": Block()}, target)
+atomic.atomic_save({"w": torch.ones(1 << 16), "block": Block()}, target)
 """
 
 
@@ -320,18 +320,18 @@ def test_kill_9_mid_write_leaves_old_file_and_next_write_removes_the_stale_temp(
     out = tmp_path / "out"
     out.mkdir()
     target = out / "m.pt"
-    wio.atomic_save(_state(seed=1), target)
+    atomic.atomic_save(_state(seed=1), target)
     before = target.read_bytes()
     proc = _start_blocked_writer(target, tmp_path / "flag")
     try:
         (stale,) = _temps(out, "m.pt")
-        assert f"{wio.TEMP_MARKER}-" in stale and f"-{proc.pid}-" in stale  # recognisable: marker, writer pid
+        assert f"{atomic.TEMP_MARKER}-" in stale and f"-{proc.pid}-" in stale  # recognisable: marker, writer pid
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()  # reaped: its pid no longer exists
     assert target.read_bytes() == before  # the crash left the previous file intact
     assert _temps(out, "m.pt") == [stale]  # and, until the next write, its temp file
-    wio.atomic_save(_state(seed=2), target)
+    atomic.atomic_save(_state(seed=2), target)
     assert sorted(os.listdir(out)) == ["m.pt"]
     _assert_equal(_load(target), _state(seed=2))
 
@@ -343,46 +343,46 @@ def test_live_writers_temp_file_is_left_alone(tmp_path):
     proc = _start_blocked_writer(target, tmp_path / "flag")
     try:
         (live,) = _temps(out, "m.pt")
-        wio.atomic_save(_state(seed=3), target)  # another process writes the same target meanwhile
+        atomic.atomic_save(_state(seed=3), target)  # another process writes the same target meanwhile
         assert _temps(out, "m.pt") == [live]
-        assert wio.remove_stale_temp_files(target) == []
+        assert atomic.remove_stale_temp_files(target) == []
         _assert_equal(_load(target), _state(seed=3))
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert wio.remove_stale_temp_files(target) == [out / live]
+    assert atomic.remove_stale_temp_files(target) == [out / live]
 
 
 def test_only_our_own_stale_temp_files_for_that_target_are_removed(tmp_path):
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead = int(done.stdout)  # a pid that existed and is gone
-    host = wio._host_id()
+    host = atomic._host_id()
     other_host = "0" * 8 if host != "0" * 8 else "1" * 8
-    ours = f".m.pt.{wio.TEMP_MARKER}-{host}-{dead}-abc_123.tmp"
+    ours = f".m.pt.{atomic.TEMP_MARKER}-{host}-{dead}-abc_123.tmp"
     untouched = [
         ".m.pt.k3j4h5g6.tmp",  # an earlier version's temp name: writer unknown
-        f".m.pt.{wio.TEMP_MARKER}-{other_host}-{dead}-abc.tmp",  # another host sharing the directory
-        f".other.pt.{wio.TEMP_MARKER}-{host}-{dead}-abc.tmp",  # another target
-        f".m.pt.{wio.TEMP_MARKER}-{host}-{os.getpid()}-abc.tmp",  # this live process (another thread)
-        f"m.pt.{wio.TEMP_MARKER}-{host}-{dead}-abc.tmp",  # not hidden: not ours
-        f".m.pt.{wio.TEMP_MARKER}-{host}-{dead}-abc.tmp.bak",
+        f".m.pt.{atomic.TEMP_MARKER}-{other_host}-{dead}-abc.tmp",  # another host sharing the directory
+        f".other.pt.{atomic.TEMP_MARKER}-{host}-{dead}-abc.tmp",  # another target
+        f".m.pt.{atomic.TEMP_MARKER}-{host}-{os.getpid()}-abc.tmp",  # this live process (another thread)
+        f"m.pt.{atomic.TEMP_MARKER}-{host}-{dead}-abc.tmp",  # not hidden: not ours
+        f".m.pt.{atomic.TEMP_MARKER}-{host}-{dead}-abc.tmp.bak",
     ]
     for name in [ours, *untouched]:
         (tmp_path / name).write_bytes(b"partial")
-    wio.atomic_save(_state(), tmp_path / "m.pt")
+    atomic.atomic_save(_state(), tmp_path / "m.pt")
     assert sorted(os.listdir(tmp_path)) == sorted(["m.pt", *untouched])
 
 
 def test_long_target_name_still_writes_and_cleans_up(tmp_path):
     name = "é" * 120 + ".pt"  # 243 bytes: with the temp-name decorations it would pass 255
     target = tmp_path / name
-    wio.atomic_save(_state(seed=4), target)
+    atomic.atomic_save(_state(seed=4), target)
     _assert_equal(_load(target), _state(seed=4))
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = f"{wio._temp_stem(target)}{int(done.stdout)}-x.tmp"
+    stale = f"{atomic._temp_stem(target)}{int(done.stdout)}-x.tmp"
     assert len(stale.encode()) < 255
     (tmp_path / stale).write_bytes(b"partial")
-    wio.atomic_save(_state(seed=5), target)
+    atomic.atomic_save(_state(seed=5), target)
     assert os.listdir(tmp_path) == [name]
 
 
@@ -390,21 +390,21 @@ def test_long_target_name_still_writes_and_cleans_up(tmp_path):
 def test_atomic_directory_appears_complete_or_not_at_all(tmp_path):
     target = tmp_path / "merged"
     with pytest.raises(RuntimeError, match="mid-write"):
-        with wio.atomic_directory(target) as tmp:
+        with atomic.atomic_directory(target) as tmp:
             (tmp / "model-00001-of-00002.safetensors").write_bytes(b"x" * 100)
             assert not target.exists()
             raise RuntimeError("mid-write")
     assert os.listdir(tmp_path) == []  # neither the folder nor its temporary twin
     old = os.umask(0o022)
     try:
-        with wio.atomic_directory(target) as tmp:
+        with atomic.atomic_directory(target) as tmp:
             (tmp / "a.json").write_text("{}")
     finally:
         os.umask(old)
     assert os.listdir(tmp_path) == ["merged"] and os.listdir(target) == ["a.json"]
     assert (target.stat().st_mode & 0o777) == 0o755  # as mkdir would make it, not mkdtemp's 0o700
     with pytest.raises(ValueError, match="exists and is not empty"):
-        with wio.atomic_directory(target):
+        with atomic.atomic_directory(target):
             pass
     assert os.listdir(target) == ["a.json"]
 
@@ -414,24 +414,24 @@ def test_atomic_directory_filled_by_another_writer_meanwhile_is_left_as_it_is(tm
     from rmdir) and removes only its own temporary folder."""
     target = tmp_path / "merged"
     with pytest.raises(ValueError, match=r"output '.*merged' was created by another writer .* choose a new path"):
-        with wio.atomic_directory(target) as tmp:
+        with atomic.atomic_directory(target) as tmp:
             (tmp / "mine.safetensors").write_bytes(b"mine")
             target.mkdir()
             (target / "theirs.safetensors").write_bytes(b"theirs")
     assert os.listdir(tmp_path) == ["merged"] and os.listdir(target) == ["theirs.safetensors"]
     with pytest.raises(ValueError, match="was created by another writer"):
-        with wio.atomic_directory(tmp_path / "file") as tmp:
+        with atomic.atomic_directory(tmp_path / "file") as tmp:
             (tmp_path / "file").write_text("theirs")  # a file in the way: rename says NotADirectoryError
     assert (tmp_path / "file").read_text() == "theirs" and sorted(os.listdir(tmp_path)) == ["file", "merged"]
 
 
 def test_stale_temp_directory_of_a_dead_writer_is_removed(tmp_path):
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = tmp_path / f"{wio._temp_stem(tmp_path / 'merged')}{int(done.stdout)}-abc.tmp"
-    live = tmp_path / f"{wio._temp_stem(tmp_path / 'merged')}{os.getpid()}-abc.tmp"
+    stale = tmp_path / f"{atomic._temp_stem(tmp_path / 'merged')}{int(done.stdout)}-abc.tmp"
+    live = tmp_path / f"{atomic._temp_stem(tmp_path / 'merged')}{os.getpid()}-abc.tmp"
     for d in (stale, live):
         d.mkdir()
         (d / "model.safetensors").write_bytes(b"partial")
-    with wio.atomic_directory(tmp_path / "merged") as tmp:
+    with atomic.atomic_directory(tmp_path / "merged") as tmp:
         (tmp / "x").write_text("1")
     assert sorted(os.listdir(tmp_path)) == sorted(["merged", live.name])

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 import harness as H
 from wsm_optim import NonFiniteMergeError, WSMOptimizer
-from wsm_optim.common import atomic as wio
+from wsm_optim.common import atomic
 from wsm_optim import schedules
 from wsm_optim.offline.merge import merge_checkpoints
 
@@ -214,7 +214,7 @@ _EDGE_ROWS = [
     (lambda p: merge_checkpoints([_random_pt(p)], progress=False), ValueError, "the file is corrupt or not a torch.save checkpoint"),
     (lambda p: merge_checkpoints([_random_pt(p)], unsafe_pickle=True, progress=False), ValueError,
      "the file is corrupt or not a torch.save checkpoint"),
-    (lambda p: wio.atomic_save({"w": torch.ones(1)}, p / "x.pt", format="npz"), ValueError, "format must be one of"),
+    (lambda p: atomic.atomic_save({"w": torch.ones(1)}, p / "x.pt", format="npz"), ValueError, "format must be one of"),
 ]
 
 

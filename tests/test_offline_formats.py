@@ -24,7 +24,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from wsm_optim.offline import readers as checkpoint_readers
+from wsm_optim.offline import readers as offline_readers
 from wsm_optim import schedules as S
 from wsm_optim.offline.readers import DCPDirectory
 from wsm_optim.cli import main as cli_main
@@ -250,9 +250,9 @@ def test_worker_blocks_are_allocated_in_shared_memory(tmp_path):
               "s": torch.randn((), generator=g), "e": torch.zeros(0, 3), "step": torch.tensor(j)}
         save_file(sd, tmp_path / f"{j}.safetensors")
         paths.append(tmp_path / f"{j}.safetensors")
-    readers = [checkpoint_readers.open_reader(p) for p in paths]
+    readers = [offline_readers.open_reader(p) for p in paths]
     layout = [(n, s, dt, torch.bfloat16 if dt == torch.float32 and n == "w" else dt)
-              for n, (s, dt) in checkpoint_readers.common_layout(readers, paths, None).items()]
+              for n, (s, dt) in offline_readers.common_layout(readers, paths, None).items()]
     c = np.array([0.2, 0.3, 0.5])
     threads = torch.get_num_threads()
     try:
@@ -532,3 +532,113 @@ def test_suffix_picks_the_output_layout_and_an_empty_folder_is_reused(tmp_path):
     assert all(torch.equal(load_file(folder / "model.safetensors")[k], ref[k]) for k in ref)
     with pytest.raises(ValueError, match="exists and is not an empty directory"):
         merge_checkpoints(paths, out=folder, progress=False)
+
+
+# ------------------------------------------------------------------ the format matrix
+def _matrix_states(n: int = 4) -> list[dict[str, torch.Tensor]]:
+    """``n`` small checkpoints: fp32 and bf16 tensors of several shapes, a 0-d one, an int buffer."""
+    g = torch.Generator().manual_seed(7)
+    states = []
+    base = {"embed.weight": torch.randn(9, 4, generator=g), "block.w": torch.randn(3, 5, 2, generator=g),
+            "block.b": torch.randn(5, generator=g), "scale": torch.randn((), generator=g)}
+    for j in range(n):
+        sd = {k: v + 0.1 * j * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        sd["block.w_bf16"] = (base["block.w"] * (1 + 0.05 * j)).to(torch.bfloat16)
+        sd["steps"] = torch.tensor([10 * j, j], dtype=torch.int64)
+        states.append(sd)
+    return states
+
+
+def _write_input(kind: str, sd: dict[str, torch.Tensor], path: Path) -> Path:
+    """One checkpoint in the layout of input format ``kind`` (a key of ``readers.READERS``, or ``hf-sharded``)."""
+    if kind == "safetensors":
+        save_file(sd, str(path.with_suffix(".safetensors")))
+        return path.with_suffix(".safetensors")
+    if kind == "torch":
+        torch.save(sd, path.with_suffix(".pt"))
+        return path.with_suffix(".pt")
+    path.mkdir()
+    if kind == "hf":
+        save_file(sd, str(path / "model.safetensors"))
+    elif kind == "hf-sharded":  # what save_pretrained(max_shard_size=...) writes: shards and their index
+        names = sorted(sd)
+        shards = [names[: len(names) // 2], names[len(names) // 2:]]
+        weight_map = {}
+        for i, part in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-00002.safetensors"
+            save_file({k: sd[k] for k in part}, str(path / fname))
+            weight_map.update({k: fname for k in part})
+        (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    elif kind == "dcp":
+        _dcp(path, {k: v.clone() for k, v in sd.items()})
+    else:
+        raise AssertionError(kind)
+    return path
+
+
+def _read_output(fmt: str, path: Path, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if fmt == "safetensors":
+        return load_file(str(path))
+    if fmt == "torch":
+        return torch.load(path, weights_only=True)
+    if fmt == "sharded":
+        return _read_sharded(path)
+    if fmt == "dcp":
+        return _dcp_load(path, like)
+    raise AssertionError(fmt)
+
+
+#: Every input format (``hf`` twice: one file, or shards with an index) and every output format.
+MATRIX_INPUTS = ("safetensors", "torch", "hf", "hf-sharded", "dcp")
+MATRIX_OUTPUTS = {"safetensors": "merged.safetensors", "torch": "merged.pt", "sharded": "merged", "dcp": "merged"}
+
+
+def test_every_format_has_a_matrix_row():
+    """A new reader or output without a row here fails: the matrix below is what proves it merges right."""
+    assert set(offline_readers.READERS) == {k.split("-")[0] for k in MATRIX_INPUTS}
+    from wsm_optim.offline import writers
+
+    assert set(writers.OUTPUTS) == set(MATRIX_OUTPUTS)
+
+
+def test_readers_and_outputs_satisfy_their_protocols(tmp_path):
+    from wsm_optim.offline import writers
+
+    sd = _matrix_states(1)[0]
+    for kind in MATRIX_INPUTS:
+        reader = offline_readers.open_reader(_write_input(kind, sd, tmp_path / f"in-{kind}"))
+        assert isinstance(reader, offline_readers.Reader), kind
+        assert sorted(reader.names) == sorted(sd) and reader.meta("block.w_bf16") == ((3, 5, 2), torch.bfloat16), kind
+    layout = [(k, tuple(v.shape), v.dtype) for k, v in sd.items()]
+    for fmt in writers.OUTPUTS:
+        out = writers.open_output(fmt, writers.OutputTarget(tmp_path / f"out-{fmt}", layout))
+        assert isinstance(out, writers.Output), fmt
+    with pytest.raises(ValueError, match="--out-format: unknown 'npz'"):
+        writers.open_output("npz", writers.OutputTarget(tmp_path / "x", layout))
+
+
+@pytest.mark.parametrize("out_format", sorted(MATRIX_OUTPUTS))
+@pytest.mark.parametrize("in_format", MATRIX_INPUTS)
+def test_format_matrix_every_reader_into_every_output_matches_a_float64_merge(tmp_path, in_format, out_format):
+    """Each cell: 4 checkpoints in one input format, merged into one output format, read back with the
+    format's own loader, against sum_j c_j theta_j in float64 (Theorem 3.1 weights, 1-sqrt, k = 3)."""
+    states = _matrix_states()
+    paths = [_write_input(in_format, sd, tmp_path / f"step-{j}") for j, sd in enumerate(states)]
+    out = merge_checkpoints(paths, schedule="1-sqrt", out=tmp_path / MATRIX_OUTPUTS[out_format], out_format=out_format,
+                            progress=False)
+    got = _read_output(out_format, out, states[-1])
+    assert sorted(got) == sorted(states[-1])
+    c = S.coefficients_from_decay(S.decay_weights("1-sqrt", len(states) - 1))
+    assert c.sum() == pytest.approx(1.0, abs=1e-12)
+    for name, newest in states[-1].items():
+        value = got[name]
+        assert value.dtype == newest.dtype and value.shape == newest.shape, name
+        if not newest.is_floating_point():
+            assert torch.equal(value, newest), name  # never averaged: the newest checkpoint's
+            continue
+        exact = sum(float(cj) * sd[name].double() for cj, sd in zip(c, states))
+        scale = sum(float(cj) * sd[name].double().abs() for cj, sd in zip(c, states))
+        # fp32 accumulation of 4 terms (a few fp32 roundings of the terms' size), then one rounding to the dtype
+        tol = torch.finfo(newest.dtype).eps * exact.abs() + 4 * torch.finfo(torch.float32).eps * scale
+        err = (value.double() - exact).abs()
+        assert (err <= tol).all(), (name, float(err.max()))

@@ -1,8 +1,7 @@
-"""Reading one checkpoint file safely (safetensors or ``torch.save``).
+"""Reading one ``torch.save`` checkpoint file safely (for :class:`wsm_optim.offline.readers.TorchFile`).
 
-:func:`open_checkpoint`, :func:`load_torch_file`: safetensors files are opened
-lazily (names, shapes and dtypes without loading data); ``torch.save`` files
-load with ``weights_only=True`` (memory-mapped for the zip format). A file that
+:func:`open_checkpoint`, :func:`load_torch_file`: ``torch.save`` files load with
+``weights_only=True`` (memory-mapped for the zip format). A file that
 safe loading refuses is told apart from a corrupt one by walking its pickles
 without executing them, so only a well-formed file suggests ``unsafe_pickle``
 (which warns with :class:`UnsafePickleWarning`).
@@ -161,68 +160,34 @@ def load_torch_file(path: Path, unsafe_pickle: bool, warned: set[Path]) -> Any:
 
 
 class CheckpointFile:
-    """One open checkpoint: ``names`` (in file order), ``meta(name)`` and ``tensor(name)``."""
+    """One open ``torch.save`` checkpoint: ``names`` (in file order), ``meta(name)`` and ``tensor(name)``.
 
-    def __init__(
-        self, path: Path, key: str | None, unsafe_pickle: set[Path] | None, stack: contextlib.ExitStack
-    ):
+    (safetensors files are read by :class:`wsm_optim.offline.readers.SafetensorsFile`, never through here.)
+    """
+
+    def __init__(self, path: Path, key: str | None, unsafe_pickle: set[Path] | None) -> None:
         self.path = path
-        self._st = None
-        self._sd: dict[str, Tensor] | None = None
-        if path.suffix.lower() == ".safetensors":
-            from safetensors import safe_open
-            from safetensors.torch import _TYPES
-
-            try:
-                self._st = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
-            except Exception as e:  # noqa: BLE001
-                raise ValueError(f"cannot read {path} as a safetensors file: {e}") from e
-            self._types = _TYPES
-            names = list(self._st.keys())
-            if key is not None:
-                prefix = key + "."
-                self._full = {n[len(prefix):]: n for n in names if n.startswith(prefix)}
-                if not self._full:
-                    tops = sorted({n.split(".")[0] for n in names})[:20]
-                    raise ValueError(
-                        f"--key {key!r}: no tensor in {path} is named {prefix + '*'!r} "
-                        f"(safetensors files are flat; first name parts present: {tops})"
-                    )
-            else:
-                self._full = {n: n for n in names}
-            self.names = list(self._full)
-        else:
-            obj = load_torch_file(path, unsafe_pickle is not None, set() if unsafe_pickle is None else unsafe_pickle)
-            if key is not None:
-                obj = select_key(obj, key, path)
-            self._sd = check_state_dict(obj, path, key)
-            self.names = list(self._sd)
+        obj = load_torch_file(path, unsafe_pickle is not None, set() if unsafe_pickle is None else unsafe_pickle)
+        if key is not None:
+            obj = select_key(obj, key, path)
+        self._sd: dict[str, Tensor] | None = check_state_dict(obj, path, key)
+        self.names = list(self._sd)
 
     def meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
-        if self._st is not None:
-            sl = self._st.get_slice(self._full[name])
-            dt = sl.get_dtype()
-            if dt not in self._types:
-                raise ValueError(f"{self.path}: tensor {name!r} has unsupported safetensors dtype {dt}")
-            return tuple(sl.get_shape()), self._types[dt]
         t = self._sd[name]
         return tuple(t.shape), t.dtype
 
     def tensor(self, name: str) -> Tensor:
-        if self._st is not None:
-            return self._st.get_tensor(self._full[name])
         return self._sd[name]
 
 
 @contextlib.contextmanager
 def open_checkpoint(path: Path, key: str | None, unsafe_pickle: set[Path] | None) -> Iterator[CheckpointFile]:
     """``unsafe_pickle``: None = refuse unsafe pickles; a set = allow them, warning once per file in it."""
-    with contextlib.ExitStack() as stack:
-        reader = CheckpointFile(path, key, unsafe_pickle, stack)
-        try:
-            yield reader
-        finally:
-            # Drop the tensors now: a name still bound to the reader must not keep
-            # this checkpoint in memory while the next one loads.
-            reader._sd = None
-            reader._st = None
+    reader = CheckpointFile(path, key, unsafe_pickle)
+    try:
+        yield reader
+    finally:
+        # Drop the tensors now: a name still bound to the reader must not keep
+        # this checkpoint in memory while the next one loads.
+        reader._sd = None

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from .. import schedules
 from ..common.atomic import TORCH_SUFFIXES, write_target
-from . import writers as writers
+from . import writers
 from .files import UnsafePickleWarning
 from .readers import checkpoint_kind, common_layout, open_reader
 from .streaming import averaged, merged_blocks, plan_batches, plan_blocks
@@ -59,7 +59,7 @@ __all__ = [
 #: Suffixes a directory input picks up when no glob is given.
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 #: Output formats: one safetensors file, one torch.save file, a sharded safetensors folder, a DCP directory.
-OUT_FORMATS = ("safetensors", "torch", "sharded", "dcp")
+OUT_FORMATS = tuple(writers.OUTPUTS)
 #: Explicit weights (without ``normalize``) must sum to 1 within this absolute tolerance.
 WEIGHT_SUM_ATOL = 1e-6
 
@@ -378,17 +378,9 @@ def merge_checkpoints(
     out_layout = [(n, shape, od) for n, shape, _, od in plan]
     if out_path is None:
         return writers.MemoryOutput(out_layout).write(stream)
-    if fmt == "torch":
-        output = writers.TorchFileOutput(out_path, out_layout)
-    elif fmt == "safetensors":
-        output = writers.SafetensorsOutput(out_path, out_layout, metadata)
-    elif fmt == "sharded":
-        newest = files[-1] if files[-1].is_dir() else None
-        side = [newest / f for f in writers.HF_SIDE_FILES if newest is not None and (newest / f).is_file()]
-        output = writers.ShardedOutput(out_path, out_layout, shard_bytes, metadata, side)
-    else:
-        output = writers.DCPOutput(out_path, out_layout, [(b.name, b.start, b.stop) for b in blocks], provenance)
-    output.write(stream)
+    target = writers.OutputTarget(out_path, out_layout, metadata, provenance, shard_bytes,
+                                  [(b.name, b.start, b.stop) for b in blocks], files[-1])
+    writers.open_output(fmt, target).write(stream)
     if verbose:
         print(f"wrote {out_path} ({fmt}, {len(out_layout)} tensors)", flush=True)
     return out_path

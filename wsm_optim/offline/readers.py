@@ -1,11 +1,12 @@
-"""Reading any checkpoint layout tensor by tensor, a block of rows at a time.
+"""Reading any checkpoint layout tensor by tensor, a block of rows at a time: the :class:`Reader` contract.
 
-One interface for every input the offline merge accepts (:func:`open_reader`):
+One interface for every input the offline merge accepts (:func:`open_reader`,
+one entry of :data:`READERS` per format, tried in order):
 
 * a safetensors file (``.safetensors``): header parsed here, tensor bytes read
   with plain file reads (no memory map), so a read costs exactly the rows asked for;
 * a ``torch.save`` file (any other suffix): loaded with ``weights_only=True``
-  (memory-mapped for the zip format) by :func:`wsm_optim.io.open_checkpoint`;
+  (memory-mapped for the zip format) by :func:`wsm_optim.offline.files.open_checkpoint`;
 * a Hugging Face folder: ``*.safetensors.index.json`` and its shards, or
   ``model.safetensors`` (``save_pretrained``);
 * a ``torch.distributed.checkpoint`` (DCP) directory (holds ``.metadata``):
@@ -21,7 +22,12 @@ until the ``with`` block ends, to be treated as read-only. ``out`` (optional):
 a contiguous tensor of the rows' dtype and number of elements that the reader
 fills and returns (viewed at the rows' shape), so a caller reuses one buffer for
 every read; the ``torch.save`` reader returns a view of its memory map instead
-(no copy at all).
+(no copy at all). ``skipped``: ``{name: why}`` of entries left out (a DCP
+checkpoint's optimizer state and objects).
+
+A new input format is one reader class satisfying :class:`Reader` plus its
+entry in :data:`READERS` (how to recognise it, how to open it), and a row of the
+format matrix in the tests.
 """
 
 from __future__ import annotations
@@ -34,8 +40,9 @@ import sys
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, ContextManager, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -44,6 +51,9 @@ from .dcp_rows import plain_tensor_offset
 from .files import UnsafePickleWarning, open_checkpoint
 
 __all__ = [
+    "Reader",
+    "ReaderFormat",
+    "READERS",
     "open_reader",
     "checkpoint_kind",
     "common_layout",
@@ -56,6 +66,30 @@ __all__ = [
 ]
 
 Read = Callable[..., Tensor]  # read(name, start, stop, out=None)
+
+
+@runtime_checkable
+class Reader(Protocol):
+    """One input checkpoint, read tensor by tensor (see the module docstring).
+
+    Attributes:
+        path: the checkpoint (file or folder).
+        names: the tensors it offers, after ``key`` selection, in file order.
+        skipped: ``{name: why}`` of entries left out of ``names``.
+    """
+
+    path: Path
+    names: list[str]
+    skipped: dict[str, str]
+
+    def meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """``(shape, dtype)`` of ``name``, without reading its data."""
+
+    def row_blocks(self, name: str) -> list[int] | None:
+        """Row offsets (dim 0) where ``name`` may be cut without re-reading saved data; ``None``: anywhere."""
+
+    def reading(self) -> ContextManager[Read]:
+        """A context whose ``read(name, start, stop, out=None)`` returns rows ``start:stop`` as a CPU tensor."""
 
 #: safetensors dtype codes and the torch dtypes they store (little-endian).
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -71,18 +105,12 @@ _MAX_HEADER_BYTES = 100 * 2**20
 
 
 def checkpoint_kind(path: Path) -> str | None:
-    """``"dcp"``, ``"hf"``, ``"safetensors"``, ``"torch"`` for a checkpoint at ``path``; ``None`` for other folders."""
-    if path.is_dir():
-        if (path / ".metadata").is_file():
-            return "dcp"
-        if _hf_index(path) is not None or (path / "model.safetensors").is_file():
-            return "hf"
-        return None
-    return "safetensors" if path.suffix.lower() == ".safetensors" else "torch"
+    """The :data:`READERS` key for a checkpoint at ``path`` (``"dcp"``, ``"hf"``, ...); ``None`` for other folders."""
+    return next((name for name, fmt in READERS.items() if fmt.recognises(path)), None)
 
 
 def open_reader(path: Path, key: str | None = None, *, unsafe_pickle: set[Path] | None = None,
-                optimizer_state: bool = False) -> "SafetensorsFile | TorchFile | HFFolder | DCPDirectory":
+                optimizer_state: bool = False) -> Reader:
     """The reader for ``path`` (see the module docstring); ``key`` picks a sub-tree.
 
     ``unsafe_pickle``: ``None`` refuses pickles that safe loading refuses; a set
@@ -90,14 +118,8 @@ def open_reader(path: Path, key: str | None = None, *, unsafe_pickle: set[Path] 
     ``optimizer_state``: keep a DCP checkpoint's optimizer state (skipped by default).
     """
     kind = checkpoint_kind(path)
-    if kind == "dcp":
-        return DCPDirectory(path, key, unsafe_pickle=unsafe_pickle, optimizer_state=optimizer_state)
-    if kind == "hf":
-        return HFFolder(path, key)
-    if kind == "safetensors":
-        return SafetensorsFile(path, key)
-    if kind == "torch":
-        return TorchFile(path, key, unsafe_pickle)
+    if kind is not None:
+        return READERS[kind].open(path, key, unsafe_pickle, optimizer_state)
     raise ValueError(
         f"{path} is a directory but not a checkpoint: no .metadata (DCP), no *.safetensors.index.json "
         "and no model.safetensors (Hugging Face folder)"
@@ -631,6 +653,35 @@ class DCPDirectory:
         for dim in range(1, len(sizes)):
             rows = rows.narrow(dim, lo[dim] - chunk.offsets[dim], lengths[dim])
         target.copy_(rows)
+
+
+@dataclass(frozen=True)
+class ReaderFormat:
+    """One input format: how to recognise a checkpoint of it and how to open its :class:`Reader`.
+
+    ``open(path, key, unsafe_pickle, optimizer_state)``: the arguments of
+    :func:`open_reader`, of which a format uses what applies to it.
+    """
+
+    recognises: Callable[[Path], bool]
+    open: Callable[[Path, str | None, set[Path] | None, bool], Reader]
+
+
+def _hf_folder(path: Path) -> bool:
+    return path.is_dir() and not (path / ".metadata").is_file() and (
+        _hf_index(path) is not None or (path / "model.safetensors").is_file())
+
+
+#: Input formats, tried in this order (a DCP directory may also hold safetensors files).
+READERS: dict[str, ReaderFormat] = {
+    "dcp": ReaderFormat(lambda p: p.is_dir() and (p / ".metadata").is_file(),
+                        lambda p, key, unsafe, optim: DCPDirectory(p, key, unsafe_pickle=unsafe, optimizer_state=optim)),
+    "hf": ReaderFormat(_hf_folder, lambda p, key, unsafe, optim: HFFolder(p, key)),
+    "safetensors": ReaderFormat(lambda p: not p.is_dir() and p.suffix.lower() == ".safetensors",
+                                lambda p, key, unsafe, optim: SafetensorsFile(p, key)),
+    "torch": ReaderFormat(lambda p: not p.is_dir() and p.suffix.lower() != ".safetensors",
+                          lambda p, key, unsafe, optim: TorchFile(p, key, unsafe)),
+}
 
 
 def _optimizer_names(names: list[str]) -> set[str]:

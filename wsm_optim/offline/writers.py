@@ -1,11 +1,13 @@
-"""Writing a merged checkpoint block by block, in any layout, crash-safely.
+"""Writing a merged checkpoint block by block, in any layout, crash-safely: the :class:`Output` contract.
 
 The merge produces ``blocks``: ``(name, start, stop, tensor)`` in ``layout``
 order, rows ``start:stop`` (dim 0) of each output tensor, consecutive. An
-output consumes them with ``write(blocks)`` and returns what the caller gets:
+output is built from an :class:`OutputTarget` (:func:`open_output`, one entry of
+:data:`OUTPUTS` per format), consumes the blocks with ``write(blocks)`` and
+returns what the caller gets:
 
 * :class:`MemoryOutput`: ``{name: tensor}`` (``out=None``);
-* :class:`TorchFileOutput`: one ``torch.save`` file (held in memory, then :func:`~wsm_optim.io.atomic_save`);
+* :class:`TorchFileOutput`: one ``torch.save`` file (held in memory, then :func:`~wsm_optim.common.atomic.atomic_save`);
 * :class:`SafetensorsOutput`: one safetensors file written streaming, the header
   first (every shape is known before the first block), then block after block;
 * :class:`ShardedOutput`: a folder of safetensors shards with
@@ -14,9 +16,13 @@ output consumes them with ``write(blocks)`` and returns what the caller gets:
 * :class:`DCPOutput`: a ``torch.distributed.checkpoint`` directory, one saved
   chunk per block, that ``dcp.load`` reads into any layout.
 
-Files are written through :func:`~wsm_optim.io.atomic_file`, folders through
-:func:`~wsm_optim.io.atomic_directory`: an output appears complete or not at all.
-Only the block being written is held in memory (except the two in-memory outputs).
+Files are written through :func:`~wsm_optim.common.atomic.atomic_file`, folders
+through :func:`~wsm_optim.common.atomic.atomic_directory`: an output appears
+complete or not at all. Only the block being written is held in memory (except
+the two in-memory outputs).
+
+A new output format is one class with ``open(target)`` and ``write(blocks)``
+plus its entry in :data:`OUTPUTS` (and a row of the format matrix in the tests).
 """
 
 from __future__ import annotations
@@ -26,8 +32,9 @@ import os
 import shutil
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -35,6 +42,10 @@ from torch import Tensor
 from ..common.atomic import atomic_directory, atomic_file, atomic_save
 
 __all__ = [
+    "Output",
+    "OutputTarget",
+    "OUTPUTS",
+    "open_output",
     "MemoryOutput",
     "TorchFileOutput",
     "SafetensorsOutput",
@@ -45,8 +56,45 @@ __all__ = [
     "HF_SIDE_FILES",
 ]
 
+#: ``(name, shape, dtype)`` of every output tensor, in output order.
 Layout = Sequence[tuple[str, tuple[int, ...], torch.dtype]]
+#: ``(name, start, stop, tensor)``: rows ``start:stop`` (dim 0) of one output tensor, in its output dtype.
 Block = tuple[str, int, int, Tensor]
+
+
+@dataclass(frozen=True)
+class OutputTarget:
+    """Everything an output may need, known before the first block is merged.
+
+    Attributes:
+        path: where to write (a file or a folder, never an input).
+        layout: every output tensor, in order.
+        metadata: string metadata for file headers (safetensors ``__metadata__``).
+        provenance: the merge's weights and inputs (a DCP output's ``wsm_merge.json``).
+        max_shard_bytes: largest shard of a sharded output.
+        block_rows: ``(name, start, stop)`` of every block the merge will produce, in order.
+        newest_input: the newest checkpoint (a folder's side files, e.g. ``config.json``, come from it).
+    """
+
+    path: Path
+    layout: Layout
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    provenance: Mapping[str, Any] = field(default_factory=dict)
+    max_shard_bytes: int = 5 * 10**9
+    block_rows: Sequence[tuple[str, int, int]] = ()
+    newest_input: Path | None = None
+
+
+@runtime_checkable
+class Output(Protocol):
+    """Where a merge goes."""
+
+    @classmethod
+    def open(cls, target: OutputTarget) -> "Output":
+        """The output for ``target``; nothing is written yet."""
+
+    def write(self, blocks: Iterable[Block]) -> Any:
+        """Consume every block once, in layout order; return what ``merge_checkpoints`` returns (here: the path)."""
 
 _ST_CODES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -156,6 +204,10 @@ class MemoryOutput:
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
 
+    @classmethod
+    def open(cls, target: OutputTarget) -> "MemoryOutput":
+        return cls(target.layout)
+
     def write(self, blocks: Iterable[Block]) -> dict[str, Tensor]:
         shapes = {name: shape for name, shape, _ in self.layout}
         out: dict[str, Tensor] = {}
@@ -177,6 +229,10 @@ class TorchFileOutput(MemoryOutput):
         super().__init__(layout)
         self.path = path
 
+    @classmethod
+    def open(cls, target: OutputTarget) -> "TorchFileOutput":
+        return cls(target.path, target.layout)
+
     def write(self, blocks: Iterable[Block]) -> Path:  # type: ignore[override]
         return atomic_save(super().write(blocks), self.path, format="torch")
 
@@ -186,6 +242,10 @@ class SafetensorsOutput:
 
     def __init__(self, path: Path, layout: Layout, metadata: Mapping[str, str] | None = None) -> None:
         self.path, self.layout, self.metadata = path, layout, metadata
+
+    @classmethod
+    def open(cls, target: OutputTarget) -> "SafetensorsOutput":
+        return cls(target.path, target.layout, target.metadata)
 
     def write(self, blocks: Iterable[Block]) -> Path:
         with atomic_file(self.path, "") as tmp, open(tmp, "wb") as f:
@@ -222,6 +282,13 @@ class ShardedOutput:
         self.names = ["model.safetensors"] if total == 1 else [
             f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)
         ]
+
+    @classmethod
+    def open(cls, target: OutputTarget) -> "ShardedOutput":
+        """With the newest input's side files when it is a folder (``from_pretrained`` needs its ``config.json``)."""
+        newest = target.newest_input if target.newest_input is not None and target.newest_input.is_dir() else None
+        side = [newest / f for f in HF_SIDE_FILES if newest is not None and (newest / f).is_file()]
+        return cls(target.path, target.layout, target.max_shard_bytes, target.metadata, side)
 
     def write(self, blocks: Iterable[Block]) -> Path:
         it = _in_order(blocks, self.layout)
@@ -267,6 +334,10 @@ class DCPOutput:
                  sidecar: Mapping[str, Any] | None = None) -> None:
         self.path, self.layout, self.block_rows, self.sidecar = path, layout, block_rows, sidecar
 
+    @classmethod
+    def open(cls, target: OutputTarget) -> "DCPOutput":
+        return cls(target.path, target.layout, target.block_rows, target.provenance)
+
     def write(self, blocks: Iterable[Block]) -> Path:
         import torch.distributed.checkpoint as dcp
 
@@ -286,6 +357,18 @@ class DCPOutput:
             if self.sidecar is not None:
                 _write_json(tmp / "wsm_merge.json", self.sidecar)
         return self.path
+
+
+#: Output format name -> its class (``--out-format``); the order is the CLI's.
+OUTPUTS: dict[str, type] = {"safetensors": SafetensorsOutput, "torch": TorchFileOutput, "sharded": ShardedOutput,
+                            "dcp": DCPOutput}
+
+
+def open_output(fmt: str, target: OutputTarget) -> Output:
+    """The output of format ``fmt`` (a key of :data:`OUTPUTS`) for ``target``."""
+    if fmt not in OUTPUTS:
+        raise ValueError(f"--out-format: unknown {fmt!r}; choose one of {', '.join(OUTPUTS)}")
+    return OUTPUTS[fmt].open(target)
 
 
 def _pulling_planner(layout: Layout, block_rows: Sequence[tuple[str, int, int]], blocks: Iterator[Block]) -> Any:
