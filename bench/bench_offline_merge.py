@@ -184,7 +184,7 @@ def write_checkpoints(directory: Path, shapes: dict, n: int, fmt: str, shard_siz
     """``n`` checkpoints, written in pieces (about 64 MiB at a time); returns the bytes of one."""
     from safetensors.torch import save_file
 
-    from wsm_optim import checkpoint_writers as W
+    from wsm_optim.offline import writers as W
 
     def cuts(rows: int, parts: int) -> list[int]:
         return sorted({round(rows * i / parts) for i in range(parts + 1)})

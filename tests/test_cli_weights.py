@@ -86,7 +86,7 @@ def test_bad_input_exits_2_with_one_line(argv, phrase, capsys):
 
 # ------------------------------------------------------------ long windows
 from wsm_optim import schedules as S  # noqa: E402
-from wsm_optim import weights_cli  # noqa: E402
+from wsm_optim.cli import weights as weights_cli  # noqa: E402
 
 
 def _rows(stdout: str) -> tuple[dict[int, tuple[float, float]], list[str]]:

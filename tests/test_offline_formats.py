@@ -197,7 +197,7 @@ def test_dcp_load_fallback_cuts_blocks_at_saved_chunks_and_gives_the_same_bits(d
     ckpts = [dcp_run / "step-2", dcp_run / "step-4"]  # both 2-rank
     kwargs = dict(key="model", schedule="1-sqrt", block_size="600B", progress=False)
     direct = merge_checkpoints(ckpts, **kwargs)
-    monkeypatch.setattr(checkpoint_readers, "plain_tensor_offset", lambda *args: None)
+    monkeypatch.setattr(offline_readers, "plain_tensor_offset", lambda *args: None)
     out = tmp_path / "fallback"
     merge_checkpoints(ckpts, out=out, out_format="dcp", **kwargs)
     emb = dcp.FileSystemReader(str(out)).read_metadata().state_dict_metadata["emb.weight"]
@@ -241,7 +241,7 @@ def test_workers_give_bitwise_the_serial_result(dcp_run, tmp_path):
 def test_worker_blocks_are_allocated_in_shared_memory(tmp_path):
     # A worker's accumulators (and bf16 casts) are made in shared memory: returned without a copy and never freed
     # into the worker's heap (glibc kept ~270 MiB of freed 16 MiB blocks per worker in a 4 x 270M merge).
-    from wsm_optim import streaming_merge as M
+    from wsm_optim.offline import streaming as M
 
     paths = []
     for j in range(3):
