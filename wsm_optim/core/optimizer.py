@@ -30,7 +30,7 @@ from .bypass import BypassGuard, count_step
 from .model_buffers import ModelBuffers
 from .nonfinite import NonFiniteMergeError
 from .runtime import EngineBinding, Runtime
-from .spec import DEFAULT_MERGE, MergeSpec, check_bool, specs_from_arguments
+from .spec import DEFAULT_MERGE, MergeSpec, WSMOptions, check_bool
 
 __all__ = ["WSMOptimizer", "MergeSpec", "DEFAULT_MERGE", "NonFiniteMergeError"]
 
@@ -147,7 +147,10 @@ class WSMOptimizer(torch.optim.Optimizer):
             raise TypeError("inner is already a WSMOptimizer; use merges= to track several merges")
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__} {model!r}")
-        specs = specs_from_arguments(schedule, window, interval, start, keep_last, merges)
+        options = WSMOptions(schedule=schedule, window=window, interval=interval, start=start, backend=backend,
+                             keep_last=keep_last, merges=merges, nonfinite=nonfinite, overlap=overlap,
+                             capturable=capturable, offload=offload, merge_buffers=merge_buffers)
+        specs = options.merge_specs()
         buffers = ModelBuffers.opted_in(model, check_bool("merge_buffers", merge_buffers))
         self.inner = inner
         self.model = model

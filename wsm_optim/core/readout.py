@@ -37,6 +37,12 @@ if TYPE_CHECKING:
 __all__ = ["LiveParamsChangedWarning", "state_dict", "swapped", "check_dtype"]
 
 
+#: The keywords every readout takes (``merged_state_dict``, ``merged_weights``, ``save_merged`` and the
+#: integrations' readouts), with their defaults: ``merge``, which merge when several are tracked (``None``:
+#: the only one); ``completed``, the last completed window instead of the current one.
+READOUT_KEYWORDS = {"merge": None, "completed": False}
+
+
 class LiveParamsChangedWarning(UserWarning):
     """A readout of the current window found params changed in place since the last ``step()``."""
 

@@ -1,9 +1,12 @@
-"""What a merge is configured to do: :class:`MergeSpec`, validated once, and the argument rules.
+"""What a merge is configured to do: :class:`MergeSpec`, validated once; :class:`WSMOptions`, the option set.
 
 The single-merge arguments of ``WSMOptimizer`` (``schedule, window, interval,
 start, keep_last``) and its ``merges=`` dict go through
 :func:`specs_from_arguments` alone, and so do the trainer integrations: one
-rule, one message.
+rule, one message. :class:`WSMOptions` holds every option of ``WSMOptimizer``
+(all its arguments but ``inner`` and ``model``) with the constructor's
+defaults; the integrations take exactly these options and check them through
+:meth:`WSMOptions.check`, the constructor's own rules.
 """
 
 from __future__ import annotations
@@ -18,11 +21,9 @@ import numpy as np
 
 from .. import schedules
 
-__all__ = ["MergeSpec", "DEFAULT_MERGE", "specs_from_arguments", "check_options", "check_name", "check_int",
-           "check_bool", "BACKEND_NAMES", "NONFINITE_MODES", "OFFLOAD_CHOICES"]
+__all__ = ["MergeSpec", "WSMOptions", "DEFAULT_MERGE", "specs_from_arguments", "check_options", "check_name",
+           "check_int", "check_bool", "NONFINITE_MODES", "OFFLOAD_CHOICES"]
 
-#: What ``backend=`` accepts; ``offload="cpu"`` selects the host-resident backend.
-BACKEND_NAMES = ("auto", "foreach", "triton")
 NONFINITE_MODES = ("raise", "skip")
 OFFLOAD_CHOICES = (None, "cpu")
 
@@ -158,6 +159,8 @@ def check_options(*, backend: Any = "auto", nonfinite: Any = "raise", offload: A
     The one place these rules and their messages live: ``WSMOptimizer`` and
     the trainer integrations (which build the optimizer later) both call it.
     """
+    from .backends import BACKEND_NAMES  # the backends' own table (it imports this module)
+
     if backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
     if nonfinite not in NONFINITE_MODES:
@@ -177,3 +180,59 @@ def check_options(*, backend: Any = "auto", nonfinite: Any = "raise", offload: A
             f"capturable={capturable}, overlap={overlap}"
         )
     return overlap, capturable
+
+
+@dataclass(frozen=True)
+class WSMOptions:
+    """Every option of ``WSMOptimizer`` but ``inner`` and ``model``, with its defaults (documented there).
+
+    The trainer integrations (``WSMCallback``, ``wrap_trainer``, torchtitan's
+    ``WSMConfig``) take exactly these options and build the optimizer later,
+    when the framework has made the inner one: :meth:`check` applies
+    ``WSMOptimizer``'s rules at once (same errors, same messages), and
+    :meth:`kwargs` gives the constructor's keyword arguments.
+    """
+
+    schedule: Any = "linear"
+    window: int | None = None
+    interval: int = 1
+    start: int = 0
+    backend: str = "auto"
+    keep_last: bool = False
+    merges: Mapping[str, Any] | None = None
+    nonfinite: str = "raise"
+    overlap: bool = False
+    capturable: bool = False
+    offload: str | None = None
+    merge_buffers: bool = False
+
+    #: The merge arguments (one merge, or ``merges=``); the rest are options of the run.
+    MERGE_ARGUMENTS = ("schedule", "window", "interval", "start", "keep_last")
+
+    def merge_specs(self) -> dict[str, MergeSpec]:
+        """The merges these options describe (:func:`specs_from_arguments`)."""
+        return specs_from_arguments(self.schedule, self.window, self.interval, self.start, self.keep_last,
+                                    self.merges)
+
+    def check(self) -> None:
+        """Raise what ``WSMOptimizer(inner, **self.kwargs())`` raises for a bad option, before any params exist."""
+        self.merge_specs()
+        check_bool("merge_buffers", self.merge_buffers)
+        check_options(backend=self.backend, nonfinite=self.nonfinite, offload=self.offload, overlap=self.overlap,
+                      capturable=self.capturable)
+
+    def uses_defaults(self) -> bool:
+        """No merge argument given (the framework already holds a ``WSMOptimizer``, used as it is)."""
+        default_schedule = isinstance(self.schedule, str) and self.schedule == "linear"  # may be an array: no ==
+        return (self.window is None and self.merges is None and default_schedule and self.interval == 1
+                and self.start == 0 and self.keep_last is False)
+
+    def kwargs(self) -> dict[str, Any]:
+        """``WSMOptimizer`` keyword arguments: ``merges=`` or the single-merge arguments, then every option."""
+        options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if self.merges is not None:
+            for name in self.MERGE_ARGUMENTS:
+                del options[name]
+        else:
+            del options["merges"]
+        return options

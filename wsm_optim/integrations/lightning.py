@@ -23,7 +23,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from .. import schedules
 from ..core.optimizer import WSMOptimizer
-from ._arguments import merge_config
+from ._arguments import merge_config, options_from
 from ._schedulers import describe_decay, repoint_scheduler
 from .unwrap import unwrap
 
@@ -56,7 +56,8 @@ class WSMCallback(Callback):
       keeps the live weights in ``current_model_state``.
 
     Args:
-        schedule, window, interval, start, keep_last, merges, backend, nonfinite, offload, merge_buffers:
+        schedule, window, interval, start, keep_last, merges, backend, nonfinite, overlap, capturable, offload,
+        merge_buffers:
             passed to :class:`~wsm_optim.WSMOptimizer` (see there). Leave them
             all at their defaults (``window=None``) to use a ``WSMOptimizer``
             returned by ``configure_optimizers``.
@@ -80,13 +81,14 @@ class WSMCallback(Callback):
         merge: str | None = None,
         backend: str = "auto",
         nonfinite: str = "raise",
+        overlap: bool = False,
+        capturable: bool = False,
         offload: str | None = None,
         merge_buffers: bool = False,
         swap_for_validation: bool = True,
         merged_after_fit: bool = True,
     ) -> None:
-        self._config = merge_config(schedule, window, interval, start, keep_last, merges, backend, nonfinite, offload,
-                                merge_buffers)
+        self._config = merge_config(options_from(locals()))
         if merges is not None:
             if merge is None and len(merges) > 1:
                 raise ValueError(f"WSMCallback: several merges {list(merges)}: name the one to validate with merge=")

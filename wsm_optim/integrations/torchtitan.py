@@ -63,8 +63,9 @@ from torchtitan.components.optimizer import OptimizersContainer
 from torchtitan.components.optimizer.utils import get_flat_optim_state_dict, init_optim_state
 
 from ..common.text import a
+from ..core.backends import BACKEND_NAMES
 from ..core.optimizer import WSMOptimizer
-from ..core.spec import check_bool, check_options, specs_from_arguments
+from ..core.spec import NONFINITE_MODES, OFFLOAD_CHOICES, WSMOptions
 from ..schedules import Schedule
 
 __all__ = ["WSMConfig", "WSMOptimizersContainer", "with_wsm"]
@@ -90,43 +91,49 @@ class WSMConfig:
     """Steps before the first window is anchored (the live model is the merge until then)."""
 
     keep_last: bool = False
-    """Keep the last completed window's merge (one more fp32 buffer per param)."""
+    """Keep the last completed window's merge (one more fp32 accumulator per param)."""
 
     merges: dict[str, dict[str, Any]] | None = None
     """Several merges, ``{name: dict(schedule=..., window=..., ...)}``, instead of the fields above."""
 
-    nonfinite: Literal["raise", "skip"] = "raise"
+    nonfinite: Literal[NONFINITE_MODES] = "raise"
     """NaN/inf policy of the merge (``WSMOptimizer(nonfinite=...)``)."""
 
-    backend: Literal["auto", "foreach", "triton"] = "auto"
+    backend: Literal[BACKEND_NAMES] = "auto"
     """Update backend (``"auto"``: Triton on CUDA, foreach otherwise)."""
 
     overlap: bool = False
     """CUDA only: fold checkpoints on a side stream, overlapping the next forward/backward."""
+
+    capturable: bool = False
+    """Launch the update every step so a step can be captured in a CUDA graph (Triton backend)."""
+
+    offload: Literal[OFFLOAD_CHOICES] = None
+    """``"cpu"``: every accumulator in host memory, folded by a worker thread (``WSMOptimizer(offload=...)``)."""
 
     merge_buffers: bool = False
     """Also merge each model part's persistent floating-point buffers (MoE ``expert_bias_E``, normalisation
     statistics) with the same weights; integer and non-persistent ones (``tokens_per_expert_E``) stay live."""
 
     def __post_init__(self) -> None:
-        specs_from_arguments(self.schedule, self.window, self.interval, self.start, self.keep_last, self.merges)
+        options = self.options()
+        options.merge_specs()
         # WSMOptimizer's own rules and messages, naming the config field (a bad value would
         # otherwise surface only when torchtitan builds the optimizers, far from the config)
         try:
-            check_options(backend=self.backend, nonfinite=self.nonfinite, overlap=self.overlap)
-            check_bool("merge_buffers", self.merge_buffers)
+            options.check()
         except (TypeError, ValueError) as error:
             raise type(error)(f"WSMConfig.{error}") from None
 
+    def options(self) -> WSMOptions:
+        """These fields as ``WSMOptimizer``'s option set."""
+        return WSMOptions(**{f.name: getattr(self, f.name) for f in fields(WSMOptions)})
+
     def optimizer_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of ``WSMOptimizer(inner, **kwargs)``."""
-        merge = (
-            dict(merges=self.merges)
-            if self.merges is not None
-            else dict(schedule=self.schedule, window=self.window, interval=self.interval,
-                      start=self.start, keep_last=self.keep_last)
-        )
-        return dict(merge, nonfinite=self.nonfinite, backend=self.backend, overlap=self.overlap)
+        """Keyword arguments of ``WSMOptimizer(inner, **kwargs)``, but ``merge_buffers`` (applied per model part)."""
+        kwargs = self.options().kwargs()
+        del kwargs["merge_buffers"]
+        return kwargs
 
 
 class WSMOptimizersContainer(OptimizersContainer):
@@ -328,9 +335,10 @@ def with_wsm(optimizer: OptimizersContainer.Config, **wsm: Any) -> WSMOptimizers
     ``config.optimizer = with_wsm(config.optimizer, schedule="1-sqrt", window=1000)``.
 
     Keeps every field of ``optimizer`` (param groups, implementation, ...);
-    ``wsm`` are :class:`WSMConfig`'s fields (``schedule``, ``window``,
-    ``interval``, ``start``, ``keep_last``, ``merges``, ``nonfinite``,
-    ``backend``, ``overlap``, ``merge_buffers``), validated here.
+    ``wsm`` are :class:`WSMConfig`'s fields, ``WSMOptimizer``'s options
+    (:class:`~wsm_optim.core.spec.WSMOptions`: ``schedule``, ``window``,
+    ``interval``, ``start``, ``keep_last``, ``merges``, ``backend``,
+    ``nonfinite``, ``overlap``, ``capturable``, ``offload``, ``merge_buffers``), validated here.
     """
     if isinstance(optimizer, WSMOptimizersContainer.Config):
         raise TypeError("optimizer already has WSM (a WSMOptimizersContainer.Config); change its .wsm instead")

@@ -48,7 +48,7 @@ from typing import Any
 
 from .. import schedules
 from ..core.optimizer import WSMOptimizer
-from ._arguments import merge_config
+from ._arguments import merge_config, options_from
 from ._final_weights import forget_final_weights, keep_final_weights
 from ._saved_model import load_saved_model
 from ._schedulers import describe_decay, repoint_scheduler
@@ -76,6 +76,8 @@ def wrap_trainer(
     merges: Mapping[str, Mapping[str, Any]] | None = None,
     backend: str = "auto",
     nonfinite: str = "raise",
+    overlap: bool = False,
+    capturable: bool = False,
     offload: str | None = None,
     merge_buffers: bool = False,
     save_merged: bool = True,
@@ -88,7 +90,8 @@ def wrap_trainer(
 
     Args:
         trainer: the ``Trainer`` instance.
-        schedule, window, interval, start, keep_last, merges, backend, nonfinite, offload, merge_buffers:
+        schedule, window, interval, start, keep_last, merges, backend, nonfinite, overlap, capturable, offload,
+        merge_buffers:
             passed to :class:`~wsm_optim.WSMOptimizer`. Leave them all at their
             defaults (``window=None``) when the trainer got a ``WSMOptimizer``
             through ``optimizers=(wsm, scheduler)``.
@@ -102,7 +105,7 @@ def wrap_trainer(
     if isinstance(trainer, WSMTrainerMixin):
         raise TypeError("wrap_trainer: this trainer is already wrapped")
     _check_engine(trainer)
-    config = merge_config(schedule, window, interval, start, keep_last, merges, backend, nonfinite, offload, merge_buffers)
+    config = merge_config(options_from(locals()))
     cls = type(trainer)
     trainer.__class__ = _WRAPPED.setdefault(cls, type(f"WSM{cls.__name__}", (WSMTrainerMixin, cls), {}))
     trainer._wsm_config = config

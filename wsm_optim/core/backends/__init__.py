@@ -48,12 +48,14 @@ from torch import Tensor
 
 from ...common.precision import accumulator_dtype, accumulator_like
 from ..distributed import is_dtensor
-from ..spec import BACKEND_NAMES, OFFLOAD_CHOICES, check_options  # the option rules live in spec
+from ..spec import OFFLOAD_CHOICES, check_options  # the option rules live in spec
 
-__all__ = ["Backend", "BackendBase", "MergeUpdate", "select", "inline", "resolve", "BACKEND_NAMES", "BACKENDS", "OFFLOAD_CHOICES"]
+__all__ = ["Backend", "BackendBase", "MergeUpdate", "select", "inline", "BACKEND_NAMES", "BACKENDS", "OFFLOAD_CHOICES"]
 
 #: ``backend=`` name -> ``module:class`` of this package (imported on use: Triton is optional).
 BACKENDS = {"foreach": "foreach:ForeachBackend", "triton": "triton:TritonBackend", "offload": "offload:OffloadBackend"}
+#: What ``backend=`` accepts: ``"auto"`` and every backend but ``offload`` (chosen by ``offload="cpu"``).
+BACKEND_NAMES = ("auto", *(name for name in BACKENDS if name != "offload"))
 
 
 @dataclass
