@@ -47,7 +47,7 @@ def build():
     if hasattr(S, "weights"):
         mw = S.weights(schedule, k)
         return mw, (mw.c(0), mw.c(k))
-    c = S.merge_weights(S.decay_weights(schedule, k))
+    c = S.coefficients_from_decay(S.decay_weights(schedule, k))
     return None, (float(c[0]), float(c[-1]))
 
 

@@ -70,7 +70,7 @@ def test_discretisation_and_merge_is_a_valid_convex_combination(name, k):
     f = SHAPES_BY_HAND[name]
     np.testing.assert_allclose(w, [f(i / (k + 1)) for i in range(1, k + 1)], rtol=0, atol=1e-14)
     assert w.shape == (k,) and np.all(np.diff(w) <= 0) and np.all((0 <= w) & (w <= 1))
-    c = S.merge_weights(w)
+    c = S.coefficients_from_decay(w)
     assert c.shape == (k + 1,) and np.all(c >= 0)
     assert abs(c.sum() - 1.0) <= 1e-12
     # compact form of Theorem 3.1 with w_0 = 1, w_{k+1} = 0
@@ -90,7 +90,7 @@ def test_aliases_and_names():
 @pytest.mark.parametrize("k", [1, 2, 9, 100, 10_000])
 def test_inv_sqrt_never_reaches_zero(k):
     w = S.decay_weights("inv-sqrt", k)
-    c = S.merge_weights(w)
+    c = S.coefficients_from_decay(w)
     assert w[-1] > 0 and c[-1] > 0 and c[-1] == w[-1]
     assert w[-1] == pytest.approx(1 / math.sqrt(1 + (k / (k + 1)) / S.INV_SQRT_TAU), rel=1e-14)
     # documented: about 0.30 for the default tau and long windows (limit 1/sqrt(11))
@@ -126,7 +126,7 @@ def merges(draw):
 @settings(deadline=None, max_examples=100, derandomize=True)
 @given(decays())
 def test_round_trip_decay_to_merge_to_decay(w):
-    c = S.merge_weights(w)
+    c = S.coefficients_from_decay(w)
     assert c.shape == (len(w) + 1,) and np.all(c >= 0) and abs(c.sum() - 1) <= 1e-12
     # c_j = w_j - w_{j+1}, computed here term by term
     padded = [1.0, *w, 0.0]
@@ -141,7 +141,7 @@ def test_round_trip_merge_to_decay_to_merge(c):
     assert w.shape == (len(c) - 1,)
     np.testing.assert_allclose(w, [sum(c[i:]) for i in range(1, len(c))], rtol=0, atol=1e-12)
     assert np.all(np.diff(w) <= 0)
-    np.testing.assert_allclose(S.merge_weights(w), c, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(S.coefficients_from_decay(w), c, rtol=0, atol=1e-12)
 
 
 @settings(deadline=None, max_examples=50, derandomize=True)
@@ -150,7 +150,7 @@ def test_theorem_3_1_merge_equals_anchor_minus_weighted_updates(w, seed):
     """sum_j c_j theta_j == theta_0 - sum_i w_i g_i for random checkpoints."""
     k = len(w)
     theta = np.random.default_rng(seed).normal(size=(k + 1, 3))
-    c = S.merge_weights(w)
+    c = S.coefficients_from_decay(w)
     merged = (c[:, None] * theta).sum(0)
     g = theta[:-1] - theta[1:]
     np.testing.assert_allclose(merged, theta[0] - (w[:, None] * g).sum(0), rtol=0, atol=1e-12)
@@ -189,7 +189,7 @@ def test_non_increasing_names_first_offending_index_and_value():
     msg = str(info.value)
     assert "non-increasing" in msg and "w_3 = 0.7" in msg and "w_2 = 0.5" in msg
     with pytest.raises(ValueError, match=r"w_2 = 0\.6 > w_1 = 0\.5"):
-        S.merge_weights([0.5, 0.6])
+        S.coefficients_from_decay([0.5, 0.6])
 
 
 @pytest.mark.parametrize(
@@ -239,7 +239,7 @@ def test_empty_explicit_sequence():
     with pytest.raises(ValueError, match="empty window"):
         S.validate_decay([])
     with pytest.raises(ValueError, match="empty window"):
-        S.merge_weights([])
+        S.coefficients_from_decay([])
 
 
 def test_wrong_explicit_length():

@@ -94,7 +94,7 @@ def reference(spec, snaps, steps, skip=()):
     start, window, interval = spec.get("start", 0), spec["window"], spec.get("interval", 1)
     k = window // interval
     w = S.decay_weights(spec["schedule"], k)
-    c = S.merge_weights(w)
+    c = S.coefficients_from_decay(w)
     u = steps - start
     if u <= 0:
         return snaps[steps]

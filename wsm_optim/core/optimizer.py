@@ -52,8 +52,8 @@ class WSMOptimizer(torch.optim.Optimizer):
     Args:
         inner: the optimizer to wrap (any ``torch.optim.Optimizer``). Build it
             from ``model.named_parameters()`` so readouts are keyed by name.
-        schedule: decay shape: ``"linear"`` (``"mean"``), ``"cosine"``,
-            ``"1-sqrt"`` (``"minus-sqrt"``), ``"inv-sqrt"``, ``"ema"``; a
+        schedule: decay shape: a name of :data:`wsm_optim.schedules.SHAPES`
+            (``"linear"``, ``"cosine"``, ``"1-sqrt"``, ...) or of its ``ALIASES``; a
             callable ``f(t)`` with ``f(0) = 1``; or explicit ``w_1..w_k``.
         window: optimizer steps per merge window; a positive multiple of ``interval``.
         interval: steps between checkpoints. ``k = window // interval``

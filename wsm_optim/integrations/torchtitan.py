@@ -79,7 +79,7 @@ class WSMConfig:
     """
 
     schedule: Schedule = "linear"
-    """Decay shape: "linear", "cosine", "1-sqrt", "inv-sqrt", "ema", a callable f(t), or w_1..w_k."""
+    """Decay shape: a name of ``wsm_optim.schedules.SHAPES`` ("linear", "1-sqrt", ...), a callable f(t), or w_1..w_k."""
 
     window: int | None = None
     """Optimizer steps per merge window (required unless ``merges`` is given)."""

@@ -288,9 +288,9 @@ def merge_checkpoints(
         paths: checkpoints oldest first (safetensors / ``torch.save`` files, HF
             ``save_pretrained`` folders, DCP directories), or one parent folder
             whose entries (matching ``glob``) are sorted by step number; see :func:`resolve_inputs`.
-        schedule: decay shape (``"linear"``/``"mean"``, ``"cosine"``,
-            ``"1-sqrt"``, ``"inv-sqrt"``, ``"ema"``, a callable ``f(t)`` or
-            explicit ``w_1..w_k``); weights from Theorem 3.1 with ``k = n - 1``.
+        schedule: decay shape (a name of :data:`wsm_optim.schedules.SHAPES` or its
+            ``ALIASES``, a callable ``f(t)`` or explicit ``w_1..w_k``); weights
+            from Theorem 3.1 with ``k = n - 1``.
             Default ``"linear"`` (uniform mean). Exclusive with ``weights``.
         weights: explicit merge weights ``c_0..c_{n-1}``, oldest first, ``>= 0``.
         normalize: rescale ``weights`` to sum to 1 (otherwise they must, within 1e-6).
