@@ -216,7 +216,7 @@ def refused_step(engine, wsm):
 
 
 def case_universal_checkpoint_is_refused(stage, out_dir):
-    """A ZeRO checkpoint converted by DeepSpeed's ds_to_universal (which keeps no merge) is refused on load."""
+    """Loading a ZeRO checkpoint converted by DeepSpeed's ds_to_universal (which keeps no merge) is refused."""
     import subprocess
 
     ckpt = os.path.join(out_dir, "universal")
@@ -232,8 +232,8 @@ def case_universal_checkpoint_is_refused(stage, out_dir):
         )
     torch.distributed.barrier()
     loaded, wsm = engine_for(stage, one_group=True, seed=3, checkpoint={"load_universal": True})
-    wds.attach(loaded)
     try:
+        wds.attach(loaded)  # the engine is configured to load universal checkpoints: refused here
         loaded.load_checkpoint(ckpt, tag="s3_universal")
     except NotImplementedError as e:
         return {"message": str(e), "steps": wsm.steps}

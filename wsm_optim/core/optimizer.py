@@ -178,7 +178,11 @@ class WSMOptimizer(torch.optim.Optimizer):
 
     @param_groups.setter
     def param_groups(self, groups: list[dict[str, Any]]) -> None:
-        callers.refuse_group_cut(self.inner.param_groups, groups)
+        engine = self._runtime.engine
+        if engine is not None and engine.steps_per_group:
+            engine.cut(self.inner.param_groups, groups)
+        else:
+            callers.refuse_group_cut(self.inner.param_groups, groups)
         self.inner.param_groups = groups
     state, defaults = _inner_attribute("state"), _inner_attribute("defaults")
     _bypass: BypassGuard | None = None  # copies and unpickled optimizers have none
@@ -216,20 +220,35 @@ class WSMOptimizer(torch.optim.Optimizer):
         Safe under ``torch.compile``: the WSM bookkeeping runs eagerly, outside
         the compiled graph, so every step counts and nothing recompiles per step.
         """
+        engine = self._runtime.engine
+        if engine is not None and engine.whole is not None:
+            return self._step_group(engine, closure)
         if self._begin_step():  # DCP's state-initialising call: not a WSM step
             with torch.no_grad():
                 return self.inner.step()
+        loss = self._inner_step(closure)
+        self._end_step()
+        return loss
+
+    def _inner_step(self, closure):
         if closure is None:
             with torch.no_grad():
-                loss = self.inner.step()
-        else:
-            loss = self.inner.step(closure)
-        self._end_step()
+                return self.inner.step()
+        return self.inner.step(closure)
+
+    def _step_group(self, engine: EngineBinding, closure):
+        """One group's step of an engine that steps per group: a merge step once every group is stepped."""
+        if not engine.stepped and self._begin_step(engine.whole):
+            with torch.no_grad():
+                return self.inner.step()
+        loss = self._inner_step(closure)
+        if engine.round_done(self.inner.param_groups):
+            self._end_step()
         return loss
 
     @torch.compiler.disable  # host bookkeeping: under torch.compile it runs eagerly, every step
     @torch.no_grad()
-    def _begin_step(self) -> bool:
+    def _begin_step(self, groups: list[dict[str, Any]] | None = None) -> bool:
         rt = self._runtime
         if rt.swapped:
             raise RuntimeError("step() called inside merged_weights(): the live params are swapped out")
@@ -240,7 +259,7 @@ class WSMOptimizer(torch.optim.Optimizer):
         if self._bypass is not None:
             self._bypass.disarm()
         callers.run_step_checks(self)
-        rt.follow_params(self.inner.param_groups)
+        rt.follow_params(self.inner.param_groups if groups is None else groups)
         rt.check_step()
         rt.anchor_windows()
         return False
@@ -358,7 +377,7 @@ class WSMOptimizer(torch.optim.Optimizer):
         self._runtime.held_live = None
 
     def _bind_engine(self, *, merged_weights: Callable[[Callable[[], Any]], Any] | None = None,
-                     drop_model: bool = False) -> None:
+                     drop_model: bool = False, steps_per_group: bool = False) -> None:
         """The hook for an engine integration that re-homes the params (not user API; DeepSpeed's ``attach``).
 
         An engine that replaces the tracked params with its own (DeepSpeed ZeRO's
@@ -366,9 +385,12 @@ class WSMOptimizer(torch.optim.Optimizer):
         replaces :meth:`merged_weights` (see :class:`~wsm_optim.core.runtime.EngineBinding`);
         ``drop_model=True`` forgets the constructor's ``model``, whose params
         are no longer the tracked ones (readouts are keyed by ``param_names``).
+        ``steps_per_group=True``: the engine steps one param group at a time
+        (``param_groups`` cut to it); one merge step counts once every group
+        was stepped, instead of the cut being refused.
         Copies of the optimizer do not keep the binding.
         """
-        self._runtime.engine = EngineBinding(merged_weights)
+        self._runtime.engine = EngineBinding(merged_weights, steps_per_group)
         if drop_model:
             self.model = None
 

@@ -39,7 +39,7 @@ from .spec import MergeSpec, check_options
 __all__ = ["Runtime"]
 
 
-@dataclass(frozen=True)
+@dataclass
 class EngineBinding:
     """What an engine integration that re-homes the params asks of the optimizer (``WSMOptimizer._bind_engine``).
 
@@ -47,9 +47,37 @@ class EngineBinding:
     ``WSMOptimizer.merged_weights()``; ``core_swap()`` is the optimizer's own
     swap of the params it tracks (enter it, then swap whatever copies the
     engine keeps; what the block yields is what ``merged_weights()`` yields).
+
+    ``steps_per_group``: the engine steps the optimizer once per param group,
+    with ``param_groups`` cut to that group (DeepSpeed ZeRO-1/2). One merge
+    step is then counted when every group has been stepped: the windows are
+    anchored before the first group's inner step and the params folded after
+    the last one's. ``whole`` holds every group while ``param_groups`` is cut,
+    ``stepped`` the ids of the groups stepped since the last counted step.
     """
 
     merged_weights: Callable[[Callable[[], Any]], Any] | None = None
+    steps_per_group: bool = False
+    whole: list[dict[str, Any]] | None = None
+    stepped: set[int] = field(default_factory=set)
+
+    def cut(self, current: list[dict[str, Any]], groups: list[dict[str, Any]]) -> None:
+        """Note ``param_groups`` going from ``current`` to ``groups``: a cut to some groups, or back to all."""
+        whole = self.whole if self.whole is not None else current
+        ids = {id(g) for g in whole}
+        if 0 < len(groups) < len(whole) and all(id(g) in ids for g in groups):
+            self.whole = whole
+        else:
+            self.whole = None
+
+    def round_done(self, groups: list[dict[str, Any]]) -> bool:
+        """Record ``groups`` as stepped; True (and a new round begins) once every group of the round is."""
+        self.stepped.update(id(g) for g in groups)
+        whole = self.whole if self.whole is not None else groups
+        if all(id(g) in self.stepped for g in whole):
+            self.stepped.clear()
+            return True
+        return False
 
 
 @dataclass

@@ -18,14 +18,16 @@ What DeepSpeed does to a client optimizer, and what :func:`attach` changes:
 * ZeRO-1/2 replace each param group's params by one flat fp32 partition of
   this rank (the fp32 master weights: the values to merge) and step the client
   optimizer once *per param group*, with ``param_groups`` cut to that group.
-  A ``WSMOptimizer`` stepped that way would count one step per group and see
-  its params change between calls. :func:`attach` makes DeepSpeed step the
-  inner optimizer per group and runs DeepSpeed's whole step inside one
-  ``WSMOptimizer.step()``: one merge step per engine step, over every group.
+  A plain ``WSMOptimizer`` refuses such a cut (it would count one step per
+  group and see its params change between calls). :func:`attach` declares
+  the engine as stepping per group (``WSMOptimizer._bind_engine``): the
+  windows are anchored before the first group's step, and the partitions
+  folded after the last group's, one merge step per engine step. Nothing of
+  DeepSpeed's is overridden.
 * Counting: one merge step per optimizer step of the engine (gradient
   accumulation micro-steps do not count). A step that DeepSpeed skips for an
-  fp16 loss-scale overflow counts as a step without progress, as with a fused
-  ``GradScaler``.
+  fp16 loss-scale overflow never reaches the optimizer and does not count,
+  as with ``GradScaler`` skipping ``optimizer.step()``.
 * The merge then lives in one accumulator per flat partition (4 bytes per
   parameter per rank, divided by the data-parallel size like the masters).
   :func:`merged_state_dict` gathers the partitions and cuts them back into
@@ -46,9 +48,10 @@ What DeepSpeed does to a client optimizer, and what :func:`attach` changes:
   DeepSpeed's bf16/fp16 wrapper without ZeRO, ``NotImplementedError`` naming them.
 * ``engine.save_checkpoint`` / ``load_checkpoint`` store the client optimizer's
   ``state_dict()`` per rank (ZeRO's non-elastic checkpoints, the default), so
-  the merge resumes exactly at the same data-parallel size. Elastic
-  checkpoints and DeepSpeed's universal checkpoint keep only the inner
-  optimizer's state: refused (elastic) or not carried (universal).
+  the merge resumes exactly at the same data-parallel size (DeepSpeed itself
+  refuses another size). Elastic checkpoints and DeepSpeed's universal
+  checkpoint keep only the inner optimizer's state: :func:`attach` refuses
+  ``elastic_checkpoint=true`` and ``checkpoint.load_universal=true``.
 
 * ``merge_buffers=True`` (``WSMOptimizer(..., model=model, merge_buffers=True)``
   with the module given to ``deepspeed.initialize``): the module's persistent
@@ -63,7 +66,7 @@ What DeepSpeed does to a client optimizer, and what :func:`attach` changes:
   rank 0's module file).
 
 Refused with a message: ZeRO stage 3 (params partitioned per parameter and
-gathered on the fly), optimizer offload, elastic checkpoints.
+gathered on the fly), optimizer offload, elastic and universal checkpoints.
 """
 
 from __future__ import annotations
@@ -99,11 +102,11 @@ def attach(engine: Any) -> WSMOptimizer:
 
     Call once, after ``deepspeed.initialize`` and before the first step (and
     before ``engine.load_checkpoint`` when resuming). Stage 0 needs nothing
-    (the optimizer is stepped as is); stages 1 and 2 are rewired as described
+    (the optimizer is stepped as is); stages 1 and 2 are declared as stepping per param group, as described
     in the module docstring.
 
     Raises:
-        NotImplementedError: ZeRO stage 3, optimizer offload, elastic checkpoints.
+        NotImplementedError: ZeRO stage 3, optimizer offload, elastic or universal checkpoints.
         TypeError: no ``WSMOptimizer`` in the engine.
         RuntimeError: the ``WSMOptimizer`` already counted steps under ZeRO.
     """
@@ -123,7 +126,7 @@ def attach(engine: Any) -> WSMOptimizer:
                 f"wsm_optim.integrations.deepspeed: without ZeRO, DeepSpeed wraps the optimizer in "
                 f"{type(zero).__name__} (bf16/fp16 master weights); not supported. Use ZeRO stage 1 or 2"
             )
-        _ATTACHED[wsm] = wsm  # stepped as is: nothing to rewire
+        _ATTACHED[wsm] = wsm  # stepped as is: nothing to declare
         return wsm
     if not hasattr(zero, "single_partition_of_fp32_groups"):
         raise NotImplementedError(
@@ -139,6 +142,12 @@ def attach(engine: Any) -> WSMOptimizer:
         raise NotImplementedError(
             "wsm_optim.integrations.deepspeed: zero_optimization.elastic_checkpoint=true saves only the inner "
             "optimizer's state, so the merge would not be saved; set it to false (the default)"
+        )
+    if engine.load_universal_checkpoint():
+        raise NotImplementedError(
+            "wsm_optim.integrations.deepspeed: checkpoint.load_universal=true loads DeepSpeed's universal checkpoint, "
+            "which keeps only exp_avg, exp_avg_sq, fp32 and step, not the merge; resume from the ZeRO checkpoint at "
+            "the data-parallel size it was saved with"
         )
     if zero.optimizer is not wsm:
         raise TypeError(
@@ -160,32 +169,6 @@ def attach(engine: Any) -> WSMOptimizer:
         # ZeRO left the names of the params it flattened; the group now holds one flat partition.
         group["param_names"] = [FLAT_NAME.format(i)]
 
-    def step_group(group_no: int) -> None:
-        """ZeRO's per-group step (its ``_optimizer_step``), on the inner optimizer."""
-        groups = inner.param_groups
-        inner.param_groups = [groups[group_no]]
-        try:
-            type(inner).step(inner)
-        finally:
-            inner.param_groups = groups
-        zero._lazy_init_hp_params_optimizer_state()  # DeepSpeed links its per-param views after the first step
-
-    def step(closure: Any = None) -> Any:
-        """The engine's optimizer step: DeepSpeed's whole ZeRO step inside one ``WSMOptimizer.step()``."""
-        if closure is not None:
-            raise TypeError("DeepSpeed's ZeRO optimizer takes no closure")
-        inner.step = lambda *args, **kwargs: type(zero).step(zero)  # where WSMOptimizer runs its inner step
-        try:
-            return wsm.step()
-        finally:
-            del inner.step
-
-    def load_state_dict(state_dict_list: Any, load_optimizer_states: bool = True, *args: Any, **kwargs: Any) -> Any:
-        """ZeRO's checkpoint load; refused where the merge would not come back with the masters."""
-        if load_optimizer_states:
-            _check_loadable(zero, state_dict_list, kwargs.get("checkpoint_folder", args[1] if len(args) > 1 else None))
-        return type(zero).load_state_dict(zero, state_dict_list, load_optimizer_states, *args, **kwargs)
-
     @contextlib.contextmanager
     def swap(core_swap: Any) -> Iterator[Any]:
         """The optimizer's merged_weights(): the masters swapped by the core, then the module's copies refreshed."""
@@ -196,39 +179,18 @@ def attach(engine: Any) -> WSMOptimizer:
         finally:
             zero.update_lp_params()
 
-    # DeepSpeed offers no hook around its optimizer step: ZeRO's own step and checkpoint load are rewired here.
-    zero._optimizer_step = step_group
-    zero.step = step
-    zero.load_state_dict = load_state_dict
     _ATTACHED[zero] = wsm
     # The optimizer now tracks flat partitions, not the module's params: its model-keyed readouts cannot apply
     # (merged_state_dict(engine, model=...) gives them by name; its own are keyed by FLAT_NAME), and its
     # merged_weights() (e.g. through wsm_optim.unwrap(engine)) must also refresh the module's copies.
-    wsm._bind_engine(merged_weights=swap, drop_model=True)
+    # ZeRO steps the optimizer once per group, param_groups cut to that group: one merge step per engine step.
+    wsm._bind_engine(merged_weights=swap, drop_model=True, steps_per_group=True)
     return wsm
 
 
 def attached_to(zero: Any) -> WSMOptimizer | None:
-    """The ``WSMOptimizer`` that :func:`attach` rewired ``zero`` (DeepSpeed's optimizer wrapper) for, or ``None``."""
+    """The ``WSMOptimizer`` that :func:`attach` wired to ``zero`` (DeepSpeed's optimizer wrapper), or ``None``."""
     return _ATTACHED.get(zero)
-
-
-def _check_loadable(zero: Any, state_dict_list: Any, checkpoint_folder: Any) -> None:
-    """The merge is saved per rank, partitioned like the fp32 masters: only the same data-parallel size restores it."""
-    if checkpoint_folder:
-        raise NotImplementedError(
-            "wsm_optim.integrations.deepspeed: DeepSpeed's universal checkpoint keeps only exp_avg, exp_avg_sq, fp32 "
-            "and step, not the merge; resume from the ZeRO checkpoint at the data-parallel size it was saved with"
-        )
-    saved = len(state_dict_list)
-    now = torch.distributed.get_world_size(group=zero.dp_process_group) if torch.distributed.is_initialized() else 1
-    if saved != now:
-        raise NotImplementedError(
-            f"wsm_optim.integrations.deepspeed: the checkpoint was saved by {saved} data-parallel ranks and is "
-            f"loaded by {now}; the merge accumulators are partitioned like the fp32 masters and DeepSpeed does not "
-            f"re-partition them. Resume with {saved} data-parallel ranks (or load with "
-            "load_optimizer_states=False to start a new merge from the loaded weights)"
-        )
 
 
 def _layout(engine: Any) -> list[list[tuple[str, int, torch.Size, Tensor]]]:
