@@ -30,7 +30,7 @@ from types import FrameType
 from typing import Any
 
 __all__ = ["STATE_INIT", "STEP_CHECKS", "HINTS", "callers", "called_by_state_init", "run_step_checks",
-           "refuse_group_cut", "hint"]
+           "is_group_cut", "refuse_group_cut", "hint"]
 
 #: ``(module, function)``: a ``step()`` called from that function only initialises the inner optimizer's state.
 STATE_INIT: list[tuple[str, str]] = []
@@ -72,9 +72,14 @@ def run_step_checks(opt: Any) -> None:
         check(opt)
 
 
+def is_group_cut(current: list[dict[str, Any]], groups: list[dict[str, Any]]) -> bool:
+    """True when ``groups`` is a proper, non-empty subset of ``current`` (the same dicts), as per-group stepping sets."""
+    return 0 < len(groups) < len(current) and all(any(g is c for c in current) for g in groups)
+
+
 def refuse_group_cut(current: list[dict[str, Any]], groups: list[dict[str, Any]]) -> None:
     """Raise when ``param_groups`` is set to a proper subset of ``current``, as a framework stepping per group does."""
-    if 0 < len(groups) < len(current) and all(any(g is c for c in current) for g in groups):
+    if is_group_cut(current, groups):
         raise RuntimeError(
             f"WSMOptimizer.param_groups was cut to {len(groups)} of its {len(current)} groups, as a framework "
             "that steps one group at a time does: every such step() would count as a merge step."

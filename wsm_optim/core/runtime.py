@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import distributed
+from . import callers, distributed
 from .backends import Backend, inline, select
 from .merge import Merge
 from .model_buffers import ModelBuffers
@@ -64,17 +64,12 @@ class EngineBinding:
     def cut(self, current: list[dict[str, Any]], groups: list[dict[str, Any]]) -> None:
         """Note ``param_groups`` going from ``current`` to ``groups``: a cut to some groups, or back to all."""
         whole = self.whole if self.whole is not None else current
-        ids = {id(g) for g in whole}
-        if 0 < len(groups) < len(whole) and all(id(g) in ids for g in groups):
-            self.whole = whole
-        else:
-            self.whole = None
+        self.whole = whole if callers.is_group_cut(whole, groups) else None
 
     def round_done(self, groups: list[dict[str, Any]]) -> bool:
-        """Record ``groups`` as stepped; True (and a new round begins) once every group of the round is."""
+        """Record ``groups`` (stepped while ``param_groups`` is cut); True once every group of the round was."""
         self.stepped.update(id(g) for g in groups)
-        whole = self.whole if self.whole is not None else groups
-        if all(id(g) in self.stepped for g in whole):
+        if all(id(g) in self.stepped for g in self.whole):
             self.stepped.clear()
             return True
         return False
