@@ -168,6 +168,11 @@ class Merge:
         return None if mass is None else 1.0 - mass
 
     # ------------------------------------------------------------- readouts
+    @property
+    def reads_live(self) -> bool:
+        """A readout of the current window mixes the live params in (anchored, mid-window)."""
+        return self.position.mixes_live
+
     def origin_of(self, source: dict[Tensor, Tensor] | None) -> dict[Tensor, Tensor] | None:
         """The origins ``source`` (from :meth:`source`) is relative to: the current window's ``A`` has them."""
         return self.origin if source is self.acc else None

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -28,6 +28,7 @@ from .. import schedules
 from . import callers, persistence, readout
 from .bypass import BypassGuard, count_step
 from .model_buffers import ModelBuffers
+from .moments import MomentMerge, ShapeFit
 from .nonfinite import NonFiniteMergeError
 from .runtime import EngineBinding, Runtime
 from .spec import DEFAULT_MERGE, MergeSpec, WSMOptions, check_bool
@@ -39,6 +40,12 @@ def _inner_attribute(name: str) -> property:
     """An attribute of the wrapper that lives on the inner optimizer (get, set and delete go there)."""
     return property(lambda self: getattr(self.inner, name), lambda self, v: setattr(self.inner, name, v),
                     lambda self: delattr(self.inner, name))
+
+
+def _one_shape(shape: Any, what: str) -> None:
+    if isinstance(shape, (list, tuple)):
+        raise TypeError(f"{what} reads one shape at a time, got a {type(shape).__name__}; "
+                        "merged_state_dict(shape=[...]) returns one state dict per shape")
 
 
 class WSMOptimizer(torch.optim.Optimizer):
@@ -100,6 +107,14 @@ class WSMOptimizer(torch.optim.Optimizer):
             not wait for the fold. Readouts then return host (CPU) tensors,
             ``merged_weights()`` copies them in one tensor at a time. Not with
             ``capturable=True`` or ``overlap=True``.
+        moments: ``None`` (default): exact merges. An int ``m`` in 1..8: a
+            *moment merge* that keeps ``m`` fp32 accumulators per parameter
+            instead of one and is read with any decay shape chosen afterwards
+            (readouts' ``shape=``; ``schedule`` is the default one), over the
+            window from its anchor to the current step. Linear and 1-sqrt are
+            exact from ``m = 2``; other shapes within the error bound that
+            :meth:`shape_fit` reports (``docs/moments.md``). Also a key of
+            ``merges=`` entries. Not with ``nonfinite="skip"``.
 
     Counting: only calls of :meth:`step` count. A step that
     ``torch.amp.GradScaler`` skips for inf/NaN gradients never calls it with an
@@ -140,6 +155,7 @@ class WSMOptimizer(torch.optim.Optimizer):
         capturable: bool = False,
         offload: str | None = None,
         merge_buffers: bool = False,
+        moments: int | None = None,
     ) -> None:
         if not isinstance(inner, torch.optim.Optimizer):
             raise TypeError(f"inner must be a torch.optim.Optimizer, got {type(inner).__name__}")
@@ -149,7 +165,7 @@ class WSMOptimizer(torch.optim.Optimizer):
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__} {model!r}")
         options = WSMOptions(schedule=schedule, window=window, interval=interval, start=start, backend=backend,
                              keep_last=keep_last, merges=merges, nonfinite=nonfinite, overlap=overlap,
-                             capturable=capturable, offload=offload, merge_buffers=merge_buffers)
+                             capturable=capturable, offload=offload, merge_buffers=merge_buffers, moments=moments)
         specs = options.merge_specs()
         buffers = ModelBuffers.opted_in(model, check_bool("merge_buffers", merge_buffers))
         self.inner = inner
@@ -207,7 +223,7 @@ class WSMOptimizer(torch.optim.Optimizer):
         return {k: v for k, v in self.__dict__.items() if k not in ("step", "_opt_called", "_bypass")}
 
     def __repr__(self) -> str:
-        merges = ", ".join(repr(m) for m in self._runtime.merges)
+        merges = ", ".join(repr(m) for m in self._runtime.named)
         return f"WSMOptimizer({merges}; backend={self.backend})\n{self.inner!r}"
 
     # ------------------------------------------------------------------ step
@@ -288,6 +304,7 @@ class WSMOptimizer(torch.optim.Optimizer):
         full: bool = False,
         rank0_only: bool = False,
         cpu_offload: bool = False,
+        shape: schedules.Schedule | Sequence[schedules.Schedule] | None = None,
     ) -> dict[str, Tensor]:
         """The merged model ``M_t = theta_anchor - sum_{i<=t} w_i g_i`` of the current window.
 
@@ -321,6 +338,15 @@ class WSMOptimizer(torch.optim.Optimizer):
             rank0_only: with ``full=True``, only global rank 0 keeps the result;
                 the other ranks join the gathers and get ``{}``.
             cpu_offload: with ``full=True``, move each gathered tensor to CPU at once.
+            shape: a moment merge (``moments=``) only: the decay shape to read
+                it with, a name of :data:`wsm_optim.schedules.SHAPES` or a
+                callable ``f(t)``; ``None``: its ``schedule``. A list of shapes
+                returns ``{schedule_name(shape): state dict}``. The window read
+                ends now: right after a checkpoint it holds the checkpoints
+                since the anchor; between two checkpoints (``interval > 1``)
+                the live params are its newest point. Warns
+                :class:`~wsm_optim.core.moments.MomentFitWarning` when the
+                shape's error bound exceeds ``moments.TOLERANCE``.
 
         Returns:
             ``{name: tensor}`` of new tensors (not views of live state). Without
@@ -331,16 +357,26 @@ class WSMOptimizer(torch.optim.Optimizer):
         current window's readout uses live params that were edited since the
         last ``step()``.
         """
+        if isinstance(shape, (list, tuple)):
+            if not shape:
+                raise ValueError("shape: an empty list; give one shape or a non-empty list of shapes")
+            kwargs = dict(model=model, merge=merge, completed=completed, full=full, rank0_only=rank0_only,
+                          cpu_offload=cpu_offload)
+            return {schedules.schedule_name(s): self.merged_state_dict(dtype, shape=s, **kwargs) for s in shape}
         with readout.held_live_in(self._runtime):
             return readout.state_dict(
                 self._runtime, merge, self.inner.param_groups, dtype=dtype,
                 model=model if model is not None else self.model, completed=check_bool("completed", completed),
-                full=full, rank0_only=rank0_only, cpu_offload=cpu_offload,
+                full=full, rank0_only=rank0_only, cpu_offload=cpu_offload, shape=shape,
             )
 
     @contextlib.contextmanager
-    def merged_weights(self, *, merge: str | None = None, completed: bool = False):
+    def merged_weights(self, *, merge: str | None = None, completed: bool = False,
+                       shape: schedules.Schedule | None = None):
         """Swap the merged values into the live params for the ``with`` block.
+
+        ``shape``: the decay shape a moment merge is read with (one shape; see
+        :meth:`merged_state_dict`).
 
         The live values are restored bit-exactly on exit, also on exception.
         Costs one copy of the params (in their dtype) plus one fp32 copy of the
@@ -353,7 +389,9 @@ class WSMOptimizer(torch.optim.Optimizer):
         ``torch.optim.Optimizer``: do not step and read from two threads.
         """
         completed = check_bool("completed", completed)
-        core_swap = functools.partial(readout.swapped, self._runtime, merge, self.inner.param_groups, completed)
+        _one_shape(shape, "merged_weights()")
+        core_swap = functools.partial(readout.swapped, self._runtime, merge, self.inner.param_groups, completed,
+                                      shape)
         engine = self._runtime.engine
         with readout.held_live_in(self._runtime):
             if engine is not None and engine.merged_weights is not None:
@@ -395,8 +433,10 @@ class WSMOptimizer(torch.optim.Optimizer):
             self.model = None
 
     def save_merged(self, path, dtype: torch.dtype | None = None, *, model: nn.Module | None = None,
-                    merge: str | None = None, completed: bool = False):
+                    merge: str | None = None, completed: bool = False, shape: schedules.Schedule | None = None):
         """Write :meth:`merged_state_dict` to ``path`` crash-safely; returns the ``Path``.
+
+        ``shape``: the decay shape a moment merge is read with (one shape).
 
         safetensors by default; ``.pt``/``.pth``/``.bin`` use ``torch.save``.
         Written via :func:`wsm_optim.io.atomic_save` (temp file, fsync,
@@ -404,13 +444,33 @@ class WSMOptimizer(torch.optim.Optimizer):
         """
         from ..common.atomic import atomic_save
 
-        return atomic_save(self.merged_state_dict(dtype, model=model, merge=merge, completed=completed), path)
+        _one_shape(shape, "save_merged()")
+        return atomic_save(self.merged_state_dict(dtype, model=model, merge=merge, completed=completed, shape=shape),
+                           path)
 
     # ------------------------------------------------------------- inspection
     @property
     def merges(self) -> tuple[str, ...]:
-        """Names of the tracked merges."""
-        return tuple(m.name for m in self._runtime.merges)
+        """Names of the tracked merges (exact and moment merges, as given)."""
+        return tuple(m.name for m in self._runtime.named)
+
+    def is_moment_merge(self, merge: str | None = None) -> bool:
+        """Whether the merge ``merge`` is a moment merge (``moments=``), read with any ``shape=``."""
+        return isinstance(self._runtime.merge(merge), MomentMerge)
+
+    def shape_fit(self, shape: schedules.Schedule | None = None, *, merge: str | None = None,
+                  completed: bool = False) -> ShapeFit:
+        """How closely a moment merge's moments reconstruct ``shape`` over the window a readout reads now.
+
+        Returns a :class:`~wsm_optim.core.moments.ShapeFit`: ``error`` is the
+        relative bound ``sum |w_i - w_hat_i| / sum w_i`` of the decay weights
+        (0 up to float64 rounding for linear and 1-sqrt), from the weights
+        alone: no data, no host sync. ``shape=None``: the merge's schedule.
+        """
+        chosen = self._runtime.merge(merge)
+        if not isinstance(chosen, MomentMerge):
+            raise ValueError(f"shape_fit: merge {chosen.name!r} is an exact merge; it needs a moment merge (moments=m)")
+        return chosen.fit(shape, check_bool("completed", completed))
 
     @property
     def steps(self) -> int:

@@ -28,6 +28,7 @@ from ..common.precision import accumulator_dtype
 from ..common.warn import warn
 from . import callers, distributed
 from .nonfinite import FiniteCheck, NonFiniteMergeError, nonfinite_error
+from .moments import MomentReading
 from .registry import unique_names
 
 if TYPE_CHECKING:
@@ -39,8 +40,9 @@ __all__ = ["LiveParamsChangedWarning", "state_dict", "swapped", "check_dtype"]
 
 #: The keywords every readout takes (``merged_state_dict``, ``merged_weights``, ``save_merged`` and the
 #: integrations' readouts), with their defaults: ``merge``, which merge when several are tracked (``None``:
-#: the only one); ``completed``, the last completed window instead of the current one.
-READOUT_KEYWORDS = {"merge": None, "completed": False}
+#: the only one); ``completed``, the last completed window instead of the current one; ``shape``, the decay
+#: shape a moment merge is read with (``None``: its own schedule; exact merges take only ``None``).
+READOUT_KEYWORDS = {"merge": None, "completed": False, "shape": None}
 
 
 class LiveParamsChangedWarning(UserWarning):
@@ -71,6 +73,8 @@ def _value(merge: "Merge", p: Tensor, source: dict[Tensor, Tensor] | None, compl
     ``scale``, else 1): ``theta_0`` is added last, in one rounding, so the result
     keeps the precision of the displacement ``A`` holds.
     """
+    if isinstance(merge, MomentReading):
+        return merge.value(p, completed)
     with torch.no_grad():
         lp = distributed.local_view(p)
         if source is None:  # before the first anchor the merge is the live model
@@ -102,8 +106,7 @@ def _value(merge: "Merge", p: Tensor, source: dict[Tensor, Tensor] | None, compl
 
 def _prepare(rt: "Runtime", merge: "Merge", completed: bool, what: str):
     """Checks shared by every readout; returns ``(buffers to read or None, skip-mode scale)``."""
-    pos = merge.position
-    if rt.swapped and not completed and pos.mixes_live:
+    if rt.swapped and not completed and merge.reads_live:
         raise RuntimeError(
             f"{what} of the current window called inside merged_weights(): it needs the live params, which "
             "are swapped out; read it outside the block (completed=True readouts work inside)"
@@ -118,7 +121,7 @@ def _prepare(rt: "Runtime", merge: "Merge", completed: bool, what: str):
             RuntimeWarning,
         )
     source = merge.source(completed)  # raises if there is no completed window to read
-    if not completed and pos.mixes_live:
+    if not completed and merge.reads_live:
         _warn_if_modified(rt, merge, what)
     return source, merge.readout_scale(completed)
 
@@ -239,6 +242,7 @@ def state_dict(
     full: bool,
     rank0_only: bool,
     cpu_offload: bool,
+    shape: Any = None,
 ) -> dict[str, Tensor]:
     """The readout behind ``WSMOptimizer.merged_state_dict`` (arguments documented there) of the merge ``name``."""
     if (rank0_only or cpu_offload) and not full:
@@ -247,7 +251,7 @@ def state_dict(
             "sharded readouts (full=False) stay on each rank's device"
         )
     dtype = check_dtype(dtype)
-    merge = rt.prepare_readout(name, param_groups)
+    merge = rt.prepare_readout(name, param_groups, shape, completed)
     entries = _entries(rt, model)
     source, scale = _prepare(rt, merge, completed, "merged_state_dict()")
     out: dict[str, Tensor] = {}
@@ -339,13 +343,13 @@ def held_live_in(rt: "Runtime") -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def swapped(rt: "Runtime", name: str | None, param_groups, completed: bool) -> Iterator[None]:
+def swapped(rt: "Runtime", name: str | None, param_groups, completed: bool, shape: Any = None) -> Iterator[None]:
     """Swap the merge ``name`` into the live params for a ``with`` block; restore them bit-exactly on exit.
 
     One swap at a time per optimizer, whatever the thread: a second entry
     raises at once (the check and the claim are one atomic step).
     """
-    merge = rt.prepare_readout(name, param_groups)
+    merge = rt.prepare_readout(name, param_groups, shape, completed)
     if not rt.swap_lock.acquire(blocking=False):
         raise RuntimeError(
             "merged_weights() is already active for this optimizer (in this thread or another): swaps cannot "

@@ -29,9 +29,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import schedules
 from . import callers, distributed
 from .backends import Backend, inline, select
 from .merge import Merge
+from .moments import MomentMerge
 from .model_buffers import ModelBuffers
 from .registry import Group, Registry
 from .spec import MergeSpec, check_options
@@ -97,6 +99,8 @@ class Runtime:
     initial: dict[int, tuple] = field(default_factory=dict)  # id(param) -> _sums when wrapped
     engine: EngineBinding | None = None  # what an engine integration bound (WSMOptimizer._bind_engine)
     held_live: Any = None  # readout.HeldLive: final live terms kept aside (WSMOptimizer._hold_live)
+    # the merges as the user named them: each exact Merge, and each MomentMerge (whose parts are in ``merges``)
+    named: list[Merge | MomentMerge] = field(default_factory=list)
 
     @classmethod
     def create(cls, specs: dict[str, MergeSpec], param_groups, *, backend: str, nonfinite: str, overlap: Any,
@@ -121,8 +125,15 @@ class Runtime:
             )
         if overlap and not any(d.type == "cuda" for d in devices):
             raise ValueError("overlap=True needs CUDA parameters (it uses a side CUDA stream)")
+        named = [MomentMerge.build(n, s) if s.moments is not None else Merge(n, s) for n, s in specs.items()]
+        if nonfinite == "skip" and any(isinstance(m, MomentMerge) for m in named):
+            raise ValueError(
+                "moments=... cannot be combined with nonfinite='skip': a checkpoint left out of the moments "
+                "changes every shape's weights in a way no renormalisation undoes; use nonfinite='raise'"
+            )
         rt = cls(
-            merges=[Merge(n, s) for n, s in specs.items()],
+            merges=[part for m in named for part in (m.parts if isinstance(m, MomentMerge) else [m])],
+            named=named,
             registry=Registry(model_buffers),
             backend=chosen,
             backend_choice=backend,
@@ -183,15 +194,17 @@ class Runtime:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state, swap_lock=threading.Lock())
+        if not self.named:  # pickled by a release without moment merges
+            self.named = list(self.merges)
 
-    def merge(self, name: str | None) -> Merge:
+    def merge(self, name: str | None) -> Merge | MomentMerge:
         """The merge called ``name`` (``None``: the only one), or a ``ValueError`` listing the names."""
-        names = [m.name for m in self.merges]
+        names = [m.name for m in self.named]
         if name is None:
-            if len(self.merges) == 1:
-                return self.merges[0]
+            if len(self.named) == 1:
+                return self.named[0]
             raise ValueError(f"merge: several merges are tracked, name one of {names}")
-        for m in self.merges:
+        for m in self.named:
             if m.name == name:
                 return m
         raise ValueError(f"merge: unknown name {name!r}; tracked merges are {names}")
@@ -232,9 +245,21 @@ class Runtime:
         inner.add_param_group(group)
         self.follow_params(inner.param_groups, place=self.placed)
 
-    def prepare_readout(self, name: str | None, param_groups) -> Merge:
-        """The merge called ``name``, its folds joined and its buffers following the params, ready to read."""
+    def prepare_readout(self, name: str | None, param_groups, shape: Any = None, completed: bool = False):
+        """The merge called ``name``, its folds joined and its buffers following the params, ready to read.
+
+        A moment merge comes bound to ``shape`` (``None``: its own schedule) as a
+        :class:`~wsm_optim.core.moments.MomentReading`; an exact merge refuses a ``shape``.
+        """
         chosen = self.merge(name)
+        if isinstance(chosen, MomentMerge):
+            chosen = chosen.reading(shape, completed)
+        elif shape is not None:
+            raise ValueError(
+                f"shape={shape!r}: merge {chosen.name!r} is an exact merge of its own schedule "
+                f"({schedules.schedule_name(chosen.spec.schedule)!r}); a shape is chosen at read time only for a moment "
+                "merge (moments=m)"
+            )
         self.join()
         self.follow_params(param_groups, place=self.placed)  # before step 1 nothing is anchored
         return chosen

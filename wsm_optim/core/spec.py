@@ -80,6 +80,11 @@ class MergeSpec:
     ``schedule``: a shape name, a callable ``f(t)`` with ``f(0) = 1``, or the
     explicit decay weights ``w_1..w_k``.
 
+    ``moments``: ``None`` (an exact merge of ``schedule``), or the number of
+    moment accumulators (1 to :data:`~wsm_optim.core.moments.MAX_MOMENTS`)
+    of a moment merge, whose readouts choose the shape after training
+    (``shape=``; ``schedule`` is the one read by default, a name or a callable).
+
     Validated on construction (``TypeError`` / ``ValueError`` naming the field);
     numpy ints and bools are normalised to Python ones.
     """
@@ -89,18 +94,21 @@ class MergeSpec:
     interval: int = 1
     start: int = 0
     keep_last: bool = False
+    moments: int | None = None
 
     def __post_init__(self) -> None:
         window = check_int("window", self.window, 1)
         interval = check_int("interval", self.interval, 1)
         start = check_int("start", self.start, 0)
         keep_last = check_bool("keep_last", self.keep_last)
+        moments = None if self.moments is None else _check_moments(self.moments, self.schedule)
         if window % interval:
             raise ValueError(
                 f"window must be a positive multiple of interval, got window={window}, interval={interval}"
             )
         # Plain Python values, so that the config in state_dict() loads with weights_only=True.
-        for name, value in (("window", window), ("interval", interval), ("start", start), ("keep_last", keep_last)):
+        for name, value in (("window", window), ("interval", interval), ("start", start), ("keep_last", keep_last),
+                            ("moments", moments)):
             object.__setattr__(self, name, value)
         object.__setattr__(self, "_weights", schedules.weights(self.schedule, window // interval))
 
@@ -133,17 +141,33 @@ class MergeSpec:
             raise type(e)(f"merges[{name!r}].{e} (merge {name!r})") from None
 
 
-def specs_from_arguments(schedule, window, interval, start, keep_last, merges) -> dict[str, MergeSpec]:
+def _check_moments(moments: Any, schedule: Any) -> int:
+    """``moments`` of a moment merge, and its default shape readable at any window length."""
+    from .moments import MAX_MOMENTS  # the moment basis lives there (it imports this module)
+
+    moments = check_int("moments", moments, 1)
+    if moments > MAX_MOMENTS:
+        raise ValueError(f"moments must be None or an int in 1..{MAX_MOMENTS}, got {moments}")
+    if not isinstance(schedule, str) and not callable(schedule):
+        raise ValueError(
+            "a moment merge (moments=...) needs schedule as a shape name or a callable f(t): explicit weights "
+            "w_1..w_k fix one window length, and a moment merge is read at whatever length the window has reached"
+        )
+    return moments
+
+
+def specs_from_arguments(schedule, window, interval, start, keep_last, merges, moments=None) -> dict[str, MergeSpec]:
     """``{name: MergeSpec}`` from ``WSMOptimizer``'s single-merge arguments or its ``merges=`` dict."""
     if merges is None:
         if window is None:
             raise TypeError("window is required: optimizer steps per merge window, e.g. window=1000")
-        return {DEFAULT_MERGE: MergeSpec(schedule, window, interval, start, keep_last)}
+        return {DEFAULT_MERGE: MergeSpec(schedule, window, interval, start, keep_last, moments)}
     default_schedule = isinstance(schedule, str) and schedule == "linear"  # may be an array: no ==
-    if window is not None or not default_schedule or interval != 1 or start != 0 or keep_last is not False:
+    if (window is not None or not default_schedule or interval != 1 or start != 0 or keep_last is not False
+            or moments is not None):
         raise TypeError(
             "pass either merges={...} or the single-merge arguments "
-            "(schedule, window, interval, start, keep_last), not both"
+            "(schedule, window, interval, start, keep_last, moments), not both"
         )
     if not isinstance(merges, Mapping) or not merges:
         raise ValueError("merges must be a non-empty dict {name: dict(schedule=..., window=...)}")
@@ -205,14 +229,15 @@ class WSMOptions:
     capturable: bool = False
     offload: str | None = None
     merge_buffers: bool = False
+    moments: int | None = None
 
     #: The merge arguments (one merge, or ``merges=``); the rest are options of the run.
-    MERGE_ARGUMENTS = ("schedule", "window", "interval", "start", "keep_last")
+    MERGE_ARGUMENTS = ("schedule", "window", "interval", "start", "keep_last", "moments")
 
     def merge_specs(self) -> dict[str, MergeSpec]:
         """The merges these options describe (:func:`specs_from_arguments`)."""
         return specs_from_arguments(self.schedule, self.window, self.interval, self.start, self.keep_last,
-                                    self.merges)
+                                    self.merges, self.moments)
 
     def check(self) -> None:
         """Raise what ``WSMOptimizer(inner, **self.kwargs())`` raises for a bad option, before any params exist."""
@@ -225,7 +250,7 @@ class WSMOptions:
         """No merge argument given (the framework already holds a ``WSMOptimizer``, used as it is)."""
         default_schedule = isinstance(self.schedule, str) and self.schedule == "linear"  # may be an array: no ==
         return (self.window is None and self.merges is None and default_schedule and self.interval == 1
-                and self.start == 0 and self.keep_last is False)
+                and self.start == 0 and self.keep_last is False and self.moments is None)
 
     def kwargs(self) -> dict[str, Any]:
         """``WSMOptimizer`` keyword arguments: ``merges=`` or the single-merge arguments, then every option."""
