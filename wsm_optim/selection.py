@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from . import schedules
 from .integrations.unwrap import unwrap
 
 __all__ = ["MergeScores", "evaluate_merges"]
@@ -16,7 +17,8 @@ __all__ = ["MergeScores", "evaluate_merges"]
 class MergeScores:
     """Scores of the tracked merges, in the optimizer's merge order.
 
-    ``scores``: ``{merge name: score}``; ``best``: the name with the best score
+    ``scores``: ``{merge name: score}`` (``"name:shape"`` for a moment merge read
+    with several ``shapes``); ``best``: the name with the best score
     (lowest with ``mode="min"``, highest with ``"max"``; the first on ties);
     ``live``: the score of the live weights, when asked for (else ``None``);
     ``mode``: the ``mode`` the scores were compared with.
@@ -61,6 +63,7 @@ def evaluate_merges(
     evaluate: Callable[[], float],
     *,
     merges: Sequence[str] | None = None,
+    shapes: Sequence[Any] | None = None,
     completed: bool = False,
     include_live: bool = False,
     mode: str = "min",
@@ -73,6 +76,11 @@ def evaluate_merges(
         evaluate: called with no argument while a merge is swapped in; returns
             a number (e.g. the validation loss of the model the optimizer trains).
         merges: names to evaluate (default: every tracked merge).
+        shapes: decay shapes (names of :data:`wsm_optim.schedules.SHAPES` or
+            callables) to read each *moment merge* with, chosen after training;
+            its scores are then keyed ``"name:shape"`` (exact merges are
+            evaluated once, under their name). ``None``: each moment merge with
+            its own ``schedule``, under its name.
         completed: evaluate each merge's last *completed* window instead of
             the current one (see ``merged_state_dict(completed=True)``).
         include_live: also evaluate the live weights (``MergeScores.live``;
@@ -93,14 +101,39 @@ def evaluate_merges(
     unknown = [n for n in names if n not in opt.merges]
     if unknown:
         raise ValueError(f"merges: unknown names {unknown}; tracked merges are {list(opt.merges)}")
+    readings = _readings(opt, names, shapes)
     scores: dict[str, float] = {}
-    for name in names:
-        with opt.merged_weights(merge=name, completed=completed):
-            scores[name] = _score(evaluate(), name)
+    for key, name, shape in readings:
+        with opt.merged_weights(merge=name, completed=completed, shape=shape):
+            scores[key] = _score(evaluate(), key)
     live = _score(evaluate(), "live weights") if include_live else None
     pick = min if mode == "min" else max
-    best = pick(names, key=lambda n: scores[n])
+    best = pick(scores, key=lambda n: scores[n])
     return MergeScores(scores=scores, best=best, live=live, mode=mode)
+
+
+def _readings(opt: Any, names: list[str], shapes: Sequence[Any] | None) -> list[tuple[str, str, Any]]:
+    """``(score key, merge name, shape)`` of every evaluation, in merge order then shape order."""
+    if shapes is None:
+        return [(name, name, None) for name in names]
+    if isinstance(shapes, str) or callable(shapes) or not shapes:
+        raise ValueError(f"shapes must be a non-empty list of shape names or callables, got {shapes!r}")
+    if not any(opt.is_moment_merge(name) for name in names):
+        raise ValueError(
+            f"shapes: none of the merges {names} is a moment merge (moments=m); exact merges are read with "
+            "their own schedule only"
+        )
+    readings = []
+    for name in names:
+        if not opt.is_moment_merge(name):
+            readings.append((name, name, None))
+            continue
+        for shape in shapes:
+            readings.append((f"{name}:{schedules.schedule_name(shape)}", name, shape))
+    keys = [key for key, _, _ in readings]
+    if len(set(keys)) < len(keys):
+        raise ValueError(f"shapes: two shapes have the same name ({keys}); give callables distinct __name__s")
+    return readings
 
 
 def _score(value: Any, what: str) -> float:

@@ -232,6 +232,7 @@ def merged_state_dict(
     *,
     merge: str | None = None,
     completed: bool = False,
+    shape: Any = None,
     model: nn.Module | None = None,
 ) -> dict[str, Tensor]:
     """The merged model by parameter name, gathered from every data-parallel rank (a collective: all ranks call it).
@@ -240,7 +241,7 @@ def merged_state_dict(
         engine: the engine :func:`attach` was called on.
         dtype: output dtype; ``None`` keeps each module param's dtype
             (``torch.float32`` returns the fp32 merge of the masters).
-        merge, completed: as for :meth:`WSMOptimizer.merged_state_dict`.
+        merge, completed, shape: as for :meth:`WSMOptimizer.merged_state_dict`.
         model: return a complete ``model.state_dict()`` (buffers, tied and
             frozen entries as they are in ``model``); default: the trainable
             params under their ``named_parameters()`` names (without ZeRO,
@@ -254,9 +255,10 @@ def merged_state_dict(
     zero, wsm = _attached(engine)
     if zero is wsm:  # stage 0: the optimizer steps the module's own params
         return wsm.merged_state_dict(
-            dtype, merge=merge, completed=completed, model=model if model is not None else engine.module
+            dtype, merge=merge, completed=completed, shape=shape,
+            model=model if model is not None else engine.module,
         )
-    flat = wsm.merged_state_dict(torch.float32, merge=merge, completed=completed)
+    flat = wsm.merged_state_dict(torch.float32, merge=merge, completed=completed, shape=shape)
     out: dict[str, Tensor] = {}
     by_param: dict[Tensor, Tensor] = {}
     for group_no, entries in enumerate(_layout(engine)):
@@ -289,7 +291,7 @@ def merged_state_dict(
 
 
 @contextlib.contextmanager
-def merged_weights(engine: Any, *, merge: str | None = None, completed: bool = False):
+def merged_weights(engine: Any, *, merge: str | None = None, completed: bool = False, shape: Any = None):
     """Swap the merge into DeepSpeed's fp32 masters and its low-precision copies (the module) for a ``with`` block.
 
     With ``merge_buffers=True`` the merged buffers are swapped into the module too.
@@ -299,5 +301,5 @@ def merged_weights(engine: Any, *, merge: str | None = None, completed: bool = F
     enter (the copies are all-gathered).
     """
     _, wsm = _attached(engine)
-    with wsm.merged_weights(merge=merge, completed=completed):  # at stages 1/2 the swap attach bound
+    with wsm.merged_weights(merge=merge, completed=completed, shape=shape):  # at stages 1/2 the swap attach bound
         yield engine

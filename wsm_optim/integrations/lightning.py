@@ -57,7 +57,7 @@ class WSMCallback(Callback):
 
     Args:
         schedule, window, interval, start, keep_last, merges, backend, nonfinite, overlap, capturable, offload,
-        merge_buffers:
+        merge_buffers, moments:
             passed to :class:`~wsm_optim.WSMOptimizer` (see there). Leave them
             all at their defaults (``window=None``) to use a ``WSMOptimizer``
             returned by ``configure_optimizers``.
@@ -85,6 +85,7 @@ class WSMCallback(Callback):
         capturable: bool = False,
         offload: str | None = None,
         merge_buffers: bool = False,
+        moments: int | None = None,
         swap_for_validation: bool = True,
         merged_after_fit: bool = True,
     ) -> None:

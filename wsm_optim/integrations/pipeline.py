@@ -22,6 +22,8 @@ split), not by re-nesting the layers under new names.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -36,6 +38,7 @@ def merged_pipeline_state_dict(
     *,
     merge: str | None = None,
     completed: bool = False,
+    shape: Any = None,
 ) -> dict[str, Tensor]:
     """The whole merged model, ``{fqn: CPU tensor}``, on global rank 0; ``{}`` on every other rank.
 
@@ -51,7 +54,7 @@ def merged_pipeline_state_dict(
         pp_group: the process group across stages that contains this rank
             (``device_mesh["pp"].get_group()``); ``None``: the default group
             (pure pipeline parallelism, one rank per stage).
-        dtype, merge, completed: as in ``WSMOptimizer.merged_state_dict``.
+        dtype, merge, completed, shape: as in ``WSMOptimizer.merged_state_dict``.
 
     Each stage first gathers its own merged state dict in full
     (``merged_state_dict(full=True, model=stage_module, cpu_offload=True)``,
@@ -81,7 +84,7 @@ def merged_pipeline_state_dict(
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("merged_pipeline_state_dict needs an initialised torch.distributed process group")
     local = opt.merged_state_dict(
-        dtype, model=stage_module, merge=merge, completed=completed, full=True, cpu_offload=True
+        dtype, model=stage_module, merge=merge, completed=completed, shape=shape, full=True, cpu_offload=True
     )
     group = pp_group if pp_group is not None else dist.group.WORLD
     members = dist.get_process_group_ranks(group)

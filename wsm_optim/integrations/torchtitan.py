@@ -115,6 +115,9 @@ class WSMConfig:
     """Also merge each model part's persistent floating-point buffers (MoE ``expert_bias_E``, normalisation
     statistics) with the same weights; integer and non-persistent ones (``tokens_per_expert_E``) stay live."""
 
+    moments: int | None = None
+    """A moment merge with this many accumulators per param, read with any decay shape afterwards (``shape=``)."""
+
     def __post_init__(self) -> None:
         options = self.options()
         options.merge_specs()
@@ -231,6 +234,7 @@ class WSMOptimizersContainer(OptimizersContainer):
         *,
         merge: str | None = None,
         completed: bool = False,
+        shape: Any = None,
         full: bool = False,
         rank0_only: bool = False,
         cpu_offload: bool = False,
@@ -247,12 +251,13 @@ class WSMOptimizersContainer(OptimizersContainer):
         result: dict[str, Tensor] = {}
         for optimizer in self.optimizers:
             result.update(optimizer.merged_state_dict(
-                dtype, merge=merge, completed=completed, full=full, rank0_only=rank0_only, cpu_offload=cpu_offload,
+                dtype, merge=merge, completed=completed, shape=shape, full=full, rank0_only=rank0_only,
+                cpu_offload=cpu_offload,
             ))
         return result
 
     @contextlib.contextmanager
-    def merged_weights(self, *, merge: str | None = None, completed: bool = False) -> Iterator[None]:
+    def merged_weights(self, *, merge: str | None = None, completed: bool = False, shape: Any = None) -> Iterator[None]:
         """Swap the merged values into the params of every model part for the ``with`` block.
 
         The live values are restored bit-exactly on exit, also on exception;
@@ -260,11 +265,12 @@ class WSMOptimizersContainer(OptimizersContainer):
         """
         with contextlib.ExitStack() as stack:
             for optimizer in self.optimizers:
-                stack.enter_context(optimizer.merged_weights(merge=merge, completed=completed))
+                stack.enter_context(optimizer.merged_weights(merge=merge, completed=completed, shape=shape))
             yield
 
     def merged_model_state_dict(
-        self, *, merge: str | None = None, completed: bool = False, full: bool = False
+        self, *, merge: str | None = None, completed: bool = False, shape: Any = None,
+        full: bool = False
     ) -> dict[str, Tensor]:
         """The merged model in the model parts' ``state_dict`` keys: what torchtitan saves under ``model``.
 
@@ -277,7 +283,7 @@ class WSMOptimizersContainer(OptimizersContainer):
         rank calls it, in the same order).
         """
         out: dict[str, Tensor] = {}
-        with self.merged_weights(merge=merge, completed=completed):
+        with self.merged_weights(merge=merge, completed=completed, shape=shape):
             for part in self.model_parts:
                 for key, value in part.state_dict().items():
                     if full and isinstance(value, DTensor):
@@ -287,7 +293,8 @@ class WSMOptimizersContainer(OptimizersContainer):
         return out
 
     def merged_hf_state_dict(
-        self, sd_adapter: Any, *, merge: str | None = None, completed: bool = False, full: bool = False
+        self, sd_adapter: Any, *, merge: str | None = None, completed: bool = False, shape: Any = None,
+        full: bool = False
     ) -> dict[str, Tensor]:
         """:meth:`merged_model_state_dict` in Hugging Face naming: ``sd_adapter.to_hf(...)``.
 
@@ -299,10 +306,13 @@ class WSMOptimizersContainer(OptimizersContainer):
             raise TypeError(
                 f"sd_adapter must be a torchtitan state-dict adapter with to_hf(), got {type(sd_adapter).__name__}"
             )
-        return sd_adapter.to_hf(self.merged_model_state_dict(merge=merge, completed=completed, full=full))
+        return sd_adapter.to_hf(
+            self.merged_model_state_dict(merge=merge, completed=completed, shape=shape, full=full)
+        )
 
     def save_merged_hf(
-        self, checkpointer: CheckpointManager, path: str, *, merge: str | None = None, completed: bool = False
+        self, checkpointer: CheckpointManager, path: str, *, merge: str | None = None, completed: bool = False,
+        shape: Any = None
     ) -> None:
         """Write the merged model as Hugging Face safetensors, the way torchtitan saves ``last_save_in_hf``.
 
@@ -320,7 +330,7 @@ class WSMOptimizersContainer(OptimizersContainer):
                 "checkpointer.sd_adapter is None: the model spec has no state-dict adapter, so there is no HF naming"
             )
         export = checkpointer.export_dtype
-        with self.merged_weights(merge=merge, completed=completed):
+        with self.merged_weights(merge=merge, completed=completed, shape=shape):
             states = ModelWrapper(self.model_parts).state_dict()
             states = {
                 k: v.to(export) if isinstance(v, Tensor) and v.is_floating_point() and v.dtype != export else v
@@ -338,7 +348,7 @@ def with_wsm(optimizer: OptimizersContainer.Config, **wsm: Any) -> WSMOptimizers
     ``wsm`` are :class:`WSMConfig`'s fields, ``WSMOptimizer``'s options
     (:class:`~wsm_optim.core.spec.WSMOptions`: ``schedule``, ``window``,
     ``interval``, ``start``, ``keep_last``, ``merges``, ``backend``,
-    ``nonfinite``, ``overlap``, ``capturable``, ``offload``, ``merge_buffers``), validated here.
+    ``nonfinite``, ``overlap``, ``capturable``, ``offload``, ``merge_buffers``, ``moments``), validated here.
     """
     if isinstance(optimizer, WSMOptimizersContainer.Config):
         raise TypeError("optimizer already has WSM (a WSMOptimizersContainer.Config); change its .wsm instead")

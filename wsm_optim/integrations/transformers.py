@@ -80,6 +80,7 @@ def wrap_trainer(
     capturable: bool = False,
     offload: str | None = None,
     merge_buffers: bool = False,
+    moments: int | None = None,
     save_merged: bool = True,
 ) -> Any:
     """Make a ``transformers.Trainer`` (or any subclass, e.g. TRL's) train with WSM; returns it.
@@ -91,7 +92,7 @@ def wrap_trainer(
     Args:
         trainer: the ``Trainer`` instance.
         schedule, window, interval, start, keep_last, merges, backend, nonfinite, overlap, capturable, offload,
-        merge_buffers:
+        merge_buffers, moments:
             passed to :class:`~wsm_optim.WSMOptimizer`. Leave them all at their
             defaults (``window=None``) when the trainer got a ``WSMOptimizer``
             through ``optimizers=(wsm, scheduler)``.
