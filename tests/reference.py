@@ -259,3 +259,41 @@ def readout_skipping(
 def window_end(spec: Window, m: int) -> int:
     """Counted steps at the end (last checkpoint) of window ``m``."""
     return spec.start + (m + 1) * spec.window
+
+
+# ------------------------------------------------------------ moment merges
+# A moment merge read with a shape after ``s`` steps is the explicit merge, with
+# that shape's weights, of the window from its anchor to the live params: the
+# checkpoints taken since the anchor, then the live params when they are not a
+# checkpoint (docs/moments.md).
+
+
+def moment_points(spec: Window, s: int, completed: bool = False) -> list[int]:
+    """Snapshot indices of the window a moment merge reads after ``s`` steps (``completed``: the last finished one)."""
+    if completed:
+        m = completed_windows(spec, s) - 1
+        assert m >= 0, "no window has completed (test setup)"
+        anchor = spec.start + m * spec.window
+        return [anchor + j * spec.interval for j in range(spec.k + 1)]
+    if s <= spec.start:
+        return [s]
+    m = (s - spec.start - 1) // spec.window
+    anchor = spec.start + m * spec.window
+    points = list(range(anchor, s + 1, spec.interval))
+    return points if points[-1] == s else points + [s]
+
+
+def moment_readout(shape: Any, spec: Window, snapshots: Sequence[Sequence[Tensor]], s: int,
+                   completed: bool = False) -> tuple[list[Tensor], list[Tensor], np.ndarray]:
+    """``(M, step, w)``: the float64 explicit merge with ``shape``'s weights, ``max_i |Delta_i|`` per element, ``w_1..w_T``."""
+    points = moment_points(spec, s, completed)
+    T = len(points) - 1
+    c = schedules.merge_coefficients(shape, T) if T else np.ones(1)
+    w = schedules.decay_weights(shape, T) if T else np.zeros(0)
+    values, steps = [], []
+    for i in range(len(snapshots[0])):
+        pts = [snapshots[idx][i].to(F64) for idx in points]
+        values.append(explicit_merge(pts, c))
+        deltas = [b - a for a, b in zip(pts, pts[1:])]
+        steps.append(torch.stack(deltas).abs().amax(0) if deltas else torch.zeros_like(pts[0]))
+    return values, steps, w
