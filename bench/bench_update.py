@@ -28,6 +28,10 @@ ratios are medians of per-round ratios, so load from other processes hits both s
 5. offload: ``offload="cpu"`` vs the inline fold (buffer bytes, step time).
 6. origins: the window-origin form (what training runs) vs raw sums (runs resumed from
    format-1 state dicts): buffer bytes per param, ``step()`` at interval 1, same process.
+7. moments: a moment merge (``moments=m``, the shape chosen after training) against one
+   exact merge and against M exact merges (one per shape, the alternative for M shapes):
+   buffer bytes per param, ``step()`` at interval 1, one readout; and the reconstruction's
+   error bound per shape and ``m`` (from the weights alone).
 
 Results go to ``<out>/RESULTS.md`` (this device's section is replaced, the
 other's kept) and ``<out>/results_<device>_<section>.csv``.
@@ -509,6 +513,67 @@ def bench_origins(args, device, timer, model, rows, notes):
         del params, inner
 
 
+SHAPES_READ = ("linear", "1-sqrt", "cosine", "ema", "inv-sqrt")
+MOMENT_COUNTS = (2, 4, 6, 8)
+
+
+def bench_moments(args, device, timer, model, rows, bound_rows, notes):
+    """Section 7: a moment merge vs one and M exact merges: buffer bytes, step time, readout time; error bounds."""
+    import warnings
+
+    from wsm_optim.core.moments import EXPONENTS, fit_shape
+
+    shapes = C.MODELS[model]()
+    n = C.numel(shapes)
+    kmax = 4096  # no window completes while timing
+    params = [nn.Parameter(t) for t in C.make_params(shapes, torch.float32, device).values()]
+    for i, p in enumerate(params):
+        p.grad = torch.empty_like(p).normal_(0.0, 1e-3)
+    inner = torch.optim.SGD([(f"p{i}", p) for i, p in enumerate(params)], lr=1e-5, foreach=True)
+    variants = {"one exact merge": dict(window=kmax),
+                f"{len(SHAPES_READ)} exact merges (one per shape)": dict(
+                    merges={s: dict(window=kmax, schedule=s) for s in SHAPES_READ})}
+    for m in MOMENT_COUNTS:
+        variants[f"moments={m}"] = dict(window=kmax, moments=m)
+    opts = {}
+    for v, kwargs in variants.items():
+        opt = WSMOptimizer(inner, **kwargs)
+        opt.step()  # anchors; buffers placed
+        sd = opt.state_dict()
+        nbytes = sum(t.numel() * t.element_size() for e in sd["state"].values() for k, t in e.items()
+                     if k.startswith("wsm_") and not k.startswith("wsm_origin."))
+        # the state dict repeats a shared origin under each merge's name: count each origin tensor once
+        origins = {id(t): t.numel() * t.element_size() for part in opt._runtime.merges
+                   for t in (part.origin or {}).values()}
+        nbytes += sum(origins.values())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t0 = time.perf_counter()
+            opt.merged_state_dict(merge=None if len(opt.merges) == 1 else "linear", shape="cosine" if
+                                  opt.is_moment_merge(opt.merges[0]) else None)
+            readout = time.perf_counter() - t0
+        rows.append({"model": model, "backend": opt.backend, "variant": v, "B_per_param": nbytes / n,
+                     "readout_ms": readout * 1e3, "note": "fp32 params; accumulators + shared window origin"})
+        opts[v] = opt
+        del sd
+    block = 5
+    fns = {"inner SGD": inner.step, **{v: o.step for v, o in opts.items()}}
+    s = C.interleaved(fns, timer, rounds=args.step_rounds, warmup=1, inner=block)
+    for v, ts in s.items():
+        row = next((r for r in rows if r["variant"] == v and r["model"] == model), None)
+        if row is None:
+            row = {"model": model, "variant": v}
+            rows.append(row)
+        row.update(step_ms=C.median(ts) * 1e3, ratio_vs_one_exact=C.paired_ratio(ts, s["one exact merge"]),
+                   ratio_vs_inner=C.paired_ratio(ts, s["inner SGD"]))
+        row["note"] = (row.get("note", "") + f"; {block} steps per sample, {len(ts)} rounds").lstrip("; ")
+    del opts, fns, params, inner
+    for updates in (100, 1000, 10000):
+        for m in range(1, len(EXPONENTS) + 1):
+            bound_rows.append({"updates": updates, "moments": m, **{
+                sh: f"{fit_shape(sh, updates, EXPONENTS[:m]).error:.1e}" for sh in SHAPES_READ}})
+
+
 def bench_e2e(args, device, timer, rows, notes):
     """Section 4: GPT-2 training step, bf16 autocast, with/without WSM and overlap."""
     cuda = device.type == "cuda"
@@ -675,6 +740,9 @@ SECTION_COLS = {
                 "note"],
     "origins": ["model", "dtype", "backend", "variant", "B_per_param", "step_ms", "ratio_vs_raw", "ratio_vs_inner",
                 "note"],
+    "moments": ["model", "backend", "variant", "B_per_param", "step_ms", "ratio_vs_one_exact", "ratio_vs_inner",
+                "readout_ms", "note"],
+    "moment_bounds": ["updates", "moments", *SHAPES_READ],
 }
 
 SECTION_TEXT = {
@@ -721,6 +789,18 @@ SECTION_TEXT = {
         "format 2); runs resumed from format 1 keep raw sums `A += c_j theta_j`. Buffer bytes per param of "
         "one merge (from `state_dict()`), then `WSMOptimizer.step()` at interval 1 with origins vs raw sums, "
         "same process, round-robin (`ratio_vs_raw` = paired median of origins / raw)."
+    ),
+    "moments": (
+        "### 7. Moment merges: choosing the shape after training\n\n"
+        "`WSMOptimizer(moments=m)` keeps `m` fp32 moments (plus the window origin) and is read with any "
+        "shape afterwards; the alternative for `M` shapes is `M` exact merges. Buffer bytes per param from "
+        "`state_dict()`; `WSMOptimizer.step()` at interval 1, same process, round-robin "
+        "(`ratio_vs_one_exact` = paired median over one exact merge); `readout_ms`: one `merged_state_dict()`."
+    ),
+    "moment_bounds": (
+        "#### Reconstruction error bound per shape and `m`\n\n"
+        "`sum |w - w_hat| / sum w` of the fitted decay weights over a window of `updates` updates "
+        "(`WSMOptimizer.shape_fit`); `|merge_hat - merge| <= bound * sum w * max |Delta|` per element."
     ),
     "e2e": (
         "### 4. End to end\n\n"
@@ -870,7 +950,8 @@ def parse_args(argv=None):
                    help=f"comma list from {sorted(C.MODELS)} (default: cpu gpt2-124m; cuda gpt2-124m,llama-1b)")
     p.add_argument("--dtypes", default=None, help="param dtypes for section 1, from fp32,bf16,fp16 "
                    "(default: cpu fp32; cuda fp32,bf16)")
-    p.add_argument("--sections", default="update,explicit,step,e2e,offload,origins", help="comma list of sections to run")
+    p.add_argument("--sections", default="update,explicit,step,e2e,offload,origins,moments",
+                   help="comma list of sections to run")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds in section 1")
     p.add_argument("--step-rounds", type=int, default=None, help="timed rounds in section 3")
     p.add_argument("--e2e-rounds", type=int, default=None, help="timed rounds in section 4")
@@ -1001,6 +1082,14 @@ def main(argv=None) -> int:
             free(device)
 
     run("origins", sec_origins)
+    free(device)
+
+    def sec_moments():
+        for model in args.models:
+            bench_moments(args, device, timer, model, results["moments"], results["moment_bounds"], notes)
+            free(device)
+
+    run("moments", sec_moments)
     free(device)
 
     env["load_end"] = C.loadavg()

@@ -37,6 +37,9 @@ MERGES = {
     "lin": dict(schedule="linear", window=6, interval=2, start=1, keep_last=True),
     "sq": dict(schedule="1-sqrt", window=4),
 }
+# A moment merge beside them (this worker's FSDP2 runs only): its parts are sharded, saved and
+# resharded as any merge's accumulators; read with its own shape and with cosine
+MOMENTS = {"post": dict(schedule="1-sqrt", window=6, start=1, moments=5)}
 
 
 class Net(nn.Module):
@@ -85,9 +88,10 @@ def train_steps(model, opt, first: int, last: int, rank: int = 0, world: int = 1
 def full_outputs(opt, model) -> dict[str, dict[str, torch.Tensor]]:
     """Gathered merged state dicts (fp32, current and completed windows) and the live params."""
     out = {}
-    for name in MERGES:
+    for name in (*MERGES, *MOMENTS):
         out[f"merged.{name}"] = opt.merged_state_dict(torch.float32, merge=name, full=True, model=model)
     out["completed.lin"] = opt.merged_state_dict(torch.float32, merge="lin", completed=True, full=True)
+    out["merged.post:cosine"] = opt.merged_state_dict(torch.float32, merge="post", shape="cosine", full=True)
     out["live"] = {
         k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
         for k, v in model.named_parameters()
@@ -124,7 +128,7 @@ def wsm_buffers(opt, merge: str, kind: str = "wsm_acc") -> dict:
 def _wsm(model):
     from wsm_optim import WSMOptimizer
 
-    return WSMOptimizer(make_inner(model.named_parameters()), merges=MERGES, backend="foreach")
+    return WSMOptimizer(make_inner(model.named_parameters()), merges={**MERGES, **MOMENTS}, backend="foreach")
 
 
 def _count_comms(fn) -> int:
@@ -267,9 +271,10 @@ def _state_dict_round_trips(model, opt) -> None:
             buf.seek(0)
             fresh.load_state_dict(torch.load(buf, weights_only=False))
         assert fresh.steps == opt.steps, restore
-        for name in opt.merges:
-            assert fresh.merge_status(name)["checkpoint"] == opt.merge_status(name)["checkpoint"]
-            kinds = ["wsm_acc"] + (["wsm_last"] if MERGES[name].get("keep_last") else [])
+        for name in opt.state_dict()["wsm"]["merges"]:  # every merge's buffers, each part of a moment merge's
+            owner = name.split("~")[0]
+            assert fresh.merge_status(owner)["checkpoint"] == opt.merge_status(owner)["checkpoint"]
+            kinds = ["wsm_acc"] + (["wsm_last"] if {**MERGES, **MOMENTS}[owner].get("keep_last") else [])
             for kind in kinds:
                 mine, theirs = wsm_buffers(fresh, name, kind), wsm_buffers(opt, name, kind)
                 for p in model.parameters():
@@ -284,7 +289,7 @@ def _ddp_check(rank: int, world: int) -> dict:
     ddp = DDP(model)
     opt = _wsm(ddp.module)
     train_steps(ddp, opt, 0, 7, rank, world)
-    for name in opt.merges:
+    for name in opt.state_dict()["wsm"]["merges"]:
         accs = wsm_buffers(opt, name)
         for p in model.parameters():
             gathered = [torch.empty_like(accs[p]) for _ in range(world)]

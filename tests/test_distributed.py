@@ -38,7 +38,7 @@ def run_job(scenario: str, world: int, out_dir: Path) -> None:
 def reference_run(steps: int, checkpoint_step: int | None = None):
     """The same model, data and merges trained in this process on the whole global batch."""
     model = W.make_model()
-    opt = WSMOptimizer(W.make_inner(model.named_parameters()), merges=W.MERGES, backend="foreach")
+    opt = WSMOptimizer(W.make_inner(model.named_parameters()), merges={**W.MERGES, **W.MOMENTS}, backend="foreach")
     mid = None
     if checkpoint_step is not None:
         W.train_steps(model, opt, 0, checkpoint_step)
@@ -54,7 +54,7 @@ def assert_outputs_close(got: dict, want: dict, exact: bool = False) -> None:
     for name, status in want["status"].items():
         for key in ("anchored", "checkpoint", "steps_since_checkpoint", "windows_completed"):
             assert got["status"][name][key] == status[key], (name, key)
-    for section in ("merged.lin", "merged.sq", "completed.lin", "live"):
+    for section in ("merged.lin", "merged.sq", "merged.post", "merged.post:cosine", "completed.lin", "live"):
         assert got[section].keys() == want[section].keys(), section
         for key, value in want[section].items():
             tol = dict(rtol=0, atol=0) if exact else FP32_TOL
