@@ -313,6 +313,8 @@ def llama_shapes(
 MODELS: dict[str, Callable[[], Shapes]] = {
     "gpt2-124m": gpt2_shapes,
     "llama-1b": llama_shapes,
+    # GPT-2 layout at 23M params: sections that hold many optimizers at once (moments) on a small host.
+    "gpt2-23m": lambda: gpt2_shapes(vocab=8192, n_ctx=512, d=512, n_layer=6),
     # GPT-2 layout at toy size, for --quick / the smoke test.
     "gpt2-tiny": lambda: gpt2_shapes(vocab=1000, n_ctx=64, d=64, n_layer=2),
 }

@@ -270,6 +270,8 @@ def test_evaluate_merges_ranks_shapes_after_training():
         with opt.merged_weights(shape=shape):
             assert scores.scores[f"default:{shape}"] == loss()
     assert scores.best == min(scores.scores, key=scores.scores.get)
+    assert scores.bounds == {f"default:{s}": opt.shape_fit(s).error for s in shapes}
+    assert scores.bounds["default:linear"] < 1e-12 < scores.bounds["default:cosine"]
 
 
 def test_moment_merges_save_and_state_dict_names(tmp_path):

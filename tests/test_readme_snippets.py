@@ -70,6 +70,7 @@ SCALE = {
     },
     "accelerate": {"window=1000": "window=4"},
     "fsdp2": {"window=1000": "window=4"},
+    "moments": {"window=1000": "window=6"},
 }
 
 TORCH_PREAMBLE = """
@@ -228,6 +229,19 @@ def test_evaluate_merges(tmp_path, monkeypatch):
     saved = torch.load(tmp_path / "merged.pt")
     expected = opt.merged_state_dict(merge=result.best)
     assert all(torch.equal(saved[k], expected[k]) for k in expected)
+
+
+def test_moments(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    ns = _run("moments", TORCH_PREAMBLE, tmp_path, monkeypatch)
+    opt, scores = ns["opt"], ns["scores"]
+    assert set(scores.scores) == {f"default:{s}" for s in ("linear", "1-sqrt", "cosine", "ema", "inv-sqrt")}
+    saved = safetensors.torch.load_file(tmp_path / "merged.safetensors")
+    expected = opt.merged_state_dict(shape=ns["best"])
+    assert all(torch.equal(saved[k], expected[k]) for k in expected)
+    with opt.merged_weights(shape=ns["best"]):
+        assert ns["evaluate"](ns["model"]) == scores.best_score
 
 
 def test_offline_merge(tmp_path, monkeypatch):

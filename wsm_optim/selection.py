@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import schedules
@@ -21,7 +21,9 @@ class MergeScores:
     with several ``shapes``); ``best``: the name with the best score
     (lowest with ``mode="min"``, highest with ``"max"``; the first on ties);
     ``live``: the score of the live weights, when asked for (else ``None``);
-    ``mode``: the ``mode`` the scores were compared with.
+    ``mode``: the ``mode`` the scores were compared with; ``bounds``: for each
+    score of a moment merge, the relative error bound of its shape's
+    reconstruction (``WSMOptimizer.shape_fit``), empty without moment merges.
 
     ``str(result)`` (and :meth:`summary`) says which merge is best and whether
     the live weights scored better than every merge (:attr:`live_wins`).
@@ -31,6 +33,7 @@ class MergeScores:
     best: str
     live: float | None = None
     mode: str = "min"
+    bounds: dict[str, float] = field(default_factory=dict)
 
     @property
     def best_score(self) -> float:
@@ -103,13 +106,16 @@ def evaluate_merges(
         raise ValueError(f"merges: unknown names {unknown}; tracked merges are {list(opt.merges)}")
     readings = _readings(opt, names, shapes)
     scores: dict[str, float] = {}
+    bounds: dict[str, float] = {}
     for key, name, shape in readings:
         with opt.merged_weights(merge=name, completed=completed, shape=shape):
             scores[key] = _score(evaluate(), key)
+        if opt.is_moment_merge(name):
+            bounds[key] = opt.shape_fit(shape, merge=name, completed=completed).error
     live = _score(evaluate(), "live weights") if include_live else None
     pick = min if mode == "min" else max
     best = pick(scores, key=lambda n: scores[n])
-    return MergeScores(scores=scores, best=best, live=live, mode=mode)
+    return MergeScores(scores=scores, best=best, live=live, mode=mode, bounds=bounds)
 
 
 def _readings(opt: Any, names: list[str], shapes: Sequence[Any] | None) -> list[tuple[str, str, Any]]:

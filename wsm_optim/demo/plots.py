@@ -236,3 +236,34 @@ def plot_weights(cfg: Config, lr_mult: dict[str, list], path: Path) -> Figure:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return fig
+
+
+def plot_post_hoc(cfg: Config, post_hoc: dict[str, Any], wsd: float, live: float, path: Path) -> Figure:
+    """Each shape's validation loss read after training from one moment merge, beside its exact merge
+    (tracked from the start), with WSD and the live model as reference lines."""
+    plt = _pyplot()
+    shapes = list(post_hoc["shapes"])
+    x = np.arange(len(shapes))
+    exact = [post_hoc["shapes"][s]["exact"] for s in shapes]
+    chosen = [post_hoc["shapes"][s]["post_hoc"] for s in shapes]
+    fig, ax = plt.subplots(figsize=(8, 4.4))
+    ax.bar(x - 0.2, exact, 0.4, color=MUTED, label="exact merge (shape fixed before training)")
+    ax.bar(x + 0.2, chosen, 0.4, color=WSM, label=f"moment merge read after training ({post_hoc['moments']} moments)")
+    ax.axhline(wsd, color=WSD, lw=1.6, label=f"WSD (LR decayed over the last {cfg.decay} steps)")
+    ax.axhline(live, color=LIVE, lw=1.2, ls="--", label="live constant-LR model")
+    for i, s in enumerate(shapes):
+        bound = post_hoc["shapes"][s]["bound"]
+        ax.annotate(f"bound {bound:.0e}" if bound > 1e-9 else "exact", (x[i] + 0.2, chosen[i]),
+                    ha="center", va="bottom", fontsize=7)
+    values = exact + chosen + [wsd, live]
+    lo, hi = min(values), max(values)
+    ax.set_ylim(lo - 0.15 * (hi - lo + 1e-9), hi + 0.25 * (hi - lo + 1e-9))
+    ax.set_xticks(x, shapes)
+    ax.set(title=f"the decay shape chosen after training (window {cfg.ablation_window} steps ending at T)",
+           ylabel="validation loss at T (nats/char)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return fig

@@ -322,4 +322,22 @@ def markdown(cfg: Config, payload: dict[str, Any], command: str) -> str:
             *[f"    {x}" for x in t["answer_lines"]["ablations"]], "",
             "![ablations](ablations.png)", "", "Merge weights of the final windows:", "",
             "![weights](weights.png)", ""]
+    if t.get("post_hoc"):
+        out += post_hoc_section(cfg, t["post_hoc"], t["curves"]["wsd"]["val_loss"][-1])
     return "\n".join(out)
+
+
+def post_hoc_section(cfg: Config, post_hoc: dict[str, Any], wsd: float) -> list[str]:
+    """Section 4 of the report: the shape chosen after training, against the exact merges and WSD."""
+    out = ["## 4. Choosing the shape after training", "",
+           f"One moment merge (`moments={post_hoc['moments']}`) over the same {cfg.ablation_window}-step windows "
+           "as the shape ablation, read at T with each shape; beside it the exact merge of that shape, tracked "
+           "from the start. `bound`: the reconstruction's relative error bound of the decay weights.", "",
+           "| shape | exact merge | read after training | difference | bound | vs WSD |",
+           "|---|---:|---:|---:|---:|---:|"]
+    for shape, r in post_hoc["shapes"].items():
+        out.append(f"| {shape} | {r['exact']:.4f} | {r['post_hoc']:.4f} | {r['post_hoc'] - r['exact']:+.5f} | "
+                   f"{r['bound']:.1e} | {100 * (r['post_hoc'] - wsd) / wsd:+.2f}% |")
+    out += ["", f"Best shape read after training: {post_hoc['best']}.", "",
+            "![shapes chosen after training](shapes.png)", ""]
+    return out

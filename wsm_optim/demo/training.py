@@ -65,14 +65,15 @@ def train(cfg: Config, corpus: Corpus, progress: bool | None, progress_period: f
 
     Returns ``{"curves": {run: {"step": [...], "val_loss": [...]}}`` (runs that reach
     ``T``), ``"branch_curves"`` (WSD branches ending before ``T``), ``"final_scores"``
-    (``evaluate_merges`` at ``T``: every merge, the live model and the best name),
+    (``evaluate_merges`` at ``T``: every merge, the live model and the best name), ``"post_hoc"``
+    (:func:`choose_shape_after_training`),
     ``"train_loss"``, ``"lr_multipliers"``, ``"sf_diverged"`` ({run: step or None})}``.
     """
     torch.manual_seed(cfg.seed)
     batches = Batches(corpus, cfg)
     model = GPT(model_config(cfg, corpus)).to(cfg.device)
     mult = lr_multipliers(cfg)
-    wsm = WSMOptimizer(adamw(model, cfg.lr, BETAS, WEIGHT_DECAY), merges=cfg.merges)
+    wsm = WSMOptimizer(adamw(model, cfg.lr, BETAS, WEIGHT_DECAY), merges={**cfg.merges, **cfg.post_hoc_merge})
     emas = {name: EMAWeights(model, b) for name, b in cfg.ema_names.items()}
     sfs = {name: ScheduleFreeRun(model, lr=cfg.lr * x, betas=BETAS, weight_decay=WEIGHT_DECAY, warmup=cfg.warmup)
            for name, x in cfg.sf_names.items()}
@@ -156,9 +157,25 @@ def train(cfg: Config, corpus: Corpus, progress: bool | None, progress_period: f
             smooth = loss if smooth is None else 0.9 * smooth + 0.1 * loss
             # loss: smoothed training loss; val: the live model's latest validation loss
             bar.update(1, loss=smooth, val=curves["constant"]["val_loss"][-1])
-    for name in cfg.merges:  # the windows were aligned to end at the last step
+    for name in [*cfg.merges, *cfg.post_hoc_merge]:  # the windows were aligned to end at the last step
         status = wsm.merge_status(name)
         assert status["complete"], (name, status)
-    return {"curves": curves, "branch_curves": branch_curves, "final_scores": final_scores,
+    post_hoc = choose_shape_after_training(cfg, wsm, lambda: ev(model), final_scores)
+    return {"curves": curves, "branch_curves": branch_curves, "final_scores": final_scores, "post_hoc": post_hoc,
             "train_loss": train_loss, "lr_multipliers": {k: v.tolist() for k, v in mult.items()},
             "sf_diverged": {n: sf.diverged_at for n, sf in sfs.items()}}
+
+
+def choose_shape_after_training(cfg, wsm: WSMOptimizer, evaluate, final_scores: dict) -> dict:
+    """The moment merge of the last window read with each shape at ``T``, beside that shape's exact merge.
+
+    Returns ``{"merge", "moments", "shapes": {shape: {"post_hoc", "exact", "bound"}}, "best"}``:
+    validation losses of the shape chosen after training and of the merge tracked for it from the start,
+    and the reconstruction's error bound (``WSMOptimizer.shape_fit``).
+    """
+    (name, spec), = cfg.post_hoc_merge.items()
+    scores = evaluate_merges(wsm, evaluate, merges=[name], shapes=cfg.post_hoc_shapes)
+    ref = cfg.ablation_window
+    shapes = {s: dict(post_hoc=scores.scores[f"{name}:{s}"], exact=final_scores["scores"][f"{s}-{ref}"],
+                      bound=wsm.shape_fit(s, merge=name).error) for s in cfg.post_hoc_shapes}
+    return dict(merge=name, moments=spec["moments"], shapes=shapes, best=scores.best.split(":", 1)[1])
