@@ -73,11 +73,13 @@ def accumulate(params: Sequence[Tensor], updates: Sequence[MergeUpdate], ok: Ten
 
     ``theta - theta_0`` is formed in the accumulator's precision (exact for
     bf16/fp16 params, one rounding of the displacement for fp32), ``BLOCK``
-    elements at a time on the CPU, ``CHUNK`` at a time elsewhere.
+    elements at a time on the CPU, ``CHUNK`` at a time elsewhere, once for
+    every merge that shares the origins (the same values as one pass per merge).
     """
     if not params:
         return
     params = list(params)
+    shared: dict[tuple[int, torch.dtype], list[MergeUpdate]] = {}
     with torch.no_grad():
         for up in updates:
             if up.origins is None:
@@ -92,30 +94,42 @@ def accumulate(params: Sequence[Tensor], updates: Sequence[MergeUpdate], ok: Ten
                     d = torch.nan_to_num(p.to(a.dtype), 0.0, 0.0, 0.0).sub_(o)
                     a.addcmul_(d, _scale(ok, up.coef, a.dtype))
                 continue
+            shared.setdefault((id(up.origins[0]), up.accs[0].dtype), []).append(up)
+        for group in shared.values():
+            origins, accs, coefs = group[0].origins, [up.accs for up in group], [up.coef for up in group]
             if params[0].device.type == "cpu":
-                _add_displacements_blocked(up.accs, params, up.origins, up.coef)
+                _add_displacements_blocked(accs, coefs, params, origins)
                 continue
             for idx in _chunks(params):
-                accs = [up.accs[i] for i in idx]
-                d = [torch.empty_like(accs[n]).copy_(params[i]) for n, i in enumerate(idx)]
-                torch._foreach_sub_(d, [up.origins[i] for i in idx])
-                torch._foreach_add_(accs, d, alpha=up.coef)
+                d = [torch.empty_like(accs[0][i]).copy_(params[i]) for i in idx]
+                torch._foreach_sub_(d, [origins[i] for i in idx])
+                for merge_accs, coef in zip(accs, coefs):
+                    torch._foreach_add_([merge_accs[i] for i in idx], d, alpha=coef)
                 del d
 
 
-def _add_displacements_blocked(accs: Sequence[Tensor], params: Sequence[Tensor], origins: Sequence[Tensor],
-                               coef: float) -> None:
-    """``A <- A + coef * (theta - theta_0)``, ``BLOCK`` elements at a time through one scratch buffer (CPU)."""
+def _add_displacements_blocked(accs: Sequence[Sequence[Tensor]], coefs: Sequence[float], params: Sequence[Tensor],
+                               origins: Sequence[Tensor]) -> None:
+    """``A_m <- A_m + coef_m * (theta - theta_0)`` for merges sharing ``origins``, ``BLOCK`` elements at a time (CPU).
+
+    The displacement of a block is formed once, in one scratch buffer, and
+    added to every merge's accumulator while it is in cache.
+    """
     scratch: Tensor | None = None
-    for a, p, o in zip(accs, params, origins):
-        if not (a.is_contiguous() and p.is_contiguous() and o.is_contiguous()):
-            a.add_(torch.empty_like(a).copy_(p).sub_(o), alpha=coef)  # dense but permuted: one temporary
+    for i, (p, o) in enumerate(zip(params, origins)):
+        targets = [merge_accs[i] for merge_accs in accs]
+        a = targets[0]
+        if not (all(t.is_contiguous() for t in targets) and p.is_contiguous() and o.is_contiguous()):
+            d = torch.empty_like(a).copy_(p).sub_(o)  # dense but permuted: one temporary
+            for t, coef in zip(targets, coefs):
+                t.add_(d, alpha=coef)
             continue
         if scratch is None or scratch.dtype != a.dtype:
             scratch = torch.empty(min(BLOCK, max(a.numel(), 1)), dtype=a.dtype)
-        af, pf, of = a.view(-1), p.view(-1), o.view(-1)
-        for first in range(0, af.numel(), BLOCK):
-            last = min(first + BLOCK, af.numel())
+        flat = [t.view(-1) for t in targets]
+        pf, of = p.view(-1), o.view(-1)
+        for first in range(0, pf.numel(), BLOCK):
+            last = min(first + BLOCK, pf.numel())
             if last - first > scratch.numel():
                 scratch = torch.empty(BLOCK, dtype=a.dtype)
             d = scratch[: last - first]
@@ -123,7 +137,8 @@ def _add_displacements_blocked(accs: Sequence[Tensor], params: Sequence[Tensor],
                 torch.sub(pf[first:last], of[first:last], out=d)
             else:  # formed in the accumulator's precision: bf16/fp16 differences are exact there
                 d.copy_(pf[first:last]).sub_(of[first:last])
-            af[first:last].add_(d, alpha=coef)
+            for af, coef in zip(flat, coefs):
+                af[first:last].add_(d, alpha=coef)
 
 
 def _chunks(params: Sequence[Tensor]) -> list[list[int]]:
