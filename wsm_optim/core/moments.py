@@ -146,7 +146,7 @@ class MomentMerge:
     def __init__(self, name: str, spec: MergeSpec, parts: Sequence["Merge"]) -> None:
         self.name, self.spec, self.parts = name, spec, list(parts)
         self.exponents = EXPONENTS[: len(self.parts)]
-        self._fits: dict[tuple[Any, int], ShapeFit] = {}
+        self._fits: dict[tuple[Any, int], ShapeFit] = {}  # keyed by the shape object: a callable stays alive here
 
     @classmethod
     def build(cls, name: str, spec: MergeSpec) -> "MomentMerge":
@@ -181,12 +181,17 @@ class MomentMerge:
         """The fit of ``shape`` (``None``: the spec's schedule) over the window a readout would read now."""
         shape = self.spec.schedule if shape is None else shape
         end = self.end(completed)[1]
-        key = (shape if isinstance(shape, str) else id(shape), end)
-        fitted = self._fits.get(key)
+        try:
+            key: tuple[Any, int] | None = (shape, end)
+            fitted = self._fits.get(key)
+        except TypeError:  # unhashable (an array): fit_shape says what a shape must be
+            key, fitted = None, None
         if fitted is None:
             if len(self._fits) > 64:
                 self._fits.clear()
-            fitted = self._fits[key] = fit_shape(shape, end, self.exponents)
+            fitted = fit_shape(shape, end, self.exponents)
+            if key is not None:
+                self._fits[key] = fitted
         return fitted
 
     def reading(self, shape: schedules.Schedule | None, completed: bool) -> "MomentReading":
