@@ -210,22 +210,22 @@ class MomentMerge:
         p = np.asarray(self.exponents)
         alpha_live = 1.0 + float(np.sum(b * ((t + 1) / (end + 1)) ** p))
         alphas = [float(a) for a in -b * ((k + 1) / (end + 1)) ** p]
-        return MomentReading(self, fitted, alpha_live, alphas, completed)
+        return MomentReading(self, fitted, alpha_live, alphas)
 
 
 @dataclass
 class MomentReading:
     """A moment merge bound to one shape for one readout: what ``readout`` asks of a merge, and the values.
 
-    ``alpha_live``/``alphas``: the coefficients of ``theta - theta_0`` and of
-    the parts' accumulators (see the module docstring).
+    ``fit``: the shape's fit the coefficients come from; ``alpha_live``/``alphas``:
+    the coefficients of ``theta - theta_0`` and of the parts' accumulators (see
+    the module docstring).
     """
 
     merge: MomentMerge
     fit: ShapeFit
     alpha_live: float
     alphas: list[float]
-    completed: bool
 
     @property
     def name(self) -> str:
