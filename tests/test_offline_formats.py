@@ -29,6 +29,7 @@ from wsm_optim import schedules as S
 from wsm_optim.offline.readers import DCPDirectory
 from wsm_optim.cli import main as cli_main
 from wsm_optim.offline.merge import merge_checkpoints, resolve_inputs
+from wsm_optim.offline.merge import step_number as S_number
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -503,8 +504,8 @@ def test_progress_in_a_log_ends_with_every_tensor_counted(tmp_path, capsys, out_
 @pytest.mark.parametrize(
     "kwargs, exc, message",
     [
-        (dict(out="m.npz"), ValueError, r"output '.*m\.npz': cannot tell the format from the suffix '\.npz'.*--out-format \(safetensors, torch, sharded, dcp\)"),
-        (dict(out="m", out_format="zip"), ValueError, r"--out-format: unknown 'zip'; choose one of safetensors, torch, sharded, dcp"),
+        (dict(out="m.npz"), ValueError, r"output '.*m\.npz': cannot tell the format from the suffix '\.npz'.*--out-format \(safetensors, torch, sharded, dcp, megatron\)"),
+        (dict(out="m", out_format="zip"), ValueError, r"--out-format: unknown 'zip'; choose one of safetensors, torch, sharded, dcp, megatron"),
         (dict(out_format="dcp"), ValueError, r"--out-format needs an output path"),
         (dict(out="m", max_shard_size="5XB"), ValueError, r"--max-shard-size: cannot read '5XB'"),
         (dict(block_size="0"), ValueError, r"--block-size must be positive"),
@@ -571,6 +572,10 @@ def _write_input(kind: str, sd: dict[str, torch.Tensor], path: Path) -> Path:
         (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     elif kind == "dcp":
         _dcp(path, {k: v.clone() for k, v in sd.items()})
+    elif kind == "megatron":  # megatron-core's torch_dist layout, by plain DCP: + common state and metadata.json
+        _dcp(path, {k: v.clone() for k, v in sd.items()})
+        torch.save({"iteration": S_number(path), "checkpoint_version": 3.0}, path / "common.pt")
+        (path / "metadata.json").write_text(json.dumps(MEGATRON_CONFIG))
     else:
         raise AssertionError(kind)
     return path
@@ -585,12 +590,19 @@ def _read_output(fmt: str, path: Path, like: dict[str, torch.Tensor]) -> dict[st
         return _read_sharded(path)
     if fmt == "dcp":
         return _dcp_load(path, like)
+    if fmt == "megatron":  # a run folder: the iteration its tracker names
+        iteration = int((path / "latest_checkpointed_iteration.txt").read_text())
+        return _dcp_load(path / f"iter_{iteration:07d}", like)
     raise AssertionError(fmt)
 
 
 #: Every input format (``hf`` twice: one file, or shards with an index) and every output format.
-MATRIX_INPUTS = ("safetensors", "torch", "hf", "hf-sharded", "dcp")
-MATRIX_OUTPUTS = {"safetensors": "merged.safetensors", "torch": "merged.pt", "sharded": "merged", "dcp": "merged"}
+MATRIX_INPUTS = ("safetensors", "torch", "hf", "hf-sharded", "dcp", "megatron")
+MATRIX_OUTPUTS = {"safetensors": "merged.safetensors", "torch": "merged.pt", "sharded": "merged", "dcp": "merged",
+                  "megatron": "merged"}
+#: megatron-core's ``metadata.json`` of a ``torch_dist`` checkpoint.
+MEGATRON_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
+                   "common_backend_version": 1}
 
 
 def test_every_format_has_a_matrix_row():
@@ -606,12 +618,14 @@ def test_readers_and_outputs_satisfy_their_protocols(tmp_path):
 
     sd = _matrix_states(1)[0]
     for kind in MATRIX_INPUTS:
-        reader = offline_readers.open_reader(_write_input(kind, sd, tmp_path / f"in-{kind}"))
+        reader = offline_readers.open_reader(_write_input(kind, sd, tmp_path / f"in-{kind}-1"))
         assert isinstance(reader, offline_readers.Reader), kind
         assert sorted(reader.names) == sorted(sd) and reader.meta("block.w_bf16") == ((3, 5, 2), torch.bfloat16), kind
     layout = [(k, tuple(v.shape), v.dtype) for k, v in sd.items()]
+    newest = tmp_path / "in-megatron-1"  # a Megatron output carries state from its newest input: it needs one
     for fmt in writers.OUTPUTS:
-        out = writers.open_output(fmt, writers.OutputTarget(tmp_path / f"out-{fmt}", layout))
+        out = writers.open_output(fmt, writers.OutputTarget(tmp_path / f"out-{fmt}", layout, newest_input=newest,
+                                                            iteration=1))
         assert isinstance(out, writers.Output), fmt
     with pytest.raises(ValueError, match="--out-format: unknown 'npz'"):
         writers.open_output("npz", writers.OutputTarget(tmp_path / "x", layout))
@@ -623,7 +637,10 @@ def test_format_matrix_every_reader_into_every_output_matches_a_float64_merge(tm
     """Each cell: 4 checkpoints in one input format, merged into one output format, read back with the
     format's own loader, against sum_j c_j theta_j in float64 (Theorem 3.1 weights, 1-sqrt, k = 3)."""
     states = _matrix_states()
-    paths = [_write_input(in_format, sd, tmp_path / f"step-{j}") for j, sd in enumerate(states)]
+    # a Megatron output carries the newest input's extra and common state: its newest input is a Megatron one
+    kinds = [in_format] * (len(states) - 1) + ["megatron" if out_format == "megatron" else in_format]
+    paths = [_write_input(kind, sd, tmp_path / (f"iter_{j:07d}" if kind == "megatron" else f"step-{j}"))
+             for j, (kind, sd) in enumerate(zip(kinds, states))]
     out = merge_checkpoints(paths, schedule="1-sqrt", out=tmp_path / MATRIX_OUTPUTS[out_format], out_format=out_format,
                             progress=False)
     got = _read_output(out_format, out, states[-1])

@@ -30,8 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         nargs="+",
         metavar="CKPT",
         help="checkpoints, oldest first: .safetensors files, torch.save .pt/.pth/.bin state dicts, Hugging Face "
-        "save_pretrained folders (sharded or not), torch.distributed.checkpoint (DCP) directories; or ONE parent "
-        "directory: its checkpoints (see --glob) sorted by step number = the last integer in the name (2 < 10 < 100)",
+        "save_pretrained folders (sharded or not), torch.distributed.checkpoint (DCP) directories, Megatron torch_dist "
+        "iter_* folders; or ONE parent directory (a Megatron run folder, say): its checkpoints (see --glob) sorted by "
+        "step number = the last integer in the name (2 < 10 < 100)",
     )
     p.add_argument(
         "--glob",
@@ -55,11 +56,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-o", "--output", required=True, metavar="OUT",
         help="output: FILE.safetensors (one file, streamed), FILE.pt/.pth/.bin (torch.save), or a new DIR "
-        "(sharded safetensors + index; with --out-format dcp a DCP directory)",
+        "(sharded safetensors + index; with --out-format dcp a DCP directory; for Megatron inputs a run folder that "
+        "gets iter_XXXXXXX/ and the tracker, see --iteration)",
     )
     p.add_argument(
         "--out-format", choices=list(OUT_FORMATS),
-        help="output format (default: from -o: .safetensors, .pt/.pth/.bin, no suffix = sharded)",
+        help="output format (default: from -o: .safetensors, .pt/.pth/.bin, no suffix = sharded, or megatron for "
+        "Megatron inputs)",
     )
     p.add_argument(
         "--max-shard-size", default="5GB", metavar="SIZE",
@@ -73,7 +76,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--optimizer-state", action="store_true",
-        help="also merge the optimizer state of DCP checkpoints (skipped by default)",
+        help="also merge the optimizer state of DCP and Megatron checkpoints (skipped by default)",
+    )
+    p.add_argument(
+        "--iteration", type=int, metavar="N",
+        help="with a Megatron output: the merged checkpoint's iteration (its iter_XXXXXXX folder, the tracker and "
+        "the common state's iteration); default: the newest input's",
     )
     p.add_argument("--workers", type=int, default=1, metavar="N", help="merge in N processes (same result; default 1)")
     p.add_argument(
@@ -121,5 +129,6 @@ def run(args: argparse.Namespace) -> int:
             workers=args.workers,
             optimizer_state=args.optimizer_state,
             block_size=args.block_size,
+            iteration=args.iteration,
         )
     return 0

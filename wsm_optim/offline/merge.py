@@ -5,9 +5,11 @@ list of existing checkpoints ``theta_0 .. theta_k`` (oldest first,
 ``k = n - 1``): ``merged = sum_j c_j * theta_j``.
 
 Inputs (:func:`resolve_inputs`): safetensors or ``torch.save`` files, Hugging
-Face ``save_pretrained`` folders (sharded or not) and
-``torch.distributed.checkpoint`` directories, in any mix, given oldest first
-or as one parent folder sorted by step number (:mod:`wsm_optim.offline.readers`).
+Face ``save_pretrained`` folders (sharded or not),
+``torch.distributed.checkpoint`` directories and Megatron ``torch_dist``
+iteration folders, in any mix, given oldest first or as one parent folder
+(a Megatron run folder, say) sorted by step number (:mod:`wsm_optim.offline.readers`,
+:mod:`wsm_optim.offline.megatron`).
 
 Memory: the merge streams block by block (:mod:`wsm_optim.offline.streaming`):
 each block of rows of each tensor is read from every input in turn, piece by
@@ -41,6 +43,8 @@ from .. import schedules
 from ..common.atomic import TORCH_SUFFIXES, write_target
 from . import writers
 from .files import UnsafePickleWarning
+from .megatron import TRACKER, is_iteration_folder, is_partial_iteration
+from .megatron import is_run_folder as _run_folder
 from .readers import checkpoint_kind, common_layout, open_reader
 from .streaming import averaged, merged_blocks, plan_batches, plan_blocks
 
@@ -58,7 +62,8 @@ __all__ = [
 
 #: Suffixes a directory input picks up when no glob is given.
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
-#: Output formats: one safetensors file, one torch.save file, a sharded safetensors folder, a DCP directory.
+#: Output formats: one safetensors file, one torch.save file, a sharded safetensors folder, a DCP directory,
+#: a Megatron iteration folder (in a run folder).
 OUT_FORMATS = tuple(writers.OUTPUTS)
 #: Explicit weights (without ``normalize``) must sum to 1 within this absolute tolerance.
 WEIGHT_SUM_ATOL = 1e-6
@@ -123,7 +128,10 @@ def resolve_inputs(
     checkpoint, e.g. torchtitan's ``step-1000/`` or HF's ``checkpoint-1000/``;
     ``**`` recurses) sorted by :func:`step_number`. A single folder that is itself
     a checkpoint (it holds ``.metadata``, ``*.safetensors.index.json`` or
-    ``model.safetensors``) is one input unless ``glob`` is given.
+    ``model.safetensors``) is one input unless ``glob`` is given. A Megatron run
+    folder gives its ``iter_*`` folders; among Megatron inputs, an ``iter_*``
+    folder without ``metadata.json`` (still being written, or cut short) is left
+    out with a warning.
     Raises ``ValueError`` for an empty list, a name without a step number,
     two entries with the same step number or one checkpoint given twice (the
     same path, or a link to it), ``FileNotFoundError`` for a missing path.
@@ -161,6 +169,10 @@ def resolve_inputs(
                     UserWarning,
                     stacklevel=2,
                 )
+        partial = sorted(f for f in root.iterdir() if is_partial_iteration(f)) if any(
+            is_iteration_folder(f) for f in found) else []
+        found = [f for f in found if f not in partial]
+        _warn_partial(partial)
         if not found:
             raise ValueError(f"empty checkpoint list: {what}")
         return _refuse_repeats(_sort_by_step(found, root))
@@ -169,6 +181,10 @@ def resolve_inputs(
     for p in paths:
         if not p.exists():
             raise FileNotFoundError(f"checkpoint {str(p)!r} does not exist")
+    if any(is_iteration_folder(p) for p in paths):
+        partial = [p for p in paths if is_partial_iteration(p)]
+        _warn_partial(partial)
+        paths = [p for p in paths if p not in partial]
     steps = [step_number(p.name) for p in paths]
     if len(paths) > 1 and None not in steps and len(set(steps)) == len(steps) and steps != sorted(steps):
         warnings.warn(
@@ -179,6 +195,17 @@ def resolve_inputs(
             stacklevel=2,
         )
     return _refuse_repeats(paths)
+
+
+def _warn_partial(partial: Sequence[Path]) -> None:
+    if partial:
+        names = ", ".join(str(p) for p in partial)
+        warnings.warn(
+            f"{len(partial)} Megatron iteration folder{'s' if len(partial) != 1 else ''} without metadata.json "
+            f"(still being written, or cut short) left out of the merge: {names}",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _refuse_repeats(paths: list[Path]) -> list[Path]:
@@ -281,13 +308,15 @@ def merge_checkpoints(
     workers: int = 1,
     optimizer_state: bool = False,
     block_size: str | int = "16MiB",
+    iteration: int | None = None,
 ) -> dict[str, Tensor] | Path:
     """Merge checkpoints with WSM weights: ``sum_j c_j * theta_j``, streaming block by block.
 
     Args:
         paths: checkpoints oldest first (safetensors / ``torch.save`` files, HF
-            ``save_pretrained`` folders, DCP directories), or one parent folder
-            whose entries (matching ``glob``) are sorted by step number; see :func:`resolve_inputs`.
+            ``save_pretrained`` folders, DCP directories, Megatron ``iter_*``
+            folders), or one parent folder (a Megatron run folder, say) whose
+            entries (matching ``glob``) are sorted by step number; see :func:`resolve_inputs`.
         schedule: decay shape (a name of :data:`wsm_optim.schedules.SHAPES` or its
             ``ALIASES``, a callable ``f(t)`` or explicit ``w_1..w_k``); weights
             from Theorem 3.1 with ``k = n - 1``.
@@ -298,7 +327,9 @@ def merge_checkpoints(
             ``None``: return the dict. Its format is ``out_format``, else
             inferred: ``.safetensors`` -> one safetensors file (streamed),
             ``.pt``/``.pth``/``.bin`` -> ``torch.save`` file, no suffix -> a
-            sharded safetensors folder (``model.safetensors.index.json``).
+            sharded safetensors folder (``model.safetensors.index.json``), or
+            for Megatron inputs a Megatron run folder (new or existing, holding
+            no input) that gets the ``iter_XXXXXXX`` folder and the tracker.
         key: pick a sub-tree of each checkpoint, e.g. ``"model"``; in a
             ``torch.save`` file dotted paths walk nested dicts (``"state.model"``);
             in flat formats (safetensors, HF folders, DCP) it selects the tensors
@@ -316,7 +347,8 @@ def merge_checkpoints(
             from the newest checkpoint, skipped entries and the output path (stdout).
             Defaults to ``progress``.
         out_format: one of :data:`OUT_FORMATS` (``"dcp"`` writes a
-            ``torch.distributed.checkpoint`` directory); ``None`` infers it from ``out``.
+            ``torch.distributed.checkpoint`` directory, ``"megatron"`` a Megatron
+            iteration folder); ``None`` infers it from ``out``.
         max_shard_size: largest shard of a sharded output, e.g. ``"5GB"``, ``"512MiB"``, or bytes.
         workers: processes that merge blocks in parallel (the result is bitwise the
             serial one). They are spawned, so they import the calling script: call
@@ -324,6 +356,8 @@ def merge_checkpoints(
         optimizer_state: also merge a DCP checkpoint's optimizer state (skipped by default).
         block_size: accumulator memory per batch of blocks (``"16MiB"``); a
             tensor larger than that is merged in row blocks.
+        iteration: a Megatron output's iteration (its ``iter_XXXXXXX`` folder,
+            the tracker and the common state's ``iteration``); default: the newest input's.
 
     Returns:
         ``{name: tensor}`` when ``out`` is None (float tensors in the output
@@ -341,7 +375,8 @@ def merge_checkpoints(
     files = resolve_inputs(paths, glob)
     c = checkpoint_weights(len(files), schedule, weights, normalize)
     out_dtype = _parse_dtype(dtype)
-    fmt = _output_format(out, out_format)
+    fmt = _output_format(out, out_format, files[-1])
+    _check_megatron_arguments(fmt, iteration, key)
     shard_bytes = writers.parse_size(max_shard_size)
     block_bytes = writers.parse_size(block_size, "--block-size")
     out_path = _check_output(out, files, fmt) if out is not None else None
@@ -379,25 +414,33 @@ def merge_checkpoints(
     if out_path is None:
         return writers.MemoryOutput(out_layout).write(stream)
     target = writers.OutputTarget(out_path, out_layout, metadata, provenance, shard_bytes,
-                                  [(b.name, b.start, b.stop) for b in blocks], files[-1])
-    writers.open_output(fmt, target).write(stream)
+                                  [(b.name, b.start, b.stop) for b in blocks], files[-1], iteration, unsafe_pickle)
+    output = writers.open_output(fmt, target)  # before the merge: a refused output costs no reading
+    written = output.write(stream)
     if verbose:
-        print(f"wrote {out_path} ({fmt}, {len(out_layout)} tensors)", flush=True)
+        print(f"wrote {written} ({fmt}, {len(out_layout)} tensors)", flush=True)
     return out_path
 
 
 def _skipped_line(source: str, skipped: dict[str, str]) -> str:
-    """One line on the DCP entries not merged: optimizer state by prefix, objects by name (20 at most)."""
+    """One line on the entries not merged: optimizer state by prefix, the others by reason and name (20 at most)."""
     optimizer = [n for n, why in skipped.items() if why == "optimizer state"]
-    objects = [n for n, why in skipped.items() if why != "optimizer state"]
     parts = []
     if optimizer:
         roots = sorted({n.split(".")[0] for n in optimizer})
         parts.append(f"{len(optimizer)} optimizer-state entries under {', '.join(roots)} (merge them with "
                      "--optimizer-state)")
-    if objects:
-        shown = ", ".join(objects[:20]) + (f" ... ({len(objects) - 20} more)" if len(objects) > 20 else "")
-        parts.append(f"{len(objects)} non-tensor object{'s' if len(objects) != 1 else ''} ({shown})")
+    reasons: dict[str, list[str]] = {}
+    for n, why in skipped.items():
+        if why != "optimizer state":
+            reasons.setdefault(why, []).append(n)
+    for why, names in reasons.items():
+        shown = ", ".join(names[:20]) + (f" ... ({len(names) - 20} more)" if len(names) > 20 else "")
+        if why == "not a tensor":
+            parts.append(f"{len(names)} non-tensor object{'s' if len(names) != 1 else ''} ({shown})")
+            continue
+        what, _, note = why.partition(": ")  # e.g. "extra state: carried from the newest input"
+        parts.append(f"{len(names)} {what} entr{'ies' if len(names) != 1 else 'y'} ({note + ': ' if note else ''}{shown})")
     return f"not merged, from {source}: " + "; ".join(parts)
 
 
@@ -412,7 +455,18 @@ def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return DTYPES[name]
 
 
-def _output_format(out: str | os.PathLike | None, out_format: str | None) -> str | None:
+def _check_megatron_arguments(fmt: str | None, iteration: int | None, key: str | None) -> None:
+    if iteration is not None:
+        if fmt != "megatron":
+            raise ValueError(f"--iteration sets a Megatron output's iteration; the output format is {fmt!r}")
+        if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
+            raise ValueError(f"--iteration must be a non-negative integer, got {iteration!r}")
+    if fmt == "megatron" and key is not None:
+        raise ValueError("--key cannot be used with a Megatron output: it keeps every key of the newest input "
+                         "(Megatron loads the whole checkpoint)")
+
+
+def _output_format(out: str | os.PathLike | None, out_format: str | None, newest: Path | None = None) -> str | None:
     if out_format is not None and out_format not in OUT_FORMATS:
         raise ValueError(f"--out-format: unknown {out_format!r}; choose one of {', '.join(OUT_FORMATS)}")
     if out is None:
@@ -427,7 +481,7 @@ def _output_format(out: str | os.PathLike | None, out_format: str | None) -> str
     if suffix in TORCH_SUFFIXES:
         return "torch"
     if suffix == "" or Path(out).is_dir():
-        return "sharded"
+        return "megatron" if newest is not None and is_iteration_folder(newest) else "sharded"
     raise ValueError(
         f"output {str(out)!r}: cannot tell the format from the suffix {suffix!r}; use .safetensors or "
         f".pt/.pth/.bin for one file, a name without a suffix for a sharded folder, or pass --out-format "
@@ -443,6 +497,17 @@ def _check_output(out: str | os.PathLike, files: Sequence[Path], fmt: str | None
             raise ValueError(f"output {str(out_path)!r} is one of the input checkpoints ({f}); choose another path")
         if f.is_dir() and resolved.is_relative_to(f.resolve()):
             raise ValueError(f"output {str(out_path)!r} is inside the input checkpoint {f}; choose another path")
+    if fmt == "megatron":
+        for f in files:
+            if f.resolve().parent == resolved:
+                raise ValueError(f"output {str(out_path)!r} is the run folder of the input {f}; write the merge to "
+                                 "another run folder (its tracker would make training resume from the merge)")
+        if out_path.exists() and (not out_path.is_dir() or (any(out_path.iterdir()) and not _run_folder(out_path))):
+            raise ValueError(f"output {str(out_path)!r} exists and is not a Megatron run folder (no {TRACKER}, no "
+                             "iter_* folders); a Megatron output goes into a new or empty folder, or a run folder")
+        if not resolved.parent.is_dir():
+            raise FileNotFoundError(f"output directory {str(out_path.parent)!r} does not exist")
+        return out_path
     if fmt in ("sharded", "dcp"):
         if out_path.exists() and (not out_path.is_dir() or any(out_path.iterdir())):
             raise ValueError(

@@ -121,7 +121,7 @@ def open_reader(path: Path, key: str | None = None, *, unsafe_pickle: set[Path] 
     if kind is not None:
         return READERS[kind].open(path, key, unsafe_pickle, optimizer_state)
     raise ValueError(
-        f"{path} is a directory but not a checkpoint: no .metadata (DCP), no *.safetensors.index.json "
+        f"{path} is a directory but not a checkpoint: no .metadata (DCP or Megatron), no *.safetensors.index.json "
         "and no model.safetensors (Hugging Face folder)"
     )
 
@@ -228,8 +228,35 @@ def common_layout(readers: Sequence[Any], paths: Sequence[Path], key: str | None
                     f"dtype mismatch for key {n!r}: {dtype_j} in {path}, {dtype} in {paths[0]} "
                     f"(shape {list(shape)})"
                 )
+    _same_chunking(readers, paths)
     assert ref is not None
     return ref
+
+
+def _same_chunking(readers: Sequence[Any], paths: Sequence[Path]) -> None:
+    """Inputs that record how their ranks cut each tensor (Megatron's TP/PP chunks) must all cut it alike,
+    and carry the same byte entries: a merge of different parallel layouts is refused, as Megatron's own
+    tool refuses it (its extra and common state belong to one layout)."""
+    chunked = [(p, r) for p, r in zip(paths, readers) if hasattr(r, "chunking")]
+    if len(chunked) < 2:
+        return
+    (p0, r0), rest = chunked[0], chunked[1:]
+    for path, r in rest:
+        for n in r0.names:
+            mine, theirs = r0.chunking(n), r.chunking(n)
+            if mine != theirs:
+                raise ValueError(
+                    f"chunk layout mismatch for key {n!r}: {len(theirs)} saved chunks "
+                    f"{[list(s) for _, s in theirs][:4]} in {path}, {len(mine)} {[list(s) for _, s in mine][:4]} in "
+                    f"{p0} (checkpoints saved with other tensor/pipeline-parallel sizes cannot be merged; convert "
+                    "them to one layout first)"
+                )
+        for a, b in ((r0.carried, r.carried), (r.carried, r0.carried)):
+            extra = [n for n in a if n not in b]
+            if extra:
+                where, other = (p0, path) if a is r0.carried else (path, p0)
+                raise ValueError(f"entry {extra[0]!r} is in {where} but not in {other} (checkpoints saved with other "
+                                 "parallel layouts cannot be merged)")
 
 
 # ---------------------------------------------------------------- safetensors
@@ -415,20 +442,41 @@ class _ForeignGlobal(pickle.UnpicklingError):
     """A DCP ``.metadata`` pickle names a global the format never uses (it could run code)."""
 
 
+def _megatron_stubs() -> dict[str, type]:
+    """Stand-ins for the two megatron-core (<= 0.15) classes its ``.metadata`` files pickle: subclasses of
+    torch's own, so the file reads without importing Megatron (their extra fields land in ``__dict__``)."""
+    from torch.distributed.checkpoint.metadata import Metadata
+    from torch.distributed.checkpoint.planner import SavePlan
+
+    return {"MCoreMetadata": type("MCoreMetadata", (Metadata,), {"__module__": __name__}),
+            "MCoreSavePlan": type("MCoreSavePlan", (SavePlan,), {"__module__": __name__})}
+
+
 class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles a DCP ``.metadata`` file, allowing only the classes such a file holds (no code runs)."""
+    """Unpickles a DCP ``.metadata`` file, allowing only the classes such a file holds (no code runs).
+
+    megatron-core also stores its save plans (``all_local_plans``) there, and up
+    to 0.15 its own ``MCoreMetadata`` / ``MCoreSavePlan``, which are stubbed.
+    """
 
     _ALLOWED = {
         "torch.distributed.checkpoint.metadata": None,  # any name: dataclasses and enums of the format
         "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+        "torch.distributed.checkpoint.planner": {"SavePlan", "WriteItem", "WriteItemType", "TensorWriteData"},
         "torch.serialization": {"_get_layout"},
         "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path"},
         "collections": {"OrderedDict"},
     }
+    _MEGATRON = "megatron.core.dist_checkpointing.strategies.torch"
+    _STUBS: dict[str, type] = {}
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
             return getattr(torch, name)
+        if module == self._MEGATRON and name in ("MCoreMetadata", "MCoreSavePlan"):
+            if not self._STUBS:
+                type(self)._STUBS.update(_megatron_stubs())
+            return self._STUBS[name]
         allowed = self._ALLOWED.get(module, ())
         if module in self._ALLOWED and (allowed is None or name in allowed):
             return getattr(__import__(module, fromlist=[name]), name)
@@ -672,8 +720,22 @@ def _hf_folder(path: Path) -> bool:
         _hf_index(path) is not None or (path / "model.safetensors").is_file())
 
 
-#: Input formats, tried in this order (a DCP directory may also hold safetensors files).
+def _megatron(path: Path, key: str | None, unsafe: set[Path] | None, optim: bool) -> Reader:
+    from .megatron import MegatronCheckpoint
+
+    return MegatronCheckpoint(path, key, unsafe_pickle=unsafe, optimizer_state=optim)
+
+
+def _megatron_folder(path: Path) -> bool:
+    from .megatron import is_iteration_folder
+
+    return is_iteration_folder(path)
+
+
+#: Input formats, tried in this order (a Megatron iteration folder is a DCP directory with
+#: megatron-core's ``metadata.json``; a DCP directory may also hold safetensors files).
 READERS: dict[str, ReaderFormat] = {
+    "megatron": ReaderFormat(_megatron_folder, _megatron),
     "dcp": ReaderFormat(lambda p: p.is_dir() and (p / ".metadata").is_file(),
                         lambda p, key, unsafe, optim: DCPDirectory(p, key, unsafe_pickle=unsafe, optimizer_state=optim)),
     "hf": ReaderFormat(_hf_folder, lambda p, key, unsafe, optim: HFFolder(p, key)),

@@ -14,7 +14,10 @@ returns what the caller gets:
   ``model.safetensors.index.json`` (``save_pretrained`` layout, ``--max-shard-size``),
   plus the input's ``config.json`` and friends, so ``from_pretrained`` loads it;
 * :class:`DCPOutput`: a ``torch.distributed.checkpoint`` directory, one saved
-  chunk per block, that ``dcp.load`` reads into any layout.
+  chunk per block, that ``dcp.load`` reads into any layout;
+* :class:`~wsm_optim.offline.megatron.MegatronOutput`: a new ``iter_XXXXXXX``
+  folder of a Megatron run folder, with the newest input's chunking, extra and
+  common state, then the tracker file.
 
 Files are written through :func:`~wsm_optim.common.atomic.atomic_file`, folders
 through :func:`~wsm_optim.common.atomic.atomic_directory`: an output appears
@@ -40,6 +43,7 @@ import torch
 from torch import Tensor
 
 from ..common.atomic import atomic_directory, atomic_file, atomic_save
+from .megatron import MegatronOutput
 
 __all__ = [
     "Output",
@@ -74,6 +78,8 @@ class OutputTarget:
         max_shard_bytes: largest shard of a sharded output.
         block_rows: ``(name, start, stop)`` of every block the merge will produce, in order.
         newest_input: the newest checkpoint (a folder's side files, e.g. ``config.json``, come from it).
+        iteration: a Megatron output's iteration (``None``: the newest input's).
+        unsafe_pickle: whether state carried from the newest input may be unpickled without restrictions.
     """
 
     path: Path
@@ -83,6 +89,8 @@ class OutputTarget:
     max_shard_bytes: int = 5 * 10**9
     block_rows: Sequence[tuple[str, int, int]] = ()
     newest_input: Path | None = None
+    iteration: int | None = None
+    unsafe_pickle: bool = False
 
 
 @runtime_checkable
@@ -361,7 +369,7 @@ class DCPOutput:
 
 #: Output format name -> its class (``--out-format``); the order is the CLI's.
 OUTPUTS: dict[str, type] = {"safetensors": SafetensorsOutput, "torch": TorchFileOutput, "sharded": ShardedOutput,
-                            "dcp": DCPOutput}
+                            "dcp": DCPOutput, "megatron": MegatronOutput}
 
 
 def open_output(fmt: str, target: OutputTarget) -> Output:
