@@ -7,7 +7,11 @@ in one of four layouts:
 * ``safetensors`` / ``pt``: one file per checkpoint;
 * ``hf``: ``save_pretrained``-style folders, ``model-0000i-of-0000n.safetensors`` + index (``--shard-size``);
 * ``dcp``: ``torch.distributed.checkpoint`` directories, every tensor saved as
-  ``--dcp-ranks`` row shards (the layout an FSDP run of that many ranks writes).
+  ``--dcp-ranks`` row shards (the layout an FSDP run of that many ranks writes);
+* ``megatron``: a Megatron run folder of ``iter_XXXXXXX`` folders, the same DCP
+  files (``--dcp-ranks`` row chunks: tensor-parallel ranks of column-parallel
+  layers) plus ``metadata.json``, ``common.pt`` and the tracker; the streaming
+  merge writes a Megatron iteration folder with the same chunking.
 
 Then, each in a fresh child process reporting its peak resident set (VmHWM)
 once torch and the library are imported ("start") and at the end; "peak above
@@ -34,6 +38,7 @@ so ``read`` and every merge read from disk alike. Linux only (reads /proc/self/s
     PYTHONPATH=. python bench/bench_offline_merge.py --format pt                      # torch.save files
     PYTHONPATH=. python bench/bench_offline_merge.py --format dcp --params 270000000 --workers 2
     PYTHONPATH=. python bench/bench_offline_merge.py --format hf --params 270000000 --workers 2
+    PYTHONPATH=. python bench/bench_offline_merge.py --format megatron --params 270000000 --workers 2
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -104,7 +110,7 @@ paths = resolve_inputs(ckpt_dir)
 nbytes = 0
 
 def load_whole(p):
-    if fmt == "dcp":
+    if fmt in ("dcp", "megatron"):
         md = dcp.FileSystemReader(str(p)).read_metadata().state_dict_metadata
         sd = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in md.items()}
         dcp.load(sd, checkpoint_id=str(p), no_dist=True)
@@ -191,7 +197,7 @@ def write_checkpoints(directory: Path, shapes: dict, n: int, fmt: str, shard_siz
 
     nbytes = 0
     for j in range(n):
-        name = f"step_{1000 * (j + 1)}"
+        name = f"iter_{1000 * (j + 1):07d}" if fmt == "megatron" else f"step_{1000 * (j + 1)}"
         if fmt in ("safetensors", "pt"):
             g = torch.Generator().manual_seed(j)
             sd = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
@@ -209,7 +215,13 @@ def write_checkpoints(directory: Path, shapes: dict, n: int, fmt: str, shard_siz
                 row_cuts = {k: cuts(s[0], ranks) for k, s in shapes.items()}
                 blocks = [(k, a, b) for k, bounds in row_cuts.items() for a, b in zip(bounds, bounds[1:])]
                 path = directory / name
-                W.DCPOutput(path, lay, [*blocks, ("step", 0, 1)]).write(_blocks(shapes, j, row_cuts))
+                W.DCPOutput(path, lay, [*blocks, ("step", 0, 1)], sidecar=None).write(_blocks(shapes, j, row_cuts))
+                if fmt == "megatron":  # what megatron-core adds to its DCP files, and Megatron-LM's tracker
+                    torch.save({"iteration": 1000 * (j + 1), "checkpoint_version": 3.0}, path / "common.pt")
+                    (path / "metadata.json").write_text(json.dumps({
+                        "sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
+                        "common_backend_version": 1}))
+                    (directory / "latest_checkpointed_iteration.txt").write_text(str(1000 * (j + 1)))
         nbytes = sum(f.stat().st_size for f in ([path] if path.is_file() else path.rglob("*")) if f.is_file())
         print(f"  wrote {path.name} ({nbytes / 1e6:.0f} MB)", flush=True)
     return nbytes
@@ -252,7 +264,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=int, default=100_000_000)
     ap.add_argument("--files", type=int, default=10)
-    ap.add_argument("--format", choices=["safetensors", "pt", "hf", "dcp"], default="safetensors")
+    ap.add_argument("--format", choices=["safetensors", "pt", "hf", "dcp", "megatron"], default="safetensors")
     ap.add_argument("--workers", type=int, default=1, help="also run the streaming merge with this many workers")
     ap.add_argument("--block-size", default="64MiB", help="merge_checkpoints(block_size=...)")
     ap.add_argument("--shard-size", default="500MB", help="hf: largest shard")
@@ -280,7 +292,7 @@ def main() -> None:
     try:
         if args.ckpts:
             ckpts = Path(args.ckpts)
-            first = sorted(ckpts.iterdir())[0]
+            first = sorted(p for p in ckpts.iterdir() if p.name != "latest_checkpointed_iteration.txt")[0]
             one = sum(f.stat().st_size for f in ([first] if first.is_file() else first.rglob("*")) if f.is_file())
             print(f"reusing the checkpoints in {ckpts} ({args.format})")
         else:
@@ -298,7 +310,8 @@ def main() -> None:
                  *(["naive"] if "naive" in wanted and args.format in ("safetensors", "pt") else [])]
         results = {}
         for mode in modes:
-            out = tmp / f"merged_{mode}{suffix}"
+            # a Megatron merge goes to a run folder in Megatron's layout; the reference "whole" one to safetensors
+            out = tmp / f"merged_{mode}{'' if args.format == 'megatron' and mode != 'whole' else suffix}"
             if args.cold:
                 dropped = evict(ckpts)
                 print(f"{'':>10}  (cold: {dropped / 1e9:.1f} GB of checkpoints dropped from the page cache; "
@@ -318,11 +331,22 @@ def main() -> None:
                   f"CPU {r['cpu']:.1f} s; load {load:.1f} -> {os.getloadavg()[0]:.1f}", flush=True)
         from safetensors.torch import load_file
 
-        load = load_file if suffix == ".safetensors" else (lambda p: torch.load(p, weights_only=True))
+        def load(p: Path) -> dict:
+            if p.is_dir():  # a Megatron run folder: its iteration folder, through dcp.load
+                folder = next(p.glob("iter_*"))
+                md = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+                sd = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in md.items() if hasattr(m, "size")}
+                dcp.load(sd, checkpoint_id=str(folder), no_dist=True)
+                return sd
+            return load_file(p) if suffix == ".safetensors" else torch.load(p, weights_only=True)
+
+        def output(mode: str) -> Path:
+            return next(tmp.glob(f"merged_{mode}*"))
+
         ref_mode = "whole" if "whole" in modes else "streaming"
-        ref = load(tmp / f"merged_{ref_mode}{suffix}") if ref_mode in modes else None  # not with --modes read,workers
+        ref = load(output(ref_mode)) if ref_mode in modes else None  # not with --modes read,workers
         for mode in (m for m in modes[1:] if m != ref_mode and ref is not None):
-            got = load(tmp / f"merged_{mode}{suffix}")
+            got = load(output(mode))
             diff = max((got[k].float() - ref[k].float()).abs().max().item() for k in ref)
             print(f"max |{mode} - {ref_mode}| = {diff:.3g}", end="; ")
         print(f"one checkpoint: {one / 2**30:.2f} GiB ({one / 1e6:.0f} MB)")

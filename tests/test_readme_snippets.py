@@ -59,6 +59,7 @@ SCALE = {
             "    opt.step()\n    opt.zero_grad()\n",
     },
     "offline": {},
+    "megatron": {},
     "merge_buffers": {"window=1000": "window=4"},
     "plain": {"window=1000": "window=4"},
     "compile": {"window=1000": "window=4", "@torch.compile\n": '@torch.compile(backend="aot_eager")\n'},
@@ -254,6 +255,31 @@ def test_offline_merge(tmp_path, monkeypatch):
     for v in ns["sd"].values():
         torch.testing.assert_close(v, torch.full_like(v, expected))
     assert (tmp_path / "merged.safetensors").is_file()
+
+
+MEGATRON_PREAMBLE = f"""
+import shutil as _shutil
+_shutil.copytree({str(ROOT / "tests" / "fixtures" / "megatron-core-0.15.3")!r}, "checkpoints")  # iterations 100, 200
+"""
+
+
+def test_megatron_merge(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _megatron_worker import global_tensors
+
+    _run("megatron", MEGATRON_PREAMBLE, tmp_path, monkeypatch)
+    merged = tmp_path / "merged"
+    assert (merged / "latest_checkpointed_iteration.txt").read_text().strip() == "150"  # the last merge written
+    import torch.distributed.checkpoint as dcp
+
+    a, b = global_tensors(100), global_tensors(200)
+    w1 = 1 - (1 / 2) ** 0.5  # 1-sqrt, two checkpoints: c = (1 - w_1, w_1)
+    for folder, c in (("iter_0000200", (1 - w1, w1)), ("iter_0000150", (0.5, 0.5))):
+        sd = {k: torch.empty_like(v) for k, v in a.items()}
+        dcp.load(sd, checkpoint_id=str(merged / folder), no_dist=True)
+        for k, v in sd.items():
+            want = (c[0] * a[k].double() + c[1] * b[k].double()).to(v.dtype) if v.is_floating_point() else b[k]
+            torch.testing.assert_close(v, want, rtol=1e-2 if v.dtype == torch.bfloat16 else 1e-6, atol=1e-6, msg=k)
 
 
 def test_merge_buffers(tmp_path, monkeypatch):
