@@ -61,6 +61,7 @@ __all__ = [
     "is_iteration_folder",
     "is_run_folder",
     "is_partial_iteration",
+    "row_cuts",
 ]
 
 #: The tracker file of a run folder: the iteration Megatron resumes from.
@@ -253,10 +254,13 @@ def _chunks(blocks: Iterator[tuple[str, int, int, Tensor]], plan: Sequence[tuple
             yield name, offsets, t
             continue
         j = at
+        whole_rows = None  # a block that is exactly one chunk of whole rows goes out as it is, not copied
         while j < len(todo) and todo[j][0] == name:
             _, offsets, sizes = todo[j]
             lo, hi = max(start, offsets[0]), min(stop, offsets[0] + sizes[0])
-            if lo < hi:
+            if (lo, hi) == (start, stop) == (offsets[0], offsets[0] + sizes[0]) and tuple(sizes[1:]) == shape[1:]:
+                whole_rows = offsets
+            elif lo < hi:
                 buf = open_chunks.get((name, offsets))
                 if buf is None:
                     buf = open_chunks[(name, offsets)] = torch.empty(sizes, dtype=t.dtype)
@@ -265,13 +269,20 @@ def _chunks(blocks: Iterator[tuple[str, int, int, Tensor]], plan: Sequence[tuple
                     piece = piece.narrow(dim, offsets[dim], sizes[dim])
                 buf[lo - offsets[0]:hi - offsets[0]].copy_(piece)
             j += 1
-        del t
         while at < len(todo) and todo[at][0] == name and todo[at][1][0] + todo[at][2][0] <= stop:
             _, offsets, _ = todo[at]
             at += 1
-            yield name, offsets, open_chunks.pop((name, offsets))
+            yield name, offsets, (t if offsets == whole_rows else open_chunks.pop((name, offsets)))
+        del t
     if at != len(todo):
         raise AssertionError(f"the merge ended before the saved chunk {todo[at][:2]} was complete")
+
+
+def row_cuts(reader: MegatronCheckpoint) -> dict[str, list[int]]:
+    """Where the merge should cut each tensor into blocks for an output with ``reader``'s chunking: at
+    every saved chunk's first and last row, so a block of a row-split tensor is one chunk (or part of
+    one) and goes out without being assembled."""
+    return {n: sorted({b for o, s in reader.chunking(n) if o for b in (o[0], o[0] + s[0])}) for n in reader.names}
 
 
 class MegatronOutput:

@@ -43,7 +43,7 @@ from .. import schedules
 from ..common.atomic import TORCH_SUFFIXES, write_target
 from . import writers
 from .files import UnsafePickleWarning
-from .megatron import TRACKER, is_iteration_folder, is_partial_iteration
+from .megatron import TRACKER, MegatronCheckpoint, is_iteration_folder, is_partial_iteration, row_cuts
 from .megatron import is_run_folder as _run_folder
 from .readers import checkpoint_kind, common_layout, open_reader
 from .streaming import averaged, merged_blocks, plan_batches, plan_blocks
@@ -404,7 +404,8 @@ def merge_checkpoints(
         return dt if (out_dtype is None or not averaged(dt) or dt.is_complex) else out_dtype
 
     plan = [(n, shape, dt, target(dt)) for n, (shape, dt) in layout.items()]
-    blocks = plan_blocks(plan, readers, block_bytes)
+    cuts = row_cuts(readers[-1]) if fmt == "megatron" and isinstance(readers[-1], MegatronCheckpoint) else None
+    blocks = plan_blocks(plan, readers, block_bytes, cuts)
     stream = merged_blocks(readers, plan_batches(blocks, block_bytes), c, workers=workers, progress=progress,
                            reader_args=(files, key, unsafe_pickle, optimizer_state))
     provenance = {"weights": label, "c": [float(x) for x in c], "files": [p.name for p in files],

@@ -82,27 +82,32 @@ class Block:
 
 
 def plan_blocks(layout: Sequence[tuple[str, tuple[int, ...], torch.dtype, torch.dtype]], readers: Sequence[Any],
-                block_bytes: int) -> list[Block]:
-    """Blocks of every tensor of ``layout`` (``(name, shape, dtype, out_dtype)``), in order."""
+                block_bytes: int, cuts: dict[str, Sequence[int]] | None = None) -> list[Block]:
+    """Blocks of every tensor of ``layout`` (``(name, shape, dtype, out_dtype)``), in order.
+
+    ``cuts``: row offsets where the output wants a tensor cut (its own chunks,
+    as a Megatron output's): no block crosses one.
+    """
     blocks: list[Block] = []
     for name, shape, dtype, out_dtype in layout:
         rows = shape[0] if shape else 1
         if not shape or rows == 0:
             blocks.append(Block(name, 0, rows, shape, dtype, out_dtype))
             continue
+        wanted = sorted({0, rows, *(cuts or {}).get(name, ())})
         fixed = [set(b) for r in readers if (b := r.row_blocks(name)) is not None]
         row_bytes = Block(name, 0, 1, shape, dtype, out_dtype).acc_bytes
         step = max(1, block_bytes // max(row_bytes, 1))
         piece = 0 if fixed else max(1, PIECE_BYTES // max(row_bytes, 1))
         if fixed:  # cut only where every DCP input has a saved-chunk boundary, joining pieces up to the budget
-            cuts = sorted(set.intersection(*fixed))
+            common = sorted(set.intersection(*fixed))
             bounds = [0]
-            for a, b in zip(cuts, cuts[1:]):
-                if b - bounds[-1] > step and a > bounds[-1]:
+            for a, b in zip(common, common[1:]):
+                if a > bounds[-1] and (b - bounds[-1] > step or a in wanted):
                     bounds.append(a)
-            bounds.append(rows)
+            bounds = sorted({*bounds, *wanted})
         else:
-            bounds = [*range(0, rows, step), rows]
+            bounds = sorted({x for a, b in zip(wanted, wanted[1:]) for x in range(a, b, step)} | {rows})
         blocks += [Block(name, a, b, shape, dtype, out_dtype, piece) for a, b in zip(bounds, bounds[1:])]
     return blocks
 
