@@ -177,6 +177,16 @@ def test_window_of_iteration_folders_and_the_steps_they_use(megatron_run):
     assert reader.skipped["rng_state/shard_0_2"] == "RNG state"
 
 
+def test_optimizer_state_is_merged_into_the_output_when_asked(megatron_run, tmp_path):
+    out = merge_checkpoints(megatron_run, out=tmp_path / "merged", optimizer_state=True, progress=False)
+    folder = out / megatron.iteration_folder(ITERATIONS[-1])
+    name = "optimizer.state.exp_avg.embedding.word_embeddings.weight"
+    assert chunks(folder)[name] == [((0, 0), (8, 8)), ((8, 0), (8, 8))]
+    sd = {name: torch.empty(16, 8)}
+    dcp.load(sd, checkpoint_id=str(folder), no_dist=True)
+    assert torch.equal(sd[name], torch.cat([torch.zeros(8, 8), torch.ones(8, 8)]))  # each rank's constant, merged
+
+
 def test_partial_iteration_folders_are_left_out_with_a_warning(megatron_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(megatron_run, run)

@@ -319,7 +319,9 @@ class MegatronOutput:
         if newest is None or not is_iteration_folder(newest):
             raise ValueError(f"--out-format megatron needs Megatron iteration folders as inputs (the newest input "
                              f"{str(newest)!r} is not one: no {CONFIG} beside a DCP .metadata)")
-        source = MegatronCheckpoint(newest, unsafe_pickle=set() if target.unsafe_pickle else None)
+        # every tensor of the newest input: the optimizer's too, in case the merge was asked to take them
+        source = MegatronCheckpoint(newest, unsafe_pickle=set() if target.unsafe_pickle else None,
+                                    optimizer_state=True)
         iteration = source.iteration if target.iteration is None else target.iteration
         if iteration is None:
             raise ValueError(f"the newest input {newest} is not named iter_<digits>; pass the output's iteration "
