@@ -6,6 +6,7 @@ and the accumulator-precision rule (:mod:`wsm_optim.common.precision`):
 * :mod:`.merge`: inputs (discovery, order), the Theorem 3.1 weights and :func:`merge_checkpoints`;
 * :mod:`.streaming`: the merge loop, block by block, in bounded memory;
 * :mod:`.readers`: one reader per input format (files, Hugging Face folders, DCP directories);
+* :mod:`.megatron`: Megatron ``torch_dist`` run and iteration folders, their reader and output;
 * :mod:`.files`: reading one checkpoint file safely;
 * :mod:`.dcp_rows`: DCP rows read straight from ``.distcp`` files;
 * :mod:`.writers`: one output per format, written crash-safely (:mod:`wsm_optim.common.atomic`).
