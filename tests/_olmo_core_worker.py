@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from olmo_core.data import (  # noqa: E402
     TokenizerConfig,
 )
 from olmo_core.distributed.checkpoint import load_model_and_optim_state  # noqa: E402
+import olmo_core.distributed.parallel as olmo_parallel  # noqa: E402
 from olmo_core.distributed.parallel import DataParallelType  # noqa: E402
 from olmo_core.nn.transformer import TransformerConfig  # noqa: E402
 from olmo_core.optim import AdamWConfig  # noqa: E402
@@ -56,6 +58,7 @@ MERGES = {
     "sqrt": dict(schedule="1-sqrt", window=6, interval=2, keep_last=True),
 }
 SAVE_INTERVAL = 3
+STEPS_RESHARD = 12
 
 
 def tokenizer() -> TokenizerConfig:
@@ -121,8 +124,9 @@ def run(out: Path, name: str, steps: int, callbacks: dict[str, Callback], *, eva
     data = out / "data"
     write_data(data)
     model = fresh_model()
-    dp_config = TransformerDataParallelConfig(name=DataParallelType.fsdp, param_dtype=None,
-                                              reduce_dtype=torch.float32) if dp else None
+    dp_config = TransformerDataParallelConfig(name=DataParallelType.fsdp) if dp else None
+    # OLMo-core builds one world mesh per process; these tests run several Trainers in one
+    olmo_parallel._WORLD_MESH = None
     train_module = TransformerTrainModuleConfig(
         rank_microbatch_size=BATCH * SEQ // (dist.get_world_size() if dp else 1), max_sequence_length=SEQ,
         optim=AdamWConfig(lr=3e-3, weight_decay=0.1, foreach=True), dp_config=dp_config,
@@ -235,6 +239,38 @@ def scenario_local(out: Path) -> dict:
     return result
 
 
+def scenario_fsdp(out: Path) -> dict:
+    """Two ranks, FSDP (fully_shard on gloo): a run of 8 steps, and the same run stopped at 6 and resumed."""
+    trainer, full = run(out, "full", 8, {"wsm": WSMMergeCallback(merges=MERGES)}, evals=True, dp=True)
+    result: dict[str, Any] = {"snapshots": full.snapshots, "metrics": full.metrics,
+                              "final": local_params(trainer.train_module.model),
+                              "sharded": sorted({type(p).__name__ for p in trainer.train_module.model.parameters()})}
+    result["optimizer_merges"] = optimizer_merges(trainer.callbacks["wsm"])
+    trainer, first = run(out, "resumed", 6, {"wsm": WSMMergeCallback(merges=MERGES)}, evals=True, dp=True)
+    result["first_snapshots"] = first.snapshots
+    # the step6 checkpoint as written by two ranks, for the one-rank scenario to reshard
+    if dist.get_rank() == 0:
+        shutil.copytree(out / "resumed", out.parent / "two_ranks_at_step6")
+    dist.barrier()
+    trainer, resumed = run(out, "resumed", 8, {"wsm": WSMMergeCallback(merges=MERGES)}, evals=True, dp=True)
+    result["resumed"] = {"first_step": min(resumed.snapshots), "final": local_params(trainer.train_module.model),
+                         "optimizer_merges": optimizer_merges(trainer.callbacks["wsm"])}
+    trainer, _ = run(out, "plain", 8, {}, evals=True, dp=True)
+    result["plain_final"] = local_params(trainer.train_module.model)
+    # every rank loads each merged checkpoint whole into an unsharded model (DCP reads it collectively)
+    result["merged"] = merged_checkpoints(out / "full")
+    result["resumed"]["merged"] = merged_checkpoints(out / "resumed")
+    return result
+
+
+def scenario_reshard(out: Path) -> dict:
+    """One rank, no FSDP: resume the two-rank run's step6 checkpoint (written by scenario_fsdp) to step 12."""
+    shutil.copytree(out.parent / "two_ranks_at_step6", out / "reshard")
+    trainer, resumed = run(out, "reshard", STEPS_RESHARD, {"wsm": WSMMergeCallback(merges=MERGES)}, evals=True)
+    return {"snapshots": resumed.snapshots, "merged": merged_checkpoints(out / "reshard"),
+            "optimizer_merges": optimizer_merges(trainer.callbacks["wsm"])}
+
+
 def _checkpoint_keys(path: Path) -> list[str]:
     from torch.distributed.checkpoint import FileSystemReader
 
@@ -245,9 +281,12 @@ def main() -> None:
     scenario, out_dir = sys.argv[1], Path(sys.argv[2])
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
+    os.environ.setdefault("OLMO_SHARED_FS", "1")  # every rank writes checkpoints to the same local folder
     if world > 1:
         dist.init_process_group("gloo")
-    result = {"local": scenario_local}[scenario](out_dir / scenario)
+    (out_dir / scenario).mkdir(parents=True, exist_ok=True)
+    scenarios = {"local": scenario_local, "fsdp": scenario_fsdp, "reshard": scenario_reshard}
+    result = scenarios[scenario](out_dir / scenario)
     torch.save(result, out_dir / f"{scenario}-rank{rank}.pt")
     if world > 1:
         dist.barrier()

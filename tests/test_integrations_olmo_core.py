@@ -132,3 +132,64 @@ def test_every_option_reaches_the_optimizer(local):
         # a moment merge (moments=2) read with its default shape, linear: exact from m = 2
         assert_close(options["merged"][folder], names, R.window_merge(spec, snaps, m), folder)
     assert options["backend"] == "offload" and options["moment_merge"]
+
+
+# ------------------------------------------------------------- FSDP, two ranks
+FSDP_STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def fsdp(tmp_path_factory) -> tuple[list[dict], dict]:
+    """Two gloo ranks with OLMo-core's FSDP (fully_shard), then one rank resuming their step6 checkpoint."""
+    out = tmp_path_factory.mktemp("olmo_core_fsdp")
+    python = olmo_core_python()
+    run_job("_olmo_core_worker.py", "fsdp", 2, out, timeout_s=JOB_TIMEOUT_S, python=python)
+    run_job("_olmo_core_worker.py", "reshard", 1, out, timeout_s=JOB_TIMEOUT_S, python=python)
+    ranks = [torch.load(out / f"fsdp-rank{r}.pt", weights_only=False) for r in range(2)]
+    return ranks, torch.load(out / "reshard-rank0.pt", weights_only=False)
+
+
+def test_fsdp_merged_checkpoints_match_float64_explicit_merges(fsdp):
+    ranks, _ = fsdp
+    result = ranks[0]
+    assert result["sharded"] == ["DTensor"]  # the params really are FSDP2 shards
+    names, snaps = snapshots(result)
+    expected = {f"step{R.window_end(spec, m)}-merged_{merge}": (merge, m)
+                for merge, spec in SPECS.items() for m in range(R.completed_windows(spec, FSDP_STEPS))}
+    for rank in ranks:  # each rank loaded the folders whole into an unsharded model
+        assert sorted(rank["merged"]) == sorted(expected)
+        for folder, (merge, m) in expected.items():
+            assert_close(rank["merged"][folder], names, R.window_merge(SPECS[merge], snaps, m), folder)
+    for merge, spec in SPECS.items():
+        assert_close(result["optimizer_merges"][merge], names, R.readout(spec, snaps, FSDP_STEPS), merge)
+
+
+def test_fsdp_live_weights_are_restored_after_evaluating_the_merge(fsdp):
+    # an evaluation leaves FSDP2's root-level modules (lm_head) holding all-gathered params; with the merged
+    # weights swapped in, the next step would train on them unless the callback reshards
+    result = fsdp[0][0]
+    assert all(torch.equal(result["final"][n], result["plain_final"][n]) for n in result["final"])
+
+
+def test_fsdp_resume_mid_window_continues_bit_exactly(fsdp):
+    result = fsdp[0][0]
+    resumed = result["resumed"]
+    assert resumed["first_step"] == 6
+    assert all(torch.equal(result["final"][n], resumed["final"][n]) for n in result["final"])
+    for folder, values in result["merged"].items():
+        assert all(torch.equal(values[n], resumed["merged"][folder][n]) for n in values), folder
+
+
+def test_checkpoint_of_two_fsdp_ranks_resumes_on_one_rank_and_continues_the_merge(fsdp):
+    ranks, reshard = fsdp
+    first = ranks[0]["first_snapshots"]  # the two-rank run that wrote the step6 checkpoint
+    names = list(first[0])
+    assert min(reshard["snapshots"]) == 6
+    assert all(torch.equal(reshard["snapshots"][6][n], first[6][n]) for n in names)
+    snaps = [[(first if s <= 6 else reshard["snapshots"])[s][n] for n in names] for s in range(STEPS + 1)]
+    # "lin" window 4..8 and "sqrt" window 6..12 were anchored on two ranks and completed on one
+    for folder, merge, m in [("step8-merged_lin", "lin", 1), ("step12-merged_lin", "lin", 2),
+                             ("step12-merged_sqrt", "sqrt", 1)]:
+        assert_close(reshard["merged"][folder], names, R.window_merge(SPECS[merge], snaps, m), folder)
+    for merge, spec in SPECS.items():
+        assert_close(reshard["optimizer_merges"][merge], names, R.readout(spec, snaps, STEPS), merge)

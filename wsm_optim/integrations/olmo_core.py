@@ -42,8 +42,10 @@ resume), nothing blocks ephemeral checkpoints: the merge is part of every one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, Optional
 
@@ -230,7 +232,8 @@ class WSMMergeCallback(Callback):
         if path is None and not (self.evaluate_merged and evaluators):
             return None
         train_module = self.trainer.train_module
-        with self.optimizer.merged_weights(merge=merge, completed=completed):
+        _reshard(train_module.model)
+        with self.optimizer.merged_weights(merge=merge, completed=completed), _resharded_after(train_module.model):
             if path is not None:
                 if get_rank() == 0:
                     if not dir_is_empty(path):
@@ -248,3 +251,31 @@ class WSMMergeCallback(Callback):
                 for callback in evaluators:
                     callback.perform_eval(prefix=f"eval/{self.merged_name(merge)}")
         return path
+
+
+def _fsdp_modules(model: torch.nn.Module) -> list[Any]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def _reshard(model: torch.nn.Module) -> None:
+    """Register the sharded params again on every FSDP2 module, freeing the all-gathered ones.
+
+    A forward without a backward (an evaluation) leaves the modules that FSDP2 does
+    not reshard after forward (the root, OLMo-core's ``lm_head``) holding their
+    all-gathered params, and the next forward uses those as they are. After an
+    evaluation of the merged weights they hold the *merged* values, which the
+    restore (into the shards) does not reach: the next training step would run
+    on them.
+    """
+    for module in _fsdp_modules(model):
+        module.reshard()
+
+
+@contextlib.contextmanager
+def _resharded_after(model: torch.nn.Module) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        _reshard(model)
