@@ -236,6 +236,11 @@ def main() -> None:
         print(f"| {variant} | {best[variant] * 1e3:.1f} ms | {best[variant] / best['none']:.3f} | {save} | "
               f"{r['held'] / n:.2f} | {(rss[variant] - rss['none']) / n:.2f} | {resume} |")
     results = {v: runs[v][0] for v in VARIANTS}
+    print("\nper run (in launch order per repeat): median step / mean merge step / peak RSS")
+    for v in VARIANTS:
+        print(f"  {v}: " + "; ".join(
+            f"{median_step(x) * 1e3:.1f} ms / " + (f"{merge_step(x) * 1e3:.0f} ms" if v != "none" else "-")
+            + f" / {x['peak_rss'] / 2**20:.0f} MiB" for x in runs[v]))
     print(f"\nmerged checkpoints: " + "; ".join(f"{v}: {results[v]['merged']}" for v in VARIANTS[1:]))
     print(f"runs in {out}")
 

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 torch.set_num_threads(1)
 
@@ -224,6 +225,12 @@ def scenario_local(out: Path) -> dict:
 
     trainer, _ = run(out, "plain", steps, {}, evals=True)
     result["plain_final"] = local_params(trainer.train_module.model)
+    # the plain run's checkpoints hold no merge: resuming them with the callback must refuse, not start afresh
+    try:
+        run(out, "plain", steps + 1, {"wsm": WSMMergeCallback(merges=MERGES)})
+        result["plain_resume_error"] = None
+    except (Exception, CheckpointException) as error:  # DCP's CheckpointException is a BaseException
+        result["plain_resume_error"] = f"{type(error).__name__}: {error}"
 
     # every other option passes through: a moment merge, host accumulators, merged buffers
     trainer, options = run(out, "options", 8, {"wsm": WSMMergeCallback(

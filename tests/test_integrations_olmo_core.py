@@ -123,6 +123,13 @@ def test_checkpoints_hold_the_accumulators_as_optimizer_state(local):
     assert any(k.startswith("optim.param_groups.0.wsm.merges.lin.counters") for k in keys)
 
 
+def test_resuming_a_checkpoint_saved_without_the_callback_is_refused(local):
+    # DCP refuses it before WSMOptimizer.load_state_dict would: the checkpoint lacks the accumulators
+    error = local["plain_resume_error"]
+    assert error is not None and "Missing key in checkpoint state_dict: optim.state." in error, error
+    assert ".wsm_" in error, error
+
+
 def test_every_option_reaches_the_optimizer(local):
     options = local["options"]
     names, snaps = snapshots(options)
