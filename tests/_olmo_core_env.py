@@ -10,9 +10,11 @@ the folder with ``WSM_OPTIM_TEST_CACHE``). A file lock keeps parallel test
 processes from building it twice. If this environment already imports
 ai2-olmo-core 3.0.0, it is used as it is.
 
-pip is told to keep exactly the running torch (``torch==<its version>``), so
-the build can never replace it by another build (a CUDA wheel, say). If the
-virtualenv cannot be built, the caller fails with pip's output.
+The virtualenv sees this environment's packages also when this one is itself a
+virtualenv (a ``.pth`` file), checks that it imports the very torch this process
+imports before pip runs, and pip is told to keep it (``torch==<its version>``),
+so the build never fetches another torch (a CUDA wheel, say). If the virtualenv
+cannot be built, the caller fails with the failing command's output.
 """
 
 from __future__ import annotations
@@ -63,16 +65,49 @@ def olmo_core_python() -> str:
     root.parent.mkdir(parents=True, exist_ok=True)
     with open(root.parent / f"{root.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if ready.exists() and ready.read_text().strip() == torch_requirement() and python.exists():
+        if ready.exists() and ready.read_text().strip() == _marker() and python.exists():
             return str(python)
         shutil.rmtree(root, ignore_errors=True)
         _run([sys.executable, "-m", "venv", "--system-site-packages", str(root)])
+        _see_this_environment(python)
+        same_torch = _same_torch_check()
+        _run([str(python), "-c", same_torch])  # before pip: it must find this torch installed, not fetch one
         _run([str(python), "-m", "pip", "install", "--disable-pip-version-check", torch_requirement(),
               *REQUIREMENTS])
-        _run([str(python), "-c", "import olmo_core.train, torch, sys; "
-              f"assert torch.__version__.split('+')[0] == {torch_requirement()[7:]!r}, torch.__version__"])
-        ready.write_text(torch_requirement())
+        _run([str(python), "-c", "import olmo_core.train; " + same_torch])
+        ready.write_text(_marker())
     return str(python)
+
+
+def _marker() -> str:
+    """What a ready virtualenv was built over: the torch requirement and the file of this torch."""
+    import torch
+
+    return f"{torch_requirement()} {torch.__file__}"
+
+
+def _see_this_environment(python: Path) -> None:
+    """Put this environment's site-packages on the virtualenv's path, after its own.
+
+    ``--system-site-packages`` shows the *base* interpreter's packages; when the
+    tests themselves run in a virtualenv, its packages (torch among them) would be
+    missing, and pip would download another torch. A ``.pth`` file adds them,
+    after the virtualenv's own site-packages, so its huggingface-hub still wins.
+    """
+    import site
+
+    paths = [p for p in [*site.getsitepackages(), site.getusersitepackages()] if os.path.isdir(p)]
+    own = subprocess.run([str(python), "-c", "import site; print(site.getsitepackages()[0])"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    Path(own, "wsm_optim_tests_parent_env.pth").write_text("\n".join(paths) + "\n")
+
+
+def _same_torch_check() -> str:
+    """Python code that fails unless it imports the very torch this process imports."""
+    import torch
+
+    return (f"import torch; assert torch.__file__ == {torch.__file__!r}, "
+            f"'the OLMo-core test environment imports another torch: ' + torch.__file__")
 
 
 def _run(command: list[str]) -> None:
