@@ -33,21 +33,24 @@ def _free_port() -> int:
 
 
 def run_job(worker: str, scenario: str, world: int, out_dir: Path, attempts: int = 2,
-            timeout_s: float = JOB_TIMEOUT_S) -> None:
+            timeout_s: float = JOB_TIMEOUT_S, python: str | None = None) -> None:
     """Run ``world`` ranks of ``python tests/<worker> SCENARIO OUT_DIR``; fail with every rank's output on error.
 
+    ``python``: the interpreter of the ranks (default: this one), e.g. a
+    virtualenv with a framework this environment cannot install.
     The free port is found by binding port 0 and released before the ranks bind
     it; if another process grabs it in between, the job is retried on a new port.
     """
     for attempt in range(attempts):
-        failure = _run_job_once(worker, scenario, world, out_dir, timeout_s)
+        failure = _run_job_once(worker, scenario, world, out_dir, timeout_s, python or sys.executable)
         if failure is None:
             return
         if "address already in use" not in failure.lower() or attempt == attempts - 1:
             pytest.fail(failure)
 
 
-def _run_job_once(worker: str, scenario: str, world: int, out_dir: Path, timeout_s: float) -> str | None:
+def _run_job_once(worker: str, scenario: str, world: int, out_dir: Path, timeout_s: float,
+                  python: str) -> str | None:
     port = _free_port()
     procs, logs = [], []
     for rank in range(world):
@@ -66,7 +69,7 @@ def _run_job_once(worker: str, scenario: str, world: int, out_dir: Path, timeout
         logs.append(log)
         procs.append(
             subprocess.Popen(
-                [sys.executable, str(HERE / worker), scenario, str(out_dir)],
+                [python, str(HERE / worker), scenario, str(out_dir)],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

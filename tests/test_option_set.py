@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import typing
 
 import pytest
@@ -54,6 +55,42 @@ def test_torchtitan_config_fields_are_the_options():
     assert fields == OPTIONS
     hints = typing.get_type_hints(WSMConfig)
     assert typing.get_args(hints["backend"]) == BACKEND_NAMES  # torchtitan's config parser reads the Literal
+
+
+#: Run by the OLMo-core test environment's Python (ai2-olmo-core cannot be installed beside the test extras):
+#: the callback's fields, their defaults, and the error a bad option raises through it.
+_OLMO_CORE_DOOR = """
+import dataclasses, json
+from wsm_optim.integrations.olmo_core import WSMMergeCallback
+try:
+    WSMMergeCallback(window=4, offload="cpu", capturable=True)
+    error = None
+except ValueError as e:
+    error = str(e)
+fields = {f.name: f.default for f in dataclasses.fields(WSMMergeCallback)}
+print(json.dumps({"fields": fields, "error": error}))
+"""
+#: What the OLMo-core callback takes besides the options: its own settings.
+OLMO_CORE_OWN = {"output_suffix": "merged", "save_merged": True, "evaluate_merged": True, "enabled": True}
+
+
+def test_olmo_core_callback_fields_are_the_options_with_their_defaults():
+    import json
+    import subprocess
+    from pathlib import Path
+
+    from _olmo_core_env import olmo_core_python
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([olmo_core_python(), "-c", _OLMO_CORE_DOOR], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(root)}, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["fields"] == {**OPTIONS, **OLMO_CORE_OWN}
+    with pytest.raises(ValueError) as direct:
+        WSMOptimizer(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1), window=4, offload="cpu",
+                     capturable=True)
+    assert got["error"] == str(direct.value)
 
 
 def test_backend_names_come_from_the_backends_table():

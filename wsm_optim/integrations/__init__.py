@@ -4,6 +4,8 @@
 * :mod:`wsm_optim.integrations.transformers`: ``wrap_trainer`` for a Hugging Face ``Trainer``.
 * :mod:`wsm_optim.integrations.torchtitan`: ``with_wsm`` for a torchtitan optimizer config
   (``pip install "wsm-optim[torchtitan]"``).
+* :mod:`wsm_optim.integrations.olmo_core`: ``WSMMergeCallback`` for an OLMo-core ``Trainer``
+  (``pip install "wsm-optim[olmo-core]"``).
 * :mod:`wsm_optim.integrations.deepspeed`: ``attach(engine)`` for ``deepspeed.initialize(optimizer=WSMOptimizer(...))``
   (ZeRO stage 0, 1, 2), readouts by parameter name.
 
