@@ -14,9 +14,15 @@ Nothing here communicates during training. The rules:
   the opt-in full gather (:func:`gather_full`) communicates, one tensor at a time.
 
 DCP's state-initialising ``step()`` call is recognised in :mod:`wsm_optim.core.callers`.
+
+A swap of merged values into FSDP2 shards (``merged_weights``) must reshard the
+modules first and after (:func:`resharded`): see there.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -31,6 +37,7 @@ __all__ = [
     "copy_into",
     "gather_full",
     "get_rank",
+    "resharded",
 ]
 
 try:  # torch.distributed may be absent from a build (e.g. some macOS wheels).
@@ -230,3 +237,34 @@ def _gather_shards_to_rank0(value: Tensor) -> Tensor | None:
     if dim == 0:
         return buffer if chunk * world == n else buffer.narrow(0, 0, n).clone()
     return torch.cat(outputs, dim=dim).narrow(dim, 0, n).contiguous()
+
+
+def _fsdp_modules(model: torch.nn.Module | None) -> list:
+    if model is None:
+        return []
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - builds without distributed
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def resharded(model: torch.nn.Module | None) -> Iterator[None]:
+    """Every FSDP2 module of ``model`` resharded before the block and after it (nothing without FSDP2).
+
+    A forward without a backward (an evaluation) leaves the modules FSDP2 does
+    not reshard after forward (the root, by default) holding their all-gathered
+    params, and their next forward uses those as they are. A swap writes into
+    the shards only: without a reshard, an evaluation inside ``merged_weights``
+    right after a live one would run on the live values, and the first training
+    step after the block on the merged ones.
+    """
+    modules = _fsdp_modules(model)
+    for m in modules:
+        m.reshard()
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.reshard()

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import schedules
-from . import callers, persistence, readout
+from . import callers, distributed, persistence, readout
 from .bypass import BypassGuard, count_step
 from .model_buffers import ModelBuffers
 from .moments import MomentMerge, ShapeFit
@@ -379,6 +379,10 @@ class WSMOptimizer(torch.optim.Optimizer):
         :meth:`merged_state_dict`).
 
         The live values are restored bit-exactly on exit, also on exception.
+        Under FSDP2, pass ``model=`` to the optimizer: the model's FSDP modules
+        are then resharded before and after the block, so neither an earlier
+        evaluation's all-gathered params nor the merged ones outlive it (FSDP2
+        keeps the root's params all-gathered after a forward without backward).
         Costs one copy of the params (in their dtype) plus one fp32 copy of the
         largest param while inside. ``step()`` raises inside the block.
 
@@ -393,7 +397,7 @@ class WSMOptimizer(torch.optim.Optimizer):
         core_swap = functools.partial(readout.swapped, self._runtime, merge, self.inner.param_groups, completed,
                                       shape)
         engine = self._runtime.engine
-        with readout.held_live_in(self._runtime):
+        with distributed.resharded(self.model), readout.held_live_in(self._runtime):
             if engine is not None and engine.merged_weights is not None:
                 with engine.merged_weights(core_swap) as value:
                     yield value

@@ -42,10 +42,8 @@ resume), nothing blocks ephemeral checkpoints: the merge is part of every one.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, Optional
 
@@ -56,6 +54,7 @@ from olmo_core.io import clear_directory, dir_is_empty, is_url, join_path
 from olmo_core.train.callbacks import Callback, EvaluatorCallback
 
 from .. import schedules
+from ..core.distributed import resharded
 from ..core.optimizer import WSMOptimizer
 from ..core.spec import WSMOptions
 from ._arguments import merge_config
@@ -232,8 +231,9 @@ class WSMMergeCallback(Callback):
         if path is None and not (self.evaluate_merged and evaluators):
             return None
         train_module = self.trainer.train_module
-        _reshard(train_module.model)
-        with self.optimizer.merged_weights(merge=merge, completed=completed), _resharded_after(train_module.model):
+        # FSDP2 keeps lm_head's params all-gathered after an evaluation forward: resharded around the swap
+        # (WSMOptimizer does it too when it has model=; a user-built one may not)
+        with resharded(train_module.model), self.optimizer.merged_weights(merge=merge, completed=completed):
             if path is not None:
                 if get_rank() == 0:
                     if not dir_is_empty(path):
@@ -251,31 +251,3 @@ class WSMMergeCallback(Callback):
                 for callback in evaluators:
                     callback.perform_eval(prefix=f"eval/{self.merged_name(merge)}")
         return path
-
-
-def _fsdp_modules(model: torch.nn.Module) -> list[Any]:
-    from torch.distributed.fsdp import FSDPModule
-
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
-
-
-def _reshard(model: torch.nn.Module) -> None:
-    """Register the sharded params again on every FSDP2 module, freeing the all-gathered ones.
-
-    A forward without a backward (an evaluation) leaves the modules that FSDP2 does
-    not reshard after forward (the root, OLMo-core's ``lm_head``) holding their
-    all-gathered params, and the next forward uses those as they are. After an
-    evaluation of the merged weights they hold the *merged* values, which the
-    restore (into the shards) does not reach: the next training step would run
-    on them.
-    """
-    for module in _fsdp_modules(model):
-        module.reshard()
-
-
-@contextlib.contextmanager
-def _resharded_after(model: torch.nn.Module) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        _reshard(model)

@@ -64,6 +64,7 @@ from torchtitan.components.optimizer.utils import get_flat_optim_state_dict, ini
 
 from ..common.text import a
 from ..core.backends import BACKEND_NAMES
+from ..core.distributed import resharded
 from ..core.optimizer import WSMOptimizer
 from ..core.spec import NONFINITE_MODES, OFFLOAD_CHOICES, WSMOptions
 from ..schedules import Schedule
@@ -264,6 +265,8 @@ class WSMOptimizersContainer(OptimizersContainer):
         ``step()`` raises inside the block. Costs one copy of the params.
         """
         with contextlib.ExitStack() as stack:
+            for part in self.model_parts:  # FSDP2 modules resharded around the swap (see distributed.resharded)
+                stack.enter_context(resharded(part))
             for optimizer in self.optimizers:
                 stack.enter_context(optimizer.merged_weights(merge=merge, completed=completed, shape=shape))
             yield
