@@ -376,3 +376,95 @@ def test_megatron_output_refusals_name_the_argument(megatron_run, tmp_path):
         shutil.copytree(megatron_run / "iter_0000100", bad)
         (bad / "metadata.json").write_text(json.dumps({**CONFIG, "sharded_backend": "zarr"}))
         merge_checkpoints([bad], progress=False)
+
+
+def _chunked_iteration(path: Path, tensors: dict[str, torch.Tensor], chunks: dict[str, list],
+                       carried: dict[str, bytes] | None = None) -> Path:
+    """An iteration folder whose tensors are saved in the given chunks (``[(offsets, sizes)]``, as ranks
+    of a TP x PP grid write them), with byte entries stored as they are, ``common.pt`` and ``metadata.json``."""
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+    from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
+
+    carried = {f"{EXTRA}/shard_0_1": _saved([{"x": 1}]), **(carried or {})}
+    items = [WriteItem(index=MetadataIndex(n), type=WriteItemType.BYTE_IO) for n in carried]
+    data = {}
+    for name, t in tensors.items():
+        for offsets, sizes in chunks[name]:
+            items.append(WriteItem(index=MetadataIndex(name, torch.Size(offsets)), type=WriteItemType.SHARD,
+                                   tensor_data=TensorWriteData(
+                                       chunk=ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes)),
+                                       properties=TensorProperties(dtype=t.dtype), size=t.shape)))
+            piece = t
+            for d, (o, n) in enumerate(zip(offsets, sizes)):
+                piece = piece.narrow(d, o, n)
+            data[(name, tuple(offsets))] = piece.clone()
+
+    class Planner(dcp.DefaultSavePlanner):
+        def create_local_plan(self):
+            self.plan = SavePlan(items, planner_data={})
+            return self.plan
+
+        def resolve_data(self, write_item):
+            if write_item.type == WriteItemType.BYTE_IO:
+                return io.BytesIO(carried[write_item.index.fqn])
+            return data[(write_item.index.fqn, tuple(write_item.index.offset))]
+
+    dcp.save({}, storage_writer=dcp.FileSystemWriter(str(path)), planner=Planner(), no_dist=True)
+    torch.save({"iteration": megatron.iteration_of(path)}, path / "common.pt")
+    (path / "metadata.json").write_text(json.dumps(CONFIG))
+    return path
+
+
+GRID = {  # a 2-D TP x PP grid with uneven pieces, a tensor without rows split on dim 1, an uneven 1-D split
+    "grid": ((37, 23), [((r0, c0), (r1 - r0, c1 - c0)) for r0, r1 in ((0, 10), (10, 25), (25, 37))
+                        for c0, c1 in ((0, 7), (7, 16), (16, 23))]),
+    "empty": ((0, 5), [((0, 0), (0, 3)), ((0, 3), (0, 2))]),
+    "rows": ((11,), [((0,), (4,)), ((4,), (7,))]),
+}
+
+
+def test_any_chunk_grid_is_written_back_as_the_newest_input_cut_it(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    states = []
+    for it in (1, 2, 3):
+        g = torch.Generator().manual_seed(it)
+        states.append({n: torch.randn(shape, generator=g) for n, (shape, _) in GRID.items()})
+        _chunked_iteration(run / megatron.iteration_folder(it), states[-1], {n: c for n, (_, c) in GRID.items()},
+                           {"rerun_state_machine_state/shard_0_1": _saved([{"mode": it}])})
+    out = merge_checkpoints(run, schedule="cosine", out=tmp_path / "merged", block_size="1KiB", progress=False)
+    folder = out / "iter_0000003"
+    sd = {n: torch.full(shape, -7.0) for n, (shape, _) in GRID.items()}
+    dcp.load(sd, checkpoint_id=str(folder), no_dist=True)
+    c = merge_weights("cosine", 3)
+    for name, value in sd.items():
+        want = sum(float(cj) * s[name].double() for cj, s in zip(c, states)).float()
+        torch.testing.assert_close(value, want, rtol=1e-6, atol=1e-6, msg=name)
+    assert chunks(folder) == {n: sorted(c) for n, (_, c) in GRID.items()}
+    # every byte entry but RNG and optimizer state is carried: here the rerun state machine's, as stored
+    assert _entry(folder, "rerun_state_machine_state/shard_0_1") == [{"mode": 3}]
+
+
+def test_hidden_folders_in_a_run_folder_are_never_inputs(megatron_run, tmp_path):
+    """A crash-safe write's temporary folder (``.iter_XXXXXXX.wsmtmp-...tmp``) left by a killed merge is
+    a complete-looking iteration folder; it must not be merged, and its digits are not a step."""
+    run = tmp_path / "run"
+    shutil.copytree(megatron_run, run)
+    shutil.copytree(run / "iter_0000400", run / ".iter_0000500.wsmtmp-host-999999-abc.tmp")
+    merged = merge_checkpoints(run, schedule="1-sqrt", progress=False)
+    assert_merged(merged, reference(ITERATIONS, "1-sqrt"))
+    from wsm_optim.offline.merge import resolve_inputs
+
+    assert [p.name for p in resolve_inputs(run)] == [megatron.iteration_folder(i) for i in ITERATIONS]
+    assert [p.name for p in resolve_inputs(run, glob="*iter_*")] == [megatron.iteration_folder(i) for i in ITERATIONS]
+
+
+def test_a_failed_merge_into_a_new_run_folder_leaves_nothing(megatron_run, tmp_path, monkeypatch):
+    def failing(blocks, plan, layout):
+        yield from ()
+        raise OSError("disk full")
+
+    monkeypatch.setattr(megatron, "_chunks", failing)
+    with pytest.raises(OSError, match="disk full"):
+        merge_checkpoints(megatron_run, out=tmp_path / "new-run", progress=False)
+    assert not (tmp_path / "new-run").exists()

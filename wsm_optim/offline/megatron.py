@@ -124,15 +124,15 @@ def _config(path: Path) -> dict[str, Any]:
     return config
 
 
-def _kind(name: str) -> str | None:
-    """Why a Megatron entry is not merged (``None``: it is merged), by its name."""
+def _kind(name: str) -> str:
+    """Why a Megatron byte entry is not merged, by its name: RNG state is left out, the rest is carried."""
     if name.split(".")[0] == "rng_state" or name.startswith("rng_state/"):
         return "RNG state"
     if name.split("/")[0] == "common_state":
         return "common state: carried from the newest input"
     if "_extra_state" in name.split("/")[0].split("."):
         return "extra state: carried from the newest input"
-    return None
+    return "other state: carried from the newest input"  # e.g. the rerun state machine's
 
 
 class MegatronCheckpoint(DCPDirectory):
@@ -151,8 +151,8 @@ class MegatronCheckpoint(DCPDirectory):
         super().__init__(path, key, unsafe_pickle=unsafe_pickle, optimizer_state=optimizer_state)
         for name, why in list(self.skipped.items()):
             if why == "not a tensor":
-                self.skipped[name] = _kind(name) or why
-        #: The byte entries an output copies from this input: extra state and the common state entry.
+                self.skipped[name] = _kind(name)
+        #: The byte entries an output copies from this input: all but RNG and optimizer state.
         self.carried = [n for n, why in self.skipped.items() if why.endswith("carried from the newest input")]
         self.iteration = iteration_of(path)
 
@@ -253,6 +253,12 @@ def _chunks(blocks: Iterator[tuple[str, int, int, Tensor]], plan: Sequence[tuple
             at += 1
             yield name, offsets, t
             continue
+        if shape[0] == 0:  # no rows: every chunk is empty, whatever its other dims
+            while at < len(todo) and todo[at][0] == name:
+                _, offsets, sizes = todo[at]
+                at += 1
+                yield name, offsets, torch.empty(sizes, dtype=t.dtype)
+            continue
         j = at
         whole_rows = None  # a block that is exactly one chunk of whole rows goes out as it is, not copied
         while j < len(todo) and todo[j][0] == name:
@@ -329,11 +335,20 @@ class MegatronOutput:
         return cls(target.path, target.layout, source, iteration, target.provenance, target.unsafe_pickle)
 
     def write(self, blocks: Iterable[tuple[str, int, int, Tensor]]) -> Path:
+        created = not self.run.exists()
+        self.run.mkdir(exist_ok=True)
+        try:
+            return self._write(blocks)
+        except BaseException:
+            if created and not any(self.run.iterdir()):
+                self.run.rmdir()  # a failed merge into a new run folder leaves nothing behind
+            raise
+
+    def _write(self, blocks: Iterable[tuple[str, int, int, Tensor]]) -> Path:
         import torch.distributed.checkpoint as dcp
 
         from .writers import _finish, _in_order, _write_json
 
-        self.run.mkdir(exist_ok=True)
         layout = {name: (shape, dtype) for name, shape, dtype in self.layout}
         carried = {n: self.source.raw_bytes(n) for n in self.source.carried if n != COMMON_ENTRY}
         if not self.common.legacy:

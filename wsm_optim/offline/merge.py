@@ -152,12 +152,13 @@ def resolve_inputs(
         if glob is None:
             found = [
                 f for f in root.iterdir()
-                if (f.is_file() and f.suffix.lower() in CHECKPOINT_SUFFIXES) or (f.is_dir() and checkpoint_kind(f))
+                if not _hidden(f, root)
+                and ((f.is_file() and f.suffix.lower() in CHECKPOINT_SUFFIXES) or (f.is_dir() and checkpoint_kind(f)))
             ]
             what = (f"no checkpoint files ({', '.join('*' + s for s in CHECKPOINT_SUFFIXES)}) or checkpoint "
                     f"folders in {str(root)!r}")
         else:
-            matched = list(root.glob(glob))
+            matched = [f for f in root.glob(glob) if not _hidden(f, root)]
             found = [f for f in matched if f.is_file() or (f.is_dir() and checkpoint_kind(f))]
             what = f"no files match --glob {glob!r} in {str(root)!r} (nor do any checkpoint folders)"
             left_out = sorted(str(f.relative_to(root)) for f in matched if f.is_dir() and not checkpoint_kind(f))
@@ -169,7 +170,7 @@ def resolve_inputs(
                     UserWarning,
                     stacklevel=2,
                 )
-        partial = sorted(f for f in root.iterdir() if is_partial_iteration(f)) if any(
+        partial = sorted(f for f in root.iterdir() if is_partial_iteration(f) and not _hidden(f, root)) if any(
             is_iteration_folder(f) for f in found) else []
         found = [f for f in found if f not in partial]
         _warn_partial(partial)
@@ -195,6 +196,12 @@ def resolve_inputs(
             stacklevel=2,
         )
     return _refuse_repeats(paths)
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    """A name below ``root`` starting with a dot: never a checkpoint (crash-safe writes keep their
+    temporary files and folders there, ``.NAME.wsmtmp-...tmp``, until they are renamed)."""
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
 def _warn_partial(partial: Sequence[Path]) -> None:
