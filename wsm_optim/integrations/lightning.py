@@ -25,7 +25,7 @@ from .. import schedules
 from ..core.optimizer import WSMOptimizer
 from ._arguments import merge_config, options_from
 from ._schedulers import describe_decay, repoint_scheduler
-from .unwrap import unwrap
+from .unwrap import wrapped_merge
 
 __all__ = ["WSMCallback"]
 
@@ -126,10 +126,7 @@ class WSMCallback(Callback):
                 f"WSMCallback wraps one optimizer; configure_optimizers returned {len(optimizers)}"
             )
         configured = optimizers[0]
-        try:
-            found = unwrap(configured)
-        except TypeError:
-            found = None
+        found = wrapped_merge(configured)
         if found is not None:
             if self._config is not None:
                 raise TypeError(

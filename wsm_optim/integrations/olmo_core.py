@@ -58,7 +58,7 @@ from ..core.distributed import resharded
 from ..core.optimizer import WSMOptimizer
 from ..core.spec import WSMOptions
 from ._arguments import merge_config
-from .unwrap import unwrap
+from .unwrap import wrapped_merge
 
 __all__ = ["WSMMergeCallback"]
 
@@ -165,10 +165,7 @@ class WSMMergeCallback(Callback):
                 f"WSMMergeCallback: the train module ({type(train_module).__name__}) has no optimizer "
                 f"in .optim (got {type(configured).__name__}); eval_only train modules cannot keep a merge"
             )
-        try:
-            found = unwrap(configured)
-        except TypeError:
-            found = None
+        found = wrapped_merge(configured)
         if found is not None:
             if self._config is not None:
                 raise TypeError(

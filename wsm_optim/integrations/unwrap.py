@@ -50,3 +50,12 @@ def unwrap(optimizer: Any) -> Any:
         f"unwrap: no WSMOptimizer inside {' -> '.join(chain)}; wrap the optimizer with "
         "WSMOptimizer(inner, ...) before handing it to the framework"
     )
+
+
+def wrapped_merge(optimizer: Any) -> Any:
+    """The ``WSMOptimizer`` that ``optimizer`` is or wraps, or ``None``: what a trainer integration asks
+    before it wraps the framework's optimizer itself."""
+    try:
+        return unwrap(optimizer)
+    except TypeError:
+        return None

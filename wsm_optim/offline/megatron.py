@@ -312,8 +312,8 @@ class MegatronOutput:
         self.common = _CommonState(source, iteration, unsafe_pickle)
         self.provenance = {**provenance, "iteration": iteration, "common_state": self.common.how,
                            "carried_from": source.path.name}
-        by_name = {n: i for i, (n, _, _) in enumerate(layout)}
-        missing = [n for n in by_name if n not in source.names]
+        present = set(source.names)
+        missing = [n for n, _, _ in layout if n not in present]
         if missing:
             raise AssertionError(f"output tensors {missing[:3]} are not in the newest input")
         self.plan = [(name, offsets, sizes) for name, _, _ in layout

@@ -43,8 +43,7 @@ from .. import schedules
 from ..common.atomic import TORCH_SUFFIXES, write_target
 from . import writers
 from .files import UnsafePickleWarning
-from .megatron import TRACKER, MegatronCheckpoint, is_iteration_folder, is_partial_iteration, row_cuts
-from .megatron import is_run_folder as _run_folder
+from .megatron import TRACKER, MegatronCheckpoint, is_iteration_folder, is_partial_iteration, is_run_folder, row_cuts
 from .readers import checkpoint_kind, common_layout, open_reader
 from .streaming import averaged, merged_blocks, plan_batches, plan_blocks
 
@@ -510,7 +509,7 @@ def _check_output(out: str | os.PathLike, files: Sequence[Path], fmt: str | None
             if f.resolve().parent == resolved:
                 raise ValueError(f"output {str(out_path)!r} is the run folder of the input {f}; write the merge to "
                                  "another run folder (its tracker would make training resume from the merge)")
-        if out_path.exists() and (not out_path.is_dir() or (any(out_path.iterdir()) and not _run_folder(out_path))):
+        if out_path.exists() and (not out_path.is_dir() or (any(out_path.iterdir()) and not is_run_folder(out_path))):
             raise ValueError(f"output {str(out_path)!r} exists and is not a Megatron run folder (no {TRACKER}, no "
                              "iter_* folders); a Megatron output goes into a new or empty folder, or a run folder")
         if not resolved.parent.is_dir():

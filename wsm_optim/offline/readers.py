@@ -33,6 +33,7 @@ format matrix in the tests.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import pickle
@@ -442,6 +443,7 @@ class _ForeignGlobal(pickle.UnpicklingError):
     """A DCP ``.metadata`` pickle names a global the format never uses (it could run code)."""
 
 
+@functools.cache
 def _megatron_stubs() -> dict[str, type]:
     """Stand-ins for the two megatron-core (<= 0.15) classes its ``.metadata`` files pickle: subclasses of
     torch's own, so the file reads without importing Megatron (their extra fields land in ``__dict__``)."""
@@ -468,15 +470,12 @@ class _MetadataUnpickler(pickle.Unpickler):
         "collections": {"OrderedDict"},
     }
     _MEGATRON = "megatron.core.dist_checkpointing.strategies.torch"
-    _STUBS: dict[str, type] = {}
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
             return getattr(torch, name)
         if module == self._MEGATRON and name in ("MCoreMetadata", "MCoreSavePlan"):
-            if not self._STUBS:
-                type(self)._STUBS.update(_megatron_stubs())
-            return self._STUBS[name]
+            return _megatron_stubs()[name]
         allowed = self._ALLOWED.get(module, ())
         if module in self._ALLOWED and (allowed is None or name in allowed):
             return getattr(__import__(module, fromlist=[name]), name)
